@@ -1,0 +1,1 @@
+//! The Tenantry control API: accounts, sessions, MFA, tenants, admin and audit over gRPC.

@@ -1,0 +1,13 @@
+//! The Tenantry contract: the generated `tenantry.v1` gRPC code and the small plain types
+//! that cross process boundaries (retention policy bounds, plans, phases).
+
+pub mod retention;
+
+/// Generated code for the `tenantry.v1` package.
+pub mod v1 {
+    #![allow(missing_docs, clippy::all, clippy::pedantic)]
+    tonic::include_proto!("tenantry.v1");
+
+    /// Encoded `FileDescriptorSet` of every `tenantry.v1` file, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tenantry_descriptor");
+}

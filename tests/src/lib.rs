@@ -1,0 +1,1 @@
+//! End-to-end tests that start the real Tenantry binaries live under `tests/tests/`.
