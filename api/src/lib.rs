@@ -1,1 +1,23 @@
-//! The Tenantry control API: accounts, sessions, MFA, tenants, admin and audit over gRPC.
+//! The Tenantry control API: accounts, sessions, TOTP MFA, tenants, MFA-gated admin and a
+//! hash-chained audit log, served over gRPC on SQLite or PostgreSQL.
+//!
+//! `main.rs` parses [`config::Cli`] and calls [`server::run`]; tests build the state with
+//! their own clock through [`server::build_state`] and [`server::serve`].
+
+pub mod audit;
+pub mod auth;
+pub mod clock;
+pub mod config;
+pub mod crypto;
+pub mod error;
+pub mod lockout;
+pub mod migrations;
+pub mod password;
+pub mod server;
+pub mod service;
+pub mod state;
+pub mod store;
+pub mod totp;
+pub mod validate;
+
+pub use error::{Error, Result};

@@ -9,5 +9,6 @@ pub mod v1 {
     tonic::include_proto!("tenantry.v1");
 
     /// Encoded `FileDescriptorSet` of every `tenantry.v1` file, for server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("tenantry_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("tenantry_descriptor");
 }

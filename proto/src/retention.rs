@@ -16,10 +16,10 @@ pub const MAX_MAX_COUNT: u32 = 1_000_000;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Plan {
-    /// Smallest quota, 7 days of retention at most.
+    /// Smallest quota; retention up to the 14-day default.
     #[default]
     Free,
-    /// 14 days of retention at most.
+    /// Retention up to 21 days.
     Standard,
     /// Up to the hard cap.
     Enterprise,
@@ -46,8 +46,8 @@ impl Plan {
     /// The longest `max_age_hours` a tenant owner on this plan may set.
     pub fn max_age_hours_cap(self) -> u32 {
         match self {
-            Plan::Free => 7 * 24,
-            Plan::Standard => 14 * 24,
+            Plan::Free => DEFAULT_MAX_AGE_HOURS,
+            Plan::Standard => 21 * 24,
             Plan::Enterprise => HARD_CAP_MAX_AGE_HOURS,
         }
     }
@@ -134,24 +134,60 @@ mod tests {
 
     #[test]
     fn caps_apply_per_plan_and_never_exceed_hard_cap() {
-        let p = RetentionPolicy { max_age_hours: 200, max_count: 1 };
+        let p = RetentionPolicy {
+            max_age_hours: 400,
+            max_count: 1,
+        };
         assert_eq!(
             p.validate(Plan::Free.max_age_hours_cap()),
-            Err(RetentionError::MaxAge { got: 200, cap: 168 })
+            Err(RetentionError::MaxAge { got: 400, cap: 336 })
+        );
+        assert!(
+            RetentionPolicy::default()
+                .validate(Plan::Free.max_age_hours_cap())
+                .is_ok()
         );
         assert!(p.validate(Plan::Standard.max_age_hours_cap()).is_ok());
-        let too_long = RetentionPolicy { max_age_hours: 721, max_count: 1 };
-        assert_eq!(too_long.validate(10_000).map_err(|e| e.field()), Err("max_age_hours"));
-        assert!(RetentionPolicy { max_age_hours: 720, max_count: 1 }.validate(720).is_ok());
+        let too_long = RetentionPolicy {
+            max_age_hours: 721,
+            max_count: 1,
+        };
+        assert_eq!(
+            too_long.validate(10_000).map_err(|e| e.field()),
+            Err("max_age_hours")
+        );
+        assert!(
+            RetentionPolicy {
+                max_age_hours: 720,
+                max_count: 1
+            }
+            .validate(720)
+            .is_ok()
+        );
     }
 
     #[test]
     fn zero_and_huge_values_are_refused() {
-        let zero_age = RetentionPolicy { max_age_hours: 0, max_count: 5 };
-        assert_eq!(zero_age.validate(720).map_err(|e| e.field()), Err("max_age_hours"));
-        let zero_count = RetentionPolicy { max_age_hours: 5, max_count: 0 };
-        assert_eq!(zero_count.validate(720).map_err(|e| e.field()), Err("max_count"));
-        let huge = RetentionPolicy { max_age_hours: 5, max_count: MAX_MAX_COUNT + 1 };
+        let zero_age = RetentionPolicy {
+            max_age_hours: 0,
+            max_count: 5,
+        };
+        assert_eq!(
+            zero_age.validate(720).map_err(|e| e.field()),
+            Err("max_age_hours")
+        );
+        let zero_count = RetentionPolicy {
+            max_age_hours: 5,
+            max_count: 0,
+        };
+        assert_eq!(
+            zero_count.validate(720).map_err(|e| e.field()),
+            Err("max_count")
+        );
+        let huge = RetentionPolicy {
+            max_age_hours: 5,
+            max_count: MAX_MAX_COUNT + 1,
+        };
         assert_eq!(huge.validate(720).map_err(|e| e.field()), Err("max_count"));
     }
 

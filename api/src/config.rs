@@ -1,0 +1,178 @@
+//! Command-line configuration of `tenantry-api`: one clap struct per subcommand, every flag
+//! also settable through a `TENANTRY_…` environment variable. Parsed once, in `main`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::password::HashParams;
+use crate::state::SessionPolicy;
+
+/// The Tenantry control API.
+#[derive(Debug, Parser)]
+#[command(name = "tenantry-api", version, about, args_override_self = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the gRPC API.
+    Serve(ServeArgs),
+    /// Create the first admin (or make an existing user admin); reads the password from stdin.
+    BootstrapAdmin(BootstrapArgs),
+}
+
+/// Where the database is.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// `sqlite://PATH` (created if missing) or `postgres://USER@HOST/DB`.
+    #[arg(
+        long,
+        env = "TENANTRY_DATABASE_URL",
+        default_value = "sqlite://tenantry.db"
+    )]
+    pub database_url: String,
+    /// File holding the 32-byte master key (base64) that encrypts secrets at rest. With a
+    /// SQLite database and no file given, `master.key` beside the database is used (and
+    /// created on first start).
+    #[arg(long, env = "TENANTRY_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+    /// Argon2id memory cost in KiB (OWASP minimum 19456).
+    #[arg(long, env = "TENANTRY_ARGON2_MEMORY_KIB", default_value_t = HashParams::default().memory_kib)]
+    pub argon2_memory_kib: u32,
+    /// Argon2id iterations (OWASP minimum 2 at 19 MiB).
+    #[arg(long, env = "TENANTRY_ARGON2_ITERATIONS", default_value_t = HashParams::default().iterations)]
+    pub argon2_iterations: u32,
+    /// Argon2id lanes.
+    #[arg(long, env = "TENANTRY_ARGON2_PARALLELISM", default_value_t = HashParams::default().parallelism)]
+    pub argon2_parallelism: u32,
+}
+
+impl DatabaseArgs {
+    /// The argon2 parameters.
+    pub fn hash_params(&self) -> HashParams {
+        HashParams {
+            memory_kib: self.argon2_memory_kib,
+            iterations: self.argon2_iterations,
+            parallelism: self.argon2_parallelism,
+        }
+    }
+}
+
+/// `serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "TENANTRY_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Database and key settings.
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// A session unused this long ends (`90s`, `30m`, `12h`).
+    #[arg(long, env = "TENANTRY_SESSION_IDLE_TIMEOUT", default_value = "30m", value_parser = humantime::parse_duration)]
+    pub session_idle_timeout: Duration,
+    /// A session ends this long after login, used or not.
+    #[arg(long, env = "TENANTRY_SESSION_ABSOLUTE_TIMEOUT", default_value = "12h", value_parser = humantime::parse_duration)]
+    pub session_absolute_timeout: Duration,
+    /// Admin rpcs need a second factor verified on the session at most this long ago.
+    #[arg(long, env = "TENANTRY_ADMIN_MFA_MAX_AGE", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub admin_mfa_max_age: Duration,
+    /// Credential-checking rpcs (signup, login, MFA) allowed per second per source address,
+    /// refilled continuously; 0 disables the limit.
+    #[arg(long, env = "TENANTRY_RATE_LIMIT_PER_SECOND", default_value_t = 10.0)]
+    pub rate_limit_per_second: f64,
+    /// Burst size of the per-source limit.
+    #[arg(long, env = "TENANTRY_RATE_LIMIT_BURST", default_value_t = 50)]
+    pub rate_limit_burst: u32,
+    /// Database connections at most.
+    #[arg(long, env = "TENANTRY_DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
+    pub database_max_connections: u32,
+    /// PEM certificate chain for TLS on the gRPC port (with `--tls-key-file`); plaintext
+    /// when absent.
+    #[arg(long, env = "TENANTRY_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key for `--tls-cert-file`.
+    #[arg(long, env = "TENANTRY_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Issuer name shown in authenticator apps.
+    #[arg(long, env = "TENANTRY_TOTP_ISSUER", default_value = "Tenantry")]
+    pub totp_issuer: String,
+}
+
+impl ServeArgs {
+    /// The session policy these flags describe.
+    pub fn session_policy(&self) -> SessionPolicy {
+        SessionPolicy {
+            idle_timeout: self.session_idle_timeout,
+            absolute_timeout: self.session_absolute_timeout,
+            admin_mfa_max_age: self.admin_mfa_max_age,
+        }
+    }
+}
+
+/// `bootstrap-admin`.
+#[derive(Debug, Clone, Args)]
+pub struct BootstrapArgs {
+    /// Email of the admin.
+    #[arg(long, env = "TENANTRY_BOOTSTRAP_EMAIL")]
+    pub email: String,
+    /// Database and key settings.
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serve_defaults_match_the_contract() {
+        let cli = Cli::try_parse_from(["tenantry-api", "serve"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(args.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(args.session_idle_timeout, Duration::from_secs(1800));
+        assert_eq!(args.session_absolute_timeout, Duration::from_secs(43_200));
+        assert_eq!(args.admin_mfa_max_age, Duration::from_secs(900));
+        assert_eq!(args.db.hash_params(), HashParams::default());
+    }
+
+    #[test]
+    fn durations_parse_like_90s_30m_12h() {
+        let cli = Cli::try_parse_from([
+            "tenantry-api",
+            "serve",
+            "--session-idle-timeout",
+            "90s",
+            "--session-absolute-timeout",
+            "12h",
+            "--admin-mfa-max-age",
+            "30m",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(args.session_idle_timeout, Duration::from_secs(90));
+        assert_eq!(args.admin_mfa_max_age, Duration::from_secs(1800));
+        assert!(
+            Cli::try_parse_from(["tenantry-api", "serve", "--session-idle-timeout", "soon"])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn tls_flags_come_in_pairs() {
+        assert!(
+            Cli::try_parse_from(["tenantry-api", "serve", "--tls-cert-file", "c.pem"]).is_err()
+        );
+    }
+}

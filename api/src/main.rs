@@ -1,0 +1,82 @@
+//! `tenantry-api`: parse the command line, start logging, run the subcommand.
+
+use std::io::Read as _;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use secrecy::SecretString;
+use tenantry_api::config::{Cli, Command};
+use tenantry_api::server::{self, Bootstrap};
+use tokio::net::TcpListener;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TENANTRY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Serve(args) => {
+            let listener = TcpListener::bind(args.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", args.listen))?;
+            server::run(args, listener, shutdown_signal()).await?;
+        }
+        Command::BootstrapAdmin(args) => {
+            let mut password = String::new();
+            std::io::stdin()
+                .read_to_string(&mut password)
+                .context("reading the password from stdin")?;
+            let password = SecretString::from(password.trim_end_matches(['\r', '\n']).to_owned());
+            let outcome = server::bootstrap_admin(
+                &args.db,
+                &args.email,
+                &password,
+                &tenantry_api::clock::SystemClock,
+            )
+            .await?;
+            match outcome {
+                Bootstrap::Created { user_id } => {
+                    println!("created admin {} ({user_id})", args.email)
+                }
+                Bootstrap::Promoted { user_id } => {
+                    println!("granted admin to existing user {} ({user_id})", args.email)
+                }
+                Bootstrap::AlreadyAdmin { user_id } => {
+                    println!("{} ({user_id}) is already an admin", args.email)
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutting down");
+}

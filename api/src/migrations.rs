@@ -1,0 +1,142 @@
+//! The database schema, as ordered migrations embedded in the binary. Each has a SQLite and
+//! a PostgreSQL text; both use only portable types (TEXT, BIGINT) so that one set of
+//! queries serves both, except for the append-only triggers on the audit log.
+
+/// One schema step.
+pub struct Migration {
+    /// Applied in ascending order; recorded in `schema_migrations`.
+    pub version: i64,
+    /// What it does.
+    pub description: &'static str,
+    /// The SQLite text.
+    pub sqlite: &'static str,
+    /// The PostgreSQL text.
+    pub postgres: &'static str,
+}
+
+const V1_TABLES: &str = r#"
+CREATE TABLE users (
+    id TEXT PRIMARY KEY,
+    email TEXT NOT NULL UNIQUE,
+    password_hash TEXT NOT NULL,
+    is_admin BIGINT NOT NULL DEFAULT 0,
+    created_at_ms BIGINT NOT NULL,
+    login_failures BIGINT NOT NULL DEFAULT 0,
+    login_lockouts BIGINT NOT NULL DEFAULT 0,
+    login_locked_until_ms BIGINT NOT NULL DEFAULT 0,
+    mfa_failures BIGINT NOT NULL DEFAULT 0,
+    mfa_lockouts BIGINT NOT NULL DEFAULT 0,
+    mfa_locked_until_ms BIGINT NOT NULL DEFAULT 0,
+    totp_secret_sealed TEXT,
+    totp_pending_sealed TEXT,
+    totp_last_step BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE tenants (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    owner_user_id TEXT NOT NULL REFERENCES users(id),
+    plan TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    suspended BIGINT NOT NULL DEFAULT 0,
+    retention_max_age_hours BIGINT NOT NULL,
+    retention_max_count BIGINT NOT NULL,
+    endpoint TEXT NOT NULL DEFAULT '',
+    cert_serial TEXT NOT NULL DEFAULT '',
+    cert_not_after_ms BIGINT NOT NULL DEFAULT 0,
+    cert_renewal_ms BIGINT NOT NULL DEFAULT 0,
+    message TEXT NOT NULL DEFAULT '',
+    created_at_ms BIGINT NOT NULL,
+    updated_at_ms BIGINT NOT NULL
+);
+CREATE INDEX tenants_created ON tenants (created_at_ms, id);
+CREATE TABLE memberships (
+    user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    tenant_id TEXT NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,
+    role TEXT NOT NULL,
+    PRIMARY KEY (user_id, tenant_id)
+);
+CREATE INDEX memberships_tenant ON memberships (tenant_id);
+CREATE TABLE sessions (
+    token_hash TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    created_at_ms BIGINT NOT NULL,
+    last_seen_ms BIGINT NOT NULL,
+    expires_at_ms BIGINT NOT NULL,
+    mfa_verified_at_ms BIGINT,
+    source TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX sessions_user ON sessions (user_id);
+CREATE INDEX sessions_expiry ON sessions (expires_at_ms);
+CREATE TABLE recovery_codes (
+    user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    code_hash TEXT NOT NULL,
+    used_at_ms BIGINT,
+    PRIMARY KEY (user_id, code_hash)
+);
+CREATE TABLE audit_events (
+    sequence BIGINT PRIMARY KEY,
+    at_ms BIGINT NOT NULL,
+    action TEXT NOT NULL,
+    actor_user_id TEXT NOT NULL,
+    target TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    source TEXT NOT NULL,
+    detail_json TEXT NOT NULL,
+    prev_hash TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE TABLE audit_head (
+    id BIGINT PRIMARY KEY,
+    sequence BIGINT NOT NULL,
+    hash TEXT NOT NULL
+);
+INSERT INTO audit_head (id, sequence, hash)
+    VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000');
+"#;
+
+const V2_SQLITE_APPEND_ONLY: &str = r#"
+CREATE TRIGGER audit_events_no_update BEFORE UPDATE ON audit_events
+BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;
+CREATE TRIGGER audit_events_no_delete BEFORE DELETE ON audit_events
+BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;
+"#;
+
+const V2_POSTGRES_APPEND_ONLY: &str = r#"
+CREATE FUNCTION tenantry_audit_append_only() RETURNS trigger LANGUAGE plpgsql AS $fn$
+BEGIN
+    RAISE EXCEPTION 'audit_events is append-only';
+END
+$fn$;
+CREATE TRIGGER audit_events_no_change BEFORE UPDATE OR DELETE ON audit_events
+    FOR EACH ROW EXECUTE FUNCTION tenantry_audit_append_only();
+CREATE TRIGGER audit_events_no_truncate BEFORE TRUNCATE ON audit_events
+    FOR EACH STATEMENT EXECUTE FUNCTION tenantry_audit_append_only();
+"#;
+
+/// Every migration, in order.
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "users, tenants, memberships, sessions, recovery codes, audit log",
+        sqlite: V1_TABLES,
+        postgres: V1_TABLES,
+    },
+    Migration {
+        version: 2,
+        description: "audit log is append-only",
+        sqlite: V2_SQLITE_APPEND_ONLY,
+        postgres: V2_POSTGRES_APPEND_ONLY,
+    },
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_ascend_without_gaps() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version, i as i64 + 1, "{}", m.description);
+        }
+    }
+}

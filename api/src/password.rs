@@ -1,0 +1,393 @@
+//! Password hashing (argon2id) and the password policy.
+//!
+//! Hashes are PHC strings, so each records its own parameters: verification uses the
+//! stored parameters, and [`PasswordHasher::needs_rehash`] tells the login path to store a
+//! new hash when the configured parameters have risen since.
+
+use argon2::password_hash::{CustomizedPasswordHasher, PasswordHasher as _};
+use argon2::{Algorithm, Argon2, Params, PasswordHash, Version};
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::crypto::{ct_eq, random_bytes};
+use crate::error::Error;
+
+/// Shortest accepted password, in characters.
+pub const MIN_LEN: usize = 12;
+/// Longest accepted password, in characters (bounds the hashing cost of a request).
+pub const MAX_LEN: usize = 256;
+
+/// Argon2id cost parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashParams {
+    /// Memory in KiB (OWASP minimum: 19 MiB = 19,456 KiB).
+    pub memory_kib: u32,
+    /// Iterations (OWASP minimum with 19 MiB: 2).
+    pub iterations: u32,
+    /// Lanes.
+    pub parallelism: u32,
+}
+
+impl Default for HashParams {
+    fn default() -> Self {
+        HashParams {
+            memory_kib: 19 * 1024,
+            iterations: 2,
+            parallelism: 1,
+        }
+    }
+}
+
+/// Hashes and verifies passwords with one set of parameters.
+#[derive(Clone)]
+pub struct PasswordHasher {
+    params: Params,
+    /// A hash of a random password, verified against when an email is unknown so that
+    /// unknown emails cost the same time as wrong passwords.
+    dummy_hash: String,
+}
+
+impl std::fmt::Debug for PasswordHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PasswordHasher")
+            .field("params", &self.params)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PasswordHasher {
+    /// A hasher with these parameters; refuses parameters argon2 cannot use.
+    pub fn new(p: HashParams) -> Result<Self, Error> {
+        let params = Params::new(p.memory_kib, p.iterations, p.parallelism, None)
+            .map_err(|e| Error::Config(format!("invalid argon2 parameters: {e}")))?;
+        let mut hasher = PasswordHasher {
+            params,
+            dummy_hash: String::new(),
+        };
+        let random = hex::encode(random_bytes::<16>()?);
+        hasher.dummy_hash = hasher.hash(&SecretString::from(random))?;
+        Ok(hasher)
+    }
+
+    fn argon2(&self) -> Argon2<'static> {
+        Argon2::new(Algorithm::Argon2id, Version::V0x13, self.params.clone())
+    }
+
+    /// A PHC string (`$argon2id$v=19$m=...`) with a fresh 128-bit salt.
+    pub fn hash(&self, password: &SecretString) -> Result<String, Error> {
+        let hash = self
+            .argon2()
+            .hash_password(password.expose_secret().as_bytes())
+            .map_err(|e| Error::Hashing(e.to_string()))?;
+        Ok(hash.to_string())
+    }
+
+    /// True when `password` matches `stored`. The comparison is constant-time; a malformed
+    /// stored hash is an error, not a mismatch.
+    pub fn verify(&self, password: &SecretString, stored: &str) -> Result<bool, Error> {
+        let parsed =
+            PasswordHash::new(stored).map_err(|e| Error::Hashing(format!("stored hash: {e}")))?;
+        let params =
+            Params::try_from(&parsed).map_err(|e| Error::Hashing(format!("stored hash: {e}")))?;
+        let (Some(salt), Some(expected)) = (&parsed.salt, &parsed.hash) else {
+            return Err(Error::Hashing("stored hash has no salt or output".into()));
+        };
+        let computed = self
+            .argon2()
+            .hash_password_customized(
+                password.expose_secret().as_bytes(),
+                salt.as_ref(),
+                Some(parsed.algorithm.as_str()),
+                parsed.version,
+                params,
+            )
+            .map_err(|e| Error::Hashing(e.to_string()))?;
+        let Some(output) = computed.hash else {
+            return Ok(false);
+        };
+        Ok(ct_eq(output.as_ref(), expected.as_ref()))
+    }
+
+    /// Burns the same time as [`PasswordHasher::verify`] for an unknown account.
+    pub fn verify_dummy(&self, password: &SecretString) -> Result<(), Error> {
+        self.verify(password, &self.dummy_hash).map(|_| ())
+    }
+
+    /// True when `stored` was made with weaker parameters than this hasher's (or another
+    /// algorithm), so the login path should store a new hash.
+    pub fn needs_rehash(&self, stored: &str) -> bool {
+        let Ok(parsed) = PasswordHash::new(stored) else {
+            return true;
+        };
+        if parsed.algorithm.as_str() != "argon2id" {
+            return true;
+        }
+        match Params::try_from(&parsed) {
+            Ok(p) => {
+                p.m_cost() < self.params.m_cost()
+                    || p.t_cost() < self.params.t_cost()
+                    || p.p_cost() < self.params.p_cost()
+            }
+            Err(_) => true,
+        }
+    }
+}
+
+/// Passwords that are long enough but far too common (from public breach corpora).
+const COMMON: &[&str] = &[
+    "123456789012",
+    "1234567890123",
+    "12345678901234",
+    "123456789123",
+    "qwertyuiop123",
+    "qwertyuiopas",
+    "qwertyuiopasdf",
+    "qwertyuiopasdfgh",
+    "1qaz2wsx3edc",
+    "1q2w3e4r5t6y",
+    "1q2w3e4r5t6y7u",
+    "zaq12wsxcde3",
+    "passwordpassword",
+    "password1234",
+    "password12345",
+    "password123456",
+    "password1234!",
+    "p@ssw0rd1234",
+    "passw0rd1234",
+    "iloveyou1234",
+    "letmein12345",
+    "letmeinplease",
+    "welcome12345",
+    "welcome123456",
+    "administrator",
+    "administrator1",
+    "changeme1234",
+    "changemeplease",
+    "trustno11234",
+    "football1234",
+    "baseball1234",
+    "superman1234",
+    "sunshine1234",
+    "princess1234",
+    "starwars1234",
+    "monkey123456",
+    "dragon123456",
+    "abc123456789",
+    "abcdefghijkl",
+    "abcdefghijklm",
+    "aaaaaaaaaaaa",
+    "111111111111",
+    "000000000000",
+    "123123123123",
+    "123412341234",
+    "qazwsxedcrfv",
+    "asdfghjkl123",
+    "zxcvbnm12345",
+    "mypassword123",
+    "secretpassword",
+    "thisismypassword",
+    "correcthorsebatterystaple",
+    "iloveyouforever",
+    "whatever1234",
+    "michael12345",
+    "jennifer1234",
+    "computer1234",
+    "internet1234",
+    "samsung12345",
+    "liverpool1234",
+    "chocolate123",
+    "butterfly123",
+    "qwerty123456",
+    "qwerty1234567",
+    "1234qwerasdf",
+    "asdf1234asdf",
+    "q1w2e3r4t5y6",
+    "a1b2c3d4e5f6",
+    "password!234",
+];
+
+/// Why a password is refused; the message is safe to show and never contains the password.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PasswordPolicyError {
+    /// Fewer than [`MIN_LEN`] characters.
+    #[error("password must be at least {MIN_LEN} characters")]
+    TooShort,
+    /// More than [`MAX_LEN`] characters.
+    #[error("password must be at most {MAX_LEN} characters")]
+    TooLong,
+    /// On the list of common passwords.
+    #[error("password is too common")]
+    Common,
+    /// Contains the email's local part or the tenant name.
+    #[error("password must not contain your email or tenant name")]
+    ContainsIdentity,
+    /// A repeated character, a keyboard or alphabet run, or too few distinct characters.
+    #[error("password is too easy to guess (repeated or sequential characters)")]
+    Guessable,
+}
+
+/// Checks a new password. `identity` holds strings the password must not contain (the
+/// email's local part, the tenant name); entries shorter than 4 characters are ignored.
+pub fn check_policy(password: &SecretString, identity: &[&str]) -> Result<(), PasswordPolicyError> {
+    let pw = password.expose_secret();
+    let len = pw.chars().count();
+    if len < MIN_LEN {
+        return Err(PasswordPolicyError::TooShort);
+    }
+    if len > MAX_LEN {
+        return Err(PasswordPolicyError::TooLong);
+    }
+    let lower = pw.to_lowercase();
+    if COMMON.contains(&lower.as_str()) {
+        return Err(PasswordPolicyError::Common);
+    }
+    for id in identity {
+        let id = id.trim().to_lowercase();
+        if id.chars().count() >= 4 && lower.contains(&id) {
+            return Err(PasswordPolicyError::ContainsIdentity);
+        }
+    }
+    if is_guessable(&lower) {
+        return Err(PasswordPolicyError::Guessable);
+    }
+    Ok(())
+}
+
+/// Few distinct characters, or mostly made of one short repeated pattern or of
+/// ascending/descending runs.
+fn is_guessable(lower: &str) -> bool {
+    let chars: Vec<char> = lower.chars().collect();
+    let mut distinct = chars.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    if distinct.len() < 5 {
+        return true;
+    }
+    // A pattern of up to 4 characters repeated across the whole password.
+    for period in 1..=4 {
+        if chars.len() >= period * 3
+            && chars
+                .iter()
+                .enumerate()
+                .all(|(i, c)| *c == chars[i % period])
+        {
+            return true;
+        }
+    }
+    // Mostly sequential: count steps of +1 or -1 between neighbours (abc…, 987…).
+    let steps = chars
+        .windows(2)
+        .filter(|w| {
+            let d = i64::from(u32::from(w[1])) - i64::from(u32::from(w[0]));
+            d == 1 || d == -1
+        })
+        .count();
+    steps * 4 >= (chars.len() - 1) * 3
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn cheap() -> PasswordHasher {
+        PasswordHasher::new(HashParams {
+            memory_kib: 1024,
+            iterations: 1,
+            parallelism: 1,
+        })
+        .unwrap()
+    }
+
+    fn s(v: &str) -> SecretString {
+        SecretString::from(v.to_owned())
+    }
+
+    #[test]
+    fn hash_verifies_only_the_right_password() {
+        let h = cheap();
+        let stored = h.hash(&s("correct horse battery")).unwrap();
+        assert!(stored.starts_with("$argon2id$v=19$m=1024,t=1,p=1$"));
+        assert!(h.verify(&s("correct horse battery"), &stored).unwrap());
+        assert!(!h.verify(&s("correct horse batterz"), &stored).unwrap());
+        assert!(h.verify(&s("x"), "not a phc string").is_err());
+        h.verify_dummy(&s("anything at all")).unwrap();
+    }
+
+    #[test]
+    fn default_parameters_meet_owasp() {
+        let p = HashParams::default();
+        assert!(p.memory_kib >= 19_456 && p.iterations >= 2 && p.parallelism >= 1);
+    }
+
+    #[test]
+    fn rehash_is_needed_when_parameters_rise() {
+        let weak = cheap();
+        let stored = weak.hash(&s("correct horse battery")).unwrap();
+        let strong = PasswordHasher::new(HashParams {
+            memory_kib: 2048,
+            iterations: 1,
+            parallelism: 1,
+        })
+        .unwrap();
+        assert!(strong.needs_rehash(&stored));
+        assert!(!weak.needs_rehash(&stored));
+        // The stronger hasher still verifies the old hash with its own parameters.
+        assert!(strong.verify(&s("correct horse battery"), &stored).unwrap());
+        assert!(strong.needs_rehash("$2b$12$bcrypt-style-hash"));
+    }
+
+    #[test]
+    fn policy_enforces_length() {
+        assert_eq!(
+            check_policy(&s("short1!"), &[]),
+            Err(PasswordPolicyError::TooShort)
+        );
+        assert_eq!(
+            check_policy(&s(&"ab1!".repeat(65)), &[]),
+            Err(PasswordPolicyError::TooLong)
+        );
+        // Characters, not bytes: 12 multi-byte characters are enough.
+        assert!(check_policy(&s("ünïcødé-pässwörd"), &[]).is_ok());
+        assert!(check_policy(&s(&"x1y2z3w4".repeat(32)), &[]).is_ok());
+    }
+
+    #[test]
+    fn policy_refuses_common_and_guessable() {
+        assert_eq!(
+            check_policy(&s("Password1234"), &[]),
+            Err(PasswordPolicyError::Common)
+        );
+        assert_eq!(
+            check_policy(&s("zzzzzzzzzzzzzz"), &[]),
+            Err(PasswordPolicyError::Guessable)
+        );
+        assert_eq!(
+            check_policy(&s("abababababab"), &[]),
+            Err(PasswordPolicyError::Guessable)
+        );
+        assert_eq!(
+            check_policy(&s("mnopqrstuvwxyz"), &[]),
+            Err(PasswordPolicyError::Guessable)
+        );
+        assert_eq!(
+            check_policy(&s("98765432109876"), &[]),
+            Err(PasswordPolicyError::Guessable)
+        );
+        assert!(check_policy(&s("tr0ub4dor&3-horse"), &[]).is_ok());
+    }
+
+    #[test]
+    fn policy_refuses_identity() {
+        assert_eq!(
+            check_policy(&s("alice-is-great-42"), &["alice", "acme"]),
+            Err(PasswordPolicyError::ContainsIdentity)
+        );
+        assert!(check_policy(&s("bob-is-great-42!"), &["alice", "acme"]).is_ok());
+    }
+
+    #[test]
+    fn policy_errors_never_echo_the_password() {
+        let err = check_policy(&s("hunter2"), &[]).unwrap_err();
+        assert!(!err.to_string().contains("hunter2"));
+    }
+}

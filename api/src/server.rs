@@ -1,0 +1,355 @@
+//! Assembles and runs the gRPC server: state from configuration, the auth layer, the four
+//! Tenantry services, `grpc.health.v1` (SERVING only while the database answers) and server
+//! reflection (v1 and v1alpha).
+
+use std::future::Future;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use tenantry_proto::v1::account_service_server::AccountServiceServer;
+use tenantry_proto::v1::admin_service_server::AdminServiceServer;
+use tenantry_proto::v1::mfa_service_server::MfaServiceServer;
+use tenantry_proto::v1::tenant_service_server::TenantServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::server::NamedService;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::auth::AuthLayer;
+use crate::clock::Clock;
+use crate::config::{DatabaseArgs, ServeArgs};
+use crate::crypto::MasterKey;
+use crate::error::{Error, Result};
+use crate::lockout::RateLimiter;
+use crate::password::PasswordHasher;
+use crate::service::account::Accounts;
+use crate::service::admin::Admin;
+use crate::service::mfa::Mfa;
+use crate::service::tenant::Tenants;
+use crate::state::{AppState, StateParts};
+use crate::store::{AuditRecord, Store};
+
+/// How often the health check asks the database.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+/// How often expired sessions are deleted.
+const SESSION_PURGE_INTERVAL: Duration = Duration::from_secs(600);
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+/// The file a SQLite URL points at, if it is a file.
+fn sqlite_path(url: &str) -> Option<PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or_default();
+    (!path.is_empty() && path != ":memory:").then(|| PathBuf::from(path))
+}
+
+/// Loads the master key from `--master-key-file`, or (SQLite only) from `master.key`
+/// beside the database, creating it with mode 0600 on first start.
+pub fn load_master_key(db: &DatabaseArgs) -> Result<MasterKey> {
+    let path = match (&db.master_key_file, sqlite_path(&db.database_url)) {
+        (Some(path), _) => path.clone(),
+        (None, Some(db_path)) => {
+            let path = db_path
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("master.key");
+            if !path.exists() {
+                create_master_key(&path)?;
+                tracing::info!(path = %path.display(), "created a new master key; back it up with the database");
+            }
+            path
+        }
+        (None, None) => {
+            return Err(Error::Config(
+                "--master-key-file (TENANTRY_MASTER_KEY_FILE) is required with this database"
+                    .into(),
+            ));
+        }
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(io_err(format!("reading master key {}", path.display())))?;
+    MasterKey::from_base64(&SecretString::from(text))
+}
+
+fn create_master_key(path: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    }
+    let (_, text) = MasterKey::generate()?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(format!("creating master key {}", path.display())))?;
+    file.write_all(text.expose_secret().as_bytes())
+        .and_then(|()| file.write_all(b"\n"))
+        .and_then(|()| file.sync_all())
+        .map_err(io_err(format!("writing master key {}", path.display())))
+}
+
+fn ensure_sqlite_dir(url: &str) -> Result<()> {
+    if let Some(dir) = sqlite_path(url)
+        .as_deref()
+        .and_then(Path::parent)
+        .filter(|d| !d.as_os_str().is_empty())
+    {
+        std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    }
+    Ok(())
+}
+
+/// Connects to the database (migrating it) and builds the shared state.
+pub async fn build_state(args: &ServeArgs, clock: Arc<dyn Clock>) -> Result<Arc<AppState>> {
+    crate::store::Backend::of_url(&args.db.database_url)?;
+    ensure_sqlite_dir(&args.db.database_url)?;
+    let master_key = load_master_key(&args.db)?;
+    let store = Store::connect(&args.db.database_url, args.database_max_connections).await?;
+    let hasher = PasswordHasher::new(args.db.hash_params())?;
+    Ok(Arc::new(AppState::new(StateParts {
+        store,
+        hasher,
+        master_key,
+        clock,
+        sessions: args.session_policy(),
+        rate_limiter: RateLimiter::new(args.rate_limit_per_second, args.rate_limit_burst),
+        totp_issuer: args.totp_issuer.clone(),
+    })))
+}
+
+/// Runs `serve` with the system clock until `shutdown` resolves.
+pub async fn run(
+    args: ServeArgs,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let state = build_state(&args, Arc::new(crate::clock::SystemClock)).await?;
+    let tls = load_tls(&args)?;
+    serve(state, listener, tls, shutdown).await
+}
+
+/// The TLS identity from `--tls-cert-file`/`--tls-key-file`, if given.
+pub fn load_tls(args: &ServeArgs) -> Result<Option<ServerTlsConfig>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert_file, &args.tls_key_file) else {
+        return Ok(None);
+    };
+    let cert_pem = std::fs::read(cert).map_err(io_err(format!("reading {}", cert.display())))?;
+    let key_pem = std::fs::read(key).map_err(io_err(format!("reading {}", key.display())))?;
+    Ok(Some(
+        ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem)),
+    ))
+}
+
+async fn db_status(state: &AppState) -> ServingStatus {
+    if state.store.ping().await {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    }
+}
+
+/// Sets every service's status; the overall ("") status last, so a client that sees it
+/// change sees every service changed too.
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    for name in [
+        <AccountServiceServer<Accounts> as NamedService>::NAME,
+        <MfaServiceServer<Mfa> as NamedService>::NAME,
+        <TenantServiceServer<Tenants> as NamedService>::NAME,
+        <AdminServiceServer<Admin> as NamedService>::NAME,
+        "",
+    ] {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, then drains in-flight calls.
+pub async fn serve(
+    state: Arc<AppState>,
+    listener: TcpListener,
+    tls: Option<ServerTlsConfig>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    // Health is known before the first request is accepted.
+    let initial = db_status(&state).await;
+    set_health(&reporter, initial).await;
+    let health_state = Arc::clone(&state);
+    let health_task = tokio::spawn(async move {
+        let mut last = initial;
+        loop {
+            tokio::time::sleep(HEALTH_INTERVAL).await;
+            let status = db_status(&health_state).await;
+            if last != status {
+                if status == ServingStatus::NotServing {
+                    tracing::error!("database is not answering; health is NOT_SERVING");
+                } else {
+                    tracing::info!("database answers again; health is SERVING");
+                }
+                set_health(&reporter, status).await;
+                last = status;
+            }
+        }
+    });
+    let purge_state = Arc::clone(&state);
+    let purge_task = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(SESSION_PURGE_INTERVAL).await;
+            let now = purge_state.now_ms();
+            let idle = crate::clock::duration_ms(purge_state.sessions.idle_timeout);
+            match purge_state.store.purge_sessions(now, now - idle).await {
+                Ok(n) if n > 0 => tracing::debug!(sessions = n, "deleted expired sessions"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not delete expired sessions"),
+            }
+        }
+    });
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tenantry_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::Config(format!("reflection: {e}")))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tenantry_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| Error::Config(format!("reflection: {e}")))?;
+
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).map_err(Error::Transport)?;
+    }
+    let local = listener.local_addr().ok();
+    tracing::info!(listen = ?local, "tenantry-api serving");
+    let result = builder
+        .layer(AuthLayer::new(Arc::clone(&state)))
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(AccountServiceServer::new(Accounts::new(Arc::clone(&state))))
+        .add_service(MfaServiceServer::new(Mfa::new(Arc::clone(&state))))
+        .add_service(TenantServiceServer::new(Tenants::new(Arc::clone(&state))))
+        .add_service(AdminServiceServer::new(Admin::new(Arc::clone(&state))))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(Error::Transport);
+    health_task.abort();
+    purge_task.abort();
+    state.store.close().await;
+    tracing::info!("tenantry-api stopped");
+    result
+}
+
+/// What `bootstrap-admin` did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// A new admin user was created.
+    Created {
+        /// Its id.
+        user_id: String,
+    },
+    /// An existing user was made admin (their password is unchanged).
+    Promoted {
+        /// Its id.
+        user_id: String,
+    },
+    /// The user was an admin already.
+    AlreadyAdmin {
+        /// Its id.
+        user_id: String,
+    },
+}
+
+/// Creates the first admin with `password`, or grants admin to the existing user with
+/// this email. Audited as `admin.bootstrap`.
+pub async fn bootstrap_admin(
+    db: &DatabaseArgs,
+    email: &str,
+    password: &SecretString,
+    clock: &dyn Clock,
+) -> Result<Bootstrap> {
+    let email = crate::validate::normalize_email(email).map_err(|d| Error::invalid("email", d))?;
+    crate::store::Backend::of_url(&db.database_url)?;
+    ensure_sqlite_dir(&db.database_url)?;
+    // Make sure the key exists before any secret is stored with this database.
+    load_master_key(db)?;
+    let store = Store::connect(&db.database_url, 2).await?;
+    let now = clock.now_ms();
+    let record = |user_id: &str, how: &str| AuditRecord {
+        action: "admin.bootstrap",
+        actor_user_id: String::new(),
+        target: user_id.to_owned(),
+        success: true,
+        source: "cli".to_owned(),
+        detail_json: crate::service::detail(&[
+            ("email", email.clone().into()),
+            ("how", how.into()),
+        ]),
+    };
+    let outcome = if let Some(user) = store.user_by_email(&email).await? {
+        if user.is_admin {
+            Bootstrap::AlreadyAdmin { user_id: user.id }
+        } else {
+            store
+                .set_admin(&user.id, true, &record(&user.id, "promoted"), now)
+                .await?;
+            Bootstrap::Promoted { user_id: user.id }
+        }
+    } else {
+        let local = email.split('@').next().unwrap_or_default().to_owned();
+        crate::password::check_policy(password, &[&local])
+            .map_err(|e| Error::invalid("password", e.to_string()))?;
+        let hasher = PasswordHasher::new(db.hash_params())?;
+        let hash = hasher.hash(password)?;
+        let user_id = uuid::Uuid::new_v4().to_string();
+        if !store
+            .create_user(
+                &user_id,
+                &email,
+                &hash,
+                true,
+                now,
+                &record(&user_id, "created"),
+            )
+            .await?
+        {
+            return Err(Error::AlreadyExists {
+                field: "email",
+                message: "an account with this email already exists",
+            });
+        }
+        Bootstrap::Created { user_id }
+    };
+    store.close().await;
+    Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_paths_are_found_in_urls() {
+        assert_eq!(
+            sqlite_path("sqlite://data/t.db"),
+            Some(PathBuf::from("data/t.db"))
+        );
+        assert_eq!(
+            sqlite_path("sqlite:///abs/t.db?mode=rwc"),
+            Some(PathBuf::from("/abs/t.db"))
+        );
+        assert_eq!(sqlite_path("sqlite::memory:"), None);
+        assert_eq!(sqlite_path("postgres://x@y/z"), None);
+    }
+}

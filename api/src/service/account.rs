@@ -1,0 +1,375 @@
+//! `AccountService`: signup, login, logout, whoami, password change.
+
+use std::sync::Arc;
+
+use secrecy::{ExposeSecret, SecretString};
+use tenantry_proto::retention::RetentionPolicy;
+use tenantry_proto::v1::account_service_server::AccountService;
+use tenantry_proto::v1::{
+    ChangePasswordRequest, ChangePasswordResponse, LoginRequest, LoginResponse, LogoutRequest,
+    LogoutResponse, SignupRequest, SignupResponse, WhoAmIRequest, WhoAmIResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::auth::{ROLE_ADMIN, ROLE_USER, caller, source_of};
+use crate::clock::{duration_ms, to_timestamp};
+use crate::crypto::{hash_secret, new_session_token};
+use crate::error::{AuthFailure, Error, Result};
+use crate::password::check_policy;
+use crate::service::{detail, phase, plan_from_proto};
+use crate::state::AppState;
+use crate::store::{AuditRecord, NewSignup, SignupOutcome};
+use crate::validate;
+
+/// Audit actions written by this service.
+pub mod actions {
+    /// A user and tenant were created.
+    pub const SIGNUP: &str = "signup";
+    /// A login succeeded.
+    pub const LOGIN_SUCCEEDED: &str = "login.succeeded";
+    /// A login failed (unknown email, wrong password, or locked).
+    pub const LOGIN_FAILED: &str = "login.failed";
+    /// Too many failures locked the account.
+    pub const LOGIN_LOCKED: &str = "login.locked";
+    /// A session ended by the user.
+    pub const LOGOUT: &str = "logout";
+    /// The password changed.
+    pub const PASSWORD_CHANGED: &str = "password.changed";
+}
+
+/// The service.
+#[derive(Debug, Clone)]
+pub struct Accounts {
+    state: Arc<AppState>,
+}
+
+impl Accounts {
+    /// A service over `state`.
+    pub fn new(state: Arc<AppState>) -> Self {
+        Accounts { state }
+    }
+
+    async fn signup(&self, source: String, req: SignupRequest) -> Result<SignupResponse> {
+        let st = &self.state;
+        let email =
+            validate::normalize_email(&req.email).map_err(|d| Error::invalid("email", d))?;
+        validate::tenant_name(&req.tenant_name).map_err(|d| Error::invalid("tenant_name", d))?;
+        let plan =
+            plan_from_proto(req.plan).ok_or_else(|| Error::invalid("plan", "unknown plan"))?;
+        let password = SecretString::from(req.password);
+        let local = email.split('@').next().unwrap_or_default().to_owned();
+        check_policy(&password, &[&local, &req.tenant_name])
+            .map_err(|e| Error::invalid("password", e.to_string()))?;
+
+        // A retried signup (same email, password and tenant name) answers with the same ids.
+        if let Some(user) = st.store.user_by_email(&email).await? {
+            let matches = st
+                .verify_password(password, Some(user.password_hash.clone()))
+                .await?;
+            if matches
+                && let Some(t) = st
+                    .store
+                    .owned_tenant_by_name(&user.id, &req.tenant_name)
+                    .await?
+            {
+                return Ok(SignupResponse {
+                    user_id: user.id,
+                    tenant_id: t.id,
+                });
+            }
+            return Err(Error::AlreadyExists {
+                field: "email",
+                message: "an account with this email already exists",
+            });
+        }
+
+        let to_hash = password.clone();
+        let password_hash = st.hashing(move |h| h.hash(&to_hash)).await?;
+        let retention = RetentionPolicy::default();
+        let signup = NewSignup {
+            user_id: uuid::Uuid::new_v4().to_string(),
+            email: email.clone(),
+            password_hash,
+            tenant_id: uuid::Uuid::new_v4().to_string(),
+            tenant_name: req.tenant_name.clone(),
+            plan: plan.as_str().to_owned(),
+            phase: phase::PROVISIONING.to_owned(),
+            retention_max_age_hours: i64::from(retention.max_age_hours),
+            retention_max_count: i64::from(retention.max_count),
+            now_ms: st.now_ms(),
+        };
+        let audit = AuditRecord {
+            action: actions::SIGNUP,
+            actor_user_id: signup.user_id.clone(),
+            target: signup.tenant_id.clone(),
+            success: true,
+            source,
+            detail_json: detail(&[
+                ("email", email.into()),
+                ("tenant_name", req.tenant_name.into()),
+                ("plan", plan.as_str().into()),
+            ]),
+        };
+        match st.store.create_signup(&signup, &audit).await? {
+            SignupOutcome::Created => Ok(SignupResponse {
+                user_id: signup.user_id,
+                tenant_id: signup.tenant_id,
+            }),
+            SignupOutcome::EmailTaken => Err(Error::AlreadyExists {
+                field: "email",
+                message: "an account with this email already exists",
+            }),
+            SignupOutcome::TenantNameTaken => Err(Error::AlreadyExists {
+                field: "tenant_name",
+                message: "this tenant name is taken",
+            }),
+        }
+    }
+
+    async fn login(&self, source: String, req: LoginRequest) -> Result<LoginResponse> {
+        let st = &self.state;
+        let email =
+            validate::normalize_email(&req.email).map_err(|d| Error::invalid("email", d))?;
+        let password = SecretString::from(req.password);
+        let failed = |detail_json: String, actor: String| AuditRecord {
+            action: actions::LOGIN_FAILED,
+            actor_user_id: actor,
+            target: email.clone(),
+            success: false,
+            source: source.clone(),
+            detail_json,
+        };
+        let Some(user) = st.store.user_by_email(&email).await? else {
+            // Same cost as a wrong password, so timing does not reveal which emails exist.
+            st.verify_password(password, None).await?;
+            st.audit(failed(
+                detail(&[("reason", "unknown_email".into())]),
+                String::new(),
+            ))
+            .await;
+            return Err(Error::Unauthenticated(AuthFailure::InvalidCredentials));
+        };
+        let now = st.now_ms();
+        if let Some(wait) = user.login_lock.locked_for(now) {
+            st.audit(failed(
+                detail(&[("reason", "locked".into())]),
+                user.id.clone(),
+            ))
+            .await;
+            return Err(Error::ResourceExhausted {
+                what: "account temporarily locked after repeated failed logins",
+                retry_after: wait,
+            });
+        }
+        let stored = user.password_hash.clone();
+        let ok = st
+            .verify_password(password.clone(), Some(stored.clone()))
+            .await?;
+        let now = st.now_ms();
+        if !ok {
+            let (next, locked) = user.login_lock.after_failure(now);
+            let mut audits = vec![failed(
+                detail(&[("reason", "wrong_password".into())]),
+                user.id.clone(),
+            )];
+            if locked {
+                audits.push(AuditRecord {
+                    action: actions::LOGIN_LOCKED,
+                    actor_user_id: user.id.clone(),
+                    target: email.clone(),
+                    success: true,
+                    source: source.clone(),
+                    detail_json: detail(&[
+                        ("locked_until_ms", next.locked_until_ms.into()),
+                        ("lockouts", next.lockouts.into()),
+                    ]),
+                });
+                tracing::warn!(user_id = %user.id, "account locked after repeated failed logins");
+            }
+            st.store
+                .record_login_failure(&user.id, next, &audits, now)
+                .await?;
+            return Err(Error::Unauthenticated(AuthFailure::InvalidCredentials));
+        }
+        let new_hash = if st.hasher.needs_rehash(&stored) {
+            Some(st.hashing(move |h| h.hash(&password)).await?)
+        } else {
+            None
+        };
+        let token = new_session_token()?;
+        let expires_at = now.saturating_add(duration_ms(st.sessions.absolute_timeout));
+        let audit = AuditRecord {
+            action: actions::LOGIN_SUCCEEDED,
+            actor_user_id: user.id.clone(),
+            target: email.clone(),
+            success: true,
+            source: source.clone(),
+            detail_json: detail(&[("rehashed", new_hash.is_some().into())]),
+        };
+        st.store
+            .record_login_success(
+                &user.id,
+                new_hash.as_deref(),
+                &hash_secret(token.expose_secret()),
+                expires_at,
+                &source,
+                &audit,
+                now,
+            )
+            .await?;
+        Ok(LoginResponse {
+            session_token: token.expose_secret().to_owned(),
+            expires_at: Some(to_timestamp(expires_at)),
+            mfa_required: user.totp_secret_sealed.is_some(),
+        })
+    }
+}
+
+fn source_string(source: Option<std::net::IpAddr>) -> String {
+    source.map(|ip| ip.to_string()).unwrap_or_default()
+}
+
+#[tonic::async_trait]
+impl AccountService for Accounts {
+    async fn signup(
+        &self,
+        request: Request<SignupRequest>,
+    ) -> Result<Response<SignupResponse>, Status> {
+        let source = source_of(&request);
+        self.state.rate_limit(source)?;
+        Ok(Response::new(
+            self.signup(source_string(source), request.into_inner())
+                .await?,
+        ))
+    }
+
+    async fn login(
+        &self,
+        request: Request<LoginRequest>,
+    ) -> Result<Response<LoginResponse>, Status> {
+        let source = source_of(&request);
+        self.state.rate_limit(source)?;
+        Ok(Response::new(
+            self.login(source_string(source), request.into_inner())
+                .await?,
+        ))
+    }
+
+    async fn logout(
+        &self,
+        request: Request<LogoutRequest>,
+    ) -> Result<Response<LogoutResponse>, Status> {
+        let who = caller(&request)?;
+        let st = &self.state;
+        let audit = AuditRecord {
+            action: actions::LOGOUT,
+            actor_user_id: who.user_id.clone(),
+            target: who.user_id.clone(),
+            success: true,
+            source: source_string(source_of(&request)),
+            detail_json: String::new(),
+        };
+        st.store
+            .delete_session(&who.session_hash, Some(&audit), st.now_ms())
+            .await
+            .map_err(Status::from)?;
+        Ok(Response::new(LogoutResponse {}))
+    }
+
+    async fn who_am_i(
+        &self,
+        request: Request<WhoAmIRequest>,
+    ) -> Result<Response<WhoAmIResponse>, Status> {
+        let who = caller(&request)?;
+        let tenant_ids = self
+            .state
+            .store
+            .member_tenant_ids(&who.user_id)
+            .await
+            .map_err(Status::from)?;
+        let mut roles = vec![ROLE_USER.to_owned()];
+        if who.is_admin {
+            roles.push(ROLE_ADMIN.to_owned());
+        }
+        Ok(Response::new(WhoAmIResponse {
+            user_id: who.user_id,
+            email: who.email,
+            roles,
+            tenant_ids,
+            mfa_enrolled: who.mfa_enrolled,
+            mfa_verified_at: who.mfa_verified_at_ms.map(to_timestamp),
+            session_expires_at: Some(to_timestamp(who.expires_at_ms)),
+        }))
+    }
+
+    async fn change_password(
+        &self,
+        request: Request<ChangePasswordRequest>,
+    ) -> Result<Response<ChangePasswordResponse>, Status> {
+        let who = caller(&request)?;
+        let source = source_of(&request);
+        let st = &self.state;
+        st.rate_limit(source)?;
+        let source = source_string(source);
+        let req = request.into_inner();
+        let current = SecretString::from(req.current_password);
+        let new = SecretString::from(req.new_password);
+        let user = st
+            .store
+            .user_by_id(&who.user_id)
+            .await?
+            .ok_or(Error::Unauthenticated(AuthFailure::SessionInvalid))?;
+        if let Some(wait) = user.login_lock.locked_for(st.now_ms()) {
+            return Err(Error::ResourceExhausted {
+                what: "account temporarily locked after repeated failed logins",
+                retry_after: wait,
+            }
+            .into());
+        }
+        let ok = st
+            .verify_password(current.clone(), Some(user.password_hash.clone()))
+            .await?;
+        if !ok {
+            // A wrong current password counts like a failed login.
+            let now = st.now_ms();
+            let (next, _) = user.login_lock.after_failure(now);
+            let audit = AuditRecord {
+                action: actions::PASSWORD_CHANGED,
+                actor_user_id: who.user_id.clone(),
+                target: who.user_id.clone(),
+                success: false,
+                source,
+                detail_json: detail(&[("reason", "wrong_current_password".into())]),
+            };
+            st.store
+                .record_login_failure(&who.user_id, next, &[audit], now)
+                .await?;
+            return Err(Error::invalid("current_password", "the current password is wrong").into());
+        }
+        let local = who.email.split('@').next().unwrap_or_default().to_owned();
+        check_policy(&new, &[&local]).map_err(|e| Error::invalid("new_password", e.to_string()))?;
+        if crate::crypto::ct_eq(
+            new.expose_secret().as_bytes(),
+            current.expose_secret().as_bytes(),
+        ) {
+            return Err(Error::invalid(
+                "new_password",
+                "the new password must differ from the current one",
+            )
+            .into());
+        }
+        let hash = st.hashing(move |h| h.hash(&new)).await?;
+        let audit = AuditRecord {
+            action: actions::PASSWORD_CHANGED,
+            actor_user_id: who.user_id.clone(),
+            target: who.user_id.clone(),
+            success: true,
+            source,
+            detail_json: detail(&[("sessions_ended", true.into())]),
+        };
+        st.store
+            .set_password(&who.user_id, &hash, &audit, st.now_ms())
+            .await?;
+        Ok(Response::new(ChangePasswordResponse {}))
+    }
+}

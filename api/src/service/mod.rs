@@ -1,0 +1,120 @@
+//! The gRPC service implementations and the conversions between rows and messages.
+
+pub mod account;
+pub mod admin;
+pub mod mfa;
+pub mod tenant;
+
+use tenantry_proto::retention::Plan;
+use tenantry_proto::v1;
+
+use crate::clock::to_timestamp;
+use crate::store::TenantRow;
+
+/// Phase names as stored.
+pub mod phase {
+    /// Accepted, nothing provisioned yet.
+    pub const PENDING: &str = "Pending";
+    /// Being created or converged.
+    pub const PROVISIONING: &str = "Provisioning";
+    /// Serving.
+    pub const READY: &str = "Ready";
+    /// Scaled to zero, data kept.
+    pub const SUSPENDED: &str = "Suspended";
+    /// Not healthy.
+    pub const DEGRADED: &str = "Degraded";
+    /// Being deleted.
+    pub const TERMINATING: &str = "Terminating";
+}
+
+/// The stored phase as the proto enum.
+pub fn phase_to_proto(phase: &str) -> v1::TenantPhase {
+    match phase {
+        phase::PENDING => v1::TenantPhase::Pending,
+        phase::PROVISIONING => v1::TenantPhase::Provisioning,
+        phase::READY => v1::TenantPhase::Ready,
+        phase::SUSPENDED => v1::TenantPhase::Suspended,
+        phase::DEGRADED => v1::TenantPhase::Degraded,
+        phase::TERMINATING => v1::TenantPhase::Terminating,
+        _ => v1::TenantPhase::Unspecified,
+    }
+}
+
+/// The proto plan as the shared plan type (unset means free).
+pub fn plan_from_proto(plan: i32) -> Option<Plan> {
+    match v1::Plan::try_from(plan).ok()? {
+        v1::Plan::Unspecified | v1::Plan::Free => Some(Plan::Free),
+        v1::Plan::Standard => Some(Plan::Standard),
+        v1::Plan::Enterprise => Some(Plan::Enterprise),
+    }
+}
+
+/// The shared plan type as the proto enum.
+pub fn plan_to_proto(plan: Plan) -> v1::Plan {
+    match plan {
+        Plan::Free => v1::Plan::Free,
+        Plan::Standard => v1::Plan::Standard,
+        Plan::Enterprise => v1::Plan::Enterprise,
+    }
+}
+
+/// The plan a row names; an unknown name (never written by this code) reads as free.
+pub fn row_plan(row: &TenantRow) -> Plan {
+    Plan::parse(&row.plan).unwrap_or_default()
+}
+
+/// A stored retention value as the `u32` the contract uses.
+pub fn retention_to_proto(row: &TenantRow) -> v1::RetentionPolicy {
+    v1::RetentionPolicy {
+        max_age_hours: u32::try_from(row.retention_max_age_hours).unwrap_or(0),
+        max_count: u32::try_from(row.retention_max_count).unwrap_or(0),
+    }
+}
+
+/// A tenant row as the contract's message.
+pub fn tenant_to_proto(row: &TenantRow) -> v1::Tenant {
+    let certificate = (!row.cert_serial.is_empty()).then(|| v1::CertificateInfo {
+        serial: row.cert_serial.clone(),
+        not_after: Some(to_timestamp(row.cert_not_after_ms)),
+        renewal_time: (row.cert_renewal_ms > 0).then(|| to_timestamp(row.cert_renewal_ms)),
+    });
+    v1::Tenant {
+        tenant_id: row.id.clone(),
+        name: row.name.clone(),
+        phase: phase_to_proto(&row.phase).into(),
+        endpoint: row.endpoint.clone(),
+        certificate,
+        retention: Some(retention_to_proto(row)),
+        plan: plan_to_proto(row_plan(row)).into(),
+        suspended: row.suspended,
+        owner_user_id: row.owner_user_id.clone(),
+        created_at: Some(to_timestamp(row.created_at_ms)),
+        message: row.message.clone(),
+    }
+}
+
+/// JSON detail for an audit row from key/value pairs (values are never secrets).
+pub fn detail(pairs: &[(&str, serde_json::Value)]) -> String {
+    let map: serde_json::Map<String, serde_json::Value> = pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect();
+    serde_json::Value::Object(map).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_and_plans_convert() {
+        assert_eq!(phase_to_proto("Ready"), v1::TenantPhase::Ready);
+        assert_eq!(phase_to_proto("bogus"), v1::TenantPhase::Unspecified);
+        assert_eq!(plan_from_proto(0), Some(Plan::Free));
+        assert_eq!(plan_from_proto(3), Some(Plan::Enterprise));
+        assert_eq!(plan_from_proto(42), None);
+        for plan in Plan::ALL {
+            assert_eq!(plan_from_proto(plan_to_proto(plan).into()), Some(plan));
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! `TenantService`: what a tenant's members can see and change. A tenant the caller does
+//! not belong to answers `NOT_FOUND`, exactly like one that does not exist.
+
+use std::sync::Arc;
+
+use tenantry_proto::retention::RetentionPolicy;
+use tenantry_proto::v1::tenant_service_server::TenantService;
+use tenantry_proto::v1::{
+    GetRetentionPolicyRequest, GetRetentionPolicyResponse, GetTenantRequest, GetTenantResponse,
+    IssueInstanceTokenRequest, IssueInstanceTokenResponse, SetRetentionPolicyRequest,
+    SetRetentionPolicyResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::auth::{Caller, caller, source_of};
+use crate::error::{DenyReason, Error, Result};
+use crate::service::{detail, retention_to_proto, row_plan, tenant_to_proto};
+use crate::state::AppState;
+use crate::store::{AuditRecord, TenantRow};
+use crate::validate;
+
+/// Audit actions written by this service.
+pub mod actions {
+    /// An owner changed the retention policy.
+    pub const RETENTION_SET: &str = "tenant.retention.set";
+}
+
+/// Membership role of the user who signed the tenant up.
+pub const ROLE_OWNER: &str = "owner";
+
+/// The service.
+#[derive(Debug, Clone)]
+pub struct Tenants {
+    state: Arc<AppState>,
+}
+
+impl Tenants {
+    /// A service over `state`.
+    pub fn new(state: Arc<AppState>) -> Self {
+        Tenants { state }
+    }
+
+    /// The tenant and the caller's role in it, or `NOT_FOUND`.
+    async fn member_tenant(&self, who: &Caller, tenant_id: &str) -> Result<(TenantRow, String)> {
+        if !validate::is_id(tenant_id) {
+            return Err(Error::NotFound("tenant"));
+        }
+        self.state
+            .store
+            .membership(&who.user_id, tenant_id)
+            .await?
+            .ok_or(Error::NotFound("tenant"))
+    }
+}
+
+#[tonic::async_trait]
+impl TenantService for Tenants {
+    async fn get_tenant(
+        &self,
+        request: Request<GetTenantRequest>,
+    ) -> Result<Response<GetTenantResponse>, Status> {
+        let who = caller(&request)?;
+        let (tenant, _) = self
+            .member_tenant(&who, &request.get_ref().tenant_id)
+            .await?;
+        Ok(Response::new(GetTenantResponse {
+            tenant: Some(tenant_to_proto(&tenant)),
+        }))
+    }
+
+    async fn get_retention_policy(
+        &self,
+        request: Request<GetRetentionPolicyRequest>,
+    ) -> Result<Response<GetRetentionPolicyResponse>, Status> {
+        let who = caller(&request)?;
+        let (tenant, _) = self
+            .member_tenant(&who, &request.get_ref().tenant_id)
+            .await?;
+        Ok(Response::new(GetRetentionPolicyResponse {
+            policy: Some(retention_to_proto(&tenant)),
+            max_age_hours_cap: row_plan(&tenant).max_age_hours_cap(),
+        }))
+    }
+
+    async fn set_retention_policy(
+        &self,
+        request: Request<SetRetentionPolicyRequest>,
+    ) -> Result<Response<SetRetentionPolicyResponse>, Status> {
+        let who = caller(&request)?;
+        let source = source_of(&request)
+            .map(|ip| ip.to_string())
+            .unwrap_or_default();
+        let req = request.into_inner();
+        let (tenant, role) = self.member_tenant(&who, &req.tenant_id).await?;
+        if role != ROLE_OWNER {
+            return Err(Error::PermissionDenied(DenyReason::OwnerRequired).into());
+        }
+        let policy = RetentionPolicy {
+            max_age_hours: req.max_age_hours,
+            max_count: req.max_count,
+        };
+        policy
+            .validate(row_plan(&tenant).max_age_hours_cap())
+            .map_err(|e| Error::invalid(e.field(), e.to_string()))?;
+        let st = &self.state;
+        let audit = AuditRecord {
+            action: actions::RETENTION_SET,
+            actor_user_id: who.user_id.clone(),
+            target: tenant.id.clone(),
+            success: true,
+            source,
+            detail_json: detail(&[
+                ("max_age_hours", policy.max_age_hours.into()),
+                ("max_count", policy.max_count.into()),
+            ]),
+        };
+        st.store
+            .set_retention(
+                &tenant.id,
+                i64::from(policy.max_age_hours),
+                i64::from(policy.max_count),
+                &audit,
+                st.now_ms(),
+            )
+            .await?;
+        Ok(Response::new(SetRetentionPolicyResponse {
+            policy: Some(tenantry_proto::v1::RetentionPolicy {
+                max_age_hours: policy.max_age_hours,
+                max_count: policy.max_count,
+            }),
+        }))
+    }
+
+    async fn issue_instance_token(
+        &self,
+        request: Request<IssueInstanceTokenRequest>,
+    ) -> Result<Response<IssueInstanceTokenResponse>, Status> {
+        let who = caller(&request)?;
+        let _ = self
+            .member_tenant(&who, &request.get_ref().tenant_id)
+            .await?;
+        Err(Error::Unimplemented("instance tokens are not available yet").into())
+    }
+}

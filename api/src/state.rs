@@ -1,0 +1,162 @@
+//! What every service shares: the store, the keys, the clock, the limits and the policy
+//! settings, plus the bounded pool that runs password hashing off the async threads.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use tokio::sync::Semaphore;
+
+use crate::clock::{Clock, duration_ms};
+use crate::crypto::MasterKey;
+use crate::error::{Error, Result};
+use crate::lockout::RateLimiter;
+use crate::password::PasswordHasher;
+use crate::store::{AuditRecord, Store};
+
+/// Session and step-up policy.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionPolicy {
+    /// A session unused this long ends.
+    pub idle_timeout: Duration,
+    /// A session ends this long after login, used or not.
+    pub absolute_timeout: Duration,
+    /// Admin rpcs need a second factor verified at most this long ago.
+    pub admin_mfa_max_age: Duration,
+}
+
+impl Default for SessionPolicy {
+    fn default() -> Self {
+        SessionPolicy {
+            idle_timeout: Duration::from_secs(30 * 60),
+            absolute_timeout: Duration::from_secs(12 * 3600),
+            admin_mfa_max_age: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
+impl SessionPolicy {
+    /// How stale `last_seen` may get before a request writes it again: a tenth of the idle
+    /// timeout, at most a minute. Saves a write per request; the idle timeout is honoured
+    /// to within this granularity.
+    pub fn touch_granularity_ms(&self) -> i64 {
+        (duration_ms(self.idle_timeout) / 10).min(60_000)
+    }
+}
+
+/// Shared server state.
+pub struct AppState {
+    /// The database.
+    pub store: Store,
+    /// Password hashing.
+    pub hasher: PasswordHasher,
+    /// Encrypts TOTP secrets at rest.
+    pub master_key: MasterKey,
+    /// The time.
+    pub clock: Arc<dyn Clock>,
+    /// Timeouts.
+    pub sessions: SessionPolicy,
+    /// Per-source limit on credential-checking rpcs.
+    pub rate_limiter: RateLimiter,
+    /// Issuer shown in authenticator apps.
+    pub totp_issuer: String,
+    /// Bounds concurrent argon2 runs to the cores (each holds 19 MiB or more).
+    hashing_slots: Semaphore,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("sessions", &self.sessions)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Parts of [`AppState`] chosen by configuration.
+pub struct StateParts {
+    /// The database.
+    pub store: Store,
+    /// Password hashing.
+    pub hasher: PasswordHasher,
+    /// Encrypts TOTP secrets at rest.
+    pub master_key: MasterKey,
+    /// The time.
+    pub clock: Arc<dyn Clock>,
+    /// Timeouts.
+    pub sessions: SessionPolicy,
+    /// Per-source limit on credential-checking rpcs.
+    pub rate_limiter: RateLimiter,
+    /// Issuer shown in authenticator apps.
+    pub totp_issuer: String,
+}
+
+impl AppState {
+    /// Builds the state; hashing runs on at most as many threads as there are cores.
+    pub fn new(p: StateParts) -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
+        AppState {
+            store: p.store,
+            hasher: p.hasher,
+            master_key: p.master_key,
+            clock: p.clock,
+            sessions: p.sessions,
+            rate_limiter: p.rate_limiter,
+            totp_issuer: p.totp_issuer,
+            hashing_slots: Semaphore::new(cores),
+        }
+    }
+
+    /// Now, in Unix milliseconds.
+    pub fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    /// Runs a password hash or verification on the blocking pool, bounded by the cores.
+    pub async fn hashing<T, F>(self: &Arc<Self>, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&PasswordHasher) -> Result<T> + Send + 'static,
+    {
+        let _slot = self
+            .hashing_slots
+            .acquire()
+            .await
+            .map_err(|_| Error::Crypto("hashing pool closed"))?;
+        let me = Arc::clone(self);
+        tokio::task::spawn_blocking(move || f(&me.hasher))
+            .await
+            .map_err(Error::Task)?
+    }
+
+    /// Verifies a password (or burns the same time when there is no stored hash).
+    pub async fn verify_password(
+        self: &Arc<Self>,
+        password: SecretString,
+        stored: Option<String>,
+    ) -> Result<bool> {
+        self.hashing(move |h| match stored {
+            Some(stored) => h.verify(&password, &stored),
+            None => h.verify_dummy(&password).map(|()| false),
+        })
+        .await
+    }
+
+    /// Takes a rate-limit token for `source`.
+    pub fn rate_limit(&self, source: Option<IpAddr>) -> Result<()> {
+        self.rate_limiter
+            .check(source, self.now_ms())
+            .map_err(|retry_after| Error::ResourceExhausted {
+                what: "too many requests from this address",
+                retry_after,
+            })
+    }
+
+    /// Writes an audit row on its own; a failure is logged, not returned, because the
+    /// action it records has already happened.
+    pub async fn audit(&self, record: AuditRecord) {
+        if let Err(e) = self.store.audit(&record, self.now_ms()).await {
+            tracing::error!(error = %e, action = record.action, "could not write audit event");
+        }
+    }
+}
