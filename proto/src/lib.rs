@@ -2,6 +2,7 @@
 //! that cross process boundaries (retention policy bounds, plans, phases).
 
 pub mod retention;
+pub mod token;
 
 /// Generated code for the `tenantry.v1` package.
 pub mod v1 {

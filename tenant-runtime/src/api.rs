@@ -1,0 +1,445 @@
+//! The HTTP API: `/healthz`, `/readyz`, `/metrics`, and the token-protected JSON API under
+//! `/v1` (executions and credentials).
+//!
+//! Every error is a JSON body `{"error": "<code>", "message": "<text>"}`. Request bodies
+//! must be `application/json`, within the size limit (413 past it), and match the
+//! expected shape exactly (bad JSON or unknown fields: 400). Errors about a credential
+//! body never quote the body, since it carries a secret.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Path, Query, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Extension, Json, Router};
+use http::{HeaderValue, StatusCode, header};
+use jiff::Timestamp;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::auth::{Caller, SharedVerifier, require_token};
+use crate::metrics::Metrics;
+use crate::store::{Cursor, NewCredential, NewExecution, Store};
+use crate::tls::CertResolver;
+
+/// Largest page of executions.
+pub const MAX_PAGE: u32 = 500;
+/// Page size when `limit` is not given.
+pub const DEFAULT_PAGE: u32 = 50;
+
+/// What every handler shares.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    /// The tenant's database.
+    pub store: Store,
+    /// This tenant's id: the audience tokens must carry.
+    pub tenant_id: Arc<str>,
+    /// Verifies tokens.
+    pub verifier: SharedVerifier,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// The serving certificate (readiness checks its files).
+    pub certs: Arc<CertResolver>,
+}
+
+/// An error response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    /// An error with this status, code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// 400.
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    /// 401 with a bearer challenge.
+    pub fn unauthorized(message: &str) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+
+    /// 404.
+    pub fn not_found(what: &str) -> ApiError {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("{what} not found"),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (
+            self.status,
+            Json(json!({"error": self.code, "message": self.message})),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(r#"Bearer realm="tenantry", error="invalid_token""#),
+            );
+        }
+        response
+    }
+}
+
+impl From<crate::Error> for ApiError {
+    fn from(e: crate::Error) -> Self {
+        // The cause is logged (errors never carry secret values); the client gets a
+        // generic message.
+        tracing::error!(error = %e, "request failed");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+        )
+    }
+}
+
+/// A request body type, and whether a parse error may quote its content.
+pub trait RequestBody: DeserializeOwned {
+    /// `true` when the body holds a secret, so errors must not quote it.
+    const HOLDS_SECRET: bool;
+    /// What the body should look like, for error messages.
+    const SHAPE: &'static str;
+}
+
+impl RequestBody for NewExecution {
+    const HOLDS_SECRET: bool = false;
+    const SHAPE: &'static str = "{workflow_id, status, started_at, finished_at?, data?}";
+}
+
+impl RequestBody for NewCredential {
+    const HOLDS_SECRET: bool = true;
+    const SHAPE: &'static str = "{name, kind: \"api_key\"|\"oauth2\", secret: {…}}";
+}
+
+/// A JSON request body with this API's errors (see the module docs).
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+impl<S, T> FromRequest<S> for JsonBody<T>
+where
+    T: RequestBody,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let is_json = request
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+        if !is_json {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "request body must be application/json",
+            ));
+        }
+        let bytes = Bytes::from_request(request, state).await.map_err(|r| {
+            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(r.status(), "payload_too_large", "request body is too large")
+            } else {
+                ApiError::new(r.status(), "bad_request", "cannot read request body")
+            }
+        })?;
+        serde_json::from_slice(&bytes)
+            .map(JsonBody)
+            .map_err(|e| ApiError::bad_request(body_error(&e, T::HOLDS_SECRET, T::SHAPE)))
+    }
+}
+
+/// The 400 message for a body that did not parse.
+fn body_error(e: &serde_json::Error, holds_secret: bool, shape: &str) -> String {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Syntax | Category::Eof => format!(
+            "request body is not valid JSON (line {}, column {})",
+            e.line(),
+            e.column()
+        ),
+        Category::Io => "cannot read request body".to_owned(),
+        Category::Data => {
+            let message = e.to_string();
+            // These messages name fields, never values.
+            let names_only = ["unknown field", "missing field", "secret must be"]
+                .iter()
+                .any(|p| message.starts_with(p));
+            if !holds_secret || names_only {
+                format!("invalid request body: {message}")
+            } else {
+                format!(
+                    "invalid request body: expected {shape} (line {}, column {})",
+                    e.line(),
+                    e.column()
+                )
+            }
+        }
+    }
+}
+
+/// The router, with `max_body_bytes` as the body limit.
+pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route(
+            "/v1/executions",
+            post(create_execution).get(list_executions),
+        )
+        .route(
+            "/v1/executions/{id}",
+            get(get_execution).delete(delete_execution),
+        )
+        .route(
+            "/v1/credentials",
+            post(create_credential).get(list_credentials),
+        )
+        .route("/v1/credentials/{id}", delete(delete_credential))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
+        .with_state(state)
+}
+
+async fn count_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let method = match request.method().as_str() {
+        m @ ("GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD" | "OPTIONS") => m.to_owned(),
+        _ => "other".to_owned(),
+    };
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    state
+        .metrics
+        .requests
+        .get_or_create(&vec![
+            ("method", method),
+            ("route", route),
+            ("status", response.status().as_u16().to_string()),
+        ])
+        .inc();
+    response
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let store = state.store.ping().await;
+    let certs = state.certs.check_files();
+    match (store, certs) {
+        (Ok(()), Ok(())) => Json(json!({"status": "ready"})).into_response(),
+        (store, certs) => {
+            let mut problems = Vec::new();
+            if let Err(e) = store {
+                tracing::warn!(error = %e, "not ready: store");
+                problems.push("store cannot be read");
+            }
+            if let Err(e) = certs {
+                tracing::warn!(error = %e, "not ready: certificate");
+                problems.push("certificate files cannot be read");
+            }
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_ready",
+                problems.join("; "),
+            )
+            .into_response()
+        }
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+fn check_text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
+    if value.is_empty() || value.chars().count() > max || value.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(format!(
+            "{field} must be 1 to {max} characters, without control characters"
+        )));
+    }
+    Ok(())
+}
+
+async fn create_execution(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    JsonBody(new): JsonBody<NewExecution>,
+) -> Result<Response, ApiError> {
+    check_text("workflow_id", &new.workflow_id, 256)?;
+    check_text("status", &new.status, 64)?;
+    if new.finished_at.is_some_and(|f| f < new.started_at) {
+        return Err(ApiError::bad_request("finished_at is before started_at"));
+    }
+    let id = state.store.insert_execution(&new).await?;
+    state.metrics.stored_executions.inc();
+    tracing::info!(subject = %caller.subject, execution = %id, "execution stored");
+    Ok((StatusCode::CREATED, Json(json!({"id": id}))).into_response())
+}
+
+/// Query of `GET /v1/executions`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+async fn list_executions(
+    State(state): State<AppState>,
+    query: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let limit = params.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        )));
+    }
+    let cursor = match params.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(Cursor::decode(c).ok_or_else(|| ApiError::bad_request("invalid cursor"))?),
+    };
+    let page = state.store.list_executions(limit, cursor.as_ref()).await?;
+    Ok(Json(json!({
+        "items": page.items,
+        "next_cursor": page.next_cursor.map(|c| c.encode()),
+    }))
+    .into_response())
+}
+
+fn path_id(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    path.map(|Path(id)| id)
+        .map_err(|_| ApiError::bad_request("invalid id in path"))
+}
+
+async fn get_execution(
+    State(state): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let id = path_id(path)?;
+    match state.store.get_execution(&id).await? {
+        Some(execution) => Ok(Json(execution).into_response()),
+        None => Err(ApiError::not_found("execution")),
+    }
+}
+
+async fn delete_execution(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let id = path_id(path)?;
+    if !state.store.delete_execution(&id).await? {
+        return Err(ApiError::not_found("execution"));
+    }
+    state.metrics.stored_executions.dec();
+    tracing::info!(subject = %caller.subject, execution = %id, "execution deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn create_credential(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    JsonBody(new): JsonBody<NewCredential>,
+) -> Result<Response, ApiError> {
+    check_text("name", &new.name, 200)?;
+    let meta = state
+        .store
+        .insert_credential(&new, Timestamp::now())
+        .await?;
+    tracing::info!(subject = %caller.subject, credential = %meta.id, kind = meta.kind.as_str(), "credential stored");
+    Ok((StatusCode::CREATED, Json(meta)).into_response())
+}
+
+async fn list_credentials(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let items = state.store.list_credentials().await?;
+    Ok(Json(json!({"items": items})).into_response())
+}
+
+async fn delete_credential(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let id = path_id(path)?;
+    if !state.store.delete_credential(&id).await? {
+        return Err(ApiError::not_found("credential"));
+    }
+    tracing::info!(subject = %caller.subject, credential = %id, "credential deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    #[test]
+    fn credential_body_errors_never_quote_values() {
+        let body = r#"{"name": 12345, "kind": "api_key", "secret": {"k": "sk-live-XYZ"}}"#;
+        let e = serde_json::from_str::<NewCredential>(body).unwrap_err();
+        let msg = body_error(&e, true, NewCredential::SHAPE);
+        assert!(!msg.contains("12345"), "{msg}");
+        let wrong_secret = r#"{"name": "n", "kind": "api_key", "secret": "sk-live-XYZ"}"#;
+        let e = serde_json::from_str::<NewCredential>(wrong_secret).unwrap_err();
+        let msg = body_error(&e, true, NewCredential::SHAPE);
+        assert!(!msg.contains("sk-live-XYZ"), "{msg}");
+        assert!(msg.contains("secret must be a JSON object"), "{msg}");
+        let unknown = r#"{"name": "n", "kind": "api_key", "secret": {}, "extra": 1}"#;
+        let e = serde_json::from_str::<NewCredential>(unknown).unwrap_err();
+        assert!(body_error(&e, true, NewCredential::SHAPE).contains("unknown field `extra`"));
+    }
+}

@@ -1,0 +1,116 @@
+//! The runtime's one error type. Messages name the step and the file that failed, never a
+//! secret value (keys, tokens, payloads and credential secrets are not `Display`ed
+//! anywhere in this crate).
+
+use std::path::PathBuf;
+
+use tenantry_proto::retention::RetentionError;
+use tenantry_proto::token::TokenError;
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can fail in the runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file named by the configuration (or the configuration itself) could not be read.
+    #[error("cannot read {what} {}", path.display())]
+    ReadFile {
+        /// Which file it is (`config file`, `data key file`, …).
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// The IO error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration file is not valid YAML/JSON of the expected shape.
+    #[error("invalid config file {}: {message}", path.display())]
+    ParseConfig {
+        /// The config file.
+        path: PathBuf,
+        /// What the parser said (the config holds paths and numbers, no secrets).
+        message: String,
+    },
+    /// A configuration value is out of range.
+    #[error("invalid config: {0}")]
+    InvalidConfig(String),
+    /// The retention policy in the configuration is out of range.
+    #[error("invalid config: retention: {0}")]
+    InvalidRetention(#[source] RetentionError),
+    /// The data key file does not hold exactly 32 bytes.
+    #[error("data key file {} must hold exactly 32 raw bytes, found {len}", path.display())]
+    DataKeyLength {
+        /// The key file.
+        path: PathBuf,
+        /// How many bytes it holds.
+        len: usize,
+    },
+    /// The token public key file is not an Ed25519 SPKI PEM.
+    #[error("token public key file {}: {source}", path.display())]
+    TokenKey {
+        /// The key file.
+        path: PathBuf,
+        /// Why it was refused.
+        #[source]
+        source: TokenError,
+    },
+    /// The certificate or private key files could not be turned into a serving key.
+    #[error("TLS certificate {}: {message}", cert_file.display())]
+    Certificate {
+        /// The certificate file.
+        cert_file: PathBuf,
+        /// Why (no certificate, no key, key does not match, unsupported key type, …).
+        message: String,
+    },
+    /// Building the TLS server configuration failed.
+    #[error("TLS configuration: {0}")]
+    TlsConfig(#[source] rustls::Error),
+    /// Creating the data directory failed.
+    #[error("cannot create data directory {}", path.display())]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The IO error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A database operation failed.
+    #[error("database: {0}")]
+    Database(#[source] sqlx::Error),
+    /// A record could not be encrypted.
+    #[error("cannot encrypt {table} record")]
+    Encrypt {
+        /// The table.
+        table: &'static str,
+    },
+    /// A record failed to decrypt: wrong key, or the ciphertext was altered or moved to
+    /// another row or tenant.
+    #[error("cannot decrypt {table} record {id}: wrong key or tampered ciphertext")]
+    Decrypt {
+        /// The table.
+        table: &'static str,
+        /// The record id (ids are not secret).
+        id: String,
+    },
+    /// A stored payload was not the JSON it should be.
+    #[error("stored {table} record {id} is corrupt")]
+    Corrupt {
+        /// The table.
+        table: &'static str,
+        /// The record id.
+        id: String,
+    },
+    /// The operating system's random number generator failed.
+    #[error("random number generator failed")]
+    Randomness,
+    /// Accepting connections failed.
+    #[error("listener: {0}")]
+    Listener(#[source] std::io::Error),
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        Error::Database(e)
+    }
+}

@@ -1,0 +1,102 @@
+//! Prometheus metrics, served at `/metrics` in the OpenMetrics text format.
+//!
+//! `/metrics` needs no token: scrapers do not hold short-lived tenant tokens, and what it
+//! exposes is aggregate counts only (requests by route and status, pruned and stored
+//! execution counts) with no ids, names, payloads or secrets. Network policy limits who
+//! can reach the runtime port at all.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// Labels of a request count: method, route template, status code.
+pub type RequestLabels = Vec<(&'static str, String)>;
+
+/// Every metric the runtime records.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// HTTP requests served, by method, route template and status.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Executions deleted by retention, by reason (`age` or `count`).
+    pub pruned: Family<Vec<(&'static str, &'static str)>, Counter>,
+    /// Completed prune runs.
+    pub prune_runs: Counter,
+    /// Prune runs that stopped on an error.
+    pub prune_failures: Counter,
+    /// Executions currently stored.
+    pub stored_executions: Gauge,
+    /// Serving certificates loaded after start (rotations).
+    pub certificate_reloads: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric under the `tenant_runtime` prefix.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("tenant_runtime");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("http_requests", "HTTP requests served", requests.clone());
+        let pruned = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
+        registry.register(
+            "pruned_executions",
+            "Executions deleted by the retention policy",
+            pruned.clone(),
+        );
+        let prune_runs = Counter::default();
+        registry.register(
+            "prune_runs",
+            "Completed retention prune runs",
+            prune_runs.clone(),
+        );
+        let prune_failures = Counter::default();
+        registry.register(
+            "prune_failures",
+            "Retention prune runs that stopped on an error",
+            prune_failures.clone(),
+        );
+        let stored_executions = Gauge::default();
+        registry.register(
+            "stored_executions",
+            "Executions currently stored",
+            stored_executions.clone(),
+        );
+        let certificate_reloads = Counter::default();
+        registry.register(
+            "certificate_reloads",
+            "Serving certificates loaded after start",
+            certificate_reloads.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            pruned,
+            prune_runs,
+            prune_failures,
+            stored_executions,
+            certificate_reloads,
+        }
+    }
+
+    /// Counts `n` executions pruned for `reason`.
+    pub fn add_pruned(&self, reason: &'static str, n: u64) {
+        self.pruned
+            .get_or_create(&vec![("reason", reason)])
+            .inc_by(n);
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,142 @@
+//! Live reload: polls the config file, the certificate pair and the token public key and
+//! applies what changed without a restart. Retention changes take effect at once (and
+//! wake the pruner); a new certificate pair serves new connections; a new public key
+//! verifies new requests. Changed keys that need a restart are logged as such and the
+//! running values are kept. An invalid new file is logged and ignored.
+
+use std::path::PathBuf;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+
+use tenantry_proto::retention::RetentionPolicy;
+use tenantry_proto::token::TokenVerifier;
+use tokio::sync::watch;
+
+use crate::auth::SharedVerifier;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::tls::{CertResolver, Reload};
+
+/// Reads and parses the token public key file.
+pub fn load_verifier(path: &std::path::Path) -> Result<TokenVerifier> {
+    let pem = std::fs::read_to_string(path).map_err(|source| Error::ReadFile {
+        what: "token public key file",
+        path: path.to_owned(),
+        source,
+    })?;
+    TokenVerifier::from_public_key_pem(&pem).map_err(|source| Error::TokenKey {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// What the reloader watches and updates.
+#[derive(Debug)]
+pub struct Reloader {
+    /// The config file.
+    pub config_path: PathBuf,
+    /// The config in effect (retention may differ from the start one).
+    pub config: Config,
+    /// The serving certificate.
+    pub certs: Arc<CertResolver>,
+    /// The token verifier.
+    pub verifier: SharedVerifier,
+    /// Where retention changes are published.
+    pub policy: watch::Sender<RetentionPolicy>,
+    /// Counts certificate reloads.
+    pub metrics: Arc<Metrics>,
+}
+
+impl Reloader {
+    /// Polls every `interval` until `stop` turns true.
+    pub async fn run(mut self, interval: Duration, mut stop: watch::Receiver<bool>) {
+        // Nothing seen yet: the first poll compares the files with what is running, so a
+        // change made while the process started is not missed.
+        let mut last_config = None;
+        let mut last_key = None;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            self.poll_certificate();
+            self.poll_token_key(&mut last_key);
+            self.poll_config(&mut last_config);
+        }
+    }
+
+    fn poll_certificate(&self) {
+        match self.certs.reload_if_changed() {
+            Reload::Unchanged => {}
+            Reload::Reloaded => {
+                self.metrics.certificate_reloads.inc();
+                tracing::info!("serving the new certificate");
+            }
+            Reload::Refused(reason) => {
+                tracing::warn!(%reason, "certificate files changed but cannot be used yet; still serving the previous certificate");
+            }
+        }
+    }
+
+    fn poll_token_key(&self, last: &mut Option<Vec<u8>>) {
+        let path = &self.config.token_public_key_file;
+        let Ok(bytes) = std::fs::read(path) else {
+            if last.take().is_some() {
+                tracing::warn!(path = %path.display(), "token public key file cannot be read; keeping the loaded key");
+            }
+            return;
+        };
+        if last.as_ref() == Some(&bytes) {
+            return;
+        }
+        *last = Some(bytes);
+        match load_verifier(path) {
+            Ok(verifier) => {
+                *self
+                    .verifier
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner) = Arc::new(verifier);
+                tracing::info!("token public key reloaded");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "new token public key refused; keeping the loaded key")
+            }
+        }
+    }
+
+    fn poll_config(&mut self, last: &mut Option<Vec<u8>>) {
+        let Ok(bytes) = std::fs::read(&self.config_path) else {
+            if last.take().is_some() {
+                tracing::warn!(path = %self.config_path.display(), "config file cannot be read; keeping the running config");
+            }
+            return;
+        };
+        if last.as_ref() == Some(&bytes) {
+            return;
+        }
+        *last = Some(bytes);
+        let new = match Config::load(&self.config_path) {
+            Ok(new) => new,
+            Err(e) => {
+                tracing::warn!(error = %e, "changed config refused; keeping the running config");
+                return;
+            }
+        };
+        for key in self.config.restart_required_changes(&new) {
+            tracing::warn!(
+                key,
+                "config key changed; it takes effect only after a restart"
+            );
+        }
+        if new.retention != self.config.retention {
+            tracing::info!(
+                max_age_hours = new.retention.max_age_hours,
+                max_count = new.retention.max_count,
+                "retention policy changed; pruning now"
+            );
+            self.config.retention = new.retention;
+            self.policy.send_replace(new.retention);
+        }
+    }
+}
