@@ -35,7 +35,7 @@ pub struct DatabaseArgs {
     #[arg(
         long,
         env = "TENANTRY_DATABASE_URL",
-        default_value = "sqlite://tenantry.db"
+        default_value = "sqlite://.tenantry/tenantry.db"
     )]
     pub database_url: String,
     /// File holding the 32-byte master key (base64) that encrypts secrets at rest. With a
@@ -43,6 +43,11 @@ pub struct DatabaseArgs {
     /// created on first start).
     #[arg(long, env = "TENANTRY_MASTER_KEY_FILE")]
     pub master_key_file: Option<PathBuf>,
+    /// PKCS#8 PEM Ed25519 key that signs instance tokens. With a SQLite database and no
+    /// file given, `token-signing.key` beside the database is used (and created on first
+    /// start, with its public half in `token-public.pem` for the runtimes).
+    #[arg(long, env = "TENANTRY_TOKEN_SIGNING_KEY_FILE")]
+    pub token_signing_key_file: Option<PathBuf>,
     /// Argon2id memory cost in KiB (OWASP minimum 19456).
     #[arg(long, env = "TENANTRY_ARGON2_MEMORY_KIB", default_value_t = HashParams::default().memory_kib)]
     pub argon2_memory_kib: u32,
@@ -100,6 +105,9 @@ pub struct ServeArgs {
     /// PEM private key for `--tls-cert-file`.
     #[arg(long, env = "TENANTRY_TLS_KEY_FILE", requires = "tls_cert_file")]
     pub tls_key_file: Option<PathBuf>,
+    /// Lifetime of instance tokens (at most 15 minutes).
+    #[arg(long, env = "TENANTRY_INSTANCE_TOKEN_TTL", default_value = "10m", value_parser = parse_token_ttl)]
+    pub instance_token_ttl: Duration,
     /// Issuer name shown in authenticator apps.
     #[arg(long, env = "TENANTRY_TOTP_ISSUER", default_value = "Tenantry")]
     pub totp_issuer: String,
@@ -114,6 +122,14 @@ impl ServeArgs {
             admin_mfa_max_age: self.admin_mfa_max_age,
         }
     }
+}
+
+fn parse_token_ttl(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(1) || d > Duration::from_secs(15 * 60) {
+        return Err("must be between 1s and 15m".into());
+    }
+    Ok(d)
 }
 
 /// `bootstrap-admin`.
@@ -167,6 +183,19 @@ mod tests {
             Cli::try_parse_from(["tenantry-api", "serve", "--session-idle-timeout", "soon"])
                 .is_err()
         );
+    }
+
+    #[test]
+    fn instance_tokens_live_at_most_fifteen_minutes() {
+        assert!(
+            Cli::try_parse_from(["tenantry-api", "serve", "--instance-token-ttl", "16m"]).is_err()
+        );
+        let cli =
+            Cli::try_parse_from(["tenantry-api", "serve", "--instance-token-ttl", "15m"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(args.instance_token_ttl, Duration::from_secs(900));
     }
 
     #[test]

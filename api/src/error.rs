@@ -132,9 +132,6 @@ pub enum Error {
         /// When to retry.
         retry_after: Duration,
     },
-    /// Not built yet.
-    #[error("{0}")]
-    Unimplemented(&'static str),
     /// The database cannot be reached.
     #[error("database unavailable")]
     Unavailable(#[source] sqlx::Error),
@@ -171,6 +168,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The instance-token key is unusable, or signing failed.
+    #[error("instance token: {0}")]
+    Token(#[source] tenantry_proto::token::TokenError),
     /// A blocking task (hashing) panicked or was cancelled.
     #[error("background task failed")]
     Task(#[source] tokio::task::JoinError),
@@ -233,7 +233,6 @@ impl From<Error> for Status {
                 e.to_string(),
                 ErrorDetails::with_retry_info(Some(retry_after)),
             ),
-            Error::Unimplemented(msg) => Status::unimplemented(msg),
             Error::Unavailable(source) => {
                 tracing::error!(error = %source, "database unavailable");
                 Status::unavailable("database unavailable, try again")

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
+use tenantry_proto::token::TokenSigner;
 use tenantry_proto::v1::account_service_server::AccountServiceServer;
 use tenantry_proto::v1::admin_service_server::AdminServiceServer;
 use tenantry_proto::v1::mfa_service_server::MfaServiceServer;
@@ -82,21 +83,69 @@ pub fn load_master_key(db: &DatabaseArgs) -> Result<MasterKey> {
 }
 
 fn create_master_key(path: &Path) -> Result<()> {
+    let (_, text) = MasterKey::generate()?;
+    write_new_file(
+        path,
+        format!("{}\n", text.expose_secret()).as_bytes(),
+        0o600,
+    )
+}
+
+/// Writes a file that must not exist yet, with `mode`, and syncs it.
+fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt as _;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
     }
-    let (_, text) = MasterKey::generate()?;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(mode)
         .open(path)
-        .map_err(io_err(format!("creating master key {}", path.display())))?;
-    file.write_all(text.expose_secret().as_bytes())
-        .and_then(|()| file.write_all(b"\n"))
+        .map_err(io_err(format!("creating {}", path.display())))?;
+    file.write_all(contents)
         .and_then(|()| file.sync_all())
-        .map_err(io_err(format!("writing master key {}", path.display())))
+        .map_err(io_err(format!("writing {}", path.display())))
+}
+
+/// The public half of the instance-token key, next to a generated signing key.
+pub const TOKEN_PUBLIC_KEY_FILE: &str = "token-public.pem";
+
+/// Loads the instance-token signing key from `--token-signing-key-file`, or (SQLite only)
+/// from `token-signing.key` beside the database, creating it (0600) and its public half
+/// [`TOKEN_PUBLIC_KEY_FILE`] on first start.
+pub fn load_token_signer(db: &DatabaseArgs) -> Result<TokenSigner> {
+    let path = match (&db.token_signing_key_file, sqlite_path(&db.database_url)) {
+        (Some(path), _) => path.clone(),
+        (None, Some(db_path)) => {
+            let dir = db_path.parent().unwrap_or(Path::new(".")).to_path_buf();
+            let path = dir.join("token-signing.key");
+            if !path.exists() {
+                let signer = TokenSigner::generate().map_err(Error::Token)?;
+                write_new_file(
+                    &path,
+                    signer.to_pkcs8_pem().expose_secret().as_bytes(),
+                    0o600,
+                )?;
+                let public = dir.join(TOKEN_PUBLIC_KEY_FILE);
+                // The public half is rewritten from the key whenever it is missing.
+                let _ = std::fs::remove_file(&public);
+                write_new_file(&public, signer.public_key_pem().as_bytes(), 0o644)?;
+                tracing::info!(path = %path.display(), "created a new instance-token signing key");
+            }
+            path
+        }
+        (None, None) => {
+            return Err(Error::Config(
+                "--token-signing-key-file (TENANTRY_TOKEN_SIGNING_KEY_FILE) is required with this database".into(),
+            ));
+        }
+    };
+    let pem = std::fs::read_to_string(&path).map_err(io_err(format!(
+        "reading token signing key {}",
+        path.display()
+    )))?;
+    TokenSigner::from_pkcs8_pem(&SecretString::from(pem)).map_err(Error::Token)
 }
 
 fn ensure_sqlite_dir(url: &str) -> Result<()> {
@@ -115,6 +164,7 @@ pub async fn build_state(args: &ServeArgs, clock: Arc<dyn Clock>) -> Result<Arc<
     crate::store::Backend::of_url(&args.db.database_url)?;
     ensure_sqlite_dir(&args.db.database_url)?;
     let master_key = load_master_key(&args.db)?;
+    let token_signer = load_token_signer(&args.db)?;
     let store = Store::connect(&args.db.database_url, args.database_max_connections).await?;
     let hasher = PasswordHasher::new(args.db.hash_params())?;
     Ok(Arc::new(AppState::new(StateParts {
@@ -125,6 +175,8 @@ pub async fn build_state(args: &ServeArgs, clock: Arc<dyn Clock>) -> Result<Arc<
         sessions: args.session_policy(),
         rate_limiter: RateLimiter::new(args.rate_limit_per_second, args.rate_limit_burst),
         totp_issuer: args.totp_issuer.clone(),
+        token_signer,
+        instance_token_ttl: args.instance_token_ttl,
     })))
 }
 

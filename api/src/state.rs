@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::SecretString;
+use tenantry_proto::token::TokenSigner;
 use tokio::sync::Semaphore;
 
 use crate::clock::{Clock, duration_ms};
@@ -61,6 +62,10 @@ pub struct AppState {
     pub rate_limiter: RateLimiter,
     /// Issuer shown in authenticator apps.
     pub totp_issuer: String,
+    /// Signs instance tokens.
+    pub token_signer: TokenSigner,
+    /// Lifetime of instance tokens.
+    pub instance_token_ttl: Duration,
     /// Bounds concurrent argon2 runs to the cores (each holds 19 MiB or more).
     hashing_slots: Semaphore,
 }
@@ -89,6 +94,10 @@ pub struct StateParts {
     pub rate_limiter: RateLimiter,
     /// Issuer shown in authenticator apps.
     pub totp_issuer: String,
+    /// Signs instance tokens.
+    pub token_signer: TokenSigner,
+    /// Lifetime of instance tokens.
+    pub instance_token_ttl: Duration,
 }
 
 impl AppState {
@@ -103,6 +112,8 @@ impl AppState {
             sessions: p.sessions,
             rate_limiter: p.rate_limiter,
             totp_issuer: p.totp_issuer,
+            token_signer: p.token_signer,
+            instance_token_ttl: p.instance_token_ttl,
             hashing_slots: Semaphore::new(cores),
         }
     }

@@ -168,6 +168,48 @@ async fn another_tenant_is_not_found_exactly_like_a_missing_one() {
 }
 
 #[tokio::test]
+async fn members_get_instance_tokens_bound_to_their_tenant() {
+    let db = Database::new().await;
+    let s = TestServer::start(&db).await;
+    let (user_id, tenant_id) = s.signup("wes@example.com", "wesco").await;
+    let (_, other_tenant) = s.signup("xena@example.com", "xenaco").await;
+    let token = s.login("wes@example.com").await;
+    let issued = s
+        .tenants()
+        .issue_instance_token(authed(
+            IssueInstanceTokenRequest {
+                tenant_id: tenant_id.clone(),
+            },
+            &token,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let now_s = s.now_ms() / 1000;
+    assert_eq!(
+        issued.expires_at.unwrap().seconds,
+        now_s + 600,
+        "default lifetime is 10 minutes"
+    );
+    let verifier = token_verifier(&db);
+    let now = jiff::Timestamp::from_second(now_s).unwrap();
+    let claims = verifier.verify(&issued.token, &tenant_id, now).unwrap();
+    assert_eq!(claims.sub, user_id);
+    assert_eq!(claims.iss, "tenantry");
+    // The same token is refused for another tenant, and after it expires.
+    assert!(verifier.verify(&issued.token, &other_tenant, now).is_err());
+    let later = jiff::Timestamp::from_second(now_s + 600 + 120).unwrap();
+    assert!(verifier.verify(&issued.token, &tenant_id, later).is_err());
+    expect_code(
+        s.tenants()
+            .issue_instance_token(IssueInstanceTokenRequest { tenant_id })
+            .await,
+        Code::Unauthenticated,
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn owners_set_retention_within_their_plan_and_admins_up_to_the_hard_cap() {
     let db = Database::new().await;
     let s = TestServer::start(&db).await;

@@ -23,6 +23,8 @@ use crate::validate;
 pub mod actions {
     /// An owner changed the retention policy.
     pub const RETENTION_SET: &str = "tenant.retention.set";
+    /// A member got an instance token.
+    pub const TOKEN_ISSUED: &str = "tenant.token.issued";
 }
 
 /// Membership role of the user who signed the tenant up.
@@ -136,9 +138,37 @@ impl TenantService for Tenants {
         request: Request<IssueInstanceTokenRequest>,
     ) -> Result<Response<IssueInstanceTokenResponse>, Status> {
         let who = caller(&request)?;
-        let _ = self
+        let source = source_of(&request)
+            .map(|ip| ip.to_string())
+            .unwrap_or_default();
+        let (tenant, _) = self
             .member_tenant(&who, &request.get_ref().tenant_id)
             .await?;
-        Err(Error::Unimplemented("instance tokens are not available yet").into())
+        let st = &self.state;
+        let now = jiff::Timestamp::from_millisecond(st.now_ms())
+            .map_err(|_| Error::Crypto("clock out of range"))?;
+        let (token, claims) = st
+            .token_signer
+            .issue(&tenant.id, &who.user_id, now, st.instance_token_ttl)
+            .map_err(Error::Token)?;
+        st.audit(AuditRecord {
+            action: actions::TOKEN_ISSUED,
+            actor_user_id: who.user_id.clone(),
+            target: tenant.id.clone(),
+            success: true,
+            source,
+            detail_json: detail(&[
+                ("jti", claims.jti.clone().into()),
+                ("exp", claims.exp.into()),
+            ]),
+        })
+        .await;
+        Ok(Response::new(IssueInstanceTokenResponse {
+            token,
+            expires_at: Some(prost_types::Timestamp {
+                seconds: claims.exp,
+                nanos: 0,
+            }),
+        }))
     }
 }

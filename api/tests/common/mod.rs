@@ -132,6 +132,12 @@ pub fn serve_args(db: &Database, extra: &[String]) -> ServeArgs {
         db.url.clone(),
         "--master-key-file".into(),
         db.dir.path().join("master.key").display().to_string(),
+        "--token-signing-key-file".into(),
+        db.dir
+            .path()
+            .join("token-signing.key")
+            .display()
+            .to_string(),
         // Cheap hashing keeps the suite fast; the default parameters have their own test.
         "--argon2-memory-kib".into(),
         "1024".into(),
@@ -148,12 +154,28 @@ pub fn serve_args(db: &Database, extra: &[String]) -> ServeArgs {
 }
 
 pub fn ensure_master_key(db: &Database) {
+    use secrecy::ExposeSecret as _;
     let path = db.dir.path().join("master.key");
     if !path.exists() {
         let (_, text) = tenantry_api::crypto::MasterKey::generate().unwrap();
-        use secrecy::ExposeSecret as _;
         std::fs::write(&path, text.expose_secret()).unwrap();
     }
+    let path = db.dir.path().join("token-signing.key");
+    if !path.exists() {
+        let signer = tenantry_proto::token::TokenSigner::generate().unwrap();
+        std::fs::write(&path, signer.to_pkcs8_pem().expose_secret()).unwrap();
+        std::fs::write(
+            db.dir.path().join("token-public.pem"),
+            signer.public_key_pem(),
+        )
+        .unwrap();
+    }
+}
+
+/// A verifier for the instance tokens this database's server issues.
+pub fn token_verifier(db: &Database) -> tenantry_proto::token::TokenVerifier {
+    let pem = std::fs::read_to_string(db.dir.path().join("token-public.pem")).unwrap();
+    tenantry_proto::token::TokenVerifier::from_public_key_pem(&pem).unwrap()
 }
 
 impl TestServer {
