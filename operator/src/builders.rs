@@ -1,0 +1,1119 @@
+//! Pure builders of every child object of a Tenant. Each takes the tenant (through
+//! [`Owner`]) and the operator [`Settings`] and returns the object to server-side-apply;
+//! no IO, so each is unit tested on its own.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
+    HTTPGetAction, LimitRange, LimitRangeItem, LimitRangeSpec, Namespace, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceQuota, ResourceQuotaSpec, ResourceRequirements, SeccompProfile,
+    Secret, SecretVolumeSource, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
+    Volume, VolumeMount, VolumeResourceRequirements,
+};
+use k8s_openapi::api::networking::v1::{
+    IPBlock, NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
+    NetworkPolicyPort, NetworkPolicySpec,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tenantry_proto::retention::RetentionPolicy;
+
+use crate::config::Settings;
+use crate::crd::Tenant;
+use crate::error::{Error, Result};
+use crate::names;
+use crate::pki::DEFAULT_LEAF_VALIDITY;
+use crate::plan::{parse_size, plan_limits};
+
+/// Non-root user and group of the runtime.
+pub const RUNTIME_UID: i64 = 65532;
+
+/// The tenant as the owner of child objects: its name, namespace, owner reference and the
+/// labels every child carries.
+#[derive(Clone, Debug)]
+pub struct Owner<'a> {
+    /// The Tenant.
+    pub tenant: &'a Tenant,
+    /// Its name.
+    pub name: String,
+    /// Its namespace (`tenant-<name>`).
+    pub namespace: String,
+    /// Controller owner reference to the Tenant.
+    pub owner_ref: OwnerReference,
+}
+
+impl<'a> Owner<'a> {
+    /// Reads name and uid of `tenant`; fails only on objects the API server did not make.
+    pub fn of(tenant: &'a Tenant) -> Result<Owner<'a>> {
+        let name = tenant
+            .meta()
+            .name
+            .clone()
+            .ok_or(Error::MissingField("metadata.name"))?;
+        let owner_ref = tenant
+            .controller_owner_ref(&())
+            .ok_or(Error::MissingField("metadata.uid"))?;
+        Ok(Owner {
+            tenant,
+            namespace: names::tenant_namespace(&name),
+            name,
+            owner_ref,
+        })
+    }
+
+    /// Labels on every child object.
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (names::LABEL_TENANT.to_owned(), self.name.clone()),
+            (
+                names::LABEL_MANAGED_BY.to_owned(),
+                names::MANAGED_BY.to_owned(),
+            ),
+        ])
+    }
+
+    /// Labels (and selector) of the runtime pods.
+    pub fn runtime_labels(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (names::LABEL_TENANT.to_owned(), self.name.clone()),
+            (names::LABEL_NAME.to_owned(), names::RUNTIME_APP.to_owned()),
+        ])
+    }
+
+    /// Metadata of a child `name` in the tenant namespace.
+    pub fn meta(&self, name: &str) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: Some(self.namespace.clone()),
+            labels: Some(self.labels()),
+            owner_references: Some(vec![self.owner_ref.clone()]),
+            ..ObjectMeta::default()
+        }
+    }
+}
+
+/// What [`check_spec`] derives from a valid spec.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckedSpec {
+    /// Lifetime of each certificate.
+    pub cert_validity: Duration,
+    /// How long before expiry to renew, if set.
+    pub renew_before: Option<Duration>,
+}
+
+/// Checks what the CRD schema cannot (or what an old schema let through). The message
+/// names the field and goes into the `Ready` condition.
+pub fn check_spec(owner: &Owner<'_>) -> std::result::Result<CheckedSpec, String> {
+    let spec = &owner.tenant.spec;
+    let name = &owner.name;
+    let label_ok = !name.is_empty()
+        && name.len() <= names::MAX_TENANT_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if !label_ok {
+        return Err(format!(
+            "metadata.name {name:?} must be a DNS label of at most {} characters",
+            names::MAX_TENANT_NAME_LEN
+        ));
+    }
+    let size = parse_size(&spec.storage.size).ok_or_else(|| {
+        format!(
+            "spec.storage.size {:?} must be a whole number of Mi, Gi or Ti",
+            spec.storage.size
+        )
+    })?;
+    let limits = plan_limits(spec.plan);
+    if size > limits.quota_storage_bytes {
+        return Err(format!(
+            "spec.storage.size {} exceeds the {} plan's storage quota of {}",
+            spec.storage.size,
+            spec.plan.as_str(),
+            limits.quota_storage
+        ));
+    }
+    let policy = RetentionPolicy {
+        max_age_hours: spec.retention.max_age_hours,
+        max_count: spec.retention.max_count,
+    };
+    policy
+        .validate(tenantry_proto::retention::HARD_CAP_MAX_AGE_HOURS)
+        .map_err(|e| format!("spec.retention: {e}"))?;
+    let duration =
+        |field: &str, v: &Option<String>| -> std::result::Result<Option<Duration>, String> {
+            match v {
+                None => Ok(None),
+                Some(s) => {
+                    let d: kube::core::Duration = s
+                        .parse()
+                        .map_err(|e| format!("spec.tls.{field} {s:?} is not a duration: {e}"))?;
+                    if d.is_negative() {
+                        return Err(format!("spec.tls.{field} must be positive"));
+                    }
+                    Ok(Some(d.into()))
+                }
+            }
+        };
+    let cert_validity = duration("duration", &spec.tls.duration)?.unwrap_or(DEFAULT_LEAF_VALIDITY);
+    if cert_validity < Duration::from_secs(3600) || cert_validity > Duration::from_secs(8760 * 3600)
+    {
+        return Err("spec.tls.duration must be between 1h and 8760h".into());
+    }
+    let renew_before = duration("renewBefore", &spec.tls.renew_before)?;
+    if renew_before.is_some_and(|r| r >= cert_validity) {
+        return Err("spec.tls.renewBefore must be shorter than spec.tls.duration".into());
+    }
+    for dns in &spec.tls.dns_names {
+        let ok = !dns.is_empty()
+            && dns.len() <= 253
+            && dns.split('.').enumerate().all(|(i, label)| {
+                (i == 0 && label == "*")
+                    || (!label.is_empty()
+                        && label.len() <= 63
+                        && label
+                            .bytes()
+                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                        && !label.starts_with('-')
+                        && !label.ends_with('-'))
+            });
+        if !ok {
+            return Err(format!("spec.tls.dnsNames entry {dns:?} is not a DNS name"));
+        }
+    }
+    Ok(CheckedSpec {
+        cert_validity,
+        renew_before,
+    })
+}
+
+/// The tenant namespace: Pod Security `restricted` enforced, tenant labels.
+pub fn desired_namespace(owner: &Owner<'_>) -> Namespace {
+    let mut labels = owner.labels();
+    labels.insert(names::LABEL_TENANT_NAMESPACE.to_owned(), "true".to_owned());
+    labels.insert(
+        names::LABEL_PLAN.to_owned(),
+        owner.tenant.spec.plan.as_str().to_owned(),
+    );
+    for key in [
+        names::LABEL_PSA_ENFORCE,
+        names::LABEL_PSA_WARN,
+        names::LABEL_PSA_AUDIT,
+    ] {
+        labels.insert(key.to_owned(), "restricted".to_owned());
+    }
+    labels.insert(
+        names::LABEL_PSA_ENFORCE_VERSION.to_owned(),
+        "latest".to_owned(),
+    );
+    Namespace {
+        metadata: ObjectMeta {
+            name: Some(owner.namespace.clone()),
+            labels: Some(labels),
+            owner_references: Some(vec![owner.owner_ref.clone()]),
+            ..ObjectMeta::default()
+        },
+        ..Namespace::default()
+    }
+}
+
+fn namespace_peer(namespace: &str) -> NetworkPolicyPeer {
+    NetworkPolicyPeer {
+        namespace_selector: Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([(
+                names::LABEL_NAMESPACE_NAME.to_owned(),
+                namespace.to_owned(),
+            )])),
+            ..LabelSelector::default()
+        }),
+        ..NetworkPolicyPeer::default()
+    }
+}
+
+fn port(protocol: &str, port: i32) -> NetworkPolicyPort {
+    NetworkPolicyPort {
+        protocol: Some(protocol.to_owned()),
+        port: Some(IntOrString::Int(port)),
+        ..NetworkPolicyPort::default()
+    }
+}
+
+/// Denies every ingress and egress in the tenant namespace; the allow policies add back
+/// exactly what the runtime needs.
+pub fn default_deny_policy(owner: &Owner<'_>) -> NetworkPolicy {
+    NetworkPolicy {
+        metadata: owner.meta(names::POLICY_DEFAULT_DENY),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector::default()),
+            policy_types: Some(vec!["Ingress".to_owned(), "Egress".to_owned()]),
+            ..NetworkPolicySpec::default()
+        }),
+    }
+}
+
+/// Allows ingress to the runtime port only, from the ingress controller namespace, the
+/// control plane namespace and the tenant's extra sources.
+pub fn ingress_policy(owner: &Owner<'_>, settings: &Settings) -> NetworkPolicy {
+    let network = &owner.tenant.spec.network;
+    let mut from = vec![
+        namespace_peer(&settings.ingress_namespace),
+        namespace_peer(&settings.control_plane_namespace),
+    ];
+    from.extend(
+        network
+            .allowed_ingress_namespaces
+            .iter()
+            // The schema refuses tenant namespaces; this keeps an old object from opening one.
+            .filter(|ns| !ns.starts_with(names::NAMESPACE_PREFIX))
+            .map(|ns| namespace_peer(ns)),
+    );
+    from.extend(
+        network
+            .allowed_ingress_cidrs
+            .iter()
+            .map(|cidr| NetworkPolicyPeer {
+                ip_block: Some(IPBlock {
+                    cidr: cidr.clone(),
+                    except: None,
+                }),
+                ..NetworkPolicyPeer::default()
+            }),
+    );
+    NetworkPolicy {
+        metadata: owner.meta(names::POLICY_ALLOW_INGRESS),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(owner.runtime_labels()),
+                ..LabelSelector::default()
+            }),
+            policy_types: Some(vec!["Ingress".to_owned()]),
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                from: Some(from),
+                ports: Some(vec![port("TCP", names::RUNTIME_PORT)]),
+            }]),
+            ..NetworkPolicySpec::default()
+        }),
+    }
+}
+
+/// Allows egress to the cluster DNS and to the internet except the blocked ranges (private
+/// networks, which hold every other tenant, and the cloud metadata address).
+pub fn egress_policy(owner: &Owner<'_>, settings: &Settings) -> NetworkPolicy {
+    let (v6, v4): (Vec<String>, Vec<String>) = settings
+        .blocked_egress_cidrs
+        .iter()
+        .cloned()
+        .partition(|c| c.contains(':'));
+    let block = |cidr: &str, except: Vec<String>| NetworkPolicyPeer {
+        ip_block: Some(IPBlock {
+            cidr: cidr.to_owned(),
+            except: (!except.is_empty()).then_some(except),
+        }),
+        ..NetworkPolicyPeer::default()
+    };
+    let (dns_key, dns_value) = &settings.dns_pod_label;
+    let dns_peer = NetworkPolicyPeer {
+        pod_selector: Some(LabelSelector {
+            match_labels: Some(BTreeMap::from([(dns_key.clone(), dns_value.clone())])),
+            ..LabelSelector::default()
+        }),
+        ..namespace_peer(&settings.dns_namespace)
+    };
+    NetworkPolicy {
+        metadata: owner.meta(names::POLICY_ALLOW_EGRESS),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector::default()),
+            policy_types: Some(vec!["Egress".to_owned()]),
+            egress: Some(vec![
+                NetworkPolicyEgressRule {
+                    to: Some(vec![dns_peer]),
+                    ports: Some(vec![port("UDP", 53), port("TCP", 53)]),
+                },
+                NetworkPolicyEgressRule {
+                    to: Some(vec![block("0.0.0.0/0", v4), block("::/0", v6)]),
+                    ports: None,
+                },
+            ]),
+            ..NetworkPolicySpec::default()
+        }),
+    }
+}
+
+fn quantities(pairs: &[(&str, &str)]) -> BTreeMap<String, Quantity> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), Quantity((*v).to_owned())))
+        .collect()
+}
+
+/// The namespace's quota, from the plan.
+pub fn resource_quota(owner: &Owner<'_>) -> ResourceQuota {
+    let l = plan_limits(owner.tenant.spec.plan);
+    ResourceQuota {
+        metadata: owner.meta(names::QUOTA),
+        spec: Some(ResourceQuotaSpec {
+            hard: Some(quantities(&[
+                ("requests.cpu", l.quota_requests_cpu),
+                ("limits.cpu", l.quota_limits_cpu),
+                ("requests.memory", l.quota_requests_memory),
+                ("limits.memory", l.quota_limits_memory),
+                ("requests.storage", l.quota_storage),
+                ("persistentvolumeclaims", l.quota_pvcs),
+                ("pods", l.quota_pods),
+            ])),
+            ..ResourceQuotaSpec::default()
+        }),
+        ..ResourceQuota::default()
+    }
+}
+
+/// Container defaults and maximums, from the plan.
+pub fn limit_range(owner: &Owner<'_>) -> LimitRange {
+    let l = plan_limits(owner.tenant.spec.plan);
+    LimitRange {
+        metadata: owner.meta(names::LIMIT_RANGE),
+        spec: Some(LimitRangeSpec {
+            limits: vec![LimitRangeItem {
+                type_: "Container".to_owned(),
+                default: Some(quantities(&[
+                    ("cpu", l.default_cpu),
+                    ("memory", l.default_memory),
+                ])),
+                default_request: Some(quantities(&[
+                    ("cpu", l.default_request_cpu),
+                    ("memory", l.default_request_memory),
+                ])),
+                max: Some(quantities(&[("cpu", l.max_cpu), ("memory", l.max_memory)])),
+                ..LimitRangeItem::default()
+            }],
+        }),
+    }
+}
+
+/// The runtime's ServiceAccount; no API token is mounted.
+pub fn service_account(owner: &Owner<'_>) -> ServiceAccount {
+    ServiceAccount {
+        metadata: owner.meta(names::SERVICE_ACCOUNT),
+        automount_service_account_token: Some(false),
+        ..ServiceAccount::default()
+    }
+}
+
+/// The Secret holding the tenant's 32-byte data-encryption key. Made once, never rewritten.
+pub fn data_key_secret(owner: &Owner<'_>, key: &[u8; 32]) -> Secret {
+    Secret {
+        metadata: owner.meta(names::DATA_KEY_SECRET),
+        type_: Some("Opaque".to_owned()),
+        immutable: Some(true),
+        data: Some(BTreeMap::from([(
+            names::DATA_KEY_KEY.to_owned(),
+            ByteString(key.to_vec()),
+        )])),
+        ..Secret::default()
+    }
+}
+
+/// The `kubernetes.io/tls` Secret served by the runtime.
+pub fn tls_secret(
+    owner: &Owner<'_>,
+    cert_pem: &str,
+    key_pem: &SecretString,
+    ca_pem: &str,
+) -> Secret {
+    Secret {
+        metadata: owner.meta(names::TLS_SECRET),
+        type_: Some("kubernetes.io/tls".to_owned()),
+        data: Some(BTreeMap::from([
+            (
+                "tls.crt".to_owned(),
+                ByteString(cert_pem.as_bytes().to_vec()),
+            ),
+            (
+                "tls.key".to_owned(),
+                ByteString(key_pem.expose_secret().as_bytes().to_vec()),
+            ),
+            ("ca.crt".to_owned(), ByteString(ca_pem.as_bytes().to_vec())),
+        ])),
+        ..Secret::default()
+    }
+}
+
+/// The tenant's copy of the API's token public key.
+pub fn token_key_secret(owner: &Owner<'_>, public_key_pem: &str) -> Secret {
+    Secret {
+        metadata: owner.meta(names::TOKEN_KEY_SECRET),
+        type_: Some("Opaque".to_owned()),
+        data: Some(BTreeMap::from([(
+            names::TOKEN_KEY_KEY.to_owned(),
+            ByteString(public_key_pem.as_bytes().to_vec()),
+        )])),
+        ..Secret::default()
+    }
+}
+
+/// Paths of the runtime's TLS files.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsFiles {
+    /// Certificate chain, PEM.
+    pub cert_file: String,
+    /// Private key, PEM.
+    pub key_file: String,
+}
+
+/// The tenant runtime's config file (keys fixed by the runtime's contract).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeConfig {
+    /// The tenant's name.
+    pub tenant_id: String,
+    /// Address to serve HTTPS on.
+    pub listen: String,
+    /// TLS files.
+    pub tls: TlsFiles,
+    /// The only writable directory (the PVC).
+    pub data_dir: String,
+    /// File with exactly 32 random bytes.
+    pub data_key_file: String,
+    /// Ed25519 public key (PEM, SPKI) that verifies instance tokens.
+    pub token_public_key_file: String,
+    /// Retention of execution data.
+    pub retention: RetentionPolicy,
+}
+
+/// The runtime config of `owner`.
+pub fn runtime_config(owner: &Owner<'_>) -> RuntimeConfig {
+    let r = &owner.tenant.spec.retention;
+    RuntimeConfig {
+        tenant_id: owner.name.clone(),
+        listen: format!("0.0.0.0:{}", names::RUNTIME_PORT),
+        tls: TlsFiles {
+            cert_file: format!("{}/tls.crt", names::TLS_DIR),
+            key_file: format!("{}/tls.key", names::TLS_DIR),
+        },
+        data_dir: names::DATA_DIR.to_owned(),
+        data_key_file: format!("{}/{}", names::DATA_KEY_DIR, names::DATA_KEY_KEY),
+        token_public_key_file: format!("{}/{}", names::TOKEN_KEY_DIR, names::TOKEN_KEY_KEY),
+        retention: RetentionPolicy {
+            max_age_hours: r.max_age_hours,
+            max_count: r.max_count,
+        },
+    }
+}
+
+/// The ConfigMap holding `config.yaml`, and the SHA-256 of that file.
+pub fn config_map(owner: &Owner<'_>) -> Result<(ConfigMap, String)> {
+    let yaml = serde_yaml::to_string(&runtime_config(owner)).map_err(|source| Error::Yaml {
+        what: "the runtime config",
+        source,
+    })?;
+    let hash = hex::encode(Sha256::digest(yaml.as_bytes()));
+    Ok((
+        ConfigMap {
+            metadata: owner.meta(names::CONFIG_MAP),
+            data: Some(BTreeMap::from([(names::CONFIG_KEY.to_owned(), yaml)])),
+            ..ConfigMap::default()
+        },
+        hash,
+    ))
+}
+
+/// The data volume on `storage_class` (already checked to be encrypted).
+pub fn data_pvc(owner: &Owner<'_>, storage_class: &str) -> PersistentVolumeClaim {
+    PersistentVolumeClaim {
+        metadata: owner.meta(names::DATA_PVC),
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
+            storage_class_name: Some(storage_class.to_owned()),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(quantities(&[("storage", &owner.tenant.spec.storage.size)])),
+                ..VolumeResourceRequirements::default()
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        ..PersistentVolumeClaim::default()
+    }
+}
+
+fn probe(path: &str, period: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String(names::RUNTIME_PORT_NAME.to_owned()),
+            scheme: Some("HTTPS".to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        ..Probe::default()
+    }
+}
+
+fn secret_volume(name: &str, secret: &str, mode: i32) -> Volume {
+    Volume {
+        name: name.to_owned(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret.to_owned()),
+            default_mode: Some(mode),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    }
+}
+
+fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: name.to_owned(),
+        mount_path: path.to_owned(),
+        read_only: Some(read_only),
+        ..VolumeMount::default()
+    }
+}
+
+/// The runtime Deployment: non-root, read-only root filesystem, no capabilities, HTTPS
+/// probes; scaled to zero when the tenant is suspended. `config_hash` rolls the pods when
+/// the config changes.
+pub fn deployment(owner: &Owner<'_>, settings: &Settings, config_hash: &str) -> Deployment {
+    let l = plan_limits(owner.tenant.spec.plan);
+    let config_path = format!("{}/{}", names::CONFIG_DIR, names::CONFIG_KEY);
+    let mut pod_labels = owner.runtime_labels();
+    pod_labels.insert(
+        names::LABEL_MANAGED_BY.to_owned(),
+        names::MANAGED_BY.to_owned(),
+    );
+    let container = Container {
+        name: names::CONTAINER.to_owned(),
+        image: Some(settings.runtime_image.clone()),
+        image_pull_policy: Some("IfNotPresent".to_owned()),
+        args: Some(vec!["--config".to_owned(), config_path.clone()]),
+        env: Some(vec![EnvVar {
+            name: names::RUNTIME_CONFIG_ENV.to_owned(),
+            value: Some(config_path),
+            ..EnvVar::default()
+        }]),
+        ports: Some(vec![ContainerPort {
+            name: Some(names::RUNTIME_PORT_NAME.to_owned()),
+            container_port: names::RUNTIME_PORT,
+            protocol: Some("TCP".to_owned()),
+            ..ContainerPort::default()
+        }]),
+        readiness_probe: Some(probe("/readyz", 5)),
+        liveness_probe: Some(probe("/healthz", 10)),
+        resources: Some(ResourceRequirements {
+            requests: Some(quantities(&[
+                ("cpu", l.runtime_request_cpu),
+                ("memory", l.runtime_request_memory),
+            ])),
+            limits: Some(quantities(&[
+                ("cpu", l.runtime_limit_cpu),
+                ("memory", l.runtime_limit_memory),
+            ])),
+            ..ResourceRequirements::default()
+        }),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            run_as_user: Some(RUNTIME_UID),
+            run_as_group: Some(RUNTIME_UID),
+            privileged: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".to_owned()]),
+                ..Capabilities::default()
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".to_owned(),
+                ..SeccompProfile::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![
+            mount("config", names::CONFIG_DIR, true),
+            mount("tls", names::TLS_DIR, true),
+            mount("data-key", names::DATA_KEY_DIR, true),
+            mount("token-key", names::TOKEN_KEY_DIR, true),
+            mount("data", names::DATA_DIR, false),
+        ]),
+        ..Container::default()
+    };
+    Deployment {
+        metadata: owner.meta(names::DEPLOYMENT),
+        spec: Some(DeploymentSpec {
+            replicas: Some(if owner.tenant.spec.suspended { 0 } else { 1 }),
+            selector: LabelSelector {
+                match_labels: Some(owner.runtime_labels()),
+                ..LabelSelector::default()
+            },
+            // The volume is ReadWriteOnce: the old pod must go before the new one starts.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("Recreate".to_owned()),
+                ..DeploymentStrategy::default()
+            }),
+            revision_history_limit: Some(3),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    annotations: Some(BTreeMap::from([(
+                        names::ANNOTATION_CONFIG_HASH.to_owned(),
+                        config_hash.to_owned(),
+                    )])),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(names::SERVICE_ACCOUNT.to_owned()),
+                    automount_service_account_token: Some(false),
+                    enable_service_links: Some(false),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(RUNTIME_UID),
+                        run_as_group: Some(RUNTIME_UID),
+                        fs_group: Some(RUNTIME_UID),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".to_owned(),
+                            ..SeccompProfile::default()
+                        }),
+                        ..PodSecurityContext::default()
+                    }),
+                    containers: vec![container],
+                    volumes: Some(vec![
+                        Volume {
+                            name: "config".to_owned(),
+                            config_map: Some(ConfigMapVolumeSource {
+                                name: names::CONFIG_MAP.to_owned(),
+                                default_mode: Some(0o444),
+                                ..ConfigMapVolumeSource::default()
+                            }),
+                            ..Volume::default()
+                        },
+                        secret_volume("tls", names::TLS_SECRET, 0o440),
+                        secret_volume("data-key", names::DATA_KEY_SECRET, 0o440),
+                        secret_volume("token-key", names::TOKEN_KEY_SECRET, 0o444),
+                        Volume {
+                            name: "data".to_owned(),
+                            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                                claim_name: names::DATA_PVC.to_owned(),
+                                read_only: Some(false),
+                            }),
+                            ..Volume::default()
+                        },
+                    ]),
+                    ..PodSpec::default()
+                }),
+            },
+            ..DeploymentSpec::default()
+        }),
+        ..Deployment::default()
+    }
+}
+
+/// The ClusterIP Service in front of the runtime.
+pub fn service(owner: &Owner<'_>) -> Service {
+    Service {
+        metadata: owner.meta(names::SERVICE),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".to_owned()),
+            selector: Some(owner.runtime_labels()),
+            ports: Some(vec![ServicePort {
+                name: Some(names::RUNTIME_PORT_NAME.to_owned()),
+                port: names::RUNTIME_PORT,
+                target_port: Some(IntOrString::String(names::RUNTIME_PORT_NAME.to_owned())),
+                protocol: Some("TCP".to_owned()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        ..Service::default()
+    }
+}
+
+/// DNS names of the tenant certificate: the tenant's public names first, then the
+/// Service's in-cluster names. No duplicates.
+pub fn certificate_dns_names(owner: &Owner<'_>, settings: &Settings) -> Vec<String> {
+    let svc = names::SERVICE;
+    let ns = &owner.namespace;
+    let mut out: Vec<String> = vec![];
+    let in_cluster = [
+        format!("{svc}.{ns}.svc"),
+        format!("{svc}.{ns}.svc.{}", settings.cluster_domain),
+        format!("{svc}.{ns}"),
+        svc.to_owned(),
+    ];
+    for name in owner
+        .tenant
+        .spec
+        .tls
+        .dns_names
+        .iter()
+        .cloned()
+        .chain(in_cluster)
+    {
+        if !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    out
+}
+
+/// URL of the instance: its first public DNS name, else its in-cluster Service.
+pub fn endpoint(owner: &Owner<'_>) -> String {
+    match owner.tenant.spec.tls.dns_names.first() {
+        Some(dns) => format!("https://{dns}"),
+        None => format!(
+            "https://{}.{}.svc:{}",
+            names::SERVICE,
+            owner.namespace,
+            names::RUNTIME_PORT
+        ),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::crd::TenantSpec;
+    use serde_json::json;
+    use tenantry_proto::retention::Plan;
+
+    /// A Tenant as the API server would return it.
+    pub(crate) fn tenant(name: &str, spec: serde_json::Value) -> Tenant {
+        let mut t = Tenant::new(name, serde_json::from_value::<TenantSpec>(spec).unwrap());
+        t.metadata.uid = Some(format!("uid-{name}"));
+        t.metadata.generation = Some(1);
+        t.metadata.resource_version = Some("1".into());
+        t
+    }
+
+    fn acme() -> Tenant {
+        tenant(
+            "acme",
+            json!({"owner": "ops@acme.test", "plan": "standard",
+                   "tls": {"dnsNames": ["acme.example.com"]},
+                   "network": {"allowedIngressCidrs": ["203.0.113.0/24"],
+                               "allowedIngressNamespaces": ["monitoring"]}}),
+        )
+    }
+
+    #[test]
+    fn owner_requires_name_and_uid() {
+        let mut t = acme();
+        t.metadata.uid = None;
+        assert!(matches!(
+            Owner::of(&t),
+            Err(Error::MissingField("metadata.uid"))
+        ));
+        let t = acme();
+        let o = Owner::of(&t).unwrap();
+        assert_eq!(o.namespace, "tenant-acme");
+        assert_eq!(o.owner_ref.controller, Some(true));
+        assert_eq!(o.owner_ref.kind, "Tenant");
+        assert_eq!(o.owner_ref.api_version, "tenantry.dev/v1alpha1");
+    }
+
+    #[test]
+    fn namespace_enforces_restricted_pod_security_and_carries_tenant_labels() {
+        let t = acme();
+        let ns = desired_namespace(&Owner::of(&t).unwrap());
+        let labels = ns.metadata.labels.unwrap();
+        assert_eq!(ns.metadata.name.as_deref(), Some("tenant-acme"));
+        assert_eq!(labels["pod-security.kubernetes.io/enforce"], "restricted");
+        assert_eq!(labels["tenantry.dev/tenant"], "acme");
+        assert_eq!(labels["tenantry.dev/tenant-namespace"], "true");
+        assert_eq!(labels["tenantry.dev/plan"], "standard");
+        assert_eq!(labels["app.kubernetes.io/managed-by"], "tenantry-operator");
+        assert_eq!(ns.metadata.owner_references.unwrap().len(), 1);
+    }
+
+    #[test]
+    fn default_deny_covers_both_directions_for_every_pod() {
+        let t = acme();
+        let p = default_deny_policy(&Owner::of(&t).unwrap()).spec.unwrap();
+        assert_eq!(p.pod_selector, Some(LabelSelector::default()));
+        assert_eq!(p.policy_types.unwrap(), ["Ingress", "Egress"]);
+        assert!(p.ingress.is_none() && p.egress.is_none());
+    }
+
+    #[test]
+    fn ingress_reaches_only_the_runtime_port_from_allowed_sources() {
+        let t = acme();
+        let settings = Settings::default();
+        let p = serde_json::to_value(ingress_policy(&Owner::of(&t).unwrap(), &settings)).unwrap();
+        let rule = &p["spec"]["ingress"][0];
+        assert_eq!(rule["ports"], json!([{"protocol": "TCP", "port": 8443}]));
+        let from = rule["from"].as_array().unwrap();
+        let ns = |n: &str| json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": n}}});
+        assert_eq!(from[0], ns("ingress-nginx"));
+        assert_eq!(from[1], ns("tenantry-system"));
+        assert_eq!(from[2], ns("monitoring"));
+        assert_eq!(from[3], json!({"ipBlock": {"cidr": "203.0.113.0/24"}}));
+        assert_eq!(from.len(), 4);
+        assert_eq!(
+            p["spec"]["podSelector"]["matchLabels"],
+            json!({"app.kubernetes.io/name": "tenant-runtime", "tenantry.dev/tenant": "acme"})
+        );
+    }
+
+    #[test]
+    fn ingress_never_admits_another_tenant_namespace() {
+        let t = tenant(
+            "a",
+            json!({"owner": "x", "network": {"allowedIngressNamespaces": ["tenant-b"]}}),
+        );
+        let p = serde_json::to_value(ingress_policy(
+            &Owner::of(&t).unwrap(),
+            &Settings::default(),
+        ))
+        .unwrap();
+        assert!(!p.to_string().contains("tenant-b"));
+    }
+
+    #[test]
+    fn egress_allows_dns_and_internet_but_not_private_ranges_or_metadata() {
+        let t = acme();
+        let p = serde_json::to_value(egress_policy(&Owner::of(&t).unwrap(), &Settings::default()))
+            .unwrap();
+        let rules = p["spec"]["egress"].as_array().unwrap();
+        assert_eq!(rules.len(), 2);
+        assert_eq!(
+            rules[0]["to"][0],
+            json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+                   "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}})
+        );
+        assert_eq!(
+            rules[0]["ports"],
+            json!([{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}])
+        );
+        let v4 = &rules[1]["to"][0]["ipBlock"];
+        assert_eq!(v4["cidr"], "0.0.0.0/0");
+        for blocked in [
+            "10.0.0.0/8",
+            "172.16.0.0/12",
+            "192.168.0.0/16",
+            "169.254.0.0/16",
+        ] {
+            assert!(
+                v4["except"].as_array().unwrap().contains(&json!(blocked)),
+                "{blocked}"
+            );
+        }
+        let v6 = &rules[1]["to"][1]["ipBlock"];
+        assert_eq!(v6["cidr"], "::/0");
+        assert!(
+            v6["except"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("fc00::/7"))
+        );
+        assert!(rules[1].get("ports").is_none());
+        assert_eq!(p["spec"]["policyTypes"], json!(["Egress"]));
+    }
+
+    #[test]
+    fn quota_and_limits_follow_the_plan() {
+        for (plan, cpu, storage) in [
+            ("free", "2", "5Gi"),
+            ("standard", "8", "50Gi"),
+            ("enterprise", "32", "500Gi"),
+        ] {
+            let t = tenant("a", json!({"owner": "x", "plan": plan}));
+            let o = Owner::of(&t).unwrap();
+            let hard = resource_quota(&o).spec.unwrap().hard.unwrap();
+            assert_eq!(hard["limits.cpu"].0, cpu);
+            assert_eq!(hard["requests.storage"].0, storage);
+            for key in ["requests.cpu", "requests.memory", "limits.memory", "pods"] {
+                assert!(hard.contains_key(key), "{key}");
+            }
+            let lr = limit_range(&o).spec.unwrap().limits.remove(0);
+            let l = plan_limits(Plan::parse(plan).unwrap());
+            assert_eq!(lr.type_, "Container");
+            assert_eq!(lr.default.unwrap()["cpu"].0, l.default_cpu);
+            assert_eq!(
+                lr.default_request.unwrap()["memory"].0,
+                l.default_request_memory
+            );
+            assert_eq!(lr.max.unwrap()["memory"].0, l.max_memory);
+        }
+    }
+
+    #[test]
+    fn service_account_does_not_mount_a_token() {
+        let t = acme();
+        assert_eq!(
+            service_account(&Owner::of(&t).unwrap()).automount_service_account_token,
+            Some(false)
+        );
+    }
+
+    #[test]
+    fn deployment_runs_locked_down_and_scales_to_zero_when_suspended() {
+        let t = acme();
+        let d = deployment(&Owner::of(&t).unwrap(), &Settings::default(), "abc");
+        let spec = d.spec.unwrap();
+        assert_eq!(spec.replicas, Some(1));
+        let pod = spec.template.spec.unwrap();
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let psc = pod.security_context.unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(psc.seccomp_profile.unwrap().type_, "RuntimeDefault");
+        let c = &pod.containers[0];
+        let sc = c.security_context.clone().unwrap();
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.capabilities.unwrap().drop.unwrap(), ["ALL"]);
+        let probe = c.readiness_probe.clone().unwrap().http_get.unwrap();
+        assert_eq!(probe.scheme.as_deref(), Some("HTTPS"));
+        assert_eq!(probe.path.as_deref(), Some("/readyz"));
+        let live = c.liveness_probe.clone().unwrap().http_get.unwrap();
+        assert_eq!(live.path.as_deref(), Some("/healthz"));
+        // Only the data volume is writable.
+        let writable: Vec<_> = c
+            .volume_mounts
+            .clone()
+            .unwrap()
+            .into_iter()
+            .filter(|m| m.read_only != Some(true))
+            .map(|m| m.mount_path)
+            .collect();
+        assert_eq!(writable, [names::DATA_DIR]);
+        assert_eq!(
+            spec.template.metadata.unwrap().annotations.unwrap()[names::ANNOTATION_CONFIG_HASH],
+            "abc"
+        );
+
+        let mut suspended = acme();
+        suspended.spec.suspended = true;
+        let d = deployment(&Owner::of(&suspended).unwrap(), &Settings::default(), "abc");
+        assert_eq!(d.spec.unwrap().replicas, Some(0));
+    }
+
+    #[test]
+    fn runtime_config_uses_the_contract_keys_and_mounted_paths() {
+        let t = tenant(
+            "acme",
+            json!({"owner": "x", "retention": {"maxAgeHours": 48, "maxCount": 500}}),
+        );
+        let (cm, hash) = config_map(&Owner::of(&t).unwrap()).unwrap();
+        let yaml = &cm.data.unwrap()[names::CONFIG_KEY];
+        let v: serde_json::Value = serde_yaml::from_str(yaml).unwrap();
+        assert_eq!(
+            v,
+            json!({
+                "tenant_id": "acme",
+                "listen": "0.0.0.0:8443",
+                "tls": {"cert_file": "/etc/tenantry/tls/tls.crt", "key_file": "/etc/tenantry/tls/tls.key"},
+                "data_dir": "/var/lib/tenantry",
+                "data_key_file": "/etc/tenantry/data-key/data.key",
+                "token_public_key_file": "/etc/tenantry/token/public.pem",
+                "retention": {"max_age_hours": 48, "max_count": 500}
+            })
+        );
+        assert_eq!(hash.len(), 64);
+        let other = tenant("acme", json!({"owner": "x"}));
+        assert_ne!(config_map(&Owner::of(&other).unwrap()).unwrap().1, hash);
+    }
+
+    #[test]
+    fn certificate_names_cover_public_and_in_cluster_names() {
+        let t = acme();
+        let names = certificate_dns_names(&Owner::of(&t).unwrap(), &Settings::default());
+        assert_eq!(
+            names,
+            [
+                "acme.example.com",
+                "tenant-runtime.tenant-acme.svc",
+                "tenant-runtime.tenant-acme.svc.cluster.local",
+                "tenant-runtime.tenant-acme",
+                "tenant-runtime",
+            ]
+        );
+        assert_eq!(
+            endpoint(&Owner::of(&t).unwrap()),
+            "https://acme.example.com"
+        );
+    }
+
+    #[test]
+    fn pvc_and_secrets_have_the_expected_shape() {
+        let t = acme();
+        let o = Owner::of(&t).unwrap();
+        let pvc = data_pvc(&o, "enc").spec.unwrap();
+        assert_eq!(pvc.storage_class_name.as_deref(), Some("enc"));
+        assert_eq!(pvc.resources.unwrap().requests.unwrap()["storage"].0, "1Gi");
+        let key = data_key_secret(&o, &[7u8; 32]);
+        assert_eq!(key.immutable, Some(true));
+        assert_eq!(key.data.unwrap()[names::DATA_KEY_KEY].0.len(), 32);
+        let tls = tls_secret(&o, "CERT", &SecretString::from("KEY"), "CA");
+        assert_eq!(tls.type_.as_deref(), Some("kubernetes.io/tls"));
+        let data = tls.data.unwrap();
+        assert_eq!(
+            data.keys().collect::<Vec<_>>(),
+            ["ca.crt", "tls.crt", "tls.key"]
+        );
+    }
+
+    #[test]
+    fn check_spec_turns_bad_values_into_messages() {
+        let ok = acme();
+        assert_eq!(
+            check_spec(&Owner::of(&ok).unwrap()).unwrap(),
+            CheckedSpec {
+                cert_validity: DEFAULT_LEAF_VALIDITY,
+                renew_before: None
+            }
+        );
+        let cases = [
+            (
+                json!({"owner": "x", "storage": {"size": "10Gi"}}),
+                "storage quota",
+            ),
+            (
+                json!({"owner": "x", "storage": {"size": "1.5Gi"}}),
+                "whole number",
+            ),
+            (
+                json!({"owner": "x", "tls": {"duration": "soon"}}),
+                "not a duration",
+            ),
+            (
+                json!({"owner": "x", "tls": {"duration": "10m"}}),
+                "between 1h",
+            ),
+            (
+                json!({"owner": "x", "tls": {"duration": "24h", "renewBefore": "48h"}}),
+                "shorter",
+            ),
+            (
+                json!({"owner": "x", "tls": {"dnsNames": ["Bad_Name"]}}),
+                "not a DNS name",
+            ),
+            (
+                json!({"owner": "x", "retention": {"maxAgeHours": 9999}}),
+                "retention",
+            ),
+        ];
+        for (spec, needle) in cases {
+            let t = tenant("a", spec.clone());
+            let err = check_spec(&Owner::of(&t).unwrap()).unwrap_err();
+            assert!(err.contains(needle), "{spec}: {err}");
+        }
+        let long = tenant(&"a".repeat(60), json!({"owner": "x"}));
+        assert!(check_spec(&Owner::of(&long).unwrap()).is_err());
+        let t = tenant(
+            "a",
+            json!({"owner": "x", "tls": {"duration": "24h", "renewBefore": "1h"}}),
+        );
+        assert_eq!(
+            check_spec(&Owner::of(&t).unwrap()).unwrap().renew_before,
+            Some(Duration::from_secs(3600))
+        );
+    }
+}

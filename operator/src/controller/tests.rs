@@ -1,0 +1,715 @@
+//! Reconcile tests against the fake API server, checking each request in order.
+
+use super::*;
+use crate::builders::tests::tenant;
+use crate::fake_api::FakeApi;
+use crate::run::{check_crd, load_or_create_ca};
+use k8s_openapi::api::storage::v1::StorageClass;
+use secrecy::ExposeSecret;
+use serde_json::{Value, json};
+
+const TENANT: &str = "/apis/tenantry.dev/v1alpha1/tenants/acme";
+const STATUS: &str = "/apis/tenantry.dev/v1alpha1/tenants/acme/status";
+const NS: &str = "/api/v1/namespaces/tenant-acme";
+const CORE: &str = "/api/v1/namespaces/tenant-acme";
+const NET: &str = "/apis/networking.k8s.io/v1/namespaces/tenant-acme/networkpolicies";
+const DEPLOY: &str = "/apis/apps/v1/namespaces/tenant-acme/deployments/tenant-runtime";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
+const TOKEN_PEM: &str =
+    "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAtest\n-----END PUBLIC KEY-----\n";
+
+fn p(method: &str, path: &str) -> String {
+    format!("{method} {path}")
+}
+
+struct Harness {
+    fake: FakeApi,
+    ctx: Arc<Context>,
+    writers: CacheWriters,
+    clock: Arc<Mutex<Timestamp>>,
+}
+
+impl Harness {
+    fn new(settings: Settings, token: Option<&str>) -> Harness {
+        let fake = FakeApi::new();
+        let (caches, mut writers) = caches();
+        fake.sync_caches(&mut writers);
+        let start: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let clock = Arc::new(Mutex::new(start));
+        let ca = CertificateAuthority::generate_at("test CA", start).unwrap();
+        let c = clock.clone();
+        let ctx = Context::new(
+            fake.client(),
+            settings,
+            ca,
+            caches,
+            token.map(String::from),
+            Arc::new(Metrics::new()),
+        )
+        .with_clock(move || *c.lock().unwrap());
+        Harness {
+            fake,
+            ctx: Arc::new(ctx),
+            writers,
+            clock,
+        }
+    }
+
+    /// The encrypted-class setup most tests use.
+    fn standard() -> Harness {
+        let settings = Settings {
+            encrypted_storage_classes: vec!["encrypted".into()],
+            default_storage_class: Some("encrypted".into()),
+            ..Settings::default()
+        };
+        Harness::new(settings, Some(TOKEN_PEM))
+    }
+
+    fn add_tenant(&self, spec: Value) {
+        let t = tenant("acme", spec);
+        self.fake.put(TENANT, serde_json::to_value(&t).unwrap());
+    }
+
+    fn tenant(&self) -> Tenant {
+        serde_json::from_value(self.fake.get(TENANT).expect("tenant exists")).unwrap()
+    }
+
+    fn sync(&mut self) {
+        self.fake.sync_caches(&mut self.writers);
+    }
+
+    async fn reconcile(&self) -> Result<Action> {
+        reconcile(Arc::new(self.tenant()), self.ctx.clone()).await
+    }
+
+    /// Runs one reconcile and checks it sent exactly `expected`.
+    async fn expect(&self, expected: &[String]) -> Action {
+        let refs: Vec<&str> = expected.iter().map(String::as_str).collect();
+        self.fake.expect(&refs);
+        let action = self.reconcile().await.unwrap();
+        if let Err(e) = self.fake.verify() {
+            panic!("{e}\nfull log: {:#?}", self.fake.log());
+        }
+        action
+    }
+
+    fn advance(&self, d: Duration) {
+        let mut now = self.clock.lock().unwrap();
+        *now = now
+            .checked_add(jiff::SignedDuration::try_from(d).unwrap())
+            .unwrap();
+    }
+
+    fn make_runtime_available(&mut self) {
+        self.fake.edit(DEPLOY, |d| {
+            let g = d["metadata"]["generation"].clone();
+            d["status"] = json!({"observedGeneration": g, "replicas": 1, "readyReplicas": 1, "availableReplicas": 1});
+        });
+        self.sync();
+    }
+
+    fn condition(&self, type_: &str) -> (String, String) {
+        let status = self.tenant().status.unwrap();
+        let c = status.conditions.iter().find(|c| c.type_ == type_).unwrap();
+        (c.status.clone(), c.reason.clone())
+    }
+
+    fn secret_data(&self, name: &str, key: &str) -> Vec<u8> {
+        let v = self.fake.get(&format!("{CORE}/secrets/{name}")).unwrap();
+        let s: Secret = serde_json::from_value(v).unwrap();
+        s.data.unwrap()[key].0.clone()
+    }
+
+    /// Create from nothing, then let the runtime become available: a converged tenant.
+    async fn converge(&mut self) {
+        self.add_tenant(
+            json!({"owner": "ops@acme.test", "tls": {"dnsNames": ["acme.example.com"]}}),
+        );
+        self.reconcile().await.unwrap();
+        self.sync();
+        self.make_runtime_available();
+        self.reconcile().await.unwrap();
+        self.sync();
+        assert_eq!(
+            self.tenant().status.unwrap().phase,
+            Some(TenantPhase::Ready)
+        );
+    }
+}
+
+fn create_requests() -> Vec<String> {
+    vec![
+        p("PATCH", TENANT),
+        p("PATCH", NS),
+        p("PATCH", &format!("{CORE}/serviceaccounts/tenant-runtime")),
+        p("PATCH", &format!("{NET}/default-deny")),
+        p("PATCH", &format!("{NET}/allow-runtime-ingress")),
+        p("PATCH", &format!("{NET}/allow-egress")),
+        p("PATCH", &format!("{CORE}/resourcequotas/tenant-quota")),
+        p("PATCH", &format!("{CORE}/limitranges/tenant-limits")),
+        p("GET", &format!("{CORE}/secrets/tenant-data-key")),
+        p("POST", &format!("{CORE}/secrets")),
+        p(
+            "PATCH",
+            &format!("{CORE}/persistentvolumeclaims/tenant-data"),
+        ),
+        p("GET", &format!("{CORE}/secrets/tenant-tls")),
+        p("PATCH", &format!("{CORE}/secrets/tenant-tls")),
+        p(
+            "PATCH",
+            &format!("{CORE}/secrets/tenantry-token-public-key"),
+        ),
+        p("PATCH", &format!("{CORE}/configmaps/tenant-runtime-config")),
+        p("PATCH", DEPLOY),
+        p("PATCH", &format!("{CORE}/services/tenant-runtime")),
+        p("PATCH", STATUS),
+    ]
+}
+
+#[tokio::test]
+async fn create_from_nothing_applies_every_child_once() {
+    let h = Harness::standard();
+    h.add_tenant(json!({"owner": "ops@acme.test", "plan": "standard", "tls": {"dnsNames": ["acme.example.com"]}}));
+    let action = h.expect(&create_requests()).await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(600)));
+
+    let t = h.tenant();
+    assert_eq!(
+        t.metadata.finalizers.as_deref(),
+        Some(&[names::FINALIZER.to_owned()][..])
+    );
+    let status = t.status.unwrap();
+    assert_eq!(status.phase, Some(TenantPhase::Provisioning));
+    assert_eq!(status.namespace.as_deref(), Some("tenant-acme"));
+    assert_eq!(status.endpoint.as_deref(), Some("https://acme.example.com"));
+    let types: Vec<&str> = status.conditions.iter().map(|c| c.type_.as_str()).collect();
+    assert_eq!(
+        types,
+        [
+            "NamespaceReady",
+            "NetworkIsolated",
+            "StorageEncrypted",
+            "CertificateReady",
+            "RuntimeReady",
+            "Ready"
+        ]
+    );
+    assert_eq!(
+        h.condition("RuntimeReady"),
+        ("False".into(), "Progressing".into())
+    );
+    assert_eq!(h.condition("StorageEncrypted").0, "True");
+
+    // The certificate: right names, from our CA, status matches the Secret.
+    let cert = String::from_utf8(h.secret_data("tenant-tls", "tls.crt")).unwrap();
+    let info = pki::parse_certificate(&cert).unwrap();
+    assert!(info.dns_names.contains(&"acme.example.com".to_owned()));
+    assert!(
+        info.dns_names
+            .contains(&"tenant-runtime.tenant-acme.svc".to_owned())
+    );
+    assert!(h.ctx.ca.signed(&cert));
+    let cs = status.certificate.unwrap();
+    assert_eq!(cs.serial, info.serial_hex);
+    assert_eq!(
+        cs.not_after.0,
+        "2026-04-01T00:00:00Z".parse::<Timestamp>().unwrap()
+    );
+    assert_eq!(
+        cs.renewal_time.0,
+        "2026-03-02T00:00:00Z".parse::<Timestamp>().unwrap()
+    );
+    assert_eq!(
+        String::from_utf8(h.secret_data("tenant-tls", "ca.crt")).unwrap(),
+        h.ctx.ca.cert_pem()
+    );
+    assert_eq!(
+        h.secret_data("tenant-data-key", names::DATA_KEY_KEY).len(),
+        32
+    );
+    assert_eq!(
+        h.secret_data("tenantry-token-public-key", names::TOKEN_KEY_KEY),
+        TOKEN_PEM.as_bytes()
+    );
+    // Children are owned by the Tenant and labelled.
+    let ns = h.fake.get(NS).unwrap();
+    assert_eq!(ns["metadata"]["ownerReferences"][0]["uid"], "uid-acme");
+    assert_eq!(
+        ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+        "restricted"
+    );
+    let pvc = h
+        .fake
+        .get(&format!("{CORE}/persistentvolumeclaims/tenant-data"))
+        .unwrap();
+    assert_eq!(pvc["spec"]["storageClassName"], "encrypted");
+    // 14 children + finalizer + status.
+    assert_eq!(h.fake.writes(), 16);
+}
+
+#[tokio::test]
+async fn idle_resync_of_a_converged_tenant_writes_nothing() {
+    let mut h = Harness::standard();
+    h.add_tenant(json!({"owner": "ops@acme.test"}));
+    h.reconcile().await.unwrap();
+    h.sync();
+    h.make_runtime_available();
+    // The runtime became available: one status write and one Event, nothing else.
+    h.expect(&[p("PATCH", STATUS), p("POST", EVENTS)]).await;
+    assert_eq!(h.tenant().status.unwrap().phase, Some(TenantPhase::Ready));
+    assert_eq!(h.condition("Ready"), ("True".into(), "Ready".into()));
+    h.sync();
+    let before = h.tenant().status.unwrap();
+    h.advance(Duration::from_secs(3600));
+    let action = h.expect(&[]).await;
+    // Converged: requeue at the resync period (renewal is months away).
+    assert_eq!(action, Action::requeue(Duration::from_secs(600)));
+    h.expect(&[]).await;
+    assert_eq!(h.tenant().status.unwrap(), before);
+}
+
+#[tokio::test]
+async fn drifted_child_is_reapplied_and_nothing_else() {
+    let mut h = Harness::standard();
+    h.converge().await;
+    h.fake.edit(DEPLOY, |d| d["spec"]["replicas"] = json!(5));
+    h.fake.edit(&format!("{NET}/default-deny"), |p| {
+        p["spec"]["policyTypes"] = json!(["Ingress"])
+    });
+    h.sync();
+    // Both are put back; the Deployment's new generation is not rolled out yet, so the
+    // runtime is reported as progressing until it is.
+    h.expect(&[
+        p("PATCH", &format!("{NET}/default-deny")),
+        p("PATCH", DEPLOY),
+        p("PATCH", STATUS),
+        p("POST", EVENTS),
+    ])
+    .await;
+    assert_eq!(h.fake.get(DEPLOY).unwrap()["spec"]["replicas"], 1);
+    assert_eq!(
+        h.fake.get(&format!("{NET}/default-deny")).unwrap()["spec"]["policyTypes"],
+        json!(["Ingress", "Egress"])
+    );
+    assert_eq!(
+        h.tenant().status.unwrap().phase,
+        Some(TenantPhase::Provisioning)
+    );
+    h.make_runtime_available();
+    // A repeated Event within minutes becomes a series: a PATCH of the first one.
+    h.expect(&[p("PATCH", STATUS), p("PATCH", &format!("{EVENTS}/acme.*"))])
+        .await;
+    assert_eq!(h.tenant().status.unwrap().phase, Some(TenantPhase::Ready));
+}
+
+#[tokio::test]
+async fn certificate_due_for_renewal_gets_a_new_key_and_serial() {
+    let mut h = Harness::standard();
+    h.converge().await;
+    let old_serial = h.tenant().status.unwrap().certificate.unwrap().serial;
+    let old_key = h.secret_data("tenant-tls", "tls.key");
+    // Just before the renewal time nothing happens, and the requeue points at it.
+    h.advance(Duration::from_secs(60 * 24 * 3600 - 10));
+    let action = h.expect(&[]).await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(10)));
+    h.advance(Duration::from_secs(11));
+    h.expect(&[
+        p("GET", &format!("{CORE}/secrets/tenant-tls")),
+        p("PATCH", &format!("{CORE}/secrets/tenant-tls")),
+        p("POST", EVENTS),
+        p("PATCH", STATUS),
+    ])
+    .await;
+    let status = h.tenant().status.unwrap();
+    let cs = status.certificate.unwrap();
+    assert_ne!(cs.serial, old_serial);
+    assert_ne!(h.secret_data("tenant-tls", "tls.key"), old_key);
+    let renewed_at: Timestamp = "2026-03-02T00:00:01Z".parse().unwrap();
+    assert_eq!(
+        cs.not_after.0,
+        renewed_at
+            .checked_add(jiff::SignedDuration::from_hours(90 * 24))
+            .unwrap()
+    );
+    // The Ready condition did not transition.
+    let ready = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .unwrap();
+    assert_eq!(
+        ready.last_transition_time.0,
+        "2026-01-01T00:00:00Z".parse::<Timestamp>().unwrap()
+    );
+    let event = h.fake.objects_of_kind("Event").into_iter().last().unwrap();
+    assert_eq!(event["reason"], "CertificateRenewed");
+}
+
+#[tokio::test]
+async fn hand_edited_or_deleted_tls_secret_is_repaired() {
+    let mut h = Harness::standard();
+    h.converge().await;
+    let tls = format!("{CORE}/secrets/tenant-tls");
+    let other = CertificateAuthority::generate("intruder").unwrap();
+    let forged = other
+        .issue_leaf(&LeafRequest {
+            dns_names: vec!["acme.example.com".into()],
+            ip_addresses: vec![],
+            validity: Duration::from_secs(3600 * 24),
+            now: "2026-01-01T00:00:00Z".parse().unwrap(),
+        })
+        .unwrap();
+    let forged_key = forged.key_pem.expose_secret().to_owned();
+    h.fake.edit(&tls, |s| {
+        s["data"]["tls.key"] =
+            serde_json::to_value(k8s_openapi::ByteString(forged_key.into_bytes())).unwrap();
+    });
+    h.sync();
+    h.expect(&[
+        p("GET", &tls),
+        p("PATCH", &tls),
+        p("POST", EVENTS),
+        p("PATCH", STATUS),
+    ])
+    .await;
+    let key =
+        SecretString::from(String::from_utf8(h.secret_data("tenant-tls", "tls.key")).unwrap());
+    let cert = String::from_utf8(h.secret_data("tenant-tls", "tls.crt")).unwrap();
+    assert!(pki::key_matches(
+        &pki::parse_certificate(&cert).unwrap(),
+        &key
+    ));
+
+    h.fake.remove(&tls);
+    h.sync();
+    h.expect(&[p("GET", &tls), p("PATCH", &tls), p("PATCH", STATUS)])
+        .await;
+    assert!(h.fake.get(&tls).is_some());
+}
+
+#[tokio::test]
+async fn unencrypted_storage_class_fails_closed() {
+    let mut h = Harness::new(Settings::default(), Some(TOKEN_PEM));
+    let plain = StorageClass {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some("plain".into()),
+            ..Default::default()
+        },
+        provisioner: "example.com/disk".into(),
+        ..Default::default()
+    };
+    h.fake.put(
+        "/apis/storage.k8s.io/v1/storageclasses/plain",
+        serde_json::to_value(plain).unwrap(),
+    );
+    h.sync();
+    h.add_tenant(json!({"owner": "x", "storage": {"storageClassName": "plain"}}));
+    let expected: Vec<String> = create_requests()
+        .into_iter()
+        .filter(|r| !r.contains("persistentvolumeclaims") && !r.contains("deployments"))
+        .chain([p("POST", EVENTS), p("POST", EVENTS)])
+        .collect();
+    h.expect(&expected).await;
+    let status = h.tenant().status.unwrap();
+    assert_eq!(status.phase, Some(TenantPhase::Degraded));
+    assert_eq!(
+        h.condition("StorageEncrypted"),
+        ("False".into(), reasons::STORAGE_CLASS_NOT_ENCRYPTED.into())
+    );
+    assert_eq!(h.condition("Ready").1, reasons::STORAGE_CLASS_NOT_ENCRYPTED);
+    assert!(
+        h.fake
+            .get(&format!("{CORE}/persistentvolumeclaims/tenant-data"))
+            .is_none()
+    );
+    assert!(h.fake.get(DEPLOY).is_none());
+    let reasons_seen: Vec<Value> = h
+        .fake
+        .objects_of_kind("Event")
+        .iter()
+        .map(|e| e["reason"].clone())
+        .collect();
+    assert!(reasons_seen.contains(&json!("StorageClassNotEncrypted")));
+    assert!(reasons_seen.iter().all(|r| r != "Ready"));
+    // Still unencrypted on the next pass: no new writes, no repeated Event.
+    h.sync();
+    h.expect(&[]).await;
+}
+
+#[test]
+fn storage_class_is_encrypted_by_flag_or_annotation_only() {
+    let (caches, mut writers) = caches();
+    let class = |name: &str, annotated: Option<&str>| StorageClass {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: Some(name.into()),
+            annotations: annotated
+                .map(|v| [(names::ANNOTATION_ENCRYPTED.to_owned(), v.to_owned())].into()),
+            ..Default::default()
+        },
+        provisioner: "x".into(),
+        ..Default::default()
+    };
+    for sc in [
+        class("annotated", Some("true")),
+        class("false", Some("false")),
+        class("plain", None),
+    ] {
+        writers
+            .storage_classes
+            .apply_watcher_event(&kube::runtime::watcher::Event::Apply(sc));
+    }
+    let settings = Settings {
+        encrypted_storage_classes: vec!["listed".into()],
+        ..Settings::default()
+    };
+    let decide = |name: Option<&str>| {
+        let t = tenant(
+            "a",
+            json!({"owner": "x", "storage": {"storageClassName": name}}),
+        );
+        storage_class(&Owner::of(&t).unwrap(), &settings, &caches.storage_classes)
+    };
+    assert_eq!(decide(Some("annotated")), Ok("annotated".into()));
+    assert_eq!(decide(Some("listed")), Ok("listed".into()));
+    for bad in ["false", "plain", "missing"] {
+        assert_eq!(
+            decide(Some(bad)).unwrap_err().reason,
+            reasons::STORAGE_CLASS_NOT_ENCRYPTED,
+            "{bad}"
+        );
+    }
+    assert_eq!(decide(None).unwrap_err().reason, reasons::NO_STORAGE_CLASS);
+}
+
+#[tokio::test]
+async fn suspension_scales_to_zero_and_keeps_data() {
+    let mut h = Harness::standard();
+    h.converge().await;
+    h.fake.edit(TENANT, |t| {
+        t["spec"]["suspended"] = json!(true);
+        t["metadata"]["generation"] = json!(2);
+    });
+    h.expect(&[p("PATCH", DEPLOY), p("PATCH", STATUS), p("POST", EVENTS)])
+        .await;
+    assert_eq!(h.fake.get(DEPLOY).unwrap()["spec"]["replicas"], 0);
+    assert_eq!(
+        h.tenant().status.unwrap().phase,
+        Some(TenantPhase::Suspended)
+    );
+    assert_eq!(
+        h.condition("RuntimeReady"),
+        ("False".into(), "Suspended".into())
+    );
+    assert!(
+        h.fake
+            .get(&format!("{CORE}/persistentvolumeclaims/tenant-data"))
+            .is_some()
+    );
+    assert!(
+        h.fake
+            .get(&format!("{CORE}/secrets/tenant-data-key"))
+            .is_some()
+    );
+    h.sync();
+    h.expect(&[]).await;
+}
+
+#[tokio::test]
+async fn deletion_with_children_waits_for_the_namespace() {
+    let mut h = Harness::standard();
+    h.converge().await;
+    h.fake.edit(TENANT, |t| {
+        t["metadata"]["deletionTimestamp"] = json!("2026-01-02T00:00:00Z")
+    });
+    let action = h
+        .expect(&[p("DELETE", NS), p("PATCH", STATUS), p("POST", EVENTS)])
+        .await;
+    assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+    assert_eq!(
+        h.tenant().status.unwrap().phase,
+        Some(TenantPhase::Terminating)
+    );
+    // The namespace is terminating: nothing to do but wait.
+    h.sync();
+    h.expect(&[]).await;
+    // The namespace is gone: the finalizer goes and the API server drops the Tenant.
+    h.fake.finish_namespace_deletion("tenant-acme");
+    h.sync();
+    h.fake.expect(&[&p("DELETE", NS), &p("PATCH", TENANT)]);
+    let last = h.tenant();
+    reconcile(Arc::new(last), h.ctx.clone()).await.unwrap();
+    h.fake.verify().unwrap();
+    assert!(h.fake.get(TENANT).is_none());
+    assert!(h.fake.get(&format!("{CORE}/secrets/tenant-tls")).is_none());
+}
+
+#[tokio::test]
+async fn deletion_without_children_releases_at_once() {
+    let h = Harness::standard();
+    let mut t = tenant("acme", json!({"owner": "x"}));
+    t.metadata.finalizers = Some(vec![names::FINALIZER.into()]);
+    t.metadata.deletion_timestamp = Some(Time("2026-01-02T00:00:00Z".parse().unwrap()));
+    h.fake.put(TENANT, serde_json::to_value(&t).unwrap());
+    h.expect(&[p("DELETE", NS), p("PATCH", TENANT)]).await;
+    assert!(h.fake.get(TENANT).is_none());
+
+    // Without our finalizer there is nothing to do.
+    let mut foreign = tenant("acme", json!({"owner": "x"}));
+    foreign.metadata.finalizers = Some(vec!["someone.else/x".into()]);
+    foreign.metadata.deletion_timestamp = Some(Time("2026-01-02T00:00:00Z".parse().unwrap()));
+    h.fake.put(TENANT, serde_json::to_value(&foreign).unwrap());
+    h.expect(&[]).await;
+}
+
+#[tokio::test]
+async fn invalid_spec_becomes_a_condition() {
+    let h = Harness::standard();
+    h.add_tenant(json!({"owner": "x", "plan": "free", "storage": {"size": "100Gi"}}));
+    h.expect(&[p("PATCH", TENANT), p("PATCH", STATUS), p("POST", EVENTS)])
+        .await;
+    assert_eq!(
+        h.tenant().status.unwrap().phase,
+        Some(TenantPhase::Degraded)
+    );
+    let (status, reason) = h.condition("Ready");
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("False", reasons::INVALID_SPEC)
+    );
+    assert!(h.fake.get(NS).is_none());
+    h.expect(&[]).await;
+}
+
+#[tokio::test]
+async fn missing_token_key_holds_back_the_runtime() {
+    let settings = Settings {
+        encrypted_storage_classes: vec!["encrypted".into()],
+        default_storage_class: Some("encrypted".into()),
+        ..Settings::default()
+    };
+    let h = Harness::new(settings, None);
+    h.add_tenant(json!({"owner": "x"}));
+    h.reconcile().await.unwrap();
+    assert!(h.fake.get(DEPLOY).is_none());
+    assert_eq!(
+        h.tenant().status.unwrap().phase,
+        Some(TenantPhase::Degraded)
+    );
+    assert_eq!(
+        h.condition("RuntimeReady").1,
+        reasons::TOKEN_PUBLIC_KEY_MISSING
+    );
+}
+
+#[tokio::test]
+async fn lost_data_key_is_never_silently_replaced() {
+    let mut h = Harness::standard();
+    h.converge().await;
+    h.fake.remove(&format!("{CORE}/secrets/tenant-data-key"));
+    h.sync();
+    h.reconcile().await.unwrap();
+    assert!(
+        h.fake
+            .get(&format!("{CORE}/secrets/tenant-data-key"))
+            .is_none()
+    );
+    assert_eq!(h.condition("StorageEncrypted").1, reasons::DATA_KEY_MISSING);
+    assert_eq!(
+        h.tenant().status.unwrap().phase,
+        Some(TenantPhase::Degraded)
+    );
+}
+
+#[tokio::test]
+async fn api_errors_are_returned_not_panicked() {
+    let h = Harness::standard();
+    // The Tenant is not in the API server: the finalizer patch finds nothing.
+    let t = tenant("ghost", json!({"owner": "x"}));
+    let action = reconcile(Arc::new(t), h.ctx.clone()).await.unwrap();
+    assert_eq!(action, Action::await_change());
+    // A tenant without uid cannot own children: an error, not a panic.
+    let mut t = tenant("acme", json!({"owner": "x"}));
+    t.metadata.uid = None;
+    t.metadata.finalizers = Some(vec![names::FINALIZER.into()]);
+    assert!(reconcile(Arc::new(t.clone()), h.ctx.clone()).await.is_err());
+    let backoff = error_policy(
+        Arc::new(t),
+        &Error::MissingField("metadata.uid"),
+        h.ctx.clone(),
+    );
+    assert_eq!(backoff, Action::requeue(Duration::from_secs(1)));
+}
+
+#[tokio::test]
+async fn crd_check_fails_clearly_when_absent() {
+    let fake = FakeApi::new();
+    let client = fake.client();
+    let err = check_crd(&client).await.unwrap_err();
+    assert!(err.to_string().contains("is not installed"), "{err}");
+    fake.put(
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/tenants.tenantry.dev",
+        serde_json::to_value(crate::crd::crd()).unwrap(),
+    );
+    check_crd(&client).await.unwrap();
+}
+
+#[tokio::test]
+async fn ca_is_made_once_then_loaded() {
+    let fake = FakeApi::new();
+    let client = fake.client();
+    let settings = Settings::default();
+    let first = load_or_create_ca(&client, &settings).await.unwrap();
+    let second = load_or_create_ca(&client, &settings).await.unwrap();
+    assert_eq!(first.cert_pem(), second.cert_pem());
+    assert_eq!(
+        fake.log(),
+        [
+            "GET /api/v1/namespaces/tenantry-system/secrets/tenantry-ca",
+            "POST /api/v1/namespaces/tenantry-system/secrets",
+            "GET /api/v1/namespaces/tenantry-system/secrets/tenantry-ca",
+        ]
+    );
+    fake.edit(
+        "/api/v1/namespaces/tenantry-system/secrets/tenantry-ca",
+        |s| {
+            s["data"]["tls.key"] = json!("AAAA");
+        },
+    );
+    assert!(matches!(
+        load_or_create_ca(&client, &settings).await,
+        Err(Error::CaSecretMalformed(_))
+    ));
+}
+
+#[tokio::test]
+async fn only_one_replica_holds_the_lease() {
+    let fake = FakeApi::new();
+    let client = fake.client();
+    let api = || Api::namespaced(client.clone(), "tenantry-system");
+    let a = crate::leader::LeaseLock::new(api(), "lease", "a", Duration::from_secs(15));
+    let b = crate::leader::LeaseLock::new(api(), "lease", "b", Duration::from_secs(15));
+    assert!(a.try_hold().await.unwrap());
+    assert!(!b.try_hold().await.unwrap());
+    assert!(a.try_hold().await.unwrap());
+    let lease = fake
+        .get("/apis/coordination.k8s.io/v1/namespaces/tenantry-system/leases/lease")
+        .unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], "a");
+}
+
+#[test]
+fn children_map_to_their_cluster_scoped_tenant() {
+    let t = tenant("acme", json!({"owner": "x"}));
+    let owner = Owner::of(&t).unwrap();
+    let policy = builders::default_deny_policy(&owner);
+    let key = tenant_of(policy).unwrap();
+    assert_eq!(key, ObjectRef::<Tenant>::new("acme"));
+    assert_eq!(key.namespace, None);
+    assert_eq!(
+        tenant_of(builders::desired_namespace(&owner)),
+        Some(ObjectRef::new("acme"))
+    );
+    let mut foreign = builders::service(&owner);
+    foreign.metadata.owner_references.as_mut().unwrap()[0].kind = "Other".into();
+    assert_eq!(tenant_of(foreign), None);
+}

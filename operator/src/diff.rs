@@ -1,0 +1,68 @@
+//! "Is the observed object already what we would apply?" The API server adds defaults and
+//! fields owned by others, so an object is converged when every field we set has the same
+//! value in the observed object (`desired` is a subset of `observed`). Compare first, write
+//! only on a difference: an idle resync then makes no API call.
+
+use serde_json::Value;
+
+/// True when every value in `desired` is present and equal in `observed`. Objects may have
+/// extra keys in `observed`; arrays must have the same length and match element by element.
+pub fn is_subset(desired: &Value, observed: &Value) -> bool {
+    match (desired, observed) {
+        (Value::Object(d), Value::Object(o)) => d.iter().all(|(k, dv)| match o.get(k) {
+            Some(ov) => is_subset(dv, ov),
+            // An empty object or array we set may be dropped by the server.
+            None => is_empty(dv),
+        }),
+        (Value::Array(d), Value::Array(o)) => {
+            d.len() == o.len() && d.iter().zip(o).all(|(dv, ov)| is_subset(dv, ov))
+        }
+        (Value::Null, _) => true,
+        (d, o) => d == o,
+    }
+}
+
+fn is_empty(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Object(m) => m.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn extra_observed_fields_are_fine() {
+        let d = json!({"spec": {"replicas": 1}, "metadata": {"labels": {"a": "1"}}});
+        let o = json!({"spec": {"replicas": 1, "strategy": {}}, "metadata": {"labels": {"a": "1", "b": "2"}, "uid": "x"}});
+        assert!(is_subset(&d, &o));
+    }
+
+    #[test]
+    fn changed_or_missing_values_are_drift() {
+        let d = json!({"spec": {"replicas": 1}});
+        assert!(!is_subset(&d, &json!({"spec": {"replicas": 0}})));
+        assert!(!is_subset(&d, &json!({"spec": {}})));
+        assert!(!is_subset(&json!({"a": [1, 2]}), &json!({"a": [1]})));
+        assert!(!is_subset(
+            &json!({"a": [{"x": 1}]}),
+            &json!({"a": [{"x": 2}]})
+        ));
+        assert!(is_subset(
+            &json!({"a": [{"x": 1}]}),
+            &json!({"a": [{"x": 1, "y": 2}]})
+        ));
+    }
+
+    #[test]
+    fn empty_desired_values_may_be_absent() {
+        assert!(is_subset(&json!({"podSelector": {}}), &json!({})));
+        assert!(!is_subset(&json!({"podSelector": {"a": 1}}), &json!({})));
+    }
+}

@@ -1,0 +1,89 @@
+//! `tenantry-operator`: `crd` prints the CustomResourceDefinition, `run` runs the operator.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tenantry_operator::config::{RunArgs, Settings};
+use tenantry_operator::run::{LeaderOptions, run};
+use tokio::net::TcpListener;
+
+#[derive(Parser)]
+#[command(
+    name = "tenantry-operator",
+    version,
+    about = "Kubernetes operator for Tenantry tenants"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the Tenant CustomResourceDefinition (YAML).
+    Crd,
+    /// Run the operator (kubeconfig from KUBECONFIG, ~/.kube/config or the pod).
+    Run(Box<RunArgs>),
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crd => {
+            print!("{}", tenantry_operator::crd::crd_yaml()?);
+            Ok(())
+        }
+        Command::Run(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info,kube=warn".into()),
+                )
+                .init();
+            let settings = Settings::from_args(&args, std::env::var("POD_NAMESPACE").ok());
+            let identity = args
+                .identity
+                .clone()
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .unwrap_or_else(|| format!("tenantry-operator-{}", std::process::id()));
+            let client = kube::Client::try_default().await.context(
+                "no Kubernetes configuration found (KUBECONFIG, ~/.kube/config or in-cluster)",
+            )?;
+            let admin = TcpListener::bind(args.admin_addr)
+                .await
+                .with_context(|| format!("cannot bind the admin port {}", args.admin_addr))?;
+            let leader = LeaderOptions {
+                lease_name: args.lease_name.clone(),
+                lease_duration: Duration::from_secs(u64::from(args.lease_duration_seconds.max(3))),
+                identity,
+            };
+            run(settings, leader, client, admin, shutdown_signal())
+                .await
+                .context("tenantry-operator stopped")?;
+            Ok(())
+        }
+    }
+}
