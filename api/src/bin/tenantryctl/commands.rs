@@ -1,0 +1,631 @@
+//! One function per subcommand: call the API, print the result in the chosen format.
+
+use std::path::{Path, PathBuf};
+
+use secrecy::ExposeSecret as _;
+use serde_json::{Value, json};
+use tenantry_proto::v1::*;
+use tonic::transport::Channel;
+
+use crate::cli::{
+    AdminsCommand, AuditCommand, Cli, Command, DEFAULT_SERVER, Format, GlobalArgs, LoginArgs,
+    MfaCommand, RetentionCommand, SessionsCommand, TenantsCommand,
+};
+use crate::client::{self, Api, FactorSource};
+use crate::error::{Error, Result};
+use crate::output::{self, AUDIT_HEADERS, TENANT_HEADERS};
+use crate::prompt;
+use crate::session::{self, Session};
+
+/// Runs the parsed command line. `xdg_config_home` and `home` locate the default session
+/// file.
+pub async fn run(cli: Cli, xdg_config_home: Option<PathBuf>, home: Option<PathBuf>) -> Result<()> {
+    let Cli { global, command } = cli;
+    let session_file = session::path(global.session_file.as_deref(), xdg_config_home, home)?;
+    let out = Printer {
+        format: global.output,
+    };
+    match command {
+        Command::Login(args) => login(&global, &session_file, args, out).await,
+        Command::Logout => logout(&global, &session_file, out).await,
+        command => {
+            let api = open(&global, &session_file).await?;
+            match command {
+                Command::Whoami => whoami(&api, out).await,
+                Command::Mfa(MfaCommand::Enroll) => mfa_enroll(&api, out).await,
+                Command::Tenants(c) => tenants(&api, c, out).await,
+                Command::Retention(c) => retention(&api, c, out).await,
+                Command::Audit(c) => audit(&api, c, out).await,
+                Command::Admins(c) => admins(&api, c, out).await,
+                Command::Sessions(c) => sessions(&api, c, out).await,
+                // Handled above; they do not need a saved session.
+                Command::Login(_) | Command::Logout => Ok(()),
+            }
+        }
+    }
+}
+
+/// Prints results as tables or JSON.
+#[derive(Clone, Copy)]
+struct Printer {
+    format: Format,
+}
+
+impl Printer {
+    /// Prints `json()` in JSON mode, else `text()`.
+    fn emit(self, text: impl FnOnce() -> String, json: impl FnOnce() -> Value) {
+        match self.format {
+            Format::Table => print!("{}", text()),
+            Format::Json => print!("{}", output::json(&json())),
+        }
+    }
+}
+
+/// The server for a command: `--server`, else the saved session's, else the default.
+fn server_for(global: &GlobalArgs, saved: Option<&Session>) -> String {
+    global
+        .server
+        .clone()
+        .or_else(|| saved.map(|s| s.server.clone()))
+        .unwrap_or_else(|| DEFAULT_SERVER.to_owned())
+}
+
+fn factor_source(global: &GlobalArgs) -> FactorSource {
+    FactorSource {
+        totp_code: global.totp_code.clone(),
+        recovery_code: global.recovery_code.clone(),
+    }
+}
+
+/// Connects with the saved session; refuses to send its token to another server.
+async fn open(global: &GlobalArgs, session_file: &Path) -> Result<Api> {
+    let saved = session::load(session_file)?;
+    let server = server_for(global, Some(&saved));
+    if server.trim_end_matches('/') != saved.server.trim_end_matches('/') {
+        return Err(Error::OtherServer {
+            saved: saved.server,
+            wanted: server,
+        });
+    }
+    let channel = client::connect(&server, global.ca_file.as_deref()).await?;
+    Api::new(channel, &saved, factor_source(global))
+}
+
+async fn login(
+    global: &GlobalArgs,
+    session_file: &Path,
+    args: LoginArgs,
+    out: Printer,
+) -> Result<()> {
+    let server = server_for(global, None);
+    let channel: Channel = client::connect(&server, global.ca_file.as_deref()).await?;
+    let email = match args.email {
+        Some(email) => email,
+        None => prompt::line("Email: ")?
+            .map(|e| e.trim().to_owned())
+            .filter(|e| !e.is_empty())
+            .ok_or_else(|| Error::Usage("an email is required (--email)".into()))?,
+    };
+    let password = prompt::password(args.password_stdin)?;
+    let resp = account_service_client::AccountServiceClient::new(channel.clone())
+        .login(LoginRequest {
+            email: email.clone(),
+            password: password.expose_secret().to_owned(),
+        })
+        .await?
+        .into_inner();
+    drop(password);
+    let session = Session {
+        server: server.clone(),
+        token: secrecy::SecretString::from(resp.session_token),
+        expires_at: output::timestamp(resp.expires_at.as_ref()),
+    };
+    let api = Api::new(channel, &session, factor_source(global))?;
+    if resp.mfa_required {
+        let verified = match api.factor().get("this account has TOTP enrolled") {
+            Ok(factor) => api.verify(factor).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = verified {
+            // Do not leave a half-logged-in session behind on the server.
+            let _ = api.accounts().logout(api.authed(LogoutRequest {})).await;
+            return Err(e);
+        }
+    }
+    session::save(session_file, &session)?;
+    let expires = session.expires_at.clone().unwrap_or_else(|| "-".to_owned());
+    out.emit(
+        || {
+            format!(
+                "logged in to {server} as {}; session expires at {expires}\n",
+                output::sanitize(&email)
+            )
+        },
+        || {
+            json!({
+                "server": server,
+                "email": email,
+                "expires_at": session.expires_at,
+                "mfa_verified": resp.mfa_required,
+            })
+        },
+    );
+    Ok(())
+}
+
+async fn logout(global: &GlobalArgs, session_file: &Path, out: Printer) -> Result<()> {
+    let saved = match session::load(session_file) {
+        Ok(saved) => saved,
+        Err(Error::NotLoggedIn) => return Err(Error::NotLoggedIn),
+        // An unreadable file holds no usable session: removing it is the whole logout.
+        Err(Error::CorruptSession { .. }) => {
+            session::remove(session_file)?;
+            out.emit(
+                || "logged out\n".to_owned(),
+                || json!({ "logged_out": true }),
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let server = server_for(global, Some(&saved));
+    let ended = end_session(&saved, global.ca_file.as_deref()).await;
+    // The local token goes in every case: a logout must never leave it on disk.
+    session::remove(session_file)?;
+    if let Err(e) = ended {
+        return Err(Error::Rpc(format!(
+            "logged out locally, but {server} did not end the session: {e}"
+        )));
+    }
+    out.emit(
+        || "logged out\n".to_owned(),
+        || json!({ "logged_out": true }),
+    );
+    Ok(())
+}
+
+/// Ends `saved` on its server; a session that is already over is fine.
+async fn end_session(saved: &Session, ca_file: Option<&Path>) -> Result<()> {
+    let channel = client::connect(&saved.server, ca_file).await?;
+    let api = Api::new(channel, saved, FactorSource::default())?;
+    match api.accounts().logout(api.authed(LogoutRequest {})).await {
+        Ok(_) => Ok(()),
+        Err(status) => match Error::from(status) {
+            Error::SessionInvalid | Error::NotLoggedIn => Ok(()),
+            e => Err(e),
+        },
+    }
+}
+
+async fn whoami(api: &Api, out: Printer) -> Result<()> {
+    let me = api
+        .call(async |a: &Api| a.accounts().who_am_i(a.authed(WhoAmIRequest {})).await)
+        .await?;
+    out.emit(
+        || {
+            output::fields(&[
+                ("USER ID", me.user_id.clone()),
+                ("EMAIL", me.email.clone()),
+                ("ROLES", list_or_dash(&me.roles)),
+                ("TENANTS", list_or_dash(&me.tenant_ids)),
+                ("MFA ENROLLED", me.mfa_enrolled.to_string()),
+                (
+                    "MFA VERIFIED AT",
+                    output::timestamp_cell(me.mfa_verified_at.as_ref()),
+                ),
+                (
+                    "SESSION EXPIRES AT",
+                    output::timestamp_cell(me.session_expires_at.as_ref()),
+                ),
+            ])
+        },
+        || {
+            json!({
+                "user_id": me.user_id,
+                "email": me.email,
+                "roles": me.roles,
+                "tenant_ids": me.tenant_ids,
+                "mfa_enrolled": me.mfa_enrolled,
+                "mfa_verified_at": output::timestamp(me.mfa_verified_at.as_ref()),
+                "session_expires_at": output::timestamp(me.session_expires_at.as_ref()),
+            })
+        },
+    );
+    Ok(())
+}
+
+fn list_or_dash(items: &[String]) -> String {
+    if items.is_empty() {
+        "-".to_owned()
+    } else {
+        items.join(",")
+    }
+}
+
+async fn mfa_enroll(api: &Api, out: Printer) -> Result<()> {
+    let begin = api
+        .call(async |a: &Api| {
+            a.mfa()
+                .begin_totp_enrollment(a.authed(BeginTotpEnrollmentRequest {}))
+                .await
+        })
+        .await?;
+    let qr = qrcode::QrCode::new(begin.otpauth_uri.as_bytes())
+        .map(|code| {
+            code.render::<qrcode::render::unicode::Dense1x2>()
+                // Light modules drawn dark reads well on dark terminals and scans everywhere.
+                .dark_color(qrcode::render::unicode::Dense1x2::Light)
+                .light_color(qrcode::render::unicode::Dense1x2::Dark)
+                .quiet_zone(true)
+                .build()
+        })
+        .unwrap_or_default();
+    let intro = format!(
+        "Scan this QR code with your authenticator app, or add the key by hand.\n\n{qr}\n\notpauth URI: {}\nsecret:      {}\n",
+        output::sanitize(&begin.otpauth_uri),
+        output::sanitize(&begin.secret),
+    );
+    // In JSON mode stdout carries only the final document.
+    match out.format {
+        Format::Table => {
+            print!("{intro}");
+            use std::io::Write as _;
+            let _ = std::io::stdout().flush();
+        }
+        Format::Json => eprint!("{intro}"),
+    }
+    let code = prompt::line("Code from the app: ")?
+        .map(|c| c.chars().filter(|c| !c.is_whitespace()).collect::<String>())
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| Error::Usage("enrollment needs a code from the authenticator app".into()))?;
+    let confirm = api
+        .call(async |a: &Api| {
+            a.mfa()
+                .confirm_totp_enrollment(
+                    a.authed(ConfirmTotpEnrollmentRequest { code: code.clone() }),
+                )
+                .await
+        })
+        .await?;
+    out.emit(
+        || {
+            let mut text = String::from(
+                "TOTP enrolled. Recovery codes (each works once; store them safely, they are not shown again):\n",
+            );
+            for c in &confirm.recovery_codes {
+                text.push_str("  ");
+                text.push_str(&output::sanitize(c));
+                text.push('\n');
+            }
+            text
+        },
+        || {
+            json!({
+                "otpauth_uri": begin.otpauth_uri,
+                "recovery_codes": confirm.recovery_codes,
+            })
+        },
+    );
+    Ok(())
+}
+
+async fn tenants(api: &Api, command: TenantsCommand, out: Printer) -> Result<()> {
+    match command {
+        TenantsCommand::List { page_size } => {
+            let mut all = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = api
+                    .call(async |a: &Api| {
+                        a.admin()
+                            .list_tenants(a.authed(ListTenantsRequest {
+                                page_size,
+                                page_token: page_token.clone(),
+                            }))
+                            .await
+                    })
+                    .await?;
+                all.extend(page.tenants);
+                if page.next_page_token.is_empty() || page.next_page_token == page_token {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            out.emit(
+                || {
+                    let rows: Vec<_> = all.iter().map(output::tenant_row).collect();
+                    output::table(&TENANT_HEADERS, &rows)
+                },
+                || Value::Array(all.iter().map(output::tenant_json).collect()),
+            );
+        }
+        TenantsCommand::Get { tenant_id } => {
+            let resp = api
+                .call(async |a: &Api| {
+                    a.tenants()
+                        .get_tenant(a.authed(GetTenantRequest {
+                            tenant_id: tenant_id.clone(),
+                        }))
+                        .await
+                })
+                .await?;
+            let tenant = resp.tenant.unwrap_or_default();
+            out.emit(
+                || output::tenant_fields(&tenant),
+                || output::tenant_json(&tenant),
+            );
+        }
+        TenantsCommand::Suspend { tenant_id } => {
+            let resp = api
+                .call(async |a: &Api| {
+                    a.admin()
+                        .suspend_tenant(a.authed(SuspendTenantRequest {
+                            tenant_id: tenant_id.clone(),
+                        }))
+                        .await
+                })
+                .await?;
+            print_tenant(out, resp.tenant.unwrap_or_default());
+        }
+        TenantsCommand::Resume { tenant_id } => {
+            let resp = api
+                .call(async |a: &Api| {
+                    a.admin()
+                        .resume_tenant(a.authed(ResumeTenantRequest {
+                            tenant_id: tenant_id.clone(),
+                        }))
+                        .await
+                })
+                .await?;
+            print_tenant(out, resp.tenant.unwrap_or_default());
+        }
+        TenantsCommand::Delete { tenant_id, yes } => {
+            if !yes
+                && !prompt::confirm(&format!(
+                    "Delete tenant {} with its instance and all its data?",
+                    output::sanitize(&tenant_id)
+                ))?
+            {
+                return Err(Error::Aborted);
+            }
+            api.call(async |a: &Api| {
+                a.admin()
+                    .delete_tenant(a.authed(DeleteTenantRequest {
+                        tenant_id: tenant_id.clone(),
+                    }))
+                    .await
+            })
+            .await?;
+            out.emit(
+                || format!("deleted tenant {}\n", output::sanitize(&tenant_id)),
+                || json!({ "tenant_id": tenant_id, "deleted": true }),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A tenant after a change: one table row, or its JSON.
+fn print_tenant(out: Printer, tenant: Tenant) {
+    out.emit(
+        || output::table(&TENANT_HEADERS, &[output::tenant_row(&tenant)]),
+        || output::tenant_json(&tenant),
+    );
+}
+
+async fn retention(api: &Api, command: RetentionCommand, out: Printer) -> Result<()> {
+    match command {
+        RetentionCommand::Get { tenant_id } => {
+            let resp = api
+                .call(async |a: &Api| {
+                    a.tenants()
+                        .get_retention_policy(a.authed(GetRetentionPolicyRequest {
+                            tenant_id: tenant_id.clone(),
+                        }))
+                        .await
+                })
+                .await?;
+            let policy = resp.policy.unwrap_or_default();
+            out.emit(
+                || {
+                    output::fields(&[
+                        ("TENANT", tenant_id.clone()),
+                        ("MAX AGE HOURS", policy.max_age_hours.to_string()),
+                        ("MAX COUNT", policy.max_count.to_string()),
+                        ("MAX AGE HOURS CAP", resp.max_age_hours_cap.to_string()),
+                    ])
+                },
+                || {
+                    json!({
+                        "tenant_id": tenant_id,
+                        "policy": output::retention_json(&policy),
+                        "max_age_hours_cap": resp.max_age_hours_cap,
+                    })
+                },
+            );
+        }
+        RetentionCommand::Set {
+            tenant_id,
+            max_age_hours,
+            max_count,
+            admin,
+        } => {
+            let policy = if admin {
+                api.call(async |a: &Api| {
+                    a.admin()
+                        .set_tenant_retention_policy(a.authed(SetTenantRetentionPolicyRequest {
+                            tenant_id: tenant_id.clone(),
+                            max_age_hours,
+                            max_count,
+                        }))
+                        .await
+                })
+                .await?
+                .policy
+            } else {
+                api.call(async |a: &Api| {
+                    a.tenants()
+                        .set_retention_policy(a.authed(SetRetentionPolicyRequest {
+                            tenant_id: tenant_id.clone(),
+                            max_age_hours,
+                            max_count,
+                        }))
+                        .await
+                })
+                .await?
+                .policy
+            };
+            let policy = policy.unwrap_or_default();
+            out.emit(
+                || {
+                    output::fields(&[
+                        ("TENANT", tenant_id.clone()),
+                        ("MAX AGE HOURS", policy.max_age_hours.to_string()),
+                        ("MAX COUNT", policy.max_count.to_string()),
+                    ])
+                },
+                || json!({ "tenant_id": tenant_id, "policy": output::retention_json(&policy) }),
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn audit(api: &Api, command: AuditCommand, out: Printer) -> Result<()> {
+    match command {
+        AuditCommand::List { limit, page_size } => {
+            let mut events: Vec<AuditEvent> = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let want = limit.map_or(u64::from(page_size), |l| {
+                    l.saturating_sub(events.len() as u64)
+                        .min(u64::from(page_size))
+                });
+                let page = api
+                    .call(async |a: &Api| {
+                        a.admin()
+                            .list_audit_events(a.authed(ListAuditEventsRequest {
+                                // `want` is at most `page_size`.
+                                page_size: u32::try_from(want).unwrap_or(page_size),
+                                page_token: page_token.clone(),
+                            }))
+                            .await
+                    })
+                    .await?;
+                events.extend(page.events);
+                if let Some(l) = limit
+                    && events.len() as u64 >= l
+                {
+                    events.truncate(usize::try_from(l).unwrap_or(usize::MAX));
+                    break;
+                }
+                if page.next_page_token.is_empty() || page.next_page_token == page_token {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            out.emit(
+                || {
+                    let rows: Vec<_> = events.iter().map(output::audit_row).collect();
+                    output::table(&AUDIT_HEADERS, &rows)
+                },
+                || Value::Array(events.iter().map(output::audit_json).collect()),
+            );
+        }
+        AuditCommand::Verify => {
+            let resp = api
+                .call(async |a: &Api| {
+                    a.admin()
+                        .verify_audit_log(a.authed(VerifyAuditLogRequest {}))
+                        .await
+                })
+                .await?;
+            if out.format == Format::Json {
+                print!(
+                    "{}",
+                    output::json(&json!({
+                        "ok": resp.ok,
+                        "first_bad_sequence": resp.first_bad_sequence,
+                        "checked": resp.checked,
+                    }))
+                );
+            }
+            if !resp.ok {
+                return Err(Error::AuditChainBroken {
+                    first_bad_sequence: resp.first_bad_sequence,
+                    checked: resp.checked,
+                });
+            }
+            if out.format == Format::Table {
+                println!("audit log ok: {} rows checked", resp.checked);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn admins(api: &Api, command: AdminsCommand, out: Printer) -> Result<()> {
+    let (user_id, admin) = match command {
+        AdminsCommand::Grant { user_id } => {
+            api.call(async |a: &Api| {
+                a.admin()
+                    .grant_admin(a.authed(GrantAdminRequest {
+                        user_id: user_id.clone(),
+                    }))
+                    .await
+            })
+            .await?;
+            (user_id, true)
+        }
+        AdminsCommand::Revoke { user_id } => {
+            api.call(async |a: &Api| {
+                a.admin()
+                    .revoke_admin(a.authed(RevokeAdminRequest {
+                        user_id: user_id.clone(),
+                    }))
+                    .await
+            })
+            .await?;
+            (user_id, false)
+        }
+    };
+    out.emit(
+        || {
+            let verb = if admin {
+                "granted admin to"
+            } else {
+                "revoked admin from"
+            };
+            format!(
+                "{verb} {} (their sessions were ended)\n",
+                output::sanitize(&user_id)
+            )
+        },
+        || json!({ "user_id": user_id, "admin": admin }),
+    );
+    Ok(())
+}
+
+async fn sessions(api: &Api, command: SessionsCommand, out: Printer) -> Result<()> {
+    let SessionsCommand::Revoke { user_id } = command;
+    let resp = api
+        .call(async |a: &Api| {
+            a.admin()
+                .revoke_sessions(a.authed(RevokeSessionsRequest {
+                    user_id: user_id.clone(),
+                }))
+                .await
+        })
+        .await?;
+    out.emit(
+        || {
+            format!(
+                "revoked {} session(s) of {}\n",
+                resp.revoked,
+                output::sanitize(&user_id)
+            )
+        },
+        || json!({ "user_id": user_id, "revoked": resp.revoked }),
+    );
+    Ok(())
+}
