@@ -24,6 +24,9 @@ pub struct Cli {
 pub enum Command {
     /// Serve the gRPC API.
     Serve(ServeArgs),
+    /// Run the whole control plane on this machine: the API on SQLite in `--data-dir`, and
+    /// one `tenant-runtime` process per tenant (the `local` provisioner). No cluster needed.
+    Dev(ServeArgs),
     /// Create the first admin (or make an existing user admin); reads the password from stdin.
     BootstrapAdmin(BootstrapArgs),
 }
@@ -31,13 +34,14 @@ pub enum Command {
 /// Where the database is.
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
-    /// `sqlite://PATH` (created if missing) or `postgres://USER@HOST/DB`.
-    #[arg(
-        long,
-        env = "TENANTRY_DATABASE_URL",
-        default_value = "sqlite://.tenantry/tenantry.db"
-    )]
-    pub database_url: String,
+    /// Directory for local state: the SQLite database and keys by default, and in `dev`
+    /// the local CA (`ca.crt`) and every tenant's instance.
+    #[arg(long, env = "TENANTRY_DATA_DIR", default_value = ".tenantry")]
+    pub data_dir: PathBuf,
+    /// `sqlite://PATH` (created if missing) or `postgres://USER@HOST/DB`; default
+    /// `sqlite://<data-dir>/tenantry.db`.
+    #[arg(long, env = "TENANTRY_DATABASE_URL")]
+    pub database_url: Option<String>,
     /// File holding the 32-byte master key (base64) that encrypts secrets at rest. With a
     /// SQLite database and no file given, `master.key` beside the database is used (and
     /// created on first start).
@@ -60,6 +64,14 @@ pub struct DatabaseArgs {
 }
 
 impl DatabaseArgs {
+    /// The database URL in force.
+    pub fn url(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}", self.data_dir.join("tenantry.db").display()),
+        }
+    }
+
     /// The argon2 parameters.
     pub fn hash_params(&self) -> HashParams {
         HashParams {
@@ -111,6 +123,27 @@ pub struct ServeArgs {
     /// Issuer name shown in authenticator apps.
     #[arg(long, env = "TENANTRY_TOTP_ISSUER", default_value = "Tenantry")]
     pub totp_issuer: String,
+    /// Who runs tenant instances: `none` (records only; phase stays Provisioning) or
+    /// `local` (a `tenant-runtime` process per tenant under `<data-dir>/tenants`). `dev`
+    /// always uses `local`.
+    #[arg(long, env = "TENANTRY_PROVISIONER", value_enum, default_value_t = ProvisionerKind::None)]
+    pub provisioner: ProvisionerKind,
+    /// The `tenant-runtime` binary for the local provisioner; default: next to this
+    /// program, else on `PATH`.
+    #[arg(long, env = "TENANTRY_RUNTIME_BIN")]
+    pub runtime_bin: Option<PathBuf>,
+    /// Lifetime of the local provisioner's instance certificates (renewed at two thirds).
+    #[arg(long, env = "TENANTRY_LOCAL_CERT_VALIDITY", default_value = "90days", value_parser = humantime::parse_duration)]
+    pub local_cert_validity: Duration,
+}
+
+/// Which provisioner runs tenant instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProvisionerKind {
+    /// Keep tenant records only.
+    None,
+    /// One `tenant-runtime` process per tenant on this machine.
+    Local,
 }
 
 impl ServeArgs {
@@ -138,6 +171,9 @@ pub struct BootstrapArgs {
     /// Email of the admin.
     #[arg(long, env = "TENANTRY_BOOTSTRAP_EMAIL")]
     pub email: String,
+    /// Read the password from stdin (always the case; accepted for scripts that say so).
+    #[arg(long, hide = true)]
+    pub password_stdin: bool,
     /// Database and key settings.
     #[command(flatten)]
     pub db: DatabaseArgs,
@@ -196,6 +232,21 @@ mod tests {
             unreachable!()
         };
         assert_eq!(args.instance_token_ttl, Duration::from_secs(900));
+    }
+
+    #[test]
+    fn dev_defaults_to_a_local_data_dir() {
+        let cli = Cli::try_parse_from(["tenantry-api", "dev"]).unwrap();
+        let Command::Dev(args) = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(args.db.url(), "sqlite://.tenantry/tenantry.db");
+        let cli = Cli::try_parse_from(["tenantry-api", "dev", "--data-dir", "/tmp/x"]).unwrap();
+        let Command::Dev(args) = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(args.db.url(), "sqlite:///tmp/x/tenantry.db");
+        assert_eq!(args.listen.to_string(), "127.0.0.1:50051");
     }
 
     #[test]

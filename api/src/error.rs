@@ -171,6 +171,9 @@ pub enum Error {
     /// The instance-token key is unusable, or signing failed.
     #[error("instance token: {0}")]
     Token(#[source] tenantry_proto::token::TokenError),
+    /// The provisioner could not do its part.
+    #[error("provisioner: {0}")]
+    Provisioner(String),
     /// A blocking task (hashing) panicked or was cancelled.
     #[error("background task failed")]
     Task(#[source] tokio::task::JoinError),

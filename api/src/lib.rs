@@ -13,6 +13,7 @@ pub mod error;
 pub mod lockout;
 pub mod migrations;
 pub mod password;
+pub mod provision;
 pub mod server;
 pub mod service;
 pub mod state;

@@ -26,6 +26,28 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("cannot listen on {}", args.listen))?;
             server::run(args, listener, shutdown_signal()).await?;
         }
+        Command::Dev(mut args) => {
+            args.provisioner = tenantry_api::config::ProvisionerKind::Local;
+            let listener = TcpListener::bind(args.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", args.listen))?;
+            let dir =
+                std::path::absolute(&args.db.data_dir).unwrap_or_else(|_| args.db.data_dir.clone());
+            eprintln!(
+                "tenantry dev: control API on {} (data in {})",
+                args.listen,
+                dir.display()
+            );
+            eprintln!(
+                "  instances trust the local CA at {}",
+                dir.join("ca.crt").display()
+            );
+            eprintln!(
+                "  create the first admin: tenantry-api bootstrap-admin --data-dir {} --email you@example.com",
+                dir.display()
+            );
+            server::run(args, listener, shutdown_signal()).await?;
+        }
         Command::BootstrapAdmin(args) => {
             let mut password = String::new();
             std::io::stdin()

@@ -23,11 +23,13 @@ use tonic_health::server::HealthReporter;
 
 use crate::auth::AuthLayer;
 use crate::clock::Clock;
-use crate::config::{DatabaseArgs, ServeArgs};
+use crate::config::{DatabaseArgs, ProvisionerKind, ServeArgs};
 use crate::crypto::MasterKey;
 use crate::error::{Error, Result};
 use crate::lockout::RateLimiter;
 use crate::password::PasswordHasher;
+use crate::provision::local::{LocalProvisioner, LocalSettings, find_runtime_bin};
+use crate::provision::{Provisioner, RecordOnly};
 use crate::service::account::Accounts;
 use crate::service::admin::Admin;
 use crate::service::mfa::Mfa;
@@ -57,7 +59,7 @@ fn sqlite_path(url: &str) -> Option<PathBuf> {
 /// Loads the master key from `--master-key-file`, or (SQLite only) from `master.key`
 /// beside the database, creating it with mode 0600 on first start.
 pub fn load_master_key(db: &DatabaseArgs) -> Result<MasterKey> {
-    let path = match (&db.master_key_file, sqlite_path(&db.database_url)) {
+    let path = match (&db.master_key_file, sqlite_path(&db.url())) {
         (Some(path), _) => path.clone(),
         (None, Some(db_path)) => {
             let path = db_path
@@ -115,7 +117,7 @@ pub const TOKEN_PUBLIC_KEY_FILE: &str = "token-public.pem";
 /// from `token-signing.key` beside the database, creating it (0600) and its public half
 /// [`TOKEN_PUBLIC_KEY_FILE`] on first start.
 pub fn load_token_signer(db: &DatabaseArgs) -> Result<TokenSigner> {
-    let path = match (&db.token_signing_key_file, sqlite_path(&db.database_url)) {
+    let path = match (&db.token_signing_key_file, sqlite_path(&db.url())) {
         (Some(path), _) => path.clone(),
         (None, Some(db_path)) => {
             let dir = db_path.parent().unwrap_or(Path::new(".")).to_path_buf();
@@ -161,12 +163,13 @@ fn ensure_sqlite_dir(url: &str) -> Result<()> {
 
 /// Connects to the database (migrating it) and builds the shared state.
 pub async fn build_state(args: &ServeArgs, clock: Arc<dyn Clock>) -> Result<Arc<AppState>> {
-    crate::store::Backend::of_url(&args.db.database_url)?;
-    ensure_sqlite_dir(&args.db.database_url)?;
+    crate::store::Backend::of_url(&args.db.url())?;
+    ensure_sqlite_dir(&args.db.url())?;
     let master_key = load_master_key(&args.db)?;
     let token_signer = load_token_signer(&args.db)?;
-    let store = Store::connect(&args.db.database_url, args.database_max_connections).await?;
+    let store = Store::connect(&args.db.url(), args.database_max_connections).await?;
     let hasher = PasswordHasher::new(args.db.hash_params())?;
+    let provisioner = build_provisioner(args, &store, &clock)?;
     Ok(Arc::new(AppState::new(StateParts {
         store,
         hasher,
@@ -177,7 +180,45 @@ pub async fn build_state(args: &ServeArgs, clock: Arc<dyn Clock>) -> Result<Arc<
         totp_issuer: args.totp_issuer.clone(),
         token_signer,
         instance_token_ttl: args.instance_token_ttl,
+        provisioner,
     })))
+}
+
+fn build_provisioner(
+    args: &ServeArgs,
+    store: &Store,
+    clock: &Arc<dyn Clock>,
+) -> Result<Arc<dyn Provisioner>> {
+    match args.provisioner {
+        ProvisionerKind::None => Ok(Arc::new(RecordOnly)),
+        ProvisionerKind::Local => {
+            let runtime_bin = match &args.runtime_bin {
+                Some(path) => path.clone(),
+                None => find_runtime_bin().ok_or_else(|| {
+                    Error::Config(
+                        "tenant-runtime binary not found next to tenantry-api or on PATH (build it with `cargo build --workspace`, or pass --runtime-bin)".into(),
+                    )
+                })?,
+            };
+            let token_public_key = match &args.db.token_signing_key_file {
+                Some(key) => key.with_file_name(TOKEN_PUBLIC_KEY_FILE),
+                None => args.db.data_dir.join(TOKEN_PUBLIC_KEY_FILE),
+            };
+            let settings = LocalSettings {
+                data_dir: std::path::absolute(&args.db.data_dir)
+                    .map_err(io_err(format!("resolving {}", args.db.data_dir.display())))?,
+                runtime_bin,
+                token_public_key: std::path::absolute(&token_public_key)
+                    .map_err(io_err(format!("resolving {}", token_public_key.display())))?,
+                cert_validity: args.local_cert_validity,
+            };
+            Ok(Arc::new(LocalProvisioner::new(
+                settings,
+                store.clone(),
+                Arc::clone(clock),
+            )?))
+        }
+    }
 }
 
 /// Runs `serve` with the system clock until `shutdown` resolves.
@@ -253,6 +294,20 @@ pub async fn serve(
             }
         }
     });
+    let reconcile_state = Arc::clone(&state);
+    let reconcile_task = tokio::spawn(async move {
+        loop {
+            if let Err(e) = crate::provision::reconcile_all(
+                &reconcile_state.store,
+                &reconcile_state.provisioner,
+            )
+            .await
+            {
+                tracing::warn!(error = %e, "could not list tenants to reconcile");
+            }
+            tokio::time::sleep(crate::provision::RECONCILE_INTERVAL).await;
+        }
+    });
     let purge_state = Arc::clone(&state);
     let purge_task = tokio::spawn(async move {
         loop {
@@ -298,6 +353,9 @@ pub async fn serve(
         .map_err(Error::Transport);
     health_task.abort();
     purge_task.abort();
+    reconcile_task.abort();
+    // Stops every tenant runtime this process started; none is left running.
+    state.provisioner.shutdown().await;
     state.store.close().await;
     tracing::info!("tenantry-api stopped");
     result
@@ -332,11 +390,11 @@ pub async fn bootstrap_admin(
     clock: &dyn Clock,
 ) -> Result<Bootstrap> {
     let email = crate::validate::normalize_email(email).map_err(|d| Error::invalid("email", d))?;
-    crate::store::Backend::of_url(&db.database_url)?;
-    ensure_sqlite_dir(&db.database_url)?;
+    crate::store::Backend::of_url(&db.url())?;
+    ensure_sqlite_dir(&db.url())?;
     // Make sure the key exists before any secret is stored with this database.
     load_master_key(db)?;
-    let store = Store::connect(&db.database_url, 2).await?;
+    let store = Store::connect(&db.url(), 2).await?;
     let now = clock.now_ms();
     let record = |user_id: &str, how: &str| AuditRecord {
         action: "admin.bootstrap",

@@ -14,6 +14,7 @@ use crate::crypto::MasterKey;
 use crate::error::{Error, Result};
 use crate::lockout::RateLimiter;
 use crate::password::PasswordHasher;
+use crate::provision::{Provisioner, TenantSpec};
 use crate::store::{AuditRecord, Store};
 
 /// Session and step-up policy.
@@ -66,6 +67,8 @@ pub struct AppState {
     pub token_signer: TokenSigner,
     /// Lifetime of instance tokens.
     pub instance_token_ttl: Duration,
+    /// Runs tenant instances.
+    pub provisioner: Arc<dyn Provisioner>,
     /// Bounds concurrent argon2 runs to the cores (each holds 19 MiB or more).
     hashing_slots: Semaphore,
 }
@@ -98,6 +101,8 @@ pub struct StateParts {
     pub token_signer: TokenSigner,
     /// Lifetime of instance tokens.
     pub instance_token_ttl: Duration,
+    /// Runs tenant instances.
+    pub provisioner: Arc<dyn Provisioner>,
 }
 
 impl AppState {
@@ -114,6 +119,7 @@ impl AppState {
             totp_issuer: p.totp_issuer,
             token_signer: p.token_signer,
             instance_token_ttl: p.instance_token_ttl,
+            provisioner: p.provisioner,
             hashing_slots: Semaphore::new(cores),
         }
     }
@@ -161,6 +167,26 @@ impl AppState {
                 what: "too many requests from this address",
                 retry_after,
             })
+    }
+
+    /// Converges the tenant's instance to its stored record, in the background; a failure
+    /// is logged and retried by the reconcile loop.
+    pub fn provision(self: &Arc<Self>, tenant_id: &str) {
+        let me = Arc::clone(self);
+        let tenant_id = tenant_id.to_owned();
+        tokio::spawn(async move {
+            let row = match me.store.tenant(&tenant_id).await {
+                Ok(Some(row)) => row,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(%tenant_id, error = %e, "could not read tenant to provision it");
+                    return;
+                }
+            };
+            if let Err(e) = me.provisioner.ensure(&TenantSpec::from_row(&row)).await {
+                tracing::warn!(%tenant_id, error = %e, "provisioning failed; will retry");
+            }
+        });
     }
 
     /// Writes an audit row on its own; a failure is logged, not returned, because the

@@ -105,6 +105,23 @@ pub struct TenantRow {
     pub created_at_ms: i64,
 }
 
+/// What a provisioner observed about a tenant's instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TenantStatus {
+    /// Phase name.
+    pub phase: String,
+    /// HTTPS endpoint, empty when not serving.
+    pub endpoint: String,
+    /// Certificate serial, empty when none.
+    pub cert_serial: String,
+    /// Certificate end of validity, Unix ms.
+    pub cert_not_after_ms: i64,
+    /// Certificate renewal time, Unix ms.
+    pub cert_renewal_ms: i64,
+    /// Detail for humans.
+    pub message: String,
+}
+
 /// A live session joined with its user.
 #[derive(Debug, Clone)]
 pub struct SessionRow {
@@ -1006,28 +1023,85 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes a tenant record and its memberships, and audits.
-    pub async fn delete_tenant(
+    /// Records what the provisioner observed; writes only when something changed, and never
+    /// over a tenant that is being deleted. Returns whether it wrote.
+    pub async fn set_tenant_status(
+        &self,
+        tenant_id: &str,
+        status: &TenantStatus,
+        now_ms: i64,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE tenants SET phase = $1, endpoint = $2, cert_serial = $3, cert_not_after_ms = $4, \
+             cert_renewal_ms = $5, message = $6, updated_at_ms = $7 \
+             WHERE id = $8 AND phase <> 'Terminating' AND NOT (phase = $1 AND endpoint = $2 AND \
+             cert_serial = $3 AND cert_not_after_ms = $4 AND cert_renewal_ms = $5 AND message = $6)",
+        )
+        .bind(&status.phase)
+        .bind(&status.endpoint)
+        .bind(&status.cert_serial)
+        .bind(status.cert_not_after_ms)
+        .bind(status.cert_renewal_ms)
+        .bind(&status.message)
+        .bind(now_ms)
+        .bind(tenant_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Marks a tenant as being deleted (the provisioner then removes its instance) and
+    /// audits; `Err(NotFound)` if it does not exist.
+    pub async fn mark_terminating(
         &self,
         tenant_id: &str,
         audit: &AuditRecord,
         now_ms: i64,
     ) -> Result<()> {
         let mut tx = self.begin_write().await?;
-        sqlx::query("DELETE FROM memberships WHERE tenant_id = $1")
-            .bind(tenant_id)
-            .execute(&mut *tx)
-            .await?;
-        let done = sqlx::query("DELETE FROM tenants WHERE id = $1")
-            .bind(tenant_id)
-            .execute(&mut *tx)
-            .await?;
+        let done = sqlx::query(
+            "UPDATE tenants SET phase = 'Terminating', endpoint = '', message = 'deleting the instance and its data', \
+             updated_at_ms = $1 WHERE id = $2",
+        )
+        .bind(now_ms)
+        .bind(tenant_id)
+        .execute(&mut *tx)
+        .await?;
         if done.rows_affected() == 0 {
             return Err(Error::NotFound("tenant"));
         }
         append_audit(&mut tx, audit, now_ms).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Removes a tenant's rows once its instance is gone. Idempotent.
+    pub async fn purge_tenant(&self, tenant_id: &str) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query("DELETE FROM memberships WHERE tenant_id = $1")
+            .bind(tenant_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM tenants WHERE id = $1")
+            .bind(tenant_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Every tenant, oldest first (paged internally).
+    pub async fn all_tenants(&self) -> Result<Vec<TenantRow>> {
+        let mut out: Vec<TenantRow> = Vec::new();
+        loop {
+            let after = out.last().map(|t| (t.created_at_ms, t.id.clone()));
+            let page = self.list_tenants(after, 500).await?;
+            let done = page.len() < 500;
+            out.extend(page);
+            if done {
+                return Ok(out);
+            }
+        }
     }
 
     // ---- audit ----

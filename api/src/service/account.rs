@@ -111,10 +111,13 @@ impl Accounts {
             ]),
         };
         match st.store.create_signup(&signup, &audit).await? {
-            SignupOutcome::Created => Ok(SignupResponse {
-                user_id: signup.user_id,
-                tenant_id: signup.tenant_id,
-            }),
+            SignupOutcome::Created => {
+                st.provision(&signup.tenant_id);
+                Ok(SignupResponse {
+                    user_id: signup.user_id,
+                    tenant_id: signup.tenant_id,
+                })
+            }
             SignupOutcome::EmailTaken => Err(Error::AlreadyExists {
                 field: "email",
                 message: "an account with this email already exists",

@@ -220,6 +220,7 @@ impl AdminService for Admin {
         st.store
             .set_suspended(id, true, phase::SUSPENDED, &audit, st.now_ms())
             .await?;
+        st.provision(id);
         let tenant = self.tenant_after(id).await?;
         Ok(Response::new(SuspendTenantResponse {
             tenant: Some(tenant_to_proto(&tenant)),
@@ -238,6 +239,7 @@ impl AdminService for Admin {
         st.store
             .set_suspended(id, false, phase::PROVISIONING, &audit, st.now_ms())
             .await?;
+        st.provision(id);
         let tenant = self.tenant_after(id).await?;
         Ok(Response::new(ResumeTenantResponse {
             tenant: Some(tenant_to_proto(&tenant)),
@@ -253,7 +255,10 @@ impl AdminService for Admin {
         let st = &self.state;
         let tenant = self.tenant_after(id).await?;
         let audit = admin.record(actions::DELETE, id, detail(&[("name", tenant.name.into())]));
-        st.store.delete_tenant(id, &audit, st.now_ms()).await?;
+        st.store.mark_terminating(id, &audit, st.now_ms()).await?;
+        // Usually done at once; if not, the tenant stays Terminating and the reconcile
+        // loop finishes the job (also after a restart).
+        crate::provision::finish_delete(&st.store, &st.provisioner, id).await;
         Ok(Response::new(DeleteTenantResponse {}))
     }
 
@@ -289,6 +294,7 @@ impl AdminService for Admin {
                 st.now_ms(),
             )
             .await?;
+        st.provision(id);
         Ok(Response::new(SetTenantRetentionPolicyResponse {
             policy: Some(tenantry_proto::v1::RetentionPolicy {
                 max_age_hours: policy.max_age_hours,

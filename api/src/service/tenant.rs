@@ -125,6 +125,7 @@ impl TenantService for Tenants {
                 st.now_ms(),
             )
             .await?;
+        st.provision(&tenant.id);
         Ok(Response::new(SetRetentionPolicyResponse {
             policy: Some(tenantry_proto::v1::RetentionPolicy {
                 max_age_hours: policy.max_age_hours,

@@ -1,0 +1,815 @@
+//! The `local` provisioner: one `tenant-runtime` child process per tenant on a loopback
+//! port, each with its own directory under `<data-dir>/tenants/<tenant id>/`:
+//!
+//! ```text
+//! config.yaml   the runtime's configuration (rewritten on retention changes; read live)
+//! data.key      32 random bytes, 0600, made once
+//! tls.crt/.key  the instance certificate from the local CA (renewed at two thirds of life)
+//! data/         the runtime's database
+//! runtime.log   the runtime's output
+//! runtime.pid   the child's pid, to stop a child left over by a crashed API
+//! port          the loopback port, kept across restarts
+//! ```
+//!
+//! A supervisor task per tenant keeps the process in the desired state, restarts it with
+//! backoff when it exits, probes `/readyz` over HTTPS (verifying the certificate against
+//! the local CA) and writes the observed phase, endpoint and certificate to the store.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use tenantry_operator::pki::{self, CertificateAuthority, LeafRequest};
+use tokio::sync::{Mutex, watch};
+use tokio::task::JoinHandle;
+
+use super::probe::Prober;
+use super::{Provisioner, TenantSpec};
+use crate::clock::Clock;
+use crate::crypto::random_bytes;
+use crate::error::{Error, Result};
+use crate::service::phase;
+use crate::store::{Store, TenantStatus};
+
+/// The local CA's certificate, for clients to trust (`<data-dir>/ca.crt`).
+pub const CA_CERT_FILE: &str = "ca.crt";
+const CA_KEY_FILE: &str = "ca.key";
+/// The name every local instance certificate carries (with 127.0.0.1).
+pub const INSTANCE_HOST: &str = "localhost";
+
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A process that ran this long before exiting restarts with the first backoff again.
+const STABLE_AFTER: Duration = Duration::from_secs(60);
+const PROBE_EVERY_STARTING: Duration = Duration::from_millis(250);
+const PROBE_EVERY_READY: Duration = Duration::from_secs(5);
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+fn io_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |source| Error::Io { what, source }
+}
+
+fn pki_err(e: tenantry_operator::Error) -> Error {
+    Error::Provisioner(format!("local CA: {e}"))
+}
+
+/// Writes `contents` to `path` through a temporary file and a rename, so a reader (the
+/// runtime watching its files) never sees half a file.
+fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension(format!("tmp-{}", hex::encode(random_bytes::<4>()?)));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io_err(format!("creating {}", tmp.display())))?;
+    file.write_all(contents)
+        .and_then(|()| file.sync_all())
+        .map_err(io_err(format!("writing {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(io_err(format!("replacing {}", path.display())))
+}
+
+/// Loads the local CA from `dir`, creating it on first start.
+pub fn load_or_create_ca(dir: &Path) -> Result<CertificateAuthority> {
+    let cert_path = dir.join(CA_CERT_FILE);
+    let key_path = dir.join(CA_KEY_FILE);
+    if cert_path.exists() && key_path.exists() {
+        let cert = std::fs::read_to_string(&cert_path)
+            .map_err(io_err(format!("reading {}", cert_path.display())))?;
+        let key = std::fs::read_to_string(&key_path)
+            .map_err(io_err(format!("reading {}", key_path.display())))?;
+        return CertificateAuthority::from_pem(&cert, &SecretString::from(key)).map_err(pki_err);
+    }
+    std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    let ca = CertificateAuthority::generate("Tenantry local CA").map_err(pki_err)?;
+    write_atomic(&key_path, ca.key_pem().expose_secret().as_bytes(), 0o600)?;
+    write_atomic(&cert_path, ca.cert_pem().as_bytes(), 0o644)?;
+    tracing::info!(path = %cert_path.display(), "created the local CA; trust this certificate to reach instances");
+    Ok(ca)
+}
+
+/// The runtime configuration file for one tenant (the keys are the runtime's contract).
+pub fn render_config(spec: &TenantSpec, port: u16, dir: &Path, token_public_key: &Path) -> String {
+    let path = |p: &Path| serde_json::Value::String(p.display().to_string());
+    let config = serde_json::json!({
+        "tenant_id": spec.id,
+        "listen": format!("127.0.0.1:{port}"),
+        "tls": { "cert_file": path(&dir.join("tls.crt")), "key_file": path(&dir.join("tls.key")) },
+        "data_dir": path(&dir.join("data")),
+        "data_key_file": path(&dir.join("data.key")),
+        "token_public_key_file": path(token_public_key),
+        "retention": { "max_age_hours": spec.retention.max_age_hours, "max_count": spec.retention.max_count },
+    });
+    // JSON is valid YAML; the runtime reads either.
+    format!("{config:#}\n")
+}
+
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .map_err(io_err("finding a free loopback port".into()))?;
+    let port = listener
+        .local_addr()
+        .map_err(io_err("finding a free loopback port".into()))?
+        .port();
+    Ok(port)
+}
+
+fn port_is_free(port: u16) -> bool {
+    std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Desired {
+    Running,
+    Suspended,
+    Deleted,
+}
+
+struct Supervisor {
+    desired: watch::Sender<Desired>,
+    task: JoinHandle<()>,
+}
+
+/// Settings of the local provisioner.
+#[derive(Debug, Clone)]
+pub struct LocalSettings {
+    /// `<data-dir>`: the CA lives here, tenants under `tenants/`.
+    pub data_dir: PathBuf,
+    /// The `tenant-runtime` binary.
+    pub runtime_bin: PathBuf,
+    /// The API's token public key (PEM) every runtime verifies with.
+    pub token_public_key: PathBuf,
+    /// Instance certificate lifetime.
+    pub cert_validity: Duration,
+}
+
+struct Shared {
+    settings: LocalSettings,
+    ca: CertificateAuthority,
+    prober: Prober,
+    store: Store,
+    clock: Arc<dyn Clock>,
+    shutdown: watch::Sender<bool>,
+}
+
+/// The provisioner.
+pub struct LocalProvisioner {
+    shared: Arc<Shared>,
+    supervisors: Mutex<HashMap<String, Supervisor>>,
+}
+
+impl std::fmt::Debug for LocalProvisioner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalProvisioner")
+            .field("settings", &self.shared.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Finds `tenant-runtime`: next to this executable first, then on `PATH`.
+pub fn find_runtime_bin() -> Option<PathBuf> {
+    let beside = std::env::current_exe()
+        .ok()?
+        .parent()
+        .map(|d| d.join("tenant-runtime"));
+    if let Some(path) = beside.filter(|p| p.is_file()) {
+        return Some(path);
+    }
+    std::env::var_os("PATH")
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("tenant-runtime"))
+                .collect::<Vec<_>>()
+        })
+        .and_then(|candidates| candidates.into_iter().find(|p| p.is_file()))
+}
+
+impl LocalProvisioner {
+    /// Sets up the data directory and the local CA.
+    pub fn new(settings: LocalSettings, store: Store, clock: Arc<dyn Clock>) -> Result<Self> {
+        if !settings.runtime_bin.is_file() {
+            return Err(Error::Config(format!(
+                "tenant-runtime binary not found at {} (build it with `cargo build --workspace`, or pass --runtime-bin)",
+                settings.runtime_bin.display()
+            )));
+        }
+        let ca = load_or_create_ca(&settings.data_dir)?;
+        let prober = Prober::new(ca.cert_pem()).map_err(Error::Provisioner)?;
+        let (shutdown, _) = watch::channel(false);
+        Ok(LocalProvisioner {
+            shared: Arc::new(Shared {
+                settings,
+                ca,
+                prober,
+                store,
+                clock,
+                shutdown,
+            }),
+            supervisors: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn tenant_dir(&self, tenant_id: &str) -> PathBuf {
+        self.shared
+            .settings
+            .data_dir
+            .join("tenants")
+            .join(tenant_id)
+    }
+}
+
+impl Shared {
+    fn now(&self) -> jiff::Timestamp {
+        jiff::Timestamp::from_millisecond(self.clock.now_ms())
+            .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+    }
+
+    /// Issues a certificate when there is none, it is not ours, or renewal is due; returns
+    /// the one in force.
+    fn ensure_certificate(&self, dir: &Path) -> Result<pki::CertificateInfo> {
+        let cert_path = dir.join("tls.crt");
+        let key_path = dir.join("tls.key");
+        let existing = std::fs::read_to_string(&cert_path).ok().and_then(|pem| {
+            let key = std::fs::read_to_string(&key_path).ok()?;
+            let info = pki::parse_certificate(&pem).ok()?;
+            let ours = self.ca.signed(&pem) && pki::key_matches(&info, &SecretString::from(key));
+            ours.then_some(info)
+        });
+        if let Some(info) = existing
+            && self.now() < pki::renewal_time(info.not_before, info.not_after, None)
+        {
+            return Ok(info);
+        }
+        let issued = self
+            .ca
+            .issue_leaf(&LeafRequest {
+                dns_names: vec![INSTANCE_HOST.to_owned()],
+                ip_addresses: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
+                validity: self.settings.cert_validity,
+                now: self.now(),
+            })
+            .map_err(pki_err)?;
+        // Key first: the runtime only switches once the pair matches.
+        write_atomic(&key_path, issued.key_pem.expose_secret().as_bytes(), 0o600)?;
+        write_atomic(&cert_path, issued.cert_pem.as_bytes(), 0o644)?;
+        tracing::info!(tenant_dir = %dir.display(), serial = %issued.serial_hex, not_after = %issued.not_after, "issued instance certificate");
+        pki::parse_certificate(&issued.cert_pem).map_err(pki_err)
+    }
+
+    /// Lays out the tenant directory: data key (once), port, certificate, config.
+    fn prepare(&self, dir: &Path, spec: &TenantSpec) -> Result<(u16, pki::CertificateInfo)> {
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir.join("data"))
+            .map_err(io_err(format!("creating {}", dir.display())))?;
+        let key_path = dir.join("data.key");
+        if !key_path.exists() {
+            // Made once and never rewritten: it is the only way to read the tenant's data.
+            write_atomic(&key_path, &random_bytes::<32>()?, 0o600)?;
+        }
+        let port_path = dir.join("port");
+        let port = match std::fs::read_to_string(&port_path)
+            .ok()
+            .and_then(|p| p.trim().parse::<u16>().ok())
+        {
+            Some(port) => port,
+            None => {
+                let port = free_port()?;
+                write_atomic(&port_path, port.to_string().as_bytes(), 0o600)?;
+                port
+            }
+        };
+        let cert = self.ensure_certificate(dir)?;
+        self.write_config(dir, spec, port)?;
+        Ok((port, cert))
+    }
+
+    fn write_config(&self, dir: &Path, spec: &TenantSpec, port: u16) -> Result<()> {
+        let config = render_config(spec, port, dir, &self.settings.token_public_key);
+        let path = dir.join("config.yaml");
+        if std::fs::read_to_string(&path).ok().as_deref() != Some(config.as_str()) {
+            write_atomic(&path, config.as_bytes(), 0o600)?;
+        }
+        Ok(())
+    }
+
+    async fn report(&self, tenant_id: &str, status: TenantStatus) {
+        if let Err(e) = self
+            .store
+            .set_tenant_status(tenant_id, &status, self.clock.now_ms())
+            .await
+        {
+            tracing::warn!(%tenant_id, error = %e, "could not record tenant status");
+        }
+    }
+}
+
+fn cert_status(cert: &pki::CertificateInfo) -> (String, i64, i64) {
+    let renewal = pki::renewal_time(cert.not_before, cert.not_after, None);
+    (
+        cert.serial_hex.clone(),
+        cert.not_after.as_millisecond(),
+        renewal.as_millisecond(),
+    )
+}
+
+fn status(
+    phase_name: &str,
+    endpoint: String,
+    cert: Option<&pki::CertificateInfo>,
+    message: String,
+) -> TenantStatus {
+    let (cert_serial, cert_not_after_ms, cert_renewal_ms) =
+        cert.map(cert_status).unwrap_or_default();
+    TenantStatus {
+        phase: phase_name.to_owned(),
+        endpoint,
+        cert_serial,
+        cert_not_after_ms,
+        cert_renewal_ms,
+        message,
+    }
+}
+
+/// Stops a process: SIGTERM, then SIGKILL after the grace period.
+async fn stop_child(child: &mut tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        let _ = tokio::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .await;
+        if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_ok() {
+            return;
+        }
+    }
+    let _ = child.kill().await;
+}
+
+/// Stops a runtime left running by an earlier API process that died without cleanup.
+async fn stop_leftover(dir: &Path) {
+    let pid_path = dir.join("runtime.pid");
+    let Some(pid) = std::fs::read_to_string(&pid_path)
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok())
+    else {
+        return;
+    };
+    let config = dir.join("config.yaml").display().to_string();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if String::from_utf8_lossy(&cmdline).contains(&config) {
+        tracing::info!(
+            pid,
+            "stopping a tenant runtime left over from an earlier run"
+        );
+        let _ = tokio::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status()
+            .await;
+        for _ in 0..50 {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = tokio::process::Command::new("kill")
+            .arg("-KILL")
+            .arg(pid.to_string())
+            .status()
+            .await;
+    }
+    let _ = std::fs::remove_file(pid_path);
+}
+
+/// Keeps one tenant's process in the desired state until told to stop.
+async fn supervise(
+    shared: Arc<Shared>,
+    spec: TenantSpec,
+    dir: PathBuf,
+    mut desired: watch::Receiver<Desired>,
+) {
+    let id = spec.id.clone();
+    let mut shutdown = shared.shutdown.subscribe();
+    let mut child: Option<tokio::process::Child> = None;
+    let mut backoff = FIRST_BACKOFF;
+    stop_leftover(&dir).await;
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let want = *desired.borrow_and_update();
+        match want {
+            Desired::Deleted => break,
+            Desired::Suspended => {
+                if let Some(mut c) = child.take() {
+                    stop_child(&mut c).await;
+                }
+                let cert = pki::parse_certificate(
+                    &std::fs::read_to_string(dir.join("tls.crt")).unwrap_or_default(),
+                )
+                .ok();
+                shared
+                    .report(
+                        &id,
+                        status(
+                            phase::SUSPENDED,
+                            String::new(),
+                            cert.as_ref(),
+                            "suspended; data kept".into(),
+                        ),
+                    )
+                    .await;
+                tokio::select! {
+                    _ = desired.changed() => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+            Desired::Running => {
+                // Re-read the spec's files: ensure() keeps config.yaml current.
+                let port = match std::fs::read_to_string(dir.join("port"))
+                    .ok()
+                    .and_then(|p| p.trim().parse::<u16>().ok())
+                {
+                    Some(p) => p,
+                    None => {
+                        shared
+                            .report(
+                                &id,
+                                status(
+                                    phase::DEGRADED,
+                                    String::new(),
+                                    None,
+                                    "instance files missing".into(),
+                                ),
+                            )
+                            .await;
+                        tokio::select! {
+                            _ = desired.changed() => {}
+                            _ = shutdown.changed() => {}
+                            () = tokio::time::sleep(backoff) => {}
+                        }
+                        continue;
+                    }
+                };
+                if child.is_none() {
+                    match spawn_runtime(&shared, &dir).await {
+                        Ok(c) => child = Some(c),
+                        Err(e) => {
+                            shared
+                                .report(
+                                    &id,
+                                    status(
+                                        phase::DEGRADED,
+                                        String::new(),
+                                        None,
+                                        format!("cannot start runtime: {e}"),
+                                    ),
+                                )
+                                .await;
+                            tokio::select! {
+                                _ = desired.changed() => {}
+                                _ = shutdown.changed() => {}
+                                () = tokio::time::sleep(backoff) => {}
+                            }
+                            backoff = (backoff * 2).min(MAX_BACKOFF);
+                            continue;
+                        }
+                    }
+                }
+                let Some(running) = child.as_mut() else {
+                    continue;
+                };
+                let started = tokio::time::Instant::now();
+                let outcome = watch_running(
+                    &shared,
+                    &id,
+                    &dir,
+                    port,
+                    running,
+                    &mut desired,
+                    &mut shutdown,
+                )
+                .await;
+                match outcome {
+                    Watch::Exited(exit) => {
+                        child = None;
+                        let _ = std::fs::remove_file(dir.join("runtime.pid"));
+                        if started.elapsed() >= STABLE_AFTER {
+                            backoff = FIRST_BACKOFF;
+                        }
+                        tracing::warn!(tenant_id = %id, %exit, ?backoff, "tenant runtime exited; restarting");
+                        shared
+                            .report(
+                                &id,
+                                status(
+                                    phase::DEGRADED,
+                                    String::new(),
+                                    None,
+                                    format!(
+                                        "runtime exited ({exit}); restarting in {}s",
+                                        backoff.as_secs()
+                                    ),
+                                ),
+                            )
+                            .await;
+                        tokio::select! {
+                            _ = desired.changed() => {}
+                            _ = shutdown.changed() => {}
+                            () = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        // A port taken meanwhile by something else: move to a new one.
+                        if !port_is_free(port)
+                            && let Ok(new_port) = free_port()
+                        {
+                            let _ = write_atomic(
+                                &dir.join("port"),
+                                new_port.to_string().as_bytes(),
+                                0o600,
+                            );
+                            let _ = shared.write_config(
+                                &dir,
+                                &spec_with_retention_from_config(&dir, &spec),
+                                new_port,
+                            );
+                        }
+                    }
+                    Watch::Changed => {}
+                    Watch::Shutdown => break,
+                }
+            }
+        }
+    }
+    if let Some(mut c) = child.take() {
+        stop_child(&mut c).await;
+    }
+    let _ = std::fs::remove_file(dir.join("runtime.pid"));
+}
+
+/// The spec with the retention currently in the config file (so a port move keeps the
+/// latest retention even if this supervisor's copy of the spec is older).
+fn spec_with_retention_from_config(dir: &Path, spec: &TenantSpec) -> TenantSpec {
+    let mut spec = spec.clone();
+    if let Ok(text) = std::fs::read_to_string(dir.join("config.yaml"))
+        && let Ok(value) = serde_json::from_str::<serde_json::Value>(&text)
+        && let Ok(r) = serde_json::from_value(value["retention"].clone())
+    {
+        spec.retention = r;
+    }
+    spec
+}
+
+enum Watch {
+    Exited(String),
+    Changed,
+    Shutdown,
+}
+
+async fn spawn_runtime(shared: &Shared, dir: &Path) -> Result<tokio::process::Child> {
+    let log_path = dir.join("runtime.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(io_err(format!("opening {}", log_path.display())))?;
+    let log_err = log
+        .try_clone()
+        .map_err(io_err(format!("opening {}", log_path.display())))?;
+    let child = tokio::process::Command::new(&shared.settings.runtime_bin)
+        .arg("--config")
+        .arg(dir.join("config.yaml"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log_err))
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(io_err(format!(
+            "starting {}",
+            shared.settings.runtime_bin.display()
+        )))?;
+    if let Some(pid) = child.id() {
+        let _ = write_atomic(&dir.join("runtime.pid"), pid.to_string().as_bytes(), 0o600);
+    }
+    Ok(child)
+}
+
+/// Watches a running child: probes readiness, renews the certificate when due, and
+/// returns when the process exits, the desired state changes, or the API shuts down.
+async fn watch_running(
+    shared: &Shared,
+    id: &str,
+    dir: &Path,
+    port: u16,
+    child: &mut tokio::process::Child,
+    desired: &mut watch::Receiver<Desired>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Watch {
+    let endpoint = format!("https://127.0.0.1:{port}");
+    let mut ready = false;
+    let mut cert =
+        pki::parse_certificate(&std::fs::read_to_string(dir.join("tls.crt")).unwrap_or_default())
+            .ok();
+    shared
+        .report(
+            id,
+            status(
+                phase::PROVISIONING,
+                String::new(),
+                cert.as_ref(),
+                "runtime starting".into(),
+            ),
+        )
+        .await;
+    loop {
+        let every = if ready {
+            PROBE_EVERY_READY
+        } else {
+            PROBE_EVERY_STARTING
+        };
+        tokio::select! {
+            exit = child.wait() => {
+                let exit = match exit {
+                    Ok(status) => status.to_string(),
+                    Err(e) => format!("wait failed: {e}"),
+                };
+                return Watch::Exited(exit);
+            }
+            changed = desired.changed() => {
+                return if changed.is_ok() { Watch::Changed } else { Watch::Shutdown };
+            }
+            _ = shutdown.changed() => return Watch::Shutdown,
+            () = tokio::time::sleep(every) => {
+                // Renewal: same rule as in the cluster; the runtime reloads the files.
+                match shared.ensure_certificate(dir) {
+                    Ok(info) => cert = Some(info),
+                    Err(e) => tracing::warn!(tenant_id = %id, error = %e, "certificate renewal failed; will retry"),
+                }
+                let probe = shared.prober.ready(port, INSTANCE_HOST).await;
+                let next = match &probe {
+                    Ok(()) => status(phase::READY, endpoint.clone(), cert.as_ref(), String::new()),
+                    Err(why) if ready => status(phase::DEGRADED, String::new(), cert.as_ref(), format!("readiness probe failed: {why}")),
+                    Err(_) => status(phase::PROVISIONING, String::new(), cert.as_ref(), "runtime starting".into()),
+                };
+                ready = probe.is_ok();
+                shared.report(id, next).await;
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Provisioner for LocalProvisioner {
+    async fn ensure(&self, spec: &TenantSpec) -> Result<()> {
+        let dir = self.tenant_dir(&spec.id);
+        let shared = Arc::clone(&self.shared);
+        let prepared_spec = spec.clone();
+        let prepared_dir = dir.clone();
+        tokio::task::spawn_blocking(move || shared.prepare(&prepared_dir, &prepared_spec))
+            .await
+            .map_err(Error::Task)??;
+        let want = if spec.suspended {
+            Desired::Suspended
+        } else {
+            Desired::Running
+        };
+        let mut supervisors = self.supervisors.lock().await;
+        if let Some(s) = supervisors.get(&spec.id)
+            && !s.task.is_finished()
+        {
+            s.desired.send_if_modified(|d| {
+                let changed = *d != want;
+                *d = want;
+                changed
+            });
+            return Ok(());
+        }
+        if *self.shared.shutdown.borrow() {
+            return Ok(());
+        }
+        let (tx, rx) = watch::channel(want);
+        let task = tokio::spawn(supervise(Arc::clone(&self.shared), spec.clone(), dir, rx));
+        supervisors.insert(spec.id.clone(), Supervisor { desired: tx, task });
+        Ok(())
+    }
+
+    async fn delete(&self, tenant_id: &str) -> Result<()> {
+        let supervisor = self.supervisors.lock().await.remove(tenant_id);
+        if let Some(s) = supervisor {
+            let _ = s.desired.send(Desired::Deleted);
+            let _ = s.task.await;
+        }
+        let dir = self.tenant_dir(tenant_id);
+        stop_leftover(&dir).await;
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => {
+                tracing::info!(%tenant_id, "deleted the instance, its data key and its data");
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::Io {
+                what: format!("deleting {}", dir.display()),
+                source: e,
+            }),
+        }
+    }
+
+    async fn shutdown(&self) {
+        let _ = self.shared.shutdown.send(true);
+        let supervisors: Vec<Supervisor> = self
+            .supervisors
+            .lock()
+            .await
+            .drain()
+            .map(|(_, s)| s)
+            .collect();
+        for s in supervisors {
+            let _ = s.task.await;
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use tenantry_proto::retention::RetentionPolicy;
+
+    #[test]
+    fn config_has_exactly_the_runtime_contract_keys() {
+        let spec = TenantSpec {
+            id: "t-1".into(),
+            name: "acme".into(),
+            suspended: false,
+            retention: RetentionPolicy {
+                max_age_hours: 1,
+                max_count: 5,
+            },
+        };
+        let text = render_config(
+            &spec,
+            8443,
+            Path::new("/d/t-1"),
+            Path::new("/d/token-public.pem"),
+        );
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "data_dir",
+                "data_key_file",
+                "listen",
+                "retention",
+                "tenant_id",
+                "tls",
+                "token_public_key_file"
+            ]
+        );
+        assert_eq!(v["listen"], "127.0.0.1:8443");
+        assert_eq!(v["tls"]["key_file"], "/d/t-1/tls.key");
+        assert_eq!(v["retention"]["max_count"], 5);
+    }
+
+    #[test]
+    fn atomic_writes_replace_whole_files_with_the_mode() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        write_atomic(&path, b"one", 0o600).unwrap();
+        write_atomic(&path, b"two", 0o600).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporary file left"
+        );
+    }
+
+    #[test]
+    fn the_local_ca_is_made_once_and_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = load_or_create_ca(dir.path()).unwrap();
+        let b = load_or_create_ca(dir.path()).unwrap();
+        assert_eq!(a.cert_pem(), b.cert_pem());
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(dir.path().join(CA_KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

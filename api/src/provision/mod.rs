@@ -1,0 +1,109 @@
+//! Provisioners turn tenant records into running instances and report what they see back
+//! into the store (phase, endpoint, certificate). The API calls [`Provisioner::ensure`]
+//! after every change and a reconcile loop calls it for every tenant periodically, so a
+//! failed or interrupted step is retried rather than forgotten.
+
+pub mod local;
+pub mod probe;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tenantry_proto::retention::RetentionPolicy;
+
+use crate::error::Result;
+use crate::service::phase;
+use crate::store::{Store, TenantRow};
+
+/// What a tenant's instance should look like.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantSpec {
+    /// Tenant id.
+    pub id: String,
+    /// Tenant name (a DNS label).
+    pub name: String,
+    /// Scaled to zero, data kept.
+    pub suspended: bool,
+    /// Retention the runtime enforces.
+    pub retention: RetentionPolicy,
+}
+
+impl TenantSpec {
+    /// The spec a stored tenant asks for.
+    pub fn from_row(row: &TenantRow) -> Self {
+        TenantSpec {
+            id: row.id.clone(),
+            name: row.name.clone(),
+            suspended: row.suspended,
+            retention: RetentionPolicy {
+                max_age_hours: u32::try_from(row.retention_max_age_hours).unwrap_or(0),
+                max_count: u32::try_from(row.retention_max_count).unwrap_or(0),
+            },
+        }
+    }
+}
+
+/// Runs tenant instances.
+#[tonic::async_trait]
+pub trait Provisioner: Send + Sync + 'static {
+    /// Creates or converges the instance to `spec`; idempotent.
+    async fn ensure(&self, spec: &TenantSpec) -> Result<()>;
+    /// Stops the instance and destroys its data and keys; idempotent (an unknown tenant is
+    /// already deleted).
+    async fn delete(&self, tenant_id: &str) -> Result<()>;
+    /// Stops every instance this process started (data is kept).
+    async fn shutdown(&self);
+}
+
+/// Keeps tenant records only: no instance is started, the phase stays `Provisioning`.
+#[derive(Debug, Default)]
+pub struct RecordOnly;
+
+#[tonic::async_trait]
+impl Provisioner for RecordOnly {
+    async fn ensure(&self, _spec: &TenantSpec) -> Result<()> {
+        Ok(())
+    }
+    async fn delete(&self, _tenant_id: &str) -> Result<()> {
+        Ok(())
+    }
+    async fn shutdown(&self) {}
+}
+
+/// How often every tenant is reconciled even without a change.
+pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// One pass over every tenant: finish deletions, converge the rest. Errors are logged per
+/// tenant so one bad tenant never stops the others.
+pub async fn reconcile_all(store: &Store, provisioner: &Arc<dyn Provisioner>) -> Result<()> {
+    for tenant in store.all_tenants().await? {
+        if tenant.phase == phase::TERMINATING {
+            finish_delete(store, provisioner, &tenant.id).await;
+        } else if let Err(e) = provisioner.ensure(&TenantSpec::from_row(&tenant)).await {
+            tracing::warn!(tenant_id = %tenant.id, error = %e, "could not converge tenant; will retry");
+        }
+    }
+    Ok(())
+}
+
+/// Deletes the instance, then the records. On failure the tenant stays `Terminating`
+/// and the next reconcile tries again (also after a restart).
+pub async fn finish_delete(
+    store: &Store,
+    provisioner: &Arc<dyn Provisioner>,
+    tenant_id: &str,
+) -> bool {
+    match provisioner.delete(tenant_id).await {
+        Ok(()) => match store.purge_tenant(tenant_id).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(%tenant_id, error = %e, "instance deleted but records remain; will retry");
+                false
+            }
+        },
+        Err(e) => {
+            tracing::warn!(%tenant_id, error = %e, "could not delete instance; will retry");
+            false
+        }
+    }
+}

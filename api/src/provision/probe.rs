@@ -1,0 +1,87 @@
+//! A minimal HTTPS readiness probe: TLS to a loopback port, verified against a given CA
+//! for a given name, then `GET /readyz`. Enough to tell "serving with the certificate we
+//! issued" from anything else, without an HTTP client library.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// A TLS client that trusts exactly one CA.
+#[derive(Clone)]
+pub struct Prober {
+    connector: TlsConnector,
+}
+
+impl std::fmt::Debug for Prober {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Prober")
+    }
+}
+
+impl Prober {
+    /// A prober trusting the CA certificate(s) in `ca_pem`.
+    pub fn new(ca_pem: &str) -> Result<Self, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut ca_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("CA certificate: {e}"))?;
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| format!("CA certificate: {e}"))?;
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Ok(Prober {
+            connector: TlsConnector::from(Arc::new(config)),
+        })
+    }
+
+    /// `Ok(())` when `https://<name>:<port>/readyz` on 127.0.0.1 answers 200 with a
+    /// certificate for `name` from the CA; `Err(why)` otherwise.
+    pub async fn ready(&self, port: u16, name: &str) -> Result<(), String> {
+        let attempt = async {
+            let tcp = TcpStream::connect(("127.0.0.1", port))
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let server_name = ServerName::try_from(name.to_owned()).map_err(|e| e.to_string())?;
+            let mut tls = self
+                .connector
+                .connect(server_name, tcp)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            tls.write_all(
+                format!("GET /readyz HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+            let mut head = vec![0u8; 64];
+            let n = tls
+                .read(&mut head)
+                .await
+                .map_err(|e| format!("read: {e}"))?;
+            let line = String::from_utf8_lossy(&head[..n]);
+            if line.starts_with("HTTP/1.1 200") {
+                Ok(())
+            } else {
+                Err(format!(
+                    "/readyz answered {}",
+                    line.lines().next().unwrap_or_default()
+                ))
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), attempt)
+            .await
+            .map_err(|_| "timed out".to_owned())?
+    }
+}

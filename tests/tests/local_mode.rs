@@ -1,0 +1,730 @@
+//! End to end on one machine: the real `tenantry-api dev` binary with its local
+//! provisioner starting real `tenant-runtime` processes, driven over gRPC and HTTPS, and
+//! the admin steps through the real `tenantryctl`.
+//!
+//! The binaries are the ones `cargo test --workspace` builds next to this test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tenantry_proto::v1::account_service_client::AccountServiceClient;
+use tenantry_proto::v1::tenant_service_client::TenantServiceClient;
+use tenantry_proto::v1::*;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tonic::Request;
+use tonic::transport::Channel;
+
+const PASSWORD: &str = "violet-Harbor-93-lantern";
+
+fn bin(name: &str) -> PathBuf {
+    // target/<profile>/deps/<this test> → target/<profile>/<name>
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the workspace first (`cargo test --workspace` does)",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn authed<T>(msg: T, token: &str) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
+}
+
+struct Dev {
+    child: tokio::process::Child,
+    port: u16,
+    data_dir: PathBuf,
+}
+
+impl Dev {
+    async fn start(data_dir: &Path, port: u16) -> Dev {
+        let child = tokio::process::Command::new(bin("tenantry-api"))
+            .args(["dev", "--data-dir"])
+            .arg(data_dir)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            // Cheap hashing keeps the test quick; the defaults are tested in the API suite.
+            .args(["--argon2-memory-kib", "1024", "--argon2-iterations", "1"])
+            .env("TENANTRY_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(data_dir.with_extension("log")).unwrap(),
+            ))
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let dev = Dev {
+            child,
+            port,
+            data_dir: data_dir.to_owned(),
+        };
+        dev.channel().await;
+        dev
+    }
+
+    async fn channel(&self) -> Channel {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(c) = Channel::from_shared(format!("http://127.0.0.1:{}", self.port))
+                .unwrap()
+                .connect()
+                .await
+            {
+                return c;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dev did not start; log: {}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default()
+    }
+
+    async fn interrupt(mut self) {
+        let pid = self.child.id().unwrap();
+        std::process::Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status()
+            .unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(status.success(), "dev exited with {status}");
+    }
+}
+
+/// Minimal HTTPS client: one request per connection, verified against `ca_pem` for `name`.
+struct Https {
+    connector: tokio_rustls::TlsConnector,
+}
+
+impl Https {
+    fn new(ca_pem: &str) -> Https {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Https {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        }
+    }
+
+    async fn request(
+        &self,
+        endpoint: &str,
+        name: &str,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&serde_json::Value>,
+    ) -> Result<(u16, serde_json::Value), String> {
+        let addr = endpoint.trim_start_matches("https://");
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let server_name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
+        let mut tls = self
+            .connector
+            .connect(server_name, tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let mut req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        if !body.is_empty() {
+            req.push_str("Content-Type: application/json\r\n");
+        }
+        if let Some(t) = token {
+            req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
+        req.push_str("\r\n");
+        req.push_str(&body);
+        tls.write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut raw = Vec::new();
+        // A TLS close_notify may be missing when the server closes; what was read counts.
+        let _ = tls.read_to_end(&mut raw).await;
+        let text = String::from_utf8_lossy(&raw).to_string();
+        let status: u16 = text
+            .get(9..12)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("no status in {text:?}"))?;
+        let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let payload = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(rest)
+        } else {
+            rest.to_owned()
+        };
+        let json = serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null);
+        Ok((status, json))
+    }
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+async fn wait_for_phase(
+    channel: &Channel,
+    token: &str,
+    tenant_id: &str,
+    phase: TenantPhase,
+    within: Duration,
+) -> Tenant {
+    let deadline = Instant::now() + within;
+    loop {
+        let t = TenantServiceClient::new(channel.clone())
+            .get_tenant(authed(
+                GetTenantRequest {
+                    tenant_id: tenant_id.into(),
+                },
+                token,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .tenant
+            .unwrap();
+        if t.phase() == phase {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tenant stuck in {:?} ({}), wanted {phase:?}",
+            t.phase(),
+            t.message
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+fn runtime_pid(data_dir: &Path, tenant_id: &str) -> Option<u32> {
+    std::fs::read_to_string(data_dir.join("tenants").join(tenant_id).join("runtime.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn totp_now(secret_b32: &str) -> String {
+    let secret = data_encoding::BASE32_NOPAD
+        .decode(secret_b32.as_bytes())
+        .unwrap();
+    let now = jiff::Timestamp::now().as_second();
+    tenantry_api::totp::format_code(
+        tenantry_api::totp::code_at_step(&secret, tenantry_api::totp::step_at(now)).unwrap(),
+    )
+}
+
+/// Waits until the next TOTP step so a fresh code is accepted (each is usable once).
+async fn next_step() {
+    let now = jiff::Timestamp::now().as_millisecond();
+    let wait = 30_000 - now.rem_euclid(30_000) + 50;
+    tokio::time::sleep(Duration::from_millis(u64::try_from(wait).unwrap())).await;
+}
+
+fn ctl(server: &str, session: &Path, args: &[&str], stdin: &str) -> (bool, String, String) {
+    let mut child = std::process::Command::new(bin("tenantryctl"))
+        .args(["--server", server])
+        .arg("--session-file")
+        .arg(session)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_mode_runs_isolated_instances_end_to_end() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = tmp.path().join("data");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let port = free_port();
+    let server = format!("http://127.0.0.1:{port}");
+    let dev = Dev::start(&data_dir, port).await;
+    let channel = dev.channel().await;
+    let mut accounts = AccountServiceClient::new(channel.clone());
+
+    // Signup → instance Ready with an HTTPS endpoint and a certificate.
+    let a = accounts
+        .signup(SignupRequest {
+            email: "ann@example.com".into(),
+            password: PASSWORD.into(),
+            tenant_name: "annco".into(),
+            plan: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let b = accounts
+        .signup(SignupRequest {
+            email: "ben@example.com".into(),
+            password: PASSWORD.into(),
+            tenant_name: "benco".into(),
+            plan: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let ann = accounts
+        .login(LoginRequest {
+            email: "ann@example.com".into(),
+            password: PASSWORD.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session_token;
+    let ben = accounts
+        .login(LoginRequest {
+            email: "ben@example.com".into(),
+            password: PASSWORD.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session_token;
+    let tenant = wait_for_phase(
+        &channel,
+        &ann,
+        &a.tenant_id,
+        TenantPhase::Ready,
+        Duration::from_secs(60),
+    )
+    .await;
+    wait_for_phase(
+        &channel,
+        &ben,
+        &b.tenant_id,
+        TenantPhase::Ready,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert!(
+        tenant.endpoint.starts_with("https://127.0.0.1:"),
+        "{}",
+        tenant.endpoint
+    );
+    let cert = tenant.certificate.clone().unwrap();
+    let days = (cert.not_after.unwrap().seconds - jiff::Timestamp::now().as_second()) / 86_400;
+    assert!(
+        (88..=90).contains(&days),
+        "90-day certificate, got {days} days"
+    );
+    assert!(cert.renewal_time.unwrap().seconds < cert.not_after.unwrap().seconds);
+
+    // The certificate verifies against the local CA for both of its names.
+    let ca = std::fs::read_to_string(data_dir.join("ca.crt")).unwrap();
+    let https = Https::new(&ca);
+    for name in ["localhost", "127.0.0.1"] {
+        let (status, _) = https
+            .request(&tenant.endpoint, name, "GET", "/readyz", None, None)
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{name}");
+    }
+    // …and not against some other CA.
+    let stranger = tenantry_operator::pki::CertificateAuthority::generate("someone else").unwrap();
+    assert!(
+        Https::new(stranger.cert_pem())
+            .request(&tenant.endpoint, "localhost", "GET", "/readyz", None, None)
+            .await
+            .is_err()
+    );
+
+    // An instance token stores a credential and executions.
+    let token = TenantServiceClient::new(channel.clone())
+        .issue_instance_token(authed(
+            IssueInstanceTokenRequest {
+                tenant_id: a.tenant_id.clone(),
+            },
+            &ann,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let cred =
+        serde_json::json!({"name": "crm", "kind": "api_key", "secret": {"key": "sk-test-123"}});
+    let (status, _) = https
+        .request(
+            &tenant.endpoint,
+            "localhost",
+            "POST",
+            "/v1/credentials",
+            Some(&token),
+            Some(&cred),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201);
+    let now = jiff::Timestamp::now();
+    let old = now
+        .checked_sub(jiff::SignedDuration::from_hours(2))
+        .unwrap();
+    let exec = |t: jiff::Timestamp, wf: &str| {
+        serde_json::json!({
+            "workflow_id": wf, "status": "success", "started_at": t.to_string(), "finished_at": t.to_string(), "data": {"n": 1}
+        })
+    };
+    let (status, old_id) = https
+        .request(
+            &tenant.endpoint,
+            "localhost",
+            "POST",
+            "/v1/executions",
+            Some(&token),
+            Some(&exec(old, "old")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201);
+    let (status, new_id) = https
+        .request(
+            &tenant.endpoint,
+            "localhost",
+            "POST",
+            "/v1/executions",
+            Some(&token),
+            Some(&exec(now, "new")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 201);
+
+    // A token for the other tenant is refused by this instance.
+    let ben_token = TenantServiceClient::new(channel.clone())
+        .issue_instance_token(authed(
+            IssueInstanceTokenRequest {
+                tenant_id: b.tenant_id.clone(),
+            },
+            &ben,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let (status, _) = https
+        .request(
+            &tenant.endpoint,
+            "localhost",
+            "GET",
+            "/v1/executions",
+            Some(&ben_token),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 401);
+
+    // Retention set to one hour: the runtime picks the new config up live and prunes.
+    TenantServiceClient::new(channel.clone())
+        .set_retention_policy(authed(
+            SetRetentionPolicyRequest {
+                tenant_id: a.tenant_id.clone(),
+                max_age_hours: 1,
+                max_count: 100,
+            },
+            &ann,
+        ))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, _) = https
+            .request(
+                &tenant.endpoint,
+                "localhost",
+                "GET",
+                &format!("/v1/executions/{}", old_id["id"].as_str().unwrap()),
+                Some(&token),
+                None,
+            )
+            .await
+            .unwrap();
+        if status == 404 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "old execution never pruned");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (status, _) = https
+        .request(
+            &tenant.endpoint,
+            "localhost",
+            "GET",
+            &format!("/v1/executions/{}", new_id["id"].as_str().unwrap()),
+            Some(&token),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "the recent execution stays");
+
+    // A runtime that crashes is restarted and comes back Ready.
+    let pid = runtime_pid(&data_dir, &a.tenant_id).unwrap();
+    std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let back = wait_for_phase(
+        &channel,
+        &ann,
+        &a.tenant_id,
+        TenantPhase::Ready,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_ne!(runtime_pid(&data_dir, &a.tenant_id), Some(pid));
+    assert_eq!(back.endpoint, tenant.endpoint);
+
+    // Admin through tenantryctl: bootstrap, TOTP enrollment, step-up, suspend and resume.
+    let mut boot = std::process::Command::new(bin("tenantry-api"))
+        .args([
+            "bootstrap-admin",
+            "--email",
+            "ops@example.com",
+            "--data-dir",
+        ])
+        .arg(&data_dir)
+        .args(["--argon2-memory-kib", "1024", "--argon2-iterations", "1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    boot.stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{PASSWORD}\n").as_bytes())
+        .unwrap();
+    assert!(boot.wait_with_output().unwrap().status.success());
+    let session = tmp.path().join("ctl-session");
+    let (ok, _, err) = ctl(
+        &server,
+        &session,
+        &["login", "--email", "ops@example.com", "--password-stdin"],
+        &format!("{PASSWORD}\n"),
+    );
+    assert!(ok, "{err}");
+    let ops = std::fs::read_to_string(&session).unwrap();
+    let ops_token = serde_json::from_str::<serde_json::Value>(&ops).unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let enroll = tenantry_proto::v1::mfa_service_client::MfaServiceClient::new(channel.clone())
+        .begin_totp_enrollment(authed(BeginTotpEnrollmentRequest {}, &ops_token))
+        .await
+        .unwrap()
+        .into_inner();
+    tenantry_proto::v1::mfa_service_client::MfaServiceClient::new(channel.clone())
+        .confirm_totp_enrollment(authed(
+            ConfirmTotpEnrollmentRequest {
+                code: totp_now(&enroll.secret),
+            },
+            &ops_token,
+        ))
+        .await
+        .unwrap();
+    let (ok, out, err) = ctl(&server, &session, &["tenants", "suspend", &a.tenant_id], "");
+    assert!(ok, "suspend: {err}");
+    assert!(
+        out.contains("Suspended") || out.contains("suspended"),
+        "{out}"
+    );
+    wait_for_phase(
+        &channel,
+        &ann,
+        &a.tenant_id,
+        TenantPhase::Suspended,
+        Duration::from_secs(30),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while runtime_pid(&data_dir, &a.tenant_id).is_some_and(pid_alive) {
+        assert!(Instant::now() < deadline, "suspended runtime still running");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        https
+            .request(&tenant.endpoint, "localhost", "GET", "/readyz", None, None)
+            .await
+            .is_err(),
+        "suspended instance must not serve"
+    );
+    // Past the step-up window is covered in the API suite; here a fresh code is asked for
+    // on the next admin call only if needed.
+    next_step().await;
+    let code = totp_now(&enroll.secret);
+    let (ok, _, err) = ctl(
+        &server,
+        &session,
+        &["--totp-code", &code, "tenants", "resume", &a.tenant_id],
+        "",
+    );
+    assert!(ok, "resume: {err}");
+    wait_for_phase(
+        &channel,
+        &ann,
+        &a.tenant_id,
+        TenantPhase::Ready,
+        Duration::from_secs(60),
+    )
+    .await;
+    let (status, _) = https
+        .request(
+            &tenant.endpoint,
+            "localhost",
+            "GET",
+            &format!("/v1/executions/{}", new_id["id"].as_str().unwrap()),
+            Some(&token),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "data kept across suspension");
+    let (ok, out, _) = ctl(&server, &session, &["-o", "json", "audit", "verify"], "");
+    assert!(ok, "{out}");
+
+    // Restarting dev brings every tenant back; Ctrl-C leaves no runtime behind.
+    let pids: Vec<u32> = [&a.tenant_id, &b.tenant_id]
+        .iter()
+        .filter_map(|t| runtime_pid(&data_dir, t))
+        .collect();
+    assert_eq!(pids.len(), 2);
+    dev.interrupt().await;
+    for pid in &pids {
+        assert!(!pid_alive(*pid), "runtime {pid} left running after Ctrl-C");
+    }
+    let dev = Dev::start(&data_dir, port).await;
+    let channel = dev.channel().await;
+    let again = wait_for_phase(
+        &channel,
+        &ann,
+        &a.tenant_id,
+        TenantPhase::Ready,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(again.endpoint, tenant.endpoint);
+    let (status, _) = https
+        .request(
+            &again.endpoint,
+            "localhost",
+            "GET",
+            &format!("/v1/executions/{}", new_id["id"].as_str().unwrap()),
+            Some(&token),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "data kept across restarts");
+
+    // Delete stops the process and destroys the tenant's key and data.
+    next_step().await;
+    let code = totp_now(&enroll.secret);
+    let pid = runtime_pid(&data_dir, &b.tenant_id).unwrap();
+    let (ok, _, err) = ctl(
+        &server,
+        &session,
+        &[
+            "--totp-code",
+            &code,
+            "tenants",
+            "delete",
+            &b.tenant_id,
+            "--yes",
+        ],
+        "",
+    );
+    assert!(ok, "delete: {err}");
+    let tenant_dir = data_dir.join("tenants").join(&b.tenant_id);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tenant_dir.exists() || pid_alive(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "deleted tenant's process or data remain"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let gone = TenantServiceClient::new(channel.clone())
+        .get_tenant(authed(
+            GetTenantRequest {
+                tenant_id: b.tenant_id.clone(),
+            },
+            &ben,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), tonic::Code::NotFound);
+    dev.interrupt().await;
+}
