@@ -67,14 +67,14 @@ fn p99(mut lat: Vec<Duration>) -> Duration {
 
 /// The argon2-only bound: `total` hashes (or verifications) with `clients` in flight,
 /// on the same bounded blocking pool the server uses (one thread per core).
-async fn argon2_bound(total: usize, verify: bool) -> f64 {
+async fn argon2_bound(clients: usize, total: usize, verify: bool) -> f64 {
     let hasher = Arc::new(PasswordHasher::new(HashParams::default()).unwrap());
     let stored = hasher
         .hash(&SecretString::from(PASSWORD.to_owned()))
         .unwrap();
     let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
     let slots = Arc::new(tokio::sync::Semaphore::new(cores));
-    let (rate, _) = drive(32, total, move |_| {
+    let (rate, _) = drive(clients, total, move |_| {
         let hasher = Arc::clone(&hasher);
         let slots = Arc::clone(&slots);
         let stored = stored.clone();
@@ -159,7 +159,7 @@ async fn main() {
     let mut user_counter = 0usize;
     for &clients in &CONCURRENCY {
         let total = per_level(clients);
-        let bound = argon2_bound(total, false).await;
+        let bound = argon2_bound(clients, total, false).await;
         let ch = channel.clone();
         let base = user_counter;
         let (rate, _) = drive(clients, total, move |i| {
@@ -187,7 +187,7 @@ async fn main() {
     }
     for &clients in &CONCURRENCY {
         let total = per_level(clients);
-        let bound = argon2_bound(total, true).await;
+        let bound = argon2_bound(clients, total, true).await;
         let ch = channel.clone();
         let users = user_counter;
         let (rate, _) = drive(clients, total, move |i| {

@@ -35,6 +35,8 @@ pub struct Caller {
     pub mfa_verified_at_ms: Option<i64>,
     /// The session's absolute expiry.
     pub expires_at_ms: i64,
+    /// The user's tenants, as of this request.
+    pub tenant_ids: Vec<String>,
 }
 
 /// What the layer found about the caller.
@@ -116,6 +118,7 @@ pub async fn resolve(state: &AppState, token: &SecretString) -> Authn {
         session_hash: session.token_hash,
         mfa_verified_at_ms: session.mfa_verified_at_ms,
         expires_at_ms: session.expires_at_ms,
+        tenant_ids: session.tenant_ids,
     })
 }
 

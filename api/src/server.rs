@@ -15,8 +15,8 @@ use tenantry_proto::v1::admin_service_server::AdminServiceServer;
 use tenantry_proto::v1::mfa_service_server::MfaServiceServer;
 use tenantry_proto::v1::tenant_service_server::TenantServiceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::server::NamedService;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
@@ -348,7 +348,11 @@ pub async fn serve(
         .add_service(MfaServiceServer::new(Mfa::new(Arc::clone(&state))))
         .add_service(TenantServiceServer::new(Tenants::new(Arc::clone(&state))))
         .add_service(AdminServiceServer::new(Admin::new(Arc::clone(&state))))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(
+            // Small request/response pairs must not wait for delayed ACKs (Nagle).
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown,
+        )
         .await
         .map_err(Error::Transport);
     health_task.abort();

@@ -141,6 +141,8 @@ pub struct SessionRow {
     pub expires_at_ms: i64,
     /// When this session verified a second factor.
     pub mfa_verified_at_ms: Option<i64>,
+    /// The user's tenants, sorted.
+    pub tenant_ids: Vec<String>,
 }
 
 /// A new audit row, before it is chained.
@@ -213,6 +215,18 @@ pub struct Store {
     pool: AnyPool,
     backend: Backend,
 }
+
+const SESSION_SQL_SQLITE: &str = "SELECT s.token_hash, s.user_id, u.email, u.is_admin, \
+    CASE WHEN u.totp_secret_sealed IS NULL THEN 0 ELSE 1 END AS mfa_enrolled, \
+    s.last_seen_ms, s.expires_at_ms, s.mfa_verified_at_ms, \
+    (SELECT group_concat(m.tenant_id, ',') FROM memberships m WHERE m.user_id = s.user_id) AS tenant_ids \
+    FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.token_hash = $1";
+
+const SESSION_SQL_POSTGRES: &str = "SELECT s.token_hash, s.user_id, u.email, u.is_admin, \
+    CASE WHEN u.totp_secret_sealed IS NULL THEN 0 ELSE 1 END::BIGINT AS mfa_enrolled, \
+    s.last_seen_ms, s.expires_at_ms, s.mfa_verified_at_ms, \
+    (SELECT string_agg(m.tenant_id, ',') FROM memberships m WHERE m.user_id = s.user_id) AS tenant_ids \
+    FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.token_hash = $1";
 
 const USER_COLUMNS: &str = "id, email, password_hash, is_admin, login_failures, login_lockouts, \
     login_locked_until_ms, mfa_failures, mfa_lockouts, mfa_locked_until_ms, totp_secret_sealed, \
@@ -633,16 +647,24 @@ impl Store {
 
     /// The session with this token hash, joined with its user.
     pub async fn session(&self, token_hash: &str) -> Result<Option<SessionRow>> {
-        let row = sqlx::query(
-            "SELECT s.token_hash, s.user_id, u.email, u.is_admin, \
-             CASE WHEN u.totp_secret_sealed IS NULL THEN 0 ELSE 1 END AS mfa_enrolled, \
-             s.last_seen_ms, s.expires_at_ms, s.mfa_verified_at_ms \
-             FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.token_hash = $1",
-        )
-        .bind(token_hash)
-        .fetch_optional(&self.pool)
-        .await?;
+        // One round trip per authenticated request: the caller's tenants come along.
+        let sql = match self.backend {
+            Backend::Sqlite => SESSION_SQL_SQLITE,
+            Backend::Postgres => SESSION_SQL_POSTGRES,
+        };
+        let row = sqlx::query(sql)
+            .bind(token_hash)
+            .fetch_optional(&self.pool)
+            .await?;
         let Some(row) = row else { return Ok(None) };
+        let tenant_ids: Option<String> = row.try_get("tenant_ids")?;
+        let mut tenant_ids: Vec<String> = tenant_ids
+            .unwrap_or_default()
+            .split(',')
+            .filter(|id| !id.is_empty())
+            .map(str::to_owned)
+            .collect();
+        tenant_ids.sort();
         Ok(Some(SessionRow {
             token_hash: row.try_get("token_hash")?,
             user_id: row.try_get("user_id")?,
@@ -652,6 +674,7 @@ impl Store {
             last_seen_ms: row.try_get("last_seen_ms")?,
             expires_at_ms: row.try_get("expires_at_ms")?,
             mfa_verified_at_ms: row.try_get("mfa_verified_at_ms")?,
+            tenant_ids,
         }))
     }
 
@@ -938,16 +961,6 @@ impl Store {
         .await?;
         let Some(row) = row else { return Ok(None) };
         Ok(Some((tenant_from_row(&row)?, row.try_get("role")?)))
-    }
-
-    /// Ids of the tenants a user belongs to.
-    pub async fn member_tenant_ids(&self, user_id: &str) -> Result<Vec<String>> {
-        Ok(sqlx::query_scalar(
-            "SELECT tenant_id FROM memberships WHERE user_id = $1 ORDER BY tenant_id",
-        )
-        .bind(user_id)
-        .fetch_all(&self.pool)
-        .await?)
     }
 
     /// A page of tenants ordered by creation, after the `(created_at_ms, id)` cursor.

@@ -52,6 +52,10 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        // Small JSON responses must not wait for delayed ACKs (Nagle).
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
         let acceptor = acceptor.clone();
         let builder = builder.clone();
         let router = router.clone();

@@ -728,3 +728,133 @@ async fn local_mode_runs_isolated_instances_end_to_end() {
     assert_eq!(gone.code(), tonic::Code::NotFound);
     dev.interrupt().await;
 }
+
+/// The serial of the certificate an endpoint presents.
+async fn served_serial(endpoint: &str, ca_pem: &str) -> String {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(endpoint.trim_start_matches("https://"))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (_, conn) = tls.get_ref();
+    let der = conn.peer_certificates().unwrap()[0].clone();
+    let pem = format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        data_encoding::BASE64.encode(der.as_ref())
+    );
+    tenantry_operator::pki::parse_certificate(&pem)
+        .unwrap()
+        .serial_hex
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_certificates_are_renewed_in_place_without_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = tmp.path().join("data");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let port = free_port();
+    // A 30-second certificate is renewed after 20 seconds (two thirds of its life).
+    let child = tokio::process::Command::new(bin("tenantry-api"))
+        .args(["dev", "--data-dir"])
+        .arg(&data_dir)
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--local-cert-validity",
+            "30s",
+        ])
+        .args(["--argon2-memory-kib", "1024", "--argon2-iterations", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::File::create(data_dir.with_extension("log")).unwrap(),
+        ))
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let dev = Dev {
+        child,
+        port,
+        data_dir: data_dir.clone(),
+    };
+    let channel = dev.channel().await;
+    let mut accounts = AccountServiceClient::new(channel.clone());
+    let a = accounts
+        .signup(SignupRequest {
+            email: "cat@example.com".into(),
+            password: PASSWORD.into(),
+            tenant_name: "catco".into(),
+            plan: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let cat = accounts
+        .login(LoginRequest {
+            email: "cat@example.com".into(),
+            password: PASSWORD.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session_token;
+    let first = wait_for_phase(
+        &channel,
+        &cat,
+        &a.tenant_id,
+        TenantPhase::Ready,
+        Duration::from_secs(60),
+    )
+    .await;
+    let first_serial = first.certificate.unwrap().serial;
+    let pid = runtime_pid(&data_dir, &a.tenant_id).unwrap();
+    let ca = std::fs::read_to_string(data_dir.join("ca.crt")).unwrap();
+    assert_eq!(served_serial(&first.endpoint, &ca).await, first_serial);
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let renewed = loop {
+        let t = wait_for_phase(
+            &channel,
+            &cat,
+            &a.tenant_id,
+            TenantPhase::Ready,
+            Duration::from_secs(30),
+        )
+        .await;
+        let serial = t.certificate.unwrap().serial;
+        if serial != first_serial {
+            break serial;
+        }
+        assert!(Instant::now() < deadline, "certificate never renewed");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    // The runtime picks up the new files itself: same process, new certificate served.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while served_serial(&first.endpoint, &ca).await != renewed {
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate is never served"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        runtime_pid(&data_dir, &a.tenant_id),
+        Some(pid),
+        "renewal must not restart the runtime"
+    );
+    assert!(pid_alive(pid));
+    dev.interrupt().await;
+}

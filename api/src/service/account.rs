@@ -284,12 +284,6 @@ impl AccountService for Accounts {
         request: Request<WhoAmIRequest>,
     ) -> Result<Response<WhoAmIResponse>, Status> {
         let who = caller(&request)?;
-        let tenant_ids = self
-            .state
-            .store
-            .member_tenant_ids(&who.user_id)
-            .await
-            .map_err(Status::from)?;
         let mut roles = vec![ROLE_USER.to_owned()];
         if who.is_admin {
             roles.push(ROLE_ADMIN.to_owned());
@@ -298,7 +292,7 @@ impl AccountService for Accounts {
             user_id: who.user_id,
             email: who.email,
             roles,
-            tenant_ids,
+            tenant_ids: who.tenant_ids,
             mfa_enrolled: who.mfa_enrolled,
             mfa_verified_at: who.mfa_verified_at_ms.map(to_timestamp),
             session_expires_at: Some(to_timestamp(who.expires_at_ms)),
