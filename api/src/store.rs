@@ -145,6 +145,15 @@ pub struct SessionRow {
     pub tenant_ids: Vec<String>,
 }
 
+/// Which credential a failure counter is for; each locks on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Factor {
+    /// The password (login and password change).
+    Password,
+    /// The second factor (TOTP or recovery code).
+    Mfa,
+}
+
 /// A new audit row, before it is chained.
 #[derive(Debug, Clone, Default)]
 pub struct AuditRecord {
@@ -521,24 +530,31 @@ impl Store {
         row.as_ref().map(user_from_row).transpose()
     }
 
-    /// Stores new password-failure counters, and the audit row(s) for the failure.
-    pub async fn record_login_failure(
+    /// Stores new failure counters for one factor, and the audit row(s) for the failure.
+    pub async fn record_failure(
         &self,
+        factor: Factor,
         user_id: &str,
         state: LockState,
         audits: &[AuditRecord],
         now_ms: i64,
     ) -> Result<()> {
+        let sql = match factor {
+            Factor::Password => {
+                "UPDATE users SET login_failures = $1, login_lockouts = $2, login_locked_until_ms = $3 WHERE id = $4"
+            }
+            Factor::Mfa => {
+                "UPDATE users SET mfa_failures = $1, mfa_lockouts = $2, mfa_locked_until_ms = $3 WHERE id = $4"
+            }
+        };
         let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "UPDATE users SET login_failures = $1, login_lockouts = $2, login_locked_until_ms = $3 WHERE id = $4",
-        )
-        .bind(state.failures)
-        .bind(state.lockouts)
-        .bind(state.locked_until_ms)
-        .bind(user_id)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(sql)
+            .bind(state.failures)
+            .bind(state.lockouts)
+            .bind(state.locked_until_ms)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
         for a in audits {
             append_audit(&mut tx, a, now_ms).await?;
         }
@@ -884,31 +900,6 @@ impl Store {
         .fetch_one(&self.pool)
         .await?;
         Ok(u32::try_from(left).unwrap_or(0))
-    }
-
-    /// Stores new MFA-failure counters and audits.
-    pub async fn record_mfa_failure(
-        &self,
-        user_id: &str,
-        state: LockState,
-        audits: &[AuditRecord],
-        now_ms: i64,
-    ) -> Result<()> {
-        let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "UPDATE users SET mfa_failures = $1, mfa_lockouts = $2, mfa_locked_until_ms = $3 WHERE id = $4",
-        )
-        .bind(state.failures)
-        .bind(state.lockouts)
-        .bind(state.locked_until_ms)
-        .bind(user_id)
-        .execute(&mut *tx)
-        .await?;
-        for a in audits {
-            append_audit(&mut tx, a, now_ms).await?;
-        }
-        tx.commit().await?;
-        Ok(())
     }
 
     // ---- tenants ----

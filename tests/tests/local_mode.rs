@@ -56,12 +56,17 @@ struct Dev {
 
 impl Dev {
     async fn start(data_dir: &Path, port: u16) -> Dev {
+        Self::start_with(data_dir, port, &[]).await
+    }
+
+    async fn start_with(data_dir: &Path, port: u16, extra: &[&str]) -> Dev {
         let child = tokio::process::Command::new(bin("tenantry-api"))
             .args(["dev", "--data-dir"])
             .arg(data_dir)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             // Cheap hashing keeps the test quick; the defaults are tested in the API suite.
             .args(["--argon2-memory-kib", "1024", "--argon2-iterations", "1"])
+            .args(extra)
             .env("TENANTRY_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::from(
@@ -768,28 +773,7 @@ async fn local_certificates_are_renewed_in_place_without_a_restart() {
     std::fs::create_dir_all(&data_dir).unwrap();
     let port = free_port();
     // A 30-second certificate is renewed after 20 seconds (two thirds of its life).
-    let child = tokio::process::Command::new(bin("tenantry-api"))
-        .args(["dev", "--data-dir"])
-        .arg(&data_dir)
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--local-cert-validity",
-            "30s",
-        ])
-        .args(["--argon2-memory-kib", "1024", "--argon2-iterations", "1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(
-            std::fs::File::create(data_dir.with_extension("log")).unwrap(),
-        ))
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let dev = Dev {
-        child,
-        port,
-        data_dir: data_dir.clone(),
-    };
+    let dev = Dev::start_with(&data_dir, port, &["--local-cert-validity", "30s"]).await;
     let channel = dev.channel().await;
     let mut accounts = AccountServiceClient::new(channel.clone());
     let a = accounts

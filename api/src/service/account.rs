@@ -190,7 +190,7 @@ impl Accounts {
                 tracing::warn!(user_id = %user.id, "account locked after repeated failed logins");
             }
             st.store
-                .record_login_failure(&user.id, next, &audits, now)
+                .record_failure(crate::store::Factor::Password, &user.id, next, &audits, now)
                 .await?;
             return Err(Error::Unauthenticated(AuthFailure::InvalidCredentials));
         }
@@ -339,7 +339,13 @@ impl AccountService for Accounts {
                 detail_json: detail(&[("reason", "wrong_current_password".into())]),
             };
             st.store
-                .record_login_failure(&who.user_id, next, &[audit], now)
+                .record_failure(
+                    crate::store::Factor::Password,
+                    &who.user_id,
+                    next,
+                    &[audit],
+                    now,
+                )
                 .await?;
             return Err(Error::invalid("current_password", "the current password is wrong").into());
         }

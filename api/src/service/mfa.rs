@@ -95,7 +95,7 @@ impl Mfa {
         }
         if let Err(e) = st
             .store
-            .record_mfa_failure(&user.id, next, &audits, now)
+            .record_failure(crate::store::Factor::Mfa, &user.id, next, &audits, now)
             .await
         {
             return e;
