@@ -57,6 +57,11 @@ pub fn source_of<T>(req: &tonic::Request<T>) -> Option<IpAddr> {
     req.remote_addr().map(|a| a.ip())
 }
 
+/// The caller's address as audit rows record it (empty when unknown).
+pub fn source_text(source: Option<IpAddr>) -> String {
+    source.map(|ip| ip.to_string()).unwrap_or_default()
+}
+
 /// The authenticated caller, or `UNAUTHENTICATED`.
 pub fn caller<T>(req: &tonic::Request<T>) -> Result<Caller> {
     match req.extensions().get::<Authn>() {

@@ -171,9 +171,6 @@ pub struct BootstrapArgs {
     /// Email of the admin.
     #[arg(long, env = "TENANTRY_BOOTSTRAP_EMAIL")]
     pub email: String,
-    /// Read the password from stdin (always the case; accepted for scripts that say so).
-    #[arg(long, hide = true)]
-    pub password_stdin: bool,
     /// Database and key settings.
     #[command(flatten)]
     pub db: DatabaseArgs,

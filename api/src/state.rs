@@ -169,22 +169,13 @@ impl AppState {
             })
     }
 
-    /// Converges the tenant's instance to its stored record, in the background; a failure
-    /// is logged and retried by the reconcile loop.
-    pub fn provision(self: &Arc<Self>, tenant_id: &str) {
+    /// Converges the tenant's instance to `spec`, in the background; a failure is logged
+    /// and retried by the reconcile loop.
+    pub fn provision(self: &Arc<Self>, spec: TenantSpec) {
         let me = Arc::clone(self);
-        let tenant_id = tenant_id.to_owned();
         tokio::spawn(async move {
-            let row = match me.store.tenant(&tenant_id).await {
-                Ok(Some(row)) => row,
-                Ok(None) => return,
-                Err(e) => {
-                    tracing::warn!(%tenant_id, error = %e, "could not read tenant to provision it");
-                    return;
-                }
-            };
-            if let Err(e) = me.provisioner.ensure(&TenantSpec::from_row(&row)).await {
-                tracing::warn!(%tenant_id, error = %e, "provisioning failed; will retry");
+            if let Err(e) = me.provisioner.ensure(&spec).await {
+                tracing::warn!(tenant_id = %spec.id, error = %e, "provisioning failed; will retry");
             }
         });
     }

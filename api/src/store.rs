@@ -973,7 +973,8 @@ impl Store {
         rows.iter().map(tenant_from_row).collect()
     }
 
-    /// Sets a tenant's retention and audits; `Err(NotFound)` if it does not exist.
+    /// Sets a tenant's retention and audits; returns the updated tenant, or
+    /// `Err(NotFound)` if it does not exist.
     pub async fn set_retention(
         &self,
         tenant_id: &str,
@@ -981,26 +982,26 @@ impl Store {
         max_count: i64,
         audit: &AuditRecord,
         now_ms: i64,
-    ) -> Result<()> {
+    ) -> Result<TenantRow> {
         let mut tx = self.begin_write().await?;
-        let done = sqlx::query(
-            "UPDATE tenants SET retention_max_age_hours = $1, retention_max_count = $2, updated_at_ms = $3 WHERE id = $4",
-        )
+        let row = sqlx::query(dyn_sql(format!(
+            "UPDATE tenants SET retention_max_age_hours = $1, retention_max_count = $2, updated_at_ms = $3 \
+             WHERE id = $4 RETURNING {TENANT_COLUMNS}"
+        )))
         .bind(max_age_hours)
         .bind(max_count)
         .bind(now_ms)
         .bind(tenant_id)
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
-        if done.rows_affected() == 0 {
-            return Err(Error::NotFound("tenant"));
-        }
+        let tenant = tenant_from_row(&row.ok_or(Error::NotFound("tenant"))?)?;
         append_audit(&mut tx, audit, now_ms).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(tenant)
     }
 
-    /// Sets `suspended` and the phase, and audits; `Err(NotFound)` if it does not exist.
+    /// Sets `suspended` and the phase, and audits; returns the updated tenant, or
+    /// `Err(NotFound)` if it does not exist.
     pub async fn set_suspended(
         &self,
         tenant_id: &str,
@@ -1008,23 +1009,22 @@ impl Store {
         phase: &str,
         audit: &AuditRecord,
         now_ms: i64,
-    ) -> Result<()> {
+    ) -> Result<TenantRow> {
         let mut tx = self.begin_write().await?;
-        let done = sqlx::query(
-            "UPDATE tenants SET suspended = $1, phase = $2, updated_at_ms = $3 WHERE id = $4",
-        )
+        let row = sqlx::query(dyn_sql(format!(
+            "UPDATE tenants SET suspended = $1, phase = $2, updated_at_ms = $3 WHERE id = $4 \
+             RETURNING {TENANT_COLUMNS}"
+        )))
         .bind(i64::from(suspended))
         .bind(phase)
         .bind(now_ms)
         .bind(tenant_id)
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
-        if done.rows_affected() == 0 {
-            return Err(Error::NotFound("tenant"));
-        }
+        let tenant = tenant_from_row(&row.ok_or(Error::NotFound("tenant"))?)?;
         append_audit(&mut tx, audit, now_ms).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(tenant)
     }
 
     /// Records what the provisioner observed; writes only when something changed, and never

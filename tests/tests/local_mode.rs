@@ -250,6 +250,35 @@ async fn wait_for_phase(
     }
 }
 
+/// Signs a user up with [`PASSWORD`] and logs them in; returns the ids and the token.
+async fn signup_and_login(
+    channel: &Channel,
+    email: &str,
+    tenant: &str,
+) -> (SignupResponse, String) {
+    let mut accounts = AccountServiceClient::new(channel.clone());
+    let ids = accounts
+        .signup(SignupRequest {
+            email: email.into(),
+            password: PASSWORD.into(),
+            tenant_name: tenant.into(),
+            plan: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let token = accounts
+        .login(LoginRequest {
+            email: email.into(),
+            password: PASSWORD.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session_token;
+    (ids, token)
+}
+
 fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -316,47 +345,10 @@ async fn local_mode_runs_isolated_instances_end_to_end() {
     let server = format!("http://127.0.0.1:{port}");
     let dev = Dev::start(&data_dir, port).await;
     let channel = dev.channel().await;
-    let mut accounts = AccountServiceClient::new(channel.clone());
 
     // Signup → instance Ready with an HTTPS endpoint and a certificate.
-    let a = accounts
-        .signup(SignupRequest {
-            email: "ann@example.com".into(),
-            password: PASSWORD.into(),
-            tenant_name: "annco".into(),
-            plan: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let b = accounts
-        .signup(SignupRequest {
-            email: "ben@example.com".into(),
-            password: PASSWORD.into(),
-            tenant_name: "benco".into(),
-            plan: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let ann = accounts
-        .login(LoginRequest {
-            email: "ann@example.com".into(),
-            password: PASSWORD.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .session_token;
-    let ben = accounts
-        .login(LoginRequest {
-            email: "ben@example.com".into(),
-            password: PASSWORD.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .session_token;
+    let (a, ann) = signup_and_login(&channel, "ann@example.com", "annco").await;
+    let (b, ben) = signup_and_login(&channel, "ben@example.com", "benco").await;
     let tenant = wait_for_phase(
         &channel,
         &ann,
@@ -775,26 +767,7 @@ async fn local_certificates_are_renewed_in_place_without_a_restart() {
     // A 30-second certificate is renewed after 20 seconds (two thirds of its life).
     let dev = Dev::start_with(&data_dir, port, &["--local-cert-validity", "30s"]).await;
     let channel = dev.channel().await;
-    let mut accounts = AccountServiceClient::new(channel.clone());
-    let a = accounts
-        .signup(SignupRequest {
-            email: "cat@example.com".into(),
-            password: PASSWORD.into(),
-            tenant_name: "catco".into(),
-            plan: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let cat = accounts
-        .login(LoginRequest {
-            email: "cat@example.com".into(),
-            password: PASSWORD.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .session_token;
+    let (a, cat) = signup_and_login(&channel, "cat@example.com", "catco").await;
     let first = wait_for_phase(
         &channel,
         &cat,

@@ -393,11 +393,10 @@ async fn stop_leftover(dir: &Path) {
 /// Keeps one tenant's process in the desired state until told to stop.
 async fn supervise(
     shared: Arc<Shared>,
-    spec: TenantSpec,
+    id: String,
     dir: PathBuf,
     mut desired: watch::Receiver<Desired>,
 ) {
-    let id = spec.id.clone();
     let mut shutdown = shared.shutdown.subscribe();
     let mut child: Option<tokio::process::Child> = None;
     let mut backoff = FIRST_BACKOFF;
@@ -530,17 +529,9 @@ async fn supervise(
                         // A port taken meanwhile by something else: move to a new one.
                         if !port_is_free(port)
                             && let Ok(new_port) = free_port()
+                            && let Err(e) = move_to_port(&dir, new_port)
                         {
-                            let _ = write_atomic(
-                                &dir.join("port"),
-                                new_port.to_string().as_bytes(),
-                                0o600,
-                            );
-                            let _ = shared.write_config(
-                                &dir,
-                                &spec_with_retention_from_config(&dir, &spec),
-                                new_port,
-                            );
+                            tracing::warn!(tenant_id = %id, error = %e, "could not move to a free port");
                         }
                     }
                     Watch::Changed => {}
@@ -555,17 +546,17 @@ async fn supervise(
     let _ = std::fs::remove_file(dir.join("runtime.pid"));
 }
 
-/// The spec with the retention currently in the config file (so a port move keeps the
-/// latest retention even if this supervisor's copy of the spec is older).
-fn spec_with_retention_from_config(dir: &Path, spec: &TenantSpec) -> TenantSpec {
-    let mut spec = spec.clone();
-    if let Ok(text) = std::fs::read_to_string(dir.join("config.yaml"))
-        && let Ok(value) = serde_json::from_str::<serde_json::Value>(&text)
-        && let Ok(r) = serde_json::from_value(value["retention"].clone())
-    {
-        spec.retention = r;
-    }
-    spec
+/// Points the instance at another loopback port: the port file and the config's
+/// `listen`, keeping everything else in the config as `ensure` last wrote it.
+fn move_to_port(dir: &Path, port: u16) -> Result<()> {
+    let path = dir.join("config.yaml");
+    let text =
+        std::fs::read_to_string(&path).map_err(io_err(format!("reading {}", path.display())))?;
+    let mut config: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Provisioner(format!("{}: {e}", path.display())))?;
+    config["listen"] = serde_json::Value::String(format!("127.0.0.1:{port}"));
+    write_atomic(&dir.join("port"), port.to_string().as_bytes(), 0o600)?;
+    write_atomic(&path, format!("{config:#}\n").as_bytes(), 0o600)
 }
 
 enum Watch {
@@ -696,7 +687,12 @@ impl Provisioner for LocalProvisioner {
             return Ok(());
         }
         let (tx, rx) = watch::channel(want);
-        let task = tokio::spawn(supervise(Arc::clone(&self.shared), spec.clone(), dir, rx));
+        let task = tokio::spawn(supervise(
+            Arc::clone(&self.shared),
+            spec.id.clone(),
+            dir,
+            rx,
+        ));
         supervisors.insert(spec.id.clone(), Supervisor { desired: tx, task });
         Ok(())
     }
@@ -778,6 +774,32 @@ mod tests {
         assert_eq!(v["listen"], "127.0.0.1:8443");
         assert_eq!(v["tls"]["key_file"], "/d/t-1/tls.key");
         assert_eq!(v["retention"]["max_count"], 5);
+    }
+
+    #[test]
+    fn moving_port_changes_only_listen() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = TenantSpec {
+            id: "t-1".into(),
+            name: "acme".into(),
+            suspended: false,
+            retention: RetentionPolicy {
+                max_age_hours: 3,
+                max_count: 7,
+            },
+        };
+        let before = render_config(&spec, 8443, dir.path(), Path::new("/k.pem"));
+        std::fs::write(dir.path().join("config.yaml"), &before).unwrap();
+        move_to_port(dir.path(), 9443).unwrap();
+        let after = std::fs::read_to_string(dir.path().join("config.yaml")).unwrap();
+        assert_eq!(
+            after,
+            render_config(&spec, 9443, dir.path(), Path::new("/k.pem"))
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("port")).unwrap(),
+            "9443"
+        );
     }
 
     #[test]

@@ -11,11 +11,12 @@ use tenantry_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::auth::{ROLE_ADMIN, ROLE_USER, caller, source_of};
+use crate::auth::{ROLE_ADMIN, ROLE_USER, caller, source_of, source_text};
 use crate::clock::{duration_ms, to_timestamp};
 use crate::crypto::{hash_secret, new_session_token};
 use crate::error::{AuthFailure, Error, Result};
 use crate::password::check_policy;
+use crate::provision::TenantSpec;
 use crate::service::{detail, phase, plan_from_proto};
 use crate::state::AppState;
 use crate::store::{AuditRecord, NewSignup, SignupOutcome};
@@ -112,7 +113,12 @@ impl Accounts {
         };
         match st.store.create_signup(&signup, &audit).await? {
             SignupOutcome::Created => {
-                st.provision(&signup.tenant_id);
+                st.provision(TenantSpec {
+                    id: signup.tenant_id.clone(),
+                    name: signup.tenant_name.clone(),
+                    suspended: false,
+                    retention,
+                });
                 Ok(SignupResponse {
                     user_id: signup.user_id,
                     tenant_id: signup.tenant_id,
@@ -228,10 +234,6 @@ impl Accounts {
     }
 }
 
-fn source_string(source: Option<std::net::IpAddr>) -> String {
-    source.map(|ip| ip.to_string()).unwrap_or_default()
-}
-
 #[tonic::async_trait]
 impl AccountService for Accounts {
     async fn signup(
@@ -241,7 +243,7 @@ impl AccountService for Accounts {
         let source = source_of(&request);
         self.state.rate_limit(source)?;
         Ok(Response::new(
-            self.signup(source_string(source), request.into_inner())
+            self.signup(source_text(source), request.into_inner())
                 .await?,
         ))
     }
@@ -253,7 +255,7 @@ impl AccountService for Accounts {
         let source = source_of(&request);
         self.state.rate_limit(source)?;
         Ok(Response::new(
-            self.login(source_string(source), request.into_inner())
+            self.login(source_text(source), request.into_inner())
                 .await?,
         ))
     }
@@ -269,7 +271,7 @@ impl AccountService for Accounts {
             actor_user_id: who.user_id.clone(),
             target: who.user_id.clone(),
             success: true,
-            source: source_string(source_of(&request)),
+            source: source_text(source_of(&request)),
             detail_json: String::new(),
         };
         st.store
@@ -307,7 +309,7 @@ impl AccountService for Accounts {
         let source = source_of(&request);
         let st = &self.state;
         st.rate_limit(source)?;
-        let source = source_string(source);
+        let source = source_text(source);
         let req = request.into_inner();
         let current = SecretString::from(req.current_password);
         let new = SecretString::from(req.new_password);

@@ -17,9 +17,10 @@ use tenantry_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::auth::{Caller, caller, require_admin, source_of};
+use crate::auth::{Caller, caller, require_admin, source_of, source_text};
 use crate::clock::to_timestamp;
 use crate::error::{Error, Result};
+use crate::provision::TenantSpec;
 use crate::service::{detail, phase, tenant_to_proto};
 use crate::state::AppState;
 use crate::store::{AuditRecord, TenantRow};
@@ -147,9 +148,7 @@ impl Admin {
     /// The admin gate. A refusal is audited with the reason.
     async fn admit<T>(&self, request: &Request<T>, rpc: &'static str) -> Result<Admitted> {
         let who = caller(request)?;
-        let source = source_of(request)
-            .map(|ip| ip.to_string())
-            .unwrap_or_default();
+        let source = source_text(source_of(request));
         if let Err(e) = require_admin(&self.state, &who) {
             let reason = match &e {
                 Error::PermissionDenied(r) => r.as_str(),
@@ -170,7 +169,7 @@ impl Admin {
         Ok(Admitted { who, source })
     }
 
-    async fn tenant_after(&self, id: &str) -> Result<TenantRow> {
+    async fn existing_tenant(&self, id: &str) -> Result<TenantRow> {
         self.state
             .store
             .tenant(id)
@@ -217,11 +216,11 @@ impl AdminService for Admin {
         let id = tenant_id(&request.get_ref().tenant_id)?;
         let st = &self.state;
         let audit = admin.record(actions::SUSPEND, id, String::new());
-        st.store
+        let tenant = st
+            .store
             .set_suspended(id, true, phase::SUSPENDED, &audit, st.now_ms())
             .await?;
-        st.provision(id);
-        let tenant = self.tenant_after(id).await?;
+        st.provision(TenantSpec::from_row(&tenant));
         Ok(Response::new(SuspendTenantResponse {
             tenant: Some(tenant_to_proto(&tenant)),
         }))
@@ -236,11 +235,11 @@ impl AdminService for Admin {
         let st = &self.state;
         let audit = admin.record(actions::RESUME, id, String::new());
         // Until a provisioner reports readiness, a resumed tenant is being provisioned.
-        st.store
+        let tenant = st
+            .store
             .set_suspended(id, false, phase::PROVISIONING, &audit, st.now_ms())
             .await?;
-        st.provision(id);
-        let tenant = self.tenant_after(id).await?;
+        st.provision(TenantSpec::from_row(&tenant));
         Ok(Response::new(ResumeTenantResponse {
             tenant: Some(tenant_to_proto(&tenant)),
         }))
@@ -253,7 +252,7 @@ impl AdminService for Admin {
         let admin = self.admit(&request, "DeleteTenant").await?;
         let id = tenant_id(&request.get_ref().tenant_id)?;
         let st = &self.state;
-        let tenant = self.tenant_after(id).await?;
+        let tenant = self.existing_tenant(id).await?;
         let audit = admin.record(actions::DELETE, id, detail(&[("name", tenant.name.into())]));
         st.store.mark_terminating(id, &audit, st.now_ms()).await?;
         // Usually done at once; if not, the tenant stays Terminating and the reconcile
@@ -285,7 +284,8 @@ impl AdminService for Admin {
                 ("max_count", policy.max_count.into()),
             ]),
         );
-        st.store
+        let tenant = st
+            .store
             .set_retention(
                 id,
                 i64::from(policy.max_age_hours),
@@ -294,7 +294,7 @@ impl AdminService for Admin {
                 st.now_ms(),
             )
             .await?;
-        st.provision(id);
+        st.provision(TenantSpec::from_row(&tenant));
         Ok(Response::new(SetTenantRetentionPolicyResponse {
             policy: Some(tenantry_proto::v1::RetentionPolicy {
                 max_age_hours: policy.max_age_hours,

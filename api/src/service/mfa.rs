@@ -11,7 +11,7 @@ use tenantry_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::auth::{Caller, caller, source_of};
+use crate::auth::{Caller, caller, source_of, source_text};
 use crate::clock::to_timestamp;
 use crate::crypto::hash_secret;
 use crate::error::{AuthFailure, Error, Result};
@@ -278,12 +278,6 @@ impl Mfa {
     }
 }
 
-fn source_string<T>(request: &Request<T>) -> String {
-    source_of(request)
-        .map(|ip| ip.to_string())
-        .unwrap_or_default()
-}
-
 #[tonic::async_trait]
 impl MfaService for Mfa {
     async fn begin_totp_enrollment(
@@ -292,7 +286,7 @@ impl MfaService for Mfa {
     ) -> Result<Response<BeginTotpEnrollmentResponse>, Status> {
         let who = caller(&request)?;
         Ok(Response::new(
-            self.begin(who, source_string(&request)).await?,
+            self.begin(who, source_text(source_of(&request))).await?,
         ))
     }
 
@@ -302,7 +296,7 @@ impl MfaService for Mfa {
     ) -> Result<Response<ConfirmTotpEnrollmentResponse>, Status> {
         let who = caller(&request)?;
         self.state.rate_limit(source_of(&request))?;
-        let source = source_string(&request);
+        let source = source_text(source_of(&request));
         Ok(Response::new(
             self.confirm(who, source, &request.into_inner().code)
                 .await?,
@@ -315,7 +309,7 @@ impl MfaService for Mfa {
     ) -> Result<Response<VerifyMfaResponse>, Status> {
         let who = caller(&request)?;
         self.state.rate_limit(source_of(&request))?;
-        let source = source_string(&request);
+        let source = source_text(source_of(&request));
         Ok(Response::new(
             self.verify(who, source, request.into_inner().factor)
                 .await?,

@@ -12,8 +12,9 @@ use tenantry_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::auth::{Caller, caller, source_of};
+use crate::auth::{Caller, caller, source_of, source_text};
 use crate::error::{DenyReason, Error, Result};
+use crate::provision::TenantSpec;
 use crate::service::{detail, retention_to_proto, row_plan, tenant_to_proto};
 use crate::state::AppState;
 use crate::store::{AuditRecord, TenantRow};
@@ -89,9 +90,7 @@ impl TenantService for Tenants {
         request: Request<SetRetentionPolicyRequest>,
     ) -> Result<Response<SetRetentionPolicyResponse>, Status> {
         let who = caller(&request)?;
-        let source = source_of(&request)
-            .map(|ip| ip.to_string())
-            .unwrap_or_default();
+        let source = source_text(source_of(&request));
         let req = request.into_inner();
         let (tenant, role) = self.member_tenant(&who, &req.tenant_id).await?;
         if role != ROLE_OWNER {
@@ -116,7 +115,8 @@ impl TenantService for Tenants {
                 ("max_count", policy.max_count.into()),
             ]),
         };
-        st.store
+        let updated = st
+            .store
             .set_retention(
                 &tenant.id,
                 i64::from(policy.max_age_hours),
@@ -125,7 +125,7 @@ impl TenantService for Tenants {
                 st.now_ms(),
             )
             .await?;
-        st.provision(&tenant.id);
+        st.provision(TenantSpec::from_row(&updated));
         Ok(Response::new(SetRetentionPolicyResponse {
             policy: Some(tenantry_proto::v1::RetentionPolicy {
                 max_age_hours: policy.max_age_hours,
@@ -139,9 +139,7 @@ impl TenantService for Tenants {
         request: Request<IssueInstanceTokenRequest>,
     ) -> Result<Response<IssueInstanceTokenResponse>, Status> {
         let who = caller(&request)?;
-        let source = source_of(&request)
-            .map(|ip| ip.to_string())
-            .unwrap_or_default();
+        let source = source_text(source_of(&request));
         let (tenant, _) = self
             .member_tenant(&who, &request.get_ref().tenant_id)
             .await?;
