@@ -29,6 +29,18 @@ pub enum Command {
     Dev(ServeArgs),
     /// Create the first admin (or make an existing user admin); reads the password from stdin.
     BootstrapAdmin(BootstrapArgs),
+    /// Write new keys for a production install into `--out-dir`: `master.key` and
+    /// `token-signing.key` (mode 0600, for the API's Secret) and `token-public.pem` (for the
+    /// operator's Secret). Refuses to overwrite existing files.
+    Keygen(KeygenArgs),
+}
+
+/// `keygen`.
+#[derive(Debug, Clone, Args)]
+pub struct KeygenArgs {
+    /// Directory to write the keys into (created if missing).
+    #[arg(long)]
+    pub out_dir: PathBuf,
 }
 
 /// Where the database is.
@@ -67,7 +79,8 @@ impl DatabaseArgs {
     /// The database URL in force.
     pub fn url(&self) -> String {
         match &self.database_url {
-            Some(url) => url.clone(),
+            // A URL read from a file or Secret often ends in a newline.
+            Some(url) => url.trim().to_owned(),
             None => format!("sqlite://{}", self.data_dir.join("tenantry.db").display()),
         }
     }
@@ -123,15 +136,22 @@ pub struct ServeArgs {
     /// Issuer name shown in authenticator apps.
     #[arg(long, env = "TENANTRY_TOTP_ISSUER", default_value = "Tenantry")]
     pub totp_issuer: String,
-    /// Who runs tenant instances: `none` (records only; phase stays Provisioning) or
-    /// `local` (a `tenant-runtime` process per tenant under `<data-dir>/tenants`). `dev`
-    /// always uses `local`.
+    /// Who runs tenant instances: `none` (records only; phase stays Provisioning),
+    /// `local` (a `tenant-runtime` process per tenant under `<data-dir>/tenants`) or
+    /// `kubernetes` (a `Tenant` resource per tenant, run by the operator; kubeconfig from
+    /// `KUBECONFIG`, `~/.kube/config` or the pod's service account). `dev` always uses
+    /// `local`.
     #[arg(long, env = "TENANTRY_PROVISIONER", value_enum, default_value_t = ProvisionerKind::None)]
     pub provisioner: ProvisionerKind,
     /// The `tenant-runtime` binary for the local provisioner; default: next to this
     /// program, else on `PATH`.
     #[arg(long, env = "TENANTRY_RUNTIME_BIN")]
     pub runtime_bin: Option<PathBuf>,
+    /// Kubernetes provisioner: public DNS domain of the instances; tenant `acme` gets
+    /// `acme.<domain>` on its certificate and as its endpoint. Without it, instances are
+    /// reached by their in-cluster service names.
+    #[arg(long, env = "TENANTRY_TENANT_DOMAIN", value_parser = parse_domain)]
+    pub tenant_domain: Option<String>,
     /// Lifetime of the local provisioner's instance certificates (renewed at two thirds).
     #[arg(long, env = "TENANTRY_LOCAL_CERT_VALIDITY", default_value = "90days", value_parser = humantime::parse_duration)]
     pub local_cert_validity: Duration,
@@ -144,6 +164,8 @@ pub enum ProvisionerKind {
     None,
     /// One `tenant-runtime` process per tenant on this machine.
     Local,
+    /// One `Tenant` resource per tenant, for the operator.
+    Kubernetes,
 }
 
 impl ServeArgs {
@@ -154,6 +176,24 @@ impl ServeArgs {
             absolute_timeout: self.session_absolute_timeout,
             admin_mfa_max_age: self.admin_mfa_max_age,
         }
+    }
+}
+
+/// A DNS domain: dot-separated lowercase labels of letters, digits and inner hyphens.
+fn parse_domain(text: &str) -> Result<String, String> {
+    let domain = text.trim_end_matches('.').to_ascii_lowercase();
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if domain.len() <= 200 && domain.split('.').all(label_ok) {
+        Ok(domain)
+    } else {
+        Err(format!(
+            "{text:?} is not a DNS domain such as tenants.example.com"
+        ))
     }
 }
 
@@ -251,5 +291,24 @@ mod tests {
         assert!(
             Cli::try_parse_from(["tenantry-api", "serve", "--tls-cert-file", "c.pem"]).is_err()
         );
+    }
+
+    #[test]
+    fn tenant_domains_are_dns_names() {
+        let parse = |d: &str| {
+            Cli::try_parse_from(["tenantry-api", "serve", "--tenant-domain", d]).map(|c| {
+                match c.command {
+                    Command::Serve(a) => a.tenant_domain,
+                    _ => None,
+                }
+            })
+        };
+        assert_eq!(
+            parse("Tenants.Example.com.").unwrap().as_deref(),
+            Some("tenants.example.com")
+        );
+        for bad in ["", "-a.example.com", "a..b", "a_b.example.com", "a b.com"] {
+            assert!(parse(bad).is_err(), "{bad:?} was accepted");
+        }
     }
 }

@@ -48,6 +48,14 @@ async fn main() -> anyhow::Result<()> {
             );
             server::run(args, listener, shutdown_signal()).await?;
         }
+        Command::Keygen(args) => {
+            for path in server::keygen(&args.out_dir)? {
+                println!("wrote {}", path.display());
+            }
+            eprintln!(
+                "keep master.key and token-signing.key secret (e.g. `kubectl create secret generic tenantry-api-keys --from-file=...`); token-public.pem goes to the operator's Secret"
+            );
+        }
         Command::BootstrapAdmin(args) => {
             let mut password = String::new();
             std::io::stdin()

@@ -28,6 +28,7 @@ use crate::crypto::MasterKey;
 use crate::error::{Error, Result};
 use crate::lockout::RateLimiter;
 use crate::password::PasswordHasher;
+use crate::provision::kubernetes::{KubernetesProvisioner, KubernetesSettings};
 use crate::provision::local::{LocalProvisioner, LocalSettings, find_runtime_bin};
 use crate::provision::{Provisioner, RecordOnly};
 use crate::service::account::Accounts;
@@ -65,7 +66,7 @@ pub fn load_master_key(db: &DatabaseArgs) -> Result<MasterKey> {
             let path = db_path
                 .parent()
                 .unwrap_or(Path::new("."))
-                .join("master.key");
+                .join(MASTER_KEY_FILE);
             if !path.exists() {
                 create_master_key(&path)?;
                 tracing::info!(path = %path.display(), "created a new master key; back it up with the database");
@@ -112,6 +113,43 @@ fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
 
 /// The public half of the instance-token key, next to a generated signing key.
 pub const TOKEN_PUBLIC_KEY_FILE: &str = "token-public.pem";
+/// The master key written by [`keygen`].
+pub const MASTER_KEY_FILE: &str = "master.key";
+/// The instance-token signing key written by [`keygen`].
+pub const TOKEN_SIGNING_KEY_FILE: &str = "token-signing.key";
+
+/// Writes a new master key, instance-token signing key and its public half into `dir`
+/// (keys 0600, public key 0644); fails without writing anything if one of them exists.
+/// Returns the paths written.
+pub fn keygen(dir: &Path) -> Result<Vec<PathBuf>> {
+    let paths: Vec<PathBuf> = [
+        MASTER_KEY_FILE,
+        TOKEN_SIGNING_KEY_FILE,
+        TOKEN_PUBLIC_KEY_FILE,
+    ]
+    .iter()
+    .map(|f| dir.join(f))
+    .collect();
+    if let Some(existing) = paths.iter().find(|p| p.exists()) {
+        return Err(Error::Config(format!(
+            "{} exists; keygen never overwrites keys (move it away first)",
+            existing.display()
+        )));
+    }
+    let signer = TokenSigner::generate().map_err(Error::Token)?;
+    create_master_key(&dir.join(MASTER_KEY_FILE))?;
+    write_new_file(
+        &dir.join(TOKEN_SIGNING_KEY_FILE),
+        signer.to_pkcs8_pem().expose_secret().as_bytes(),
+        0o600,
+    )?;
+    write_new_file(
+        &dir.join(TOKEN_PUBLIC_KEY_FILE),
+        signer.public_key_pem().as_bytes(),
+        0o644,
+    )?;
+    Ok(paths)
+}
 
 /// Loads the instance-token signing key from `--token-signing-key-file`, or (SQLite only)
 /// from `token-signing.key` beside the database, creating it (0600) and its public half
@@ -121,7 +159,7 @@ pub fn load_token_signer(db: &DatabaseArgs) -> Result<TokenSigner> {
         (Some(path), _) => path.clone(),
         (None, Some(db_path)) => {
             let dir = db_path.parent().unwrap_or(Path::new(".")).to_path_buf();
-            let path = dir.join("token-signing.key");
+            let path = dir.join(TOKEN_SIGNING_KEY_FILE);
             if !path.exists() {
                 let signer = TokenSigner::generate().map_err(Error::Token)?;
                 write_new_file(
@@ -163,13 +201,23 @@ fn ensure_sqlite_dir(url: &str) -> Result<()> {
 
 /// Connects to the database (migrating it) and builds the shared state.
 pub async fn build_state(args: &ServeArgs, clock: Arc<dyn Clock>) -> Result<Arc<AppState>> {
+    build_state_with(args, clock, None).await
+}
+
+/// [`build_state`], with the Kubernetes client of the `kubernetes` provisioner given rather
+/// than inferred from the environment (tests pass an in-memory API server's).
+pub async fn build_state_with(
+    args: &ServeArgs,
+    clock: Arc<dyn Clock>,
+    kube_client: Option<kube::Client>,
+) -> Result<Arc<AppState>> {
     crate::store::Backend::of_url(&args.db.url())?;
     ensure_sqlite_dir(&args.db.url())?;
     let master_key = load_master_key(&args.db)?;
     let token_signer = load_token_signer(&args.db)?;
     let store = Store::connect(&args.db.url(), args.database_max_connections).await?;
     let hasher = PasswordHasher::new(args.db.hash_params())?;
-    let provisioner = build_provisioner(args, &store, &clock)?;
+    let provisioner = build_provisioner(args, &store, &clock, kube_client).await?;
     Ok(Arc::new(AppState::new(StateParts {
         store,
         hasher,
@@ -184,13 +232,31 @@ pub async fn build_state(args: &ServeArgs, clock: Arc<dyn Clock>) -> Result<Arc<
     })))
 }
 
-fn build_provisioner(
+async fn build_provisioner(
     args: &ServeArgs,
     store: &Store,
     clock: &Arc<dyn Clock>,
+    kube_client: Option<kube::Client>,
 ) -> Result<Arc<dyn Provisioner>> {
     match args.provisioner {
         ProvisionerKind::None => Ok(Arc::new(RecordOnly)),
+        ProvisionerKind::Kubernetes => {
+            let client = match kube_client {
+                Some(client) => client,
+                None => kube::Client::try_default().await.map_err(|e| {
+                    Error::Config(format!(
+                        "the kubernetes provisioner needs a cluster (KUBECONFIG, ~/.kube/config or a pod service account): {e}"
+                    ))
+                })?,
+            };
+            let settings = KubernetesSettings {
+                tenant_domain: args.tenant_domain.clone(),
+            };
+            let provisioner =
+                KubernetesProvisioner::start(client, settings, store.clone(), Arc::clone(clock))
+                    .await?;
+            Ok(Arc::new(provisioner))
+        }
         ProvisionerKind::Local => {
             let runtime_bin = match &args.runtime_bin {
                 Some(path) => path.clone(),
@@ -450,6 +516,7 @@ pub async fn bootstrap_admin(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -465,5 +532,46 @@ mod tests {
         );
         assert_eq!(sqlite_path("sqlite::memory:"), None);
         assert_eq!(sqlite_path("postgres://x@y/z"), None);
+    }
+
+    #[test]
+    fn keygen_writes_usable_keys_once() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("keys");
+        let written = keygen(&out).unwrap();
+        assert_eq!(written.len(), 3);
+        let mode = |f: &str| std::fs::metadata(out.join(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(MASTER_KEY_FILE), 0o600);
+        assert_eq!(mode(TOKEN_SIGNING_KEY_FILE), 0o600);
+        assert_eq!(mode(TOKEN_PUBLIC_KEY_FILE), 0o644);
+
+        // The API loads them as --master-key-file and --token-signing-key-file, and the
+        // public half verifies what the signing key issues.
+        let db = DatabaseArgs {
+            data_dir: dir.path().into(),
+            database_url: Some("postgres://x@y/z\n".into()),
+            master_key_file: Some(out.join(MASTER_KEY_FILE)),
+            token_signing_key_file: Some(out.join(TOKEN_SIGNING_KEY_FILE)),
+            argon2_memory_kib: 19456,
+            argon2_iterations: 2,
+            argon2_parallelism: 1,
+        };
+        assert_eq!(db.url(), "postgres://x@y/z");
+        load_master_key(&db).unwrap();
+        let signer = load_token_signer(&db).unwrap();
+        let public = std::fs::read_to_string(out.join(TOKEN_PUBLIC_KEY_FILE)).unwrap();
+        let verifier = tenantry_proto::token::TokenVerifier::from_public_key_pem(&public).unwrap();
+        let now = jiff::Timestamp::now();
+        let (token, _) = signer
+            .issue("t-1", "u-1", now, Duration::from_secs(60))
+            .unwrap();
+        assert!(verifier.verify(&token, "t-1", now).is_ok());
+
+        // A second run refuses and leaves the keys alone.
+        let before = std::fs::read(out.join(MASTER_KEY_FILE)).unwrap();
+        let err = keygen(&out).unwrap_err().to_string();
+        assert!(err.contains("never overwrites"), "{err}");
+        assert_eq!(std::fs::read(out.join(MASTER_KEY_FILE)).unwrap(), before);
     }
 }

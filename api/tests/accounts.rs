@@ -280,6 +280,7 @@ async fn sessions_end_at_the_absolute_timeout_however_busy() {
                 "--session-idle-timeout".into(),
                 "90s".into(),
             ],
+            ..Default::default()
         },
         tenantry_api::clock::ManualClock::new(T0_MS),
     )
@@ -456,6 +457,7 @@ async fn login_rehashes_when_parameters_rise() {
                 "--argon2-iterations".into(),
                 "2".into(),
             ],
+            ..Default::default()
         },
         tenantry_api::clock::ManualClock::new(T0_MS),
     )
@@ -486,6 +488,7 @@ async fn the_per_source_rate_limit_answers_resource_exhausted() {
                 "--rate-limit-burst".into(),
                 "3".into(),
             ],
+            ..Default::default()
         },
         tenantry_api::clock::ManualClock::new(T0_MS),
     )

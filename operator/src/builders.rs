@@ -22,7 +22,7 @@ use k8s_openapi::api::networking::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::Resource;
+use kube::{Resource, ResourceExt};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -474,7 +474,8 @@ pub struct TlsFiles {
 /// The tenant runtime's config file (keys fixed by the runtime's contract).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuntimeConfig {
-    /// The tenant's name.
+    /// The id instance tokens must be bound to: the control API's tenant id
+    /// (label `tenantry.dev/tenant-id`), or the Tenant's name for a Tenant made without it.
     pub tenant_id: String,
     /// Address to serve HTTPS on.
     pub listen: String,
@@ -493,8 +494,15 @@ pub struct RuntimeConfig {
 /// The runtime config of `owner`.
 pub fn runtime_config(owner: &Owner<'_>) -> RuntimeConfig {
     let r = &owner.tenant.spec.retention;
+    let tenant_id = owner
+        .tenant
+        .labels()
+        .get(names::LABEL_TENANT_ID)
+        .filter(|id| !id.is_empty())
+        .unwrap_or(&owner.name)
+        .clone();
     RuntimeConfig {
-        tenant_id: owner.name.clone(),
+        tenant_id,
         listen: format!("0.0.0.0:{}", names::RUNTIME_PORT),
         tls: TlsFiles {
             cert_file: format!("{}/tls.crt", names::TLS_DIR),
@@ -1019,6 +1027,18 @@ pub(crate) mod tests {
         assert_eq!(hash.len(), 64);
         let other = tenant("acme", json!({"owner": "x"}));
         assert_ne!(config_map(&Owner::of(&other).unwrap()).unwrap().1, hash);
+    }
+
+    #[test]
+    fn runtimes_of_api_tenants_accept_tokens_bound_to_the_api_tenant_id() {
+        // The control API binds instance tokens to its tenant id, not to the name.
+        let mut t = tenant("acme", json!({"owner": "x"}));
+        t.metadata.labels = Some(BTreeMap::from([(
+            names::LABEL_TENANT_ID.to_owned(),
+            "0b0c6f3e-1111-4222-8333-444455556666".to_owned(),
+        )]));
+        let config = runtime_config(&Owner::of(&t).unwrap());
+        assert_eq!(config.tenant_id, "0b0c6f3e-1111-4222-8333-444455556666");
     }
 
     #[test]

@@ -29,7 +29,7 @@ use crate::names;
     printcolumn = r#"{"name":"Phase","type":"string","description":"Lifecycle phase of the tenant","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Plan","type":"string","description":"The tenant's plan","jsonPath":".spec.plan"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","description":"Whether the instance is serving","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
-    printcolumn = r#"{"name":"Cert-Expiry","type":"date","description":"When the tenant's TLS certificate expires","jsonPath":".status.certificate.notAfter"}"#,
+    printcolumn = r#"{"name":"Cert-Expiry","type":"string","description":"When the tenant's TLS certificate expires (RFC 3339; a string column, because kubectl shows a future date column as <invalid>)","jsonPath":".status.certificate.notAfter"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]

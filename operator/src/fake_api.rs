@@ -1,37 +1,218 @@
 //! An in-memory fake of the Kubernetes API server, for reconcile tests and the benchmark.
 //!
-//! It understands what the reconciler sends: GET, POST, DELETE, server-side apply and JSON
-//! merge patches (with resourceVersion preconditions) on single objects, and status
-//! subresources. It records every request, can check them against an expected sequence,
-//! and can fill the reconciler's watch caches from what it stores.
+//! It understands what the reconciler and the API's provisioner send: GET, POST, DELETE,
+//! server-side apply and JSON merge patches (with resourceVersion preconditions) on single
+//! objects, status subresources, and LIST and WATCH of collections (with equality label
+//! selectors and `metadata.name` field selectors). It records every request, can check them
+//! against an expected sequence, and can fill the reconciler's watch caches from what it
+//! stores. Like the real API server, DELETE of an object with finalizers only marks it.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
 use http::{Method, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::StreamBody;
+use k8s_openapi::api::rbac::v1::PolicyRule;
 use kube::Client;
 use kube::client::Body;
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+use tokio::sync::watch;
 
 use crate::controller::CacheWriters;
+
+/// One change, as a watch reports it.
+struct Change {
+    version: u64,
+    kind: &'static str,
+    key: String,
+    object: Value,
+}
 
 #[derive(Default)]
 struct State {
     objects: BTreeMap<String, Value>,
+    changes: Vec<Change>,
     log: Vec<String>,
     version: u64,
     expected: VecDeque<String>,
     checking: bool,
     mismatches: Vec<String>,
+    failing_writes: Option<u16>,
+    unserved: Vec<String>,
+    accesses: Vec<Access>,
+}
+
+impl State {
+    fn log_request(&mut self, line: String) {
+        self.accesses.extend(Access::of(&line));
+        self.log.push(line);
+    }
+
+    fn record(&mut self, kind: &'static str, key: &str, object: &Value) {
+        self.changes.push(Change {
+            version: self.version,
+            kind,
+            key: key.to_owned(),
+            object: object.clone(),
+        });
+    }
 }
 
 /// The fake API server. Clones share state.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct FakeApi {
     state: Arc<Mutex<State>>,
+    // Bumped after every change, to wake open watches.
+    ticks: Arc<watch::Sender<u64>>,
+}
+
+impl Default for FakeApi {
+    fn default() -> Self {
+        FakeApi {
+            state: Arc::default(),
+            ticks: Arc::new(watch::Sender::new(0)),
+        }
+    }
+}
+
+type Chunks = Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, Infallible>> + Send>>;
+/// Response bodies: whole for most answers, a never-ending stream for watches.
+type FakeBody = StreamBody<Chunks>;
+
+fn whole(value: &Value) -> FakeBody {
+    let bytes = Bytes::from(value.to_string().into_bytes());
+    StreamBody::new(futures::stream::once(async move { Ok(Frame::data(bytes)) }).boxed())
+}
+
+/// Where a request path points: `/api/v1` or `/apis/<group>/<version>`, then
+/// `[namespaces/<ns>/]<resource>[/<name>[/<subresource>]]`.
+#[derive(Debug, PartialEq, Eq)]
+struct Location {
+    base: String,
+    namespace: Option<String>,
+    resource: String,
+    name: Option<String>,
+    subresource: Option<String>,
+}
+
+fn locate(path: &str) -> Option<Location> {
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (base, rest) = match parts.as_slice() {
+        ["api", v, rest @ ..] => (format!("/api/{v}"), rest),
+        ["apis", g, v, rest @ ..] => (format!("/apis/{g}/{v}"), rest),
+        _ => return None,
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, rest @ ..] if !rest.is_empty() => (Some((*ns).to_owned()), rest),
+        _ => (None, rest),
+    };
+    let owned = |s: &&str| (*s).to_owned();
+    match rest {
+        [resource, more @ ..] if more.len() <= 2 => Some(Location {
+            base,
+            namespace,
+            resource: (*resource).to_owned(),
+            name: more.first().map(owned),
+            subresource: more.get(1).map(owned),
+        }),
+        _ => None,
+    }
+}
+
+/// Decodes `%XX` escapes (selectors arrive URL-encoded).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The parameters of a collection read.
+#[derive(Debug, Default)]
+struct Query {
+    watch: bool,
+    resource_version: u64,
+    labels: Vec<(String, Option<String>)>,
+    name: Option<String>,
+}
+
+impl Query {
+    fn parse(query: &str) -> Query {
+        let mut q = Query::default();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = percent_decode(v);
+            match k {
+                "watch" => q.watch = v == "true" || v == "1",
+                "resourceVersion" => q.resource_version = v.parse().unwrap_or(0),
+                "labelSelector" => {
+                    q.labels = v
+                        .split(',')
+                        .filter(|t| !t.is_empty())
+                        .map(|t| match t.split_once('=') {
+                            Some((k, v)) => {
+                                (k.trim_end_matches('=').to_owned(), Some(v.to_owned()))
+                            }
+                            None => (t.to_owned(), None),
+                        })
+                        .collect();
+                }
+                "fieldSelector" => {
+                    q.name = v.strip_prefix("metadata.name=").map(str::to_owned);
+                }
+                _ => {}
+            }
+        }
+        q
+    }
+
+    /// Whether the object stored at `key` belongs to the collection at `list` and matches.
+    fn selects(&self, list: &Location, key: &str, object: &Value) -> bool {
+        let Some(at) = locate(key) else { return false };
+        let in_collection = at.base == list.base
+            && at.resource == list.resource
+            && at.name.is_some()
+            && at.subresource.is_none()
+            && (list.namespace.is_none() || list.namespace == at.namespace);
+        let labels = &object["metadata"]["labels"];
+        in_collection
+            && self
+                .name
+                .as_deref()
+                .is_none_or(|n| at.name.as_deref() == Some(n))
+            && self.labels.iter().all(|(k, v)| match v {
+                Some(v) => labels[k].as_str() == Some(v),
+                None => !labels[k].is_null(),
+            })
+    }
 }
 
 fn status(code: u16, reason: &str, message: &str) -> (u16, Value) {
@@ -40,6 +221,108 @@ fn status(code: u16, reason: &str, message: &str) -> (u16, Value) {
         json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                "message": message, "reason": reason, "code": code}),
     )
+}
+
+/// One request as RBAC sees it: verb, API group, resource (with `/subresource`),
+/// namespace and object name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Access {
+    /// `get`, `list`, `watch`, `create`, `update`, `patch` or `delete`.
+    pub verb: String,
+    /// API group; empty for the core group.
+    pub group: String,
+    /// Resource, e.g. `tenants/status`.
+    pub resource: String,
+    /// Namespace of a namespaced request.
+    pub namespace: Option<String>,
+    /// Object name, when the request names one.
+    pub name: Option<String>,
+}
+
+impl Access {
+    /// The access of a log line (`"METHOD /path"`).
+    fn of(line: &str) -> Option<Access> {
+        let (method, path) = line.split_once(' ')?;
+        let at = locate(path)?;
+        let verb = match method {
+            "GET" => "get",
+            "LIST" => "list",
+            "WATCH" => "watch",
+            "POST" => "create",
+            "PUT" => "update",
+            "PATCH" => "patch",
+            "DELETE" => "delete",
+            _ => return None,
+        };
+        let group = at
+            .base
+            .strip_prefix("/apis/")
+            .and_then(|gv| gv.split('/').next())
+            .unwrap_or("")
+            .to_owned();
+        let resource = match &at.subresource {
+            Some(sub) => format!("{}/{sub}", at.resource),
+            None => at.resource.clone(),
+        };
+        Some(Access {
+            verb: verb.to_owned(),
+            group,
+            resource,
+            namespace: at.namespace,
+            name: at.name,
+        })
+    }
+
+    /// Whether one of `rules` allows this access.
+    pub fn allowed_by(&self, rules: &[PolicyRule]) -> bool {
+        let has = |list: &Option<Vec<String>>, want: &str| {
+            list.as_ref()
+                .is_some_and(|l| l.iter().any(|x| x == want || x == "*"))
+        };
+        rules.iter().any(|r| {
+            has(&r.api_groups, &self.group)
+                && has(&r.resources, &self.resource)
+                && r.verbs.iter().any(|v| *v == self.verb || v == "*")
+                && match &r.resource_names {
+                    Some(names) if !names.is_empty() => {
+                        self.name.as_ref().is_some_and(|n| names.contains(n))
+                    }
+                    _ => true,
+                }
+        })
+    }
+}
+
+/// Every (group, resource, verb) that `rules` grant and no access in `accesses` used:
+/// rights a least-privilege role should not have.
+pub fn unused_grants(rules: &[PolicyRule], accesses: &[Access]) -> Vec<String> {
+    let mut unused = Vec::new();
+    for rule in rules {
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                for verb in &rule.verbs {
+                    let used = accesses.iter().any(|a| {
+                        a.group == *group
+                            && a.resource == *resource
+                            && a.verb == *verb
+                            && a.allowed_by(std::slice::from_ref(rule))
+                    });
+                    if !used {
+                        unused.push(format!("{verb} {group}/{resource}"));
+                    }
+                }
+            }
+        }
+    }
+    unused
+}
+
+/// Whether `obj` is being deleted and has no finalizer left, so the API server removes it.
+fn released(obj: &Value) -> bool {
+    !obj["metadata"]["deletionTimestamp"].is_null()
+        && obj["metadata"]["finalizers"]
+            .as_array()
+            .is_none_or(|f| f.is_empty())
 }
 
 /// RFC 7386 JSON merge patch.
@@ -76,7 +359,7 @@ impl FakeApi {
 
     /// A client whose requests this fake answers.
     pub fn client(&self) -> Client {
-        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<FakeBody>>();
         let fake = self.clone();
         tokio::spawn(async move {
             while let Some((request, respond)) = handle.next_request().await {
@@ -88,15 +371,108 @@ impl FakeApi {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("")
                     .to_owned();
-                let (code, value) =
-                    fake.handle(&parts.method, parts.uri.path(), &content_type, &bytes);
-                let mut response = Response::new(Body::from(value.to_string().into_bytes()));
+                let path = parts.uri.path();
+                let query = Query::parse(parts.uri.query().unwrap_or(""));
+                let collection = locate(path).filter(|l| l.name.is_none());
+                let (code, body) = match collection {
+                    Some(list) if parts.method == Method::GET => {
+                        fake.read_collection(path, &list, query)
+                    }
+                    _ => {
+                        let (code, value) = fake.handle(&parts.method, path, &content_type, &bytes);
+                        (code, whole(&value))
+                    }
+                };
+                fake.ticks.send_modify(|t| *t += 1);
+                let mut response = Response::new(body);
                 *response.status_mut() =
                     StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
                 respond.send_response(response);
             }
         });
         Client::new(service, "default")
+    }
+
+    /// Answers a LIST, or opens a WATCH that streams every later change to the collection.
+    fn read_collection(&self, path: &str, list: &Location, query: Query) -> (u16, FakeBody) {
+        let mut s = self.lock();
+        let verb = if query.watch { "WATCH" } else { "LIST" };
+        s.log_request(format!("{verb} {path}"));
+        if let Some(prefix) = s.unserved.iter().find(|p| path.starts_with(p.as_str())) {
+            let (code, value) = status(
+                404,
+                "NotFound",
+                &format!("the server could not find the requested resource ({prefix})"),
+            );
+            return (code, whole(&value));
+        }
+        if !query.watch {
+            let items: Vec<Value> = s
+                .objects
+                .iter()
+                .filter(|(k, v)| query.selects(list, k, v))
+                .map(|(_, v)| v.clone())
+                .collect();
+            let list = json!({"kind": "List", "apiVersion": "v1",
+                "metadata": {"resourceVersion": s.version.to_string()}, "items": items});
+            return (200, whole(&list));
+        }
+        let list = Location {
+            base: list.base.clone(),
+            namespace: list.namespace.clone(),
+            resource: list.resource.clone(),
+            name: None,
+            subresource: None,
+        };
+        let fake = self.clone();
+        let ticks = self.ticks.subscribe();
+        let after = query.resource_version;
+        let events = futures::stream::unfold(
+            (fake, ticks, after, list, query),
+            |(fake, mut ticks, mut after, list, query)| async move {
+                loop {
+                    ticks.borrow_and_update();
+                    let chunk: Vec<u8> = {
+                        let s = fake.lock();
+                        let mut out = Vec::new();
+                        let since = after;
+                        for c in s.changes.iter().filter(|c| c.version > since) {
+                            after = c.version;
+                            if query.selects(&list, &c.key, &c.object) {
+                                out.extend(
+                                    json!({"type": c.kind, "object": c.object})
+                                        .to_string()
+                                        .into_bytes(),
+                                );
+                                out.push(b'\n');
+                            }
+                        }
+                        out
+                    };
+                    if !chunk.is_empty() {
+                        let frame: Result<Frame<Bytes>, Infallible> =
+                            Ok(Frame::data(Bytes::from(chunk)));
+                        return Some((frame, (fake, ticks, after, list, query)));
+                    }
+                    if ticks.changed().await.is_err() {
+                        return None;
+                    }
+                }
+            },
+        );
+        (200, StreamBody::new(events.boxed()))
+    }
+
+    /// While set, every write (anything but a read) fails with `code`, as during an outage
+    /// or an admission webhook that refuses.
+    pub fn fail_writes(&self, code: Option<u16>) {
+        self.lock().failing_writes = code;
+    }
+
+    /// Answers 404 to collection reads under `prefix`, as an API server does for a resource
+    /// it does not serve (a CRD that is not installed).
+    pub fn unserve(&self, prefix: &str) {
+        self.lock().unserved.push(prefix.to_owned());
     }
 
     /// From now on, every request must match the next entry (`"METHOD /path"`, no query;
@@ -135,12 +511,17 @@ impl FakeApi {
         self.lock().log.clear();
     }
 
-    /// Requests other than GET so far.
+    /// What RBAC authorized for every request so far, in order.
+    pub fn accesses(&self) -> Vec<Access> {
+        self.lock().accesses.clone()
+    }
+
+    /// Requests other than reads (GET, LIST, WATCH) so far.
     pub fn writes(&self) -> usize {
         self.lock()
             .log
             .iter()
-            .filter(|l| !l.starts_with("GET "))
+            .filter(|l| !["GET ", "LIST ", "WATCH "].iter().any(|r| l.starts_with(r)))
             .count()
     }
 
@@ -151,35 +532,77 @@ impl FakeApi {
 
     /// Stores `value` at `path` (as if another client had written it).
     pub fn put(&self, path: &str, mut value: Value) {
-        let mut s = self.lock();
-        s.version += 1;
-        value["metadata"]["resourceVersion"] = json!(s.version.to_string());
-        s.objects.insert(path.to_owned(), value);
+        {
+            let mut s = self.lock();
+            s.version += 1;
+            value["metadata"]["resourceVersion"] = json!(s.version.to_string());
+            let kind = if s.objects.contains_key(path) {
+                "MODIFIED"
+            } else {
+                "ADDED"
+            };
+            s.record(kind, path, &value);
+            s.objects.insert(path.to_owned(), value);
+        }
+        self.ticks.send_modify(|t| *t += 1);
     }
 
     /// Changes the object at `path` in place (as a controller or a person would).
+    /// A change that empties `metadata.finalizers` of an object being deleted removes it,
+    /// as the API server would.
     pub fn edit(&self, path: &str, f: impl FnOnce(&mut Value)) {
-        let mut s = self.lock();
-        s.version += 1;
-        let version = s.version;
-        if let Some(v) = s.objects.get_mut(path) {
-            f(v);
+        {
+            let mut s = self.lock();
+            s.version += 1;
+            let version = s.version;
+            let Some(mut v) = s.objects.get(path).cloned() else {
+                return;
+            };
+            f(&mut v);
             v["metadata"]["resourceVersion"] = json!(version.to_string());
+            if released(&v) {
+                s.objects.remove(path);
+                s.record("DELETED", path, &v);
+            } else {
+                s.record("MODIFIED", path, &v);
+                s.objects.insert(path.to_owned(), v);
+            }
         }
+        self.ticks.send_modify(|t| *t += 1);
     }
 
     /// Removes the object at `path`.
     pub fn remove(&self, path: &str) {
-        self.lock().objects.remove(path);
+        {
+            let mut s = self.lock();
+            s.version += 1;
+            if let Some(v) = s.objects.remove(path) {
+                s.record("DELETED", path, &v);
+            }
+        }
+        self.ticks.send_modify(|t| *t += 1);
     }
 
     /// Finishes the deletion of namespace `ns`: it and everything in it disappear.
     pub fn finish_namespace_deletion(&self, ns: &str) {
-        let inner = format!("/namespaces/{ns}/");
-        let own = format!("/api/v1/namespaces/{ns}");
-        self.lock()
-            .objects
-            .retain(|k, _| k != &own && !k.contains(&inner));
+        {
+            let inner = format!("/namespaces/{ns}/");
+            let own = format!("/api/v1/namespaces/{ns}");
+            let mut s = self.lock();
+            s.version += 1;
+            let gone: Vec<String> = s
+                .objects
+                .keys()
+                .filter(|k| *k == &own || k.contains(&inner))
+                .cloned()
+                .collect();
+            for key in gone {
+                if let Some(v) = s.objects.remove(&key) {
+                    s.record("DELETED", &key, &v);
+                }
+            }
+        }
+        self.ticks.send_modify(|t| *t += 1);
     }
 
     /// Stored objects of `kind`.
@@ -229,7 +652,7 @@ impl FakeApi {
     ) -> (u16, Value) {
         let mut s = self.lock();
         let line = format!("{method} {path}");
-        s.log.push(line.clone());
+        s.log_request(line.clone());
         if s.checking {
             match s.expected.pop_front() {
                 Some(want)
@@ -240,6 +663,13 @@ impl FakeApi {
                 Some(want) => s.mismatches.push(format!("expected {want}, got {line}")),
                 None => s.mismatches.push(format!("unexpected {line}")),
             }
+        }
+        if let Some(code) = s.failing_writes.filter(|_| *method != Method::GET) {
+            return status(
+                code,
+                "ServiceUnavailable",
+                "the server is unable to handle the request",
+            );
         }
         let body: Value = if body.is_empty() {
             Value::Null
@@ -271,6 +701,7 @@ impl FakeApi {
                 let mut obj = body.clone();
                 obj["metadata"]["uid"] = json!(format!("uid-{version}"));
                 obj["metadata"]["resourceVersion"] = json!(version);
+                s.record("ADDED", &key, &obj);
                 s.objects.insert(key, obj.clone());
                 (201, obj)
             }
@@ -283,6 +714,7 @@ impl FakeApi {
                 }
                 let mut obj = body.clone();
                 obj["metadata"]["resourceVersion"] = json!(version);
+                s.record("MODIFIED", &key, &obj);
                 s.objects.insert(key, obj.clone());
                 (200, obj)
             }
@@ -290,15 +722,26 @@ impl FakeApi {
                 let Some(current) = s.objects.get(&key).cloned() else {
                     return status(404, "NotFound", &format!("{key} not found"));
                 };
-                if current["kind"] == "Namespace" {
-                    // Namespaces terminate first; see finish_namespace_deletion.
+                let finalizers = current["metadata"]["finalizers"]
+                    .as_array()
+                    .is_some_and(|f| !f.is_empty());
+                if current["kind"] == "Namespace" || finalizers {
+                    // Namespaces terminate first (see finish_namespace_deletion); objects
+                    // with finalizers wait until the last one is removed.
                     let mut obj = current;
-                    obj["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
-                    obj["status"] = json!({"phase": "Terminating"});
-                    s.objects.insert(key, obj.clone());
+                    if obj["metadata"]["deletionTimestamp"].is_null() {
+                        obj["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+                        obj["metadata"]["resourceVersion"] = json!(version);
+                        if obj["kind"] == "Namespace" {
+                            obj["status"] = json!({"phase": "Terminating"});
+                        }
+                        s.record("MODIFIED", &key, &obj);
+                        s.objects.insert(key, obj.clone());
+                    }
                     return (200, obj);
                 }
                 s.objects.remove(&key);
+                s.record("DELETED", &key, &current);
                 (
                     200,
                     json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
@@ -316,6 +759,11 @@ impl FakeApi {
                         obj
                     }
                     (true, None, false) => {
+                        // An apply that creates is also authorized as a create.
+                        s.accesses.extend(Access::of(&line).map(|a| Access {
+                            verb: "create".into(),
+                            ..a
+                        }));
                         let mut obj = body.clone();
                         obj["metadata"]["uid"] = json!(format!("uid-{version}"));
                         obj["metadata"]["generation"] = json!(1);
@@ -361,14 +809,17 @@ impl FakeApi {
                 };
                 let mut obj = obj;
                 obj["metadata"]["resourceVersion"] = json!(version);
-                let released = !obj["metadata"]["deletionTimestamp"].is_null()
-                    && obj["metadata"]["finalizers"]
-                        .as_array()
-                        .is_none_or(|f| f.is_empty());
-                if released {
+                if released(&obj) {
                     // The last finalizer is gone: the API server deletes the object.
                     s.objects.remove(&key);
+                    s.record("DELETED", &key, &obj);
                 } else {
+                    let kind = if s.objects.contains_key(&key) {
+                        "MODIFIED"
+                    } else {
+                        "ADDED"
+                    };
+                    s.record(kind, &key, &obj);
                     s.objects.insert(key, obj.clone());
                 }
                 (200, obj)

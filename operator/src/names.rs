@@ -30,6 +30,9 @@ pub const LABEL_TENANT: &str = "tenantry.dev/tenant";
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// Label on the runtime pods and Service.
 pub const LABEL_NAME: &str = "app.kubernetes.io/name";
+/// Label on a Tenant made by the control API: the tenant's id in the API's database. The
+/// API binds instance tokens to this id, so the runtime is configured with it.
+pub const LABEL_TENANT_ID: &str = "tenantry.dev/tenant-id";
 /// Label on every child object: the tenant's plan.
 pub const LABEL_PLAN: &str = "tenantry.dev/plan";
 /// Value of [`LABEL_MANAGED_BY`].

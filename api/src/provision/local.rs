@@ -28,7 +28,7 @@ use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 
 use super::probe::Prober;
-use super::{Provisioner, TenantSpec};
+use super::{Deletion, Provisioner, TenantSpec};
 use crate::clock::Clock;
 use crate::crypto::random_bytes;
 use crate::error::{Error, Result};
@@ -697,7 +697,7 @@ impl Provisioner for LocalProvisioner {
         Ok(())
     }
 
-    async fn delete(&self, tenant_id: &str) -> Result<()> {
+    async fn delete(&self, tenant_id: &str) -> Result<Deletion> {
         let supervisor = self.supervisors.lock().await.remove(tenant_id);
         if let Some(s) = supervisor {
             let _ = s.desired.send(Desired::Deleted);
@@ -708,9 +708,9 @@ impl Provisioner for LocalProvisioner {
         match tokio::fs::remove_dir_all(&dir).await {
             Ok(()) => {
                 tracing::info!(%tenant_id, "deleted the instance, its data key and its data");
-                Ok(())
+                Ok(Deletion::Done)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Deletion::Done),
             Err(e) => Err(Error::Io {
                 what: format!("deleting {}", dir.display()),
                 source: e,
@@ -737,13 +737,15 @@ impl Provisioner for LocalProvisioner {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use tenantry_proto::retention::RetentionPolicy;
+    use tenantry_proto::retention::{Plan, RetentionPolicy};
 
     #[test]
     fn config_has_exactly_the_runtime_contract_keys() {
         let spec = TenantSpec {
             id: "t-1".into(),
             name: "acme".into(),
+            owner: "u-1".into(),
+            plan: Plan::Free,
             suspended: false,
             retention: RetentionPolicy {
                 max_age_hours: 1,
@@ -782,6 +784,8 @@ mod tests {
         let spec = TenantSpec {
             id: "t-1".into(),
             name: "acme".into(),
+            owner: "u-1".into(),
+            plan: Plan::Free,
             suspended: false,
             retention: RetentionPolicy {
                 max_age_hours: 3,

@@ -3,13 +3,14 @@
 //! after every change and a reconcile loop calls it for every tenant periodically, so a
 //! failed or interrupted step is retried rather than forgotten.
 
+pub mod kubernetes;
 pub mod local;
 pub mod probe;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tenantry_proto::retention::RetentionPolicy;
+use tenantry_proto::retention::{Plan, RetentionPolicy};
 
 use crate::error::Result;
 use crate::service::phase;
@@ -22,6 +23,10 @@ pub struct TenantSpec {
     pub id: String,
     /// Tenant name (a DNS label).
     pub name: String,
+    /// Owner's user id.
+    pub owner: String,
+    /// Plan (quotas and limits).
+    pub plan: Plan,
     /// Scaled to zero, data kept.
     pub suspended: bool,
     /// Retention the runtime enforces.
@@ -34,6 +39,8 @@ impl TenantSpec {
         TenantSpec {
             id: row.id.clone(),
             name: row.name.clone(),
+            owner: row.owner_user_id.clone(),
+            plan: Plan::parse(&row.plan).unwrap_or_default(),
             suspended: row.suspended,
             retention: RetentionPolicy {
                 max_age_hours: u32::try_from(row.retention_max_age_hours).unwrap_or(0),
@@ -43,6 +50,16 @@ impl TenantSpec {
     }
 }
 
+/// How far a [`Provisioner::delete`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deletion {
+    /// The instance and its data are gone.
+    Done,
+    /// Deletion has started and finishes on its own (a Tenant's finalizer is removing its
+    /// namespace); ask again later.
+    InProgress,
+}
+
 /// Runs tenant instances.
 #[tonic::async_trait]
 pub trait Provisioner: Send + Sync + 'static {
@@ -50,7 +67,7 @@ pub trait Provisioner: Send + Sync + 'static {
     async fn ensure(&self, spec: &TenantSpec) -> Result<()>;
     /// Stops the instance and destroys its data and keys; idempotent (an unknown tenant is
     /// already deleted).
-    async fn delete(&self, tenant_id: &str) -> Result<()>;
+    async fn delete(&self, tenant_id: &str) -> Result<Deletion>;
     /// Stops every instance this process started (data is kept).
     async fn shutdown(&self);
 }
@@ -64,8 +81,8 @@ impl Provisioner for RecordOnly {
     async fn ensure(&self, _spec: &TenantSpec) -> Result<()> {
         Ok(())
     }
-    async fn delete(&self, _tenant_id: &str) -> Result<()> {
-        Ok(())
+    async fn delete(&self, _tenant_id: &str) -> Result<Deletion> {
+        Ok(Deletion::Done)
     }
     async fn shutdown(&self) {}
 }
@@ -86,15 +103,20 @@ pub async fn reconcile_all(store: &Store, provisioner: &Arc<dyn Provisioner>) ->
     Ok(())
 }
 
-/// Deletes the instance, then the records. On failure the tenant stays `Terminating`
-/// and the next reconcile tries again (also after a restart).
+/// Deletes the instance, then the records. Until both are done the tenant stays
+/// `Terminating` and the next reconcile tries again (also after a restart). Returns whether
+/// the tenant is gone.
 pub async fn finish_delete(
     store: &Store,
     provisioner: &Arc<dyn Provisioner>,
     tenant_id: &str,
 ) -> bool {
     match provisioner.delete(tenant_id).await {
-        Ok(()) => match store.purge_tenant(tenant_id).await {
+        Ok(Deletion::InProgress) => {
+            tracing::debug!(%tenant_id, "instance deletion in progress");
+            false
+        }
+        Ok(Deletion::Done) => match store.purge_tenant(tenant_id).await {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(%tenant_id, error = %e, "instance deleted but records remain; will retry");

@@ -116,6 +116,8 @@ impl Accounts {
                 st.provision(TenantSpec {
                     id: signup.tenant_id.clone(),
                     name: signup.tenant_name.clone(),
+                    owner: signup.user_id.clone(),
+                    plan,
                     suspended: false,
                     retention,
                 });

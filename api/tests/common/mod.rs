@@ -109,6 +109,8 @@ async fn psql(base: &str, sql: &str) {
 #[derive(Default)]
 pub struct Options {
     pub extra_args: Vec<String>,
+    /// The cluster of `--provisioner kubernetes` (an in-memory fake in tests).
+    pub kube_client: Option<kube::Client>,
 }
 
 /// A running server.
@@ -186,9 +188,13 @@ impl TestServer {
     pub async fn start_with(db: &Database, opts: Options, clock: ManualClock) -> TestServer {
         ensure_master_key(db);
         let args = serve_args(db, &opts.extra_args);
-        let state = tenantry_api::server::build_state(&args, Arc::new(clock.clone()))
-            .await
-            .unwrap();
+        let state = tenantry_api::server::build_state_with(
+            &args,
+            Arc::new(clock.clone()),
+            opts.kube_client,
+        )
+        .await
+        .unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
