@@ -347,3 +347,6 @@ pub async fn run(
     admin_task.abort();
     outcome
 }
+
+#[cfg(test)]
+mod rbac_tests;
