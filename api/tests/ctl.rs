@@ -733,13 +733,18 @@ async fn an_expired_session_says_to_log_in_again() {
 
 /// A CA certificate (PEM) and a leaf for 127.0.0.1 signed by it (certificate, key PEM).
 fn test_pki() -> (String, String, String) {
+    test_pki_for("127.0.0.1")
+}
+
+/// A CA certificate (PEM) and a leaf for `name` signed by it (certificate, key PEM).
+fn test_pki_for(name: &str) -> (String, String, String) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
     let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+    let leaf = rcgen::CertificateParams::new(vec![name.to_owned()])
         .unwrap()
         .signed_by(&leaf_key, &issuer)
         .unwrap();
@@ -834,6 +839,103 @@ async fn https_servers_are_trusted_through_the_ca_file() {
     cmd.env("TENANTRY_CA_FILE", &ca_file);
     let out = cmd.output().await.unwrap();
     assert!(out.status.success(), "{out:?}");
+
+    let _ = tx.send(());
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_certificate_name_can_differ_from_the_address() {
+    // Through `kubectl port-forward` the address is 127.0.0.1 but the certificate names
+    // the Service.
+    let db = Database::new().await;
+    ensure_master_key(&db);
+    let args = serve_args(&db, &[]);
+    let clock = tenantry_api::clock::ManualClock::new(T0_MS);
+    let state = tenantry_api::server::build_state(&args, std::sync::Arc::new(clock.clone()))
+        .await
+        .unwrap();
+    tenantry_api::server::bootstrap_admin(
+        &args.db,
+        "pf@example.com",
+        &secrecy::SecretString::from(PASSWORD.to_owned()),
+        &clock,
+    )
+    .await
+    .unwrap();
+    let service = "tenantry-api.tenantry.svc";
+    let (ca_pem, cert_pem, key_pem) = test_pki_for(service);
+    let tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(tenantry_api::server::serve(
+        state,
+        listener,
+        Some(tls),
+        async move {
+            let _ = rx.await;
+        },
+    ));
+    let ctl = Ctl::for_server(format!("https://{addr}"));
+    let ca_file = ctl.home.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca_pem).unwrap();
+    let ca_arg = ca_file.display().to_string();
+    let login = |extra: &'static [&'static str]| {
+        let mut argv = vec![
+            "login",
+            "--email",
+            "pf@example.com",
+            "--password-stdin",
+            "--ca-file",
+            ca_arg.as_str(),
+        ];
+        argv.extend_from_slice(extra);
+        argv.iter()
+            .map(|a| (*a).to_owned())
+            .collect::<Vec<String>>()
+    };
+
+    // The certificate does not name 127.0.0.1: refused.
+    let argv = login(&[]);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let run = ctl.run(&argv, &format!("{PASSWORD}\n")).await;
+    assert!(
+        run.error_line()
+            .starts_with("error: cannot connect to https://"),
+        "{run:?}"
+    );
+    // Checked against the name given instead: accepted.
+    let argv = login(&["--tls-server-name", "tenantry-api.tenantry.svc"]);
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    ctl.run(&argv, &format!("{PASSWORD}\n")).await.ok();
+    let mut cmd = ctl.command(&["whoami", "-o", "json"]);
+    cmd.env("TENANTRY_CA_FILE", &ca_file);
+    cmd.env("TENANTRY_TLS_SERVER_NAME", service);
+    let out = cmd.output().await.unwrap();
+    assert!(out.status.success(), "{out:?}");
+
+    // Meaningless without TLS: said so rather than ignored.
+    let plain = Ctl::for_server("http://127.0.0.1:1".to_owned());
+    let run = plain
+        .run(
+            &[
+                "login",
+                "--email",
+                "pf@example.com",
+                "--password-stdin",
+                "--tls-server-name",
+                service,
+            ],
+            &format!("{PASSWORD}\n"),
+        )
+        .await;
+    assert!(run.error_line().contains("--tls-server-name"), "{run:?}");
 
     let _ = tx.send(());
     tokio::time::timeout(Duration::from_secs(10), task)

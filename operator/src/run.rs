@@ -340,7 +340,14 @@ pub async fn run(
             ready(())
         });
     let outcome = tokio::select! {
-        () = running => Ok(()),
+        () = running => {
+            // Stopped on purpose (a rolling update): hand over now, not after the lease
+            // duration.
+            if let Err(e) = lock.release().await {
+                warn!(error = %e, "could not release the Lease; another replica takes over when it expires");
+            }
+            Ok(())
+        }
         lost = lock.keep() => Err(lost),
     };
     metrics.set_ready(false);

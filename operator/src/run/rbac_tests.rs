@@ -146,6 +146,14 @@ async fn chart_rbac_covers_every_call_of_the_operator_and_grants_nothing_unused(
         .unwrap()
         .unwrap()
         .unwrap();
+    // A stopped leader hands over at once.
+    let lease = fake
+        .get(&format!(
+            "/apis/coordination.k8s.io/v1/namespaces/{OPERATOR_NS}/leases/{}",
+            names::DEFAULT_LEASE_NAME
+        ))
+        .unwrap();
+    assert!(lease["spec"]["holderIdentity"].is_null(), "{lease}");
 
     let cluster = rules("operator-cluster-rules.yaml");
     let namespaced = rules("operator-namespace-rules.yaml");

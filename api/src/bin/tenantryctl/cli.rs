@@ -32,6 +32,10 @@ pub struct GlobalArgs {
     /// PEM file of the CA that signed the server's certificate (needed for `https://`).
     #[arg(long, env = "TENANTRY_CA_FILE", global = true)]
     pub ca_file: Option<PathBuf>,
+    /// Name to check the server's certificate against, when it differs from the host in
+    /// `--server` (e.g. `tenantry-api.tenantry.svc` through `kubectl port-forward`).
+    #[arg(long, env = "TENANTRY_TLS_SERVER_NAME", global = true)]
+    pub tls_server_name: Option<String>,
     /// Where the session token is kept [default: $XDG_CONFIG_HOME/tenantry/session or
     /// ~/.config/tenantry/session].
     #[arg(long, env = "TENANTRY_SESSION_FILE", global = true)]

@@ -18,8 +18,18 @@ use crate::error::{Error, Result, chain, needs_step_up};
 use crate::prompt::{self, Factor};
 use crate::session::Session;
 
+/// How to trust an `https://` server.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Trust<'a> {
+    /// PEM file of the CA that signed the server's certificate.
+    pub ca_file: Option<&'a Path>,
+    /// Name the certificate must carry, if not the host of the address.
+    pub server_name: Option<&'a str>,
+}
+
 /// Opens a channel to `server`; `https://` needs the CA that signed its certificate.
-pub async fn connect(server: &str, ca_file: Option<&Path>) -> Result<Channel> {
+pub async fn connect(server: &str, trust: Trust<'_>) -> Result<Channel> {
+    let ca_file = trust.ca_file;
     let https = if server.starts_with("https://") {
         true
     } else if server.starts_with("http://") {
@@ -37,7 +47,10 @@ pub async fn connect(server: &str, ca_file: Option<&Path>) -> Result<Channel> {
         (true, Some(path)) => {
             let pem = std::fs::read(path)
                 .map_err(Error::io(format!("reading the CA file {}", path.display())))?;
-            let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+            if let Some(name) = trust.server_name {
+                tls = tls.domain_name(name);
+            }
             endpoint = endpoint.tls_config(tls).map_err(|e| {
                 Error::Usage(format!("TLS setup with {}: {}", path.display(), chain(&e)))
             })?;
@@ -51,6 +64,11 @@ pub async fn connect(server: &str, ca_file: Option<&Path>) -> Result<Channel> {
         (false, Some(_)) => {
             return Err(Error::Usage(
                 "--ca-file is only used with an https:// server".into(),
+            ));
+        }
+        (false, None) if trust.server_name.is_some() => {
+            return Err(Error::Usage(
+                "--tls-server-name is only used with an https:// server".into(),
             ));
         }
         (false, None) => {}

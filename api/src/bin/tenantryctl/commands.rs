@@ -77,6 +77,14 @@ fn factor_source(global: &GlobalArgs) -> FactorSource {
     }
 }
 
+/// The TLS trust settings of the global flags.
+fn trust(global: &GlobalArgs) -> client::Trust<'_> {
+    client::Trust {
+        ca_file: global.ca_file.as_deref(),
+        server_name: global.tls_server_name.as_deref(),
+    }
+}
+
 /// Connects with the saved session; refuses to send its token to another server.
 async fn open(global: &GlobalArgs, session_file: &Path) -> Result<Api> {
     let saved = session::load(session_file)?;
@@ -87,7 +95,7 @@ async fn open(global: &GlobalArgs, session_file: &Path) -> Result<Api> {
             wanted: server,
         });
     }
-    let channel = client::connect(&server, global.ca_file.as_deref()).await?;
+    let channel = client::connect(&server, trust(global)).await?;
     Api::new(channel, &saved, factor_source(global))
 }
 
@@ -98,7 +106,7 @@ async fn login(
     out: Printer,
 ) -> Result<()> {
     let server = server_for(global, None);
-    let channel: Channel = client::connect(&server, global.ca_file.as_deref()).await?;
+    let channel: Channel = client::connect(&server, trust(global)).await?;
     let email = match args.email {
         Some(email) => email,
         None => prompt::line("Email: ")?
@@ -169,7 +177,7 @@ async fn logout(global: &GlobalArgs, session_file: &Path, out: Printer) -> Resul
         Err(e) => return Err(e),
     };
     let server = server_for(global, Some(&saved));
-    let ended = end_session(&saved, global.ca_file.as_deref()).await;
+    let ended = end_session(&saved, trust(global)).await;
     // The local token goes in every case: a logout must never leave it on disk.
     session::remove(session_file)?;
     if let Err(e) = ended {
@@ -185,8 +193,8 @@ async fn logout(global: &GlobalArgs, session_file: &Path, out: Printer) -> Resul
 }
 
 /// Ends `saved` on its server; a session that is already over is fine.
-async fn end_session(saved: &Session, ca_file: Option<&Path>) -> Result<()> {
-    let channel = client::connect(&saved.server, ca_file).await?;
+async fn end_session(saved: &Session, trust: client::Trust<'_>) -> Result<()> {
+    let channel = client::connect(&saved.server, trust).await?;
     let api = Api::new(channel, saved, FactorSource::default())?;
     match api.accounts().logout(api.authed(LogoutRequest {})).await {
         Ok(_) => Ok(()),
