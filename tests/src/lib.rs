@@ -1,1 +1,169 @@
-//! End-to-end tests that start the real Tenantry binaries live under `tests/tests/`.
+//! Helpers shared by the end-to-end tests under `tests/tests/`: finding the real binaries,
+//! driving the API over gRPC (signup, login, TOTP), and, for the real-cluster tests,
+//! installing the CRD and running the operator in-process.
+// A test-support crate: a failed step should fail the test with its message.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tenantry_proto::v1::account_service_client::AccountServiceClient;
+use tenantry_proto::v1::tenant_service_client::TenantServiceClient;
+use tenantry_proto::v1::*;
+use tonic::Request;
+use tonic::transport::Channel;
+
+pub mod cluster;
+
+/// The password every test user signs up with.
+pub const PASSWORD: &str = "violet-Harbor-93-lantern";
+
+/// The workspace binary `name`, built next to the running test.
+pub fn bin(name: &str) -> PathBuf {
+    // target/<profile>/deps/<this test> → target/<profile>/<name>
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the workspace first (`cargo test --workspace` does)",
+        path.display()
+    );
+    path
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `msg` with the session token as bearer credentials.
+pub fn authed<T>(msg: T, token: &str) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
+}
+
+/// Connects to a plaintext API on `port`, waiting up to 30 s for it to listen; `log`
+/// explains a failure to start.
+pub async fn connect(port: u16, log: impl Fn() -> String) -> Channel {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(c) = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            return c;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the API did not start; log: {}",
+            log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until GetTenant reports `phase`; fails after `within` with the last message.
+pub async fn wait_for_phase(
+    channel: &Channel,
+    token: &str,
+    tenant_id: &str,
+    phase: TenantPhase,
+    within: Duration,
+) -> Tenant {
+    wait_for_tenant(channel, token, tenant_id, within, |t| t.phase() == phase).await
+}
+
+/// Waits until GetTenant's answer satisfies `done`; fails after `within`.
+pub async fn wait_for_tenant(
+    channel: &Channel,
+    token: &str,
+    tenant_id: &str,
+    within: Duration,
+    done: impl Fn(&Tenant) -> bool,
+) -> Tenant {
+    let deadline = Instant::now() + within;
+    loop {
+        let t = TenantServiceClient::new(channel.clone())
+            .get_tenant(authed(
+                GetTenantRequest {
+                    tenant_id: tenant_id.into(),
+                },
+                token,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .tenant
+            .unwrap();
+        if done(&t) {
+            return t;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tenant stuck in {:?} ({})",
+            t.phase(),
+            t.message
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Signs a user up with [`PASSWORD`] and logs them in; returns the ids and the token.
+pub async fn signup_and_login(
+    channel: &Channel,
+    email: &str,
+    tenant: &str,
+) -> (SignupResponse, String) {
+    let mut accounts = AccountServiceClient::new(channel.clone());
+    let ids = accounts
+        .signup(SignupRequest {
+            email: email.into(),
+            password: PASSWORD.into(),
+            tenant_name: tenant.into(),
+            plan: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let token = login(channel, email).await;
+    (ids, token)
+}
+
+/// Logs in with [`PASSWORD`]; returns the session token.
+pub async fn login(channel: &Channel, email: &str) -> String {
+    AccountServiceClient::new(channel.clone())
+        .login(LoginRequest {
+            email: email.into(),
+            password: PASSWORD.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session_token
+}
+
+/// The TOTP code of `secret_b32` now, by the system clock.
+pub fn totp_now(secret_b32: &str) -> String {
+    let secret = data_encoding::BASE32_NOPAD
+        .decode(secret_b32.as_bytes())
+        .unwrap();
+    let now = jiff::Timestamp::now().as_second();
+    tenantry_api::totp::format_code(
+        tenantry_api::totp::code_at_step(&secret, tenantry_api::totp::step_at(now)).unwrap(),
+    )
+}
+
+/// Waits until the next TOTP step so a fresh code is accepted (each is usable once).
+pub async fn next_step() {
+    let now = jiff::Timestamp::now().as_millisecond();
+    let wait = 30_000 - now.rem_euclid(30_000) + 50;
+    tokio::time::sleep(Duration::from_millis(u64::try_from(wait).unwrap())).await;
+}

@@ -9,94 +9,21 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::api::storage::v1::StorageClass;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Client, ResourceExt};
 use serde_json::json;
-use tenantry_operator::config::Settings;
-use tenantry_operator::crd::{Tenant, crd};
+use tenantry_operator::crd::Tenant;
 use tenantry_operator::names;
-use tenantry_operator::run::{LeaderOptions, run};
+use tenantry_tests::cluster::{Operator, condition, eventually, install_crd};
 
 const TOKEN_PEM: &str = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n-----END PUBLIC KEY-----\n";
-
-async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<T>>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await? {
-            return Ok(v);
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-}
-
-fn condition(t: &Tenant, type_: &str) -> Option<String> {
-    t.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| c.status.clone())
-}
-
-async fn install_crd(client: &Client) -> Result<()> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.patch(
-        names::CRD_NAME,
-        &PatchParams::apply("tenantry-e2e").force(),
-        &Patch::Apply(crd()),
-    )
-    .await
-    .context("installing the CRD")?;
-    eventually(
-        "the CRD to be established",
-        Duration::from_secs(60),
-        || async {
-            let c = crds.get(names::CRD_NAME).await?;
-            let established = c
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            Ok(established.then_some(()))
-        },
-    )
-    .await
-}
-
-/// The cluster's default StorageClass, which the test declares encrypted.
-async fn default_storage_class(client: &Client) -> Result<Option<String>> {
-    let classes: Api<StorageClass> = Api::all(client.clone());
-    Ok(classes
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .find(|c| {
-            c.annotations()
-                .get("storageclass.kubernetes.io/is-default-class")
-                .is_some_and(|v| v == "true")
-        })
-        .map(|c| c.name_any()))
-}
 
 fn kubectl_apply(yaml: &str) -> Option<(bool, String)> {
     let mut child = Command::new("kubectl")
@@ -127,54 +54,10 @@ async fn operator_on_a_real_cluster() -> Result<()> {
         .context("connecting to the cluster")?;
     install_crd(&client).await?;
 
-    let suffix = std::process::id();
-    let op_ns = format!("tenantry-e2e-{suffix}");
+    let suffix = std::process::id().to_string();
+    let operator = Operator::start(&client, &suffix, TOKEN_PEM).await?;
+    let storage_class = operator.storage_class.clone();
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": op_ns}}))?,
-        )
-        .await?;
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &op_ns);
-    secrets
-        .create(
-            &PostParams::default(),
-            &Secret {
-                metadata: serde_json::from_value(json!({"name": names::TOKEN_KEY_SECRET}))?,
-                data: Some(BTreeMap::from([(
-                    names::TOKEN_KEY_KEY.to_owned(),
-                    ByteString(TOKEN_PEM.as_bytes().to_vec()),
-                )])),
-                ..Secret::default()
-            },
-        )
-        .await?;
-
-    let storage_class = default_storage_class(&client).await?;
-    let settings = Settings {
-        operator_namespace: op_ns.clone(),
-        control_plane_namespace: op_ns.clone(),
-        encrypted_storage_classes: storage_class.iter().cloned().collect(),
-        default_storage_class: storage_class.clone(),
-        resync: Duration::from_secs(30),
-        ..Settings::default()
-    };
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let operator = tokio::spawn(run(
-        settings,
-        LeaderOptions {
-            lease_name: "tenantry-e2e".into(),
-            lease_duration: Duration::from_secs(15),
-            identity: format!("e2e-{suffix}"),
-        },
-        client.clone(),
-        admin,
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
 
     let tenants: Api<Tenant> = Api::all(client.clone());
     let name = format!("e2e-{suffix}");
@@ -299,8 +182,6 @@ async fn operator_on_a_real_cluster() -> Result<()> {
     }
     .await;
 
-    let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), operator).await;
-    let _ = namespaces.delete(&op_ns, &DeleteParams::default()).await;
+    operator.stop().await;
     result
 }

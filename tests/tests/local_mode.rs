@@ -11,42 +11,14 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tenantry_proto::v1::account_service_client::AccountServiceClient;
 use tenantry_proto::v1::tenant_service_client::TenantServiceClient;
 use tenantry_proto::v1::*;
+use tenantry_tests::{
+    PASSWORD, authed, bin, connect, free_port, next_step, signup_and_login, totp_now,
+    wait_for_phase,
+};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tonic::Request;
 use tonic::transport::Channel;
-
-const PASSWORD: &str = "violet-Harbor-93-lantern";
-
-fn bin(name: &str) -> PathBuf {
-    // target/<profile>/deps/<this test> → target/<profile>/<name>
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} is missing: build the workspace first (`cargo test --workspace` does)",
-        path.display()
-    );
-    path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn authed<T>(msg: T, token: &str) -> Request<T> {
-    let mut req = Request::new(msg);
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    req
-}
 
 struct Dev {
     child: tokio::process::Child,
@@ -85,22 +57,7 @@ impl Dev {
     }
 
     async fn channel(&self) -> Channel {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(c) = Channel::from_shared(format!("http://127.0.0.1:{}", self.port))
-                .unwrap()
-                .connect()
-                .await
-            {
-                return c;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "dev did not start; log: {}",
-                self.log()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        connect(self.port, || self.log()).await
     }
 
     fn log(&self) -> String {
@@ -216,69 +173,6 @@ fn dechunk(mut body: &str) -> String {
     out
 }
 
-async fn wait_for_phase(
-    channel: &Channel,
-    token: &str,
-    tenant_id: &str,
-    phase: TenantPhase,
-    within: Duration,
-) -> Tenant {
-    let deadline = Instant::now() + within;
-    loop {
-        let t = TenantServiceClient::new(channel.clone())
-            .get_tenant(authed(
-                GetTenantRequest {
-                    tenant_id: tenant_id.into(),
-                },
-                token,
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .tenant
-            .unwrap();
-        if t.phase() == phase {
-            return t;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "tenant stuck in {:?} ({}), wanted {phase:?}",
-            t.phase(),
-            t.message
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Signs a user up with [`PASSWORD`] and logs them in; returns the ids and the token.
-async fn signup_and_login(
-    channel: &Channel,
-    email: &str,
-    tenant: &str,
-) -> (SignupResponse, String) {
-    let mut accounts = AccountServiceClient::new(channel.clone());
-    let ids = accounts
-        .signup(SignupRequest {
-            email: email.into(),
-            password: PASSWORD.into(),
-            tenant_name: tenant.into(),
-            plan: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let token = accounts
-        .login(LoginRequest {
-            email: email.into(),
-            password: PASSWORD.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .session_token;
-    (ids, token)
-}
-
 fn pid_alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -292,23 +186,6 @@ fn runtime_pid(data_dir: &Path, tenant_id: &str) -> Option<u32> {
         .trim()
         .parse()
         .ok()
-}
-
-fn totp_now(secret_b32: &str) -> String {
-    let secret = data_encoding::BASE32_NOPAD
-        .decode(secret_b32.as_bytes())
-        .unwrap();
-    let now = jiff::Timestamp::now().as_second();
-    tenantry_api::totp::format_code(
-        tenantry_api::totp::code_at_step(&secret, tenantry_api::totp::step_at(now)).unwrap(),
-    )
-}
-
-/// Waits until the next TOTP step so a fresh code is accepted (each is usable once).
-async fn next_step() {
-    let now = jiff::Timestamp::now().as_millisecond();
-    let wait = 30_000 - now.rem_euclid(30_000) + 50;
-    tokio::time::sleep(Duration::from_millis(u64::try_from(wait).unwrap())).await;
 }
 
 fn ctl(server: &str, session: &Path, args: &[&str], stdin: &str) -> (bool, String, String) {
