@@ -731,13 +731,65 @@ async fn an_expired_session_says_to_log_in_again() {
     s.stop().await;
 }
 
-/// A CA certificate (PEM) and a leaf for 127.0.0.1 signed by it (certificate, key PEM).
-fn test_pki() -> (String, String, String) {
-    test_pki_for("127.0.0.1")
+/// An API server with TLS, its certificate for one name from a CA of its own, and one
+/// admin (password [`PASSWORD`]).
+struct TlsServer {
+    addr: std::net::SocketAddr,
+    ca_pem: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<tenantry_api::Result<()>>,
+}
+
+impl TlsServer {
+    async fn start(db: &Database, admin: &str, cert_name: &str) -> TlsServer {
+        ensure_master_key(db);
+        let args = serve_args(db, &[]);
+        let clock = tenantry_api::clock::ManualClock::new(T0_MS);
+        let state = tenantry_api::server::build_state(&args, std::sync::Arc::new(clock.clone()))
+            .await
+            .unwrap();
+        tenantry_api::server::bootstrap_admin(
+            &args.db,
+            admin,
+            &secrecy::SecretString::from(PASSWORD.to_owned()),
+            &clock,
+        )
+        .await
+        .unwrap();
+        let (ca_pem, cert_pem, key_pem) = test_pki(cert_name);
+        let tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(tenantry_api::server::serve(
+            state,
+            listener,
+            Some(tls),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        TlsServer {
+            addr,
+            ca_pem,
+            stop,
+            task,
+        }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
 }
 
 /// A CA certificate (PEM) and a leaf for `name` signed by it (certificate, key PEM).
-fn test_pki_for(name: &str) -> (String, String, String) {
+fn test_pki(name: &str) -> (String, String, String) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -754,36 +806,9 @@ fn test_pki_for(name: &str) -> (String, String, String) {
 #[tokio::test]
 async fn https_servers_are_trusted_through_the_ca_file() {
     let db = Database::new().await;
-    ensure_master_key(&db);
-    let args = serve_args(&db, &[]);
-    let clock = tenantry_api::clock::ManualClock::new(T0_MS);
-    let state = tenantry_api::server::build_state(&args, std::sync::Arc::new(clock.clone()))
-        .await
-        .unwrap();
-    tenantry_api::server::bootstrap_admin(
-        &args.db,
-        "tls@example.com",
-        &secrecy::SecretString::from(PASSWORD.to_owned()),
-        &clock,
-    )
-    .await
-    .unwrap();
-    let (ca_pem, cert_pem, key_pem) = test_pki();
-    let tls = tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(tenantry_api::server::serve(
-        state,
-        listener,
-        Some(tls),
-        async move {
-            let _ = rx.await;
-        },
-    ));
-
-    let ctl = Ctl::for_server(format!("https://{addr}"));
+    let server = TlsServer::start(&db, "tls@example.com", "127.0.0.1").await;
+    let ca_pem = server.ca_pem.clone();
+    let ctl = Ctl::for_server(format!("https://{}", server.addr));
     let ca_file = ctl.home.path().join("ca.pem");
     std::fs::write(&ca_file, &ca_pem).unwrap();
     let ca_arg = ca_file.display().to_string();
@@ -792,7 +817,7 @@ async fn https_servers_are_trusted_through_the_ca_file() {
     let run = ctl.login("tls@example.com", None).await;
     assert!(run.error_line().contains("--ca-file"), "{run:?}");
     // A CA that did not sign the server's certificate is refused.
-    let (other_ca, _, _) = test_pki();
+    let (other_ca, _, _) = test_pki("127.0.0.1");
     let other_file = ctl.home.path().join("other.pem");
     std::fs::write(&other_file, other_ca).unwrap();
     let run = ctl
@@ -840,12 +865,7 @@ async fn https_servers_are_trusted_through_the_ca_file() {
     let out = cmd.output().await.unwrap();
     assert!(out.status.success(), "{out:?}");
 
-    let _ = tx.send(());
-    tokio::time::timeout(Duration::from_secs(10), task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    server.stop().await;
 }
 
 #[tokio::test]
@@ -853,36 +873,10 @@ async fn the_certificate_name_can_differ_from_the_address() {
     // Through `kubectl port-forward` the address is 127.0.0.1 but the certificate names
     // the Service.
     let db = Database::new().await;
-    ensure_master_key(&db);
-    let args = serve_args(&db, &[]);
-    let clock = tenantry_api::clock::ManualClock::new(T0_MS);
-    let state = tenantry_api::server::build_state(&args, std::sync::Arc::new(clock.clone()))
-        .await
-        .unwrap();
-    tenantry_api::server::bootstrap_admin(
-        &args.db,
-        "pf@example.com",
-        &secrecy::SecretString::from(PASSWORD.to_owned()),
-        &clock,
-    )
-    .await
-    .unwrap();
     let service = "tenantry-api.tenantry.svc";
-    let (ca_pem, cert_pem, key_pem) = test_pki_for(service);
-    let tls = tonic::transport::ServerTlsConfig::new()
-        .identity(tonic::transport::Identity::from_pem(cert_pem, key_pem));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(tenantry_api::server::serve(
-        state,
-        listener,
-        Some(tls),
-        async move {
-            let _ = rx.await;
-        },
-    ));
-    let ctl = Ctl::for_server(format!("https://{addr}"));
+    let server = TlsServer::start(&db, "pf@example.com", service).await;
+    let ca_pem = server.ca_pem.clone();
+    let ctl = Ctl::for_server(format!("https://{}", server.addr));
     let ca_file = ctl.home.path().join("ca.pem");
     std::fs::write(&ca_file, &ca_pem).unwrap();
     let ca_arg = ca_file.display().to_string();
@@ -937,10 +931,5 @@ async fn the_certificate_name_can_differ_from_the_address() {
         .await;
     assert!(run.error_line().contains("--tls-server-name"), "{run:?}");
 
-    let _ = tx.send(());
-    tokio::time::timeout(Duration::from_secs(10), task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    server.stop().await;
 }

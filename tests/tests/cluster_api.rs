@@ -11,7 +11,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::Write as _;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -26,26 +25,18 @@ use tenantry_proto::v1::mfa_service_client::MfaServiceClient;
 use tenantry_proto::v1::*;
 use tenantry_tests::cluster::{Operator, eventually, install_crd};
 use tenantry_tests::{
-    PASSWORD, authed, bin, connect, free_port, login, signup_and_login, wait_for_tenant,
+    PASSWORD, authed, bin, connect, free_port, login, run_with_stdin, signup_and_login,
+    wait_for_tenant,
 };
 
 /// `tenantry-api <args>` with the password on stdin; panics with its stderr on failure.
 fn tenantry_api(args: &[&str], dir: &std::path::Path) -> String {
-    let mut child = std::process::Command::new(bin("tenantry-api"))
-        .args(args)
-        .args(["--data-dir", &dir.display().to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{PASSWORD}\n").as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = run_with_stdin(
+        std::process::Command::new(bin("tenantry-api"))
+            .args(args)
+            .args(["--data-dir", &dir.display().to_string()]),
+        &format!("{PASSWORD}\n"),
+    );
     assert!(
         out.status.success(),
         "tenantry-api {args:?}: {}",

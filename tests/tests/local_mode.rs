@@ -5,7 +5,6 @@
 //! The binaries are the ones `cargo test --workspace` builds next to this test.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -14,8 +13,8 @@ use std::time::{Duration, Instant};
 use tenantry_proto::v1::tenant_service_client::TenantServiceClient;
 use tenantry_proto::v1::*;
 use tenantry_tests::{
-    PASSWORD, authed, bin, connect, free_port, next_step, signup_and_login, totp_now,
-    wait_for_phase,
+    PASSWORD, authed, bin, connect, free_port, next_step, run_with_stdin, signup_and_login,
+    totp_now, wait_for_phase,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic::transport::Channel;
@@ -189,23 +188,14 @@ fn runtime_pid(data_dir: &Path, tenant_id: &str) -> Option<u32> {
 }
 
 fn ctl(server: &str, session: &Path, args: &[&str], stdin: &str) -> (bool, String, String) {
-    let mut child = std::process::Command::new(bin("tenantryctl"))
-        .args(["--server", server])
-        .arg("--session-file")
-        .arg(session)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = run_with_stdin(
+        std::process::Command::new(bin("tenantryctl"))
+            .args(["--server", server])
+            .arg("--session-file")
+            .arg(session)
+            .args(args),
+        stdin,
+    );
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into(),
@@ -422,26 +412,19 @@ async fn local_mode_runs_isolated_instances_end_to_end() {
     assert_eq!(back.endpoint, tenant.endpoint);
 
     // Admin through tenantryctl: bootstrap, TOTP enrollment, step-up, suspend and resume.
-    let mut boot = std::process::Command::new(bin("tenantry-api"))
-        .args([
-            "bootstrap-admin",
-            "--email",
-            "ops@example.com",
-            "--data-dir",
-        ])
-        .arg(&data_dir)
-        .args(["--argon2-memory-kib", "1024", "--argon2-iterations", "1"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    boot.stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{PASSWORD}\n").as_bytes())
-        .unwrap();
-    assert!(boot.wait_with_output().unwrap().status.success());
+    let boot = run_with_stdin(
+        std::process::Command::new(bin("tenantry-api"))
+            .args([
+                "bootstrap-admin",
+                "--email",
+                "ops@example.com",
+                "--data-dir",
+            ])
+            .arg(&data_dir)
+            .args(["--argon2-memory-kib", "1024", "--argon2-iterations", "1"]),
+        &format!("{PASSWORD}\n"),
+    );
+    assert!(boot.status.success());
     let session = tmp.path().join("ctl-session");
     let (ok, _, err) = ctl(
         &server,
