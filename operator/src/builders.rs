@@ -520,11 +520,22 @@ pub fn runtime_config(owner: &Owner<'_>) -> RuntimeConfig {
 
 /// The ConfigMap holding `config.yaml`, and the SHA-256 of that file.
 pub fn config_map(owner: &Owner<'_>) -> Result<(ConfigMap, String)> {
-    let yaml = serde_yaml::to_string(&runtime_config(owner)).map_err(|source| Error::Yaml {
-        what: "the runtime config",
-        source,
-    })?;
-    let hash = hex::encode(Sha256::digest(yaml.as_bytes()));
+    let to_yaml = |config: &RuntimeConfig| {
+        serde_yaml::to_string(config).map_err(|source| Error::Yaml {
+            what: "the runtime config",
+            source,
+        })
+    };
+    let config = runtime_config(owner);
+    let yaml = to_yaml(&config)?;
+    // The runtime reloads retention live (the kubelet refreshes the mounted file within
+    // its sync period), so only the rest of the config rolls the pods: a retention change
+    // must not cost the tenant a restart.
+    let restart_relevant = RuntimeConfig {
+        retention: RetentionPolicy::default(),
+        ..config
+    };
+    let hash = hex::encode(Sha256::digest(to_yaml(&restart_relevant)?.as_bytes()));
     Ok((
         ConfigMap {
             metadata: owner.meta(names::CONFIG_MAP),
@@ -588,7 +599,7 @@ fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
 
 /// The runtime Deployment: non-root, read-only root filesystem, no capabilities, HTTPS
 /// probes; scaled to zero when the tenant is suspended. `config_hash` rolls the pods when
-/// the config changes.
+/// a part of the config that the runtime reads only at start changes.
 pub fn deployment(owner: &Owner<'_>, settings: &Settings, config_hash: &str) -> Deployment {
     let l = plan_limits(owner.tenant.spec.plan);
     let config_path = format!("{}/{}", names::CONFIG_DIR, names::CONFIG_KEY);
@@ -1025,8 +1036,21 @@ pub(crate) mod tests {
             })
         );
         assert_eq!(hash.len(), 64);
+        // Retention is reloaded live: a change rewrites the ConfigMap but keeps the pods.
         let other = tenant("acme", json!({"owner": "x"}));
-        assert_ne!(config_map(&Owner::of(&other).unwrap()).unwrap().1, hash);
+        let (other_cm, other_hash) = config_map(&Owner::of(&other).unwrap()).unwrap();
+        assert_ne!(
+            other_cm.data,
+            config_map(&Owner::of(&t).unwrap()).unwrap().0.data
+        );
+        assert_eq!(other_hash, hash);
+        // What the runtime reads only at start does roll them.
+        let mut bound = t.clone();
+        bound.metadata.labels = Some(BTreeMap::from([(
+            names::LABEL_TENANT_ID.to_owned(),
+            "0b0c6f3e-1111-4222-8333-444455556666".to_owned(),
+        )]));
+        assert_ne!(config_map(&Owner::of(&bound).unwrap()).unwrap().1, hash);
     }
 
     #[test]
