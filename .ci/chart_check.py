@@ -13,6 +13,9 @@
   defaults match the operator's.
 
 `--requirements` prints the pinned packages for `pip install` (see .ci/run).
+`--render-rbac NAMESPACE` prints the chart's ServiceAccounts, Roles, ClusterRoles and their
+bindings, rendered for release "tenantry" in NAMESPACE with ci/values-minimal.yaml (the
+real-cluster tests apply them, so the real authorizer checks the chart's rules).
 Exits non-zero on any failure.
 """
 
@@ -486,10 +489,28 @@ def check_defaults(values: dict, defaults: dict, rules: dict[str, list]) -> list
 # ---------------------------------------------------------------------------------------
 
 
+RBAC_KINDS = {"ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
+
+
+def render_rbac(namespace: str) -> int:
+    try:
+        import helm_python as helm
+        import yaml
+    except ImportError as e:
+        print(f"chart_check: {e}; install: python3 -m pip install {' '.join(REQUIREMENTS)}", file=sys.stderr)
+        return 1
+    values = helm.values_from_yaml((CI_VALUES / "values-minimal.yaml").read_text())
+    objs = [obj for _, obj in objects_of(yaml, render(helm, values, RELEASE, namespace))]
+    print(yaml.safe_dump_all([o for o in objs if o.get("kind") in RBAC_KINDS], sort_keys=False))
+    return 0
+
+
 def main() -> int:
     if sys.argv[1:] == ["--requirements"]:
         print("\n".join(REQUIREMENTS))
         return 0
+    if len(sys.argv) == 3 and sys.argv[1] == "--render-rbac":
+        return render_rbac(sys.argv[2])
     if sys.argv[1:]:
         print(__doc__)
         return 2

@@ -11,11 +11,13 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use serde_json::json;
+use tenantry_operator::cache::caches;
 use tenantry_operator::config::Settings;
-use tenantry_operator::controller::{Context, caches, reconcile};
+use tenantry_operator::controller::{Context, reconcile};
 use tenantry_operator::crd::{Tenant, TenantPhase};
 use tenantry_operator::fake_api::FakeApi;
 use tenantry_operator::metrics::Metrics;
+use tenantry_operator::object::TenantObject;
 use tenantry_operator::pki::CertificateAuthority;
 
 const TENANTS: usize = 1_000;
@@ -50,10 +52,14 @@ fn peak_rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-fn tenants(fake: &FakeApi) -> Vec<Arc<Tenant>> {
+fn tenants(fake: &FakeApi) -> Vec<Arc<TenantObject>> {
     fake.objects_of_kind("Tenant")
         .into_iter()
-        .map(|v| Arc::new(serde_json::from_value(v).unwrap()))
+        .map(|v| {
+            Arc::new(TenantObject::from(
+                serde_json::from_value::<Tenant>(v).unwrap(),
+            ))
+        })
         .collect()
 }
 
@@ -108,7 +114,7 @@ fn main() {
                 fake.client(),
                 settings,
                 CertificateAuthority::generate_at("bench CA", now).unwrap(),
-                caches,
+                Arc::new(caches),
                 Some("-----BEGIN PUBLIC KEY-----\nbench\n-----END PUBLIC KEY-----\n".into()),
                 Arc::new(Metrics::new()),
             )
@@ -157,7 +163,7 @@ fn main() {
 
         let ready_count = tenants(&fake)
             .iter()
-            .filter(|t| t.status.as_ref().and_then(|s| s.phase) == Some(TenantPhase::Ready))
+            .filter(|t| t.status().and_then(|s| s.phase) == Some(TenantPhase::Ready))
             .count();
         println!();
         println!(

@@ -546,6 +546,21 @@ pub fn config_map(owner: &Owner<'_>) -> Result<(ConfigMap, String)> {
     ))
 }
 
+/// `size` in the form the API server stores it: the largest binary unit that divides it
+/// exactly (`1024Mi` is stored as `1Gi`). Sizes that do not parse are returned unchanged.
+pub fn canonical_size(size: &str) -> String {
+    let Some(mut bytes) = parse_size(size) else {
+        return size.to_owned();
+    };
+    bytes >>= 20;
+    let mut unit = 0;
+    while bytes % 1024 == 0 && unit < 4 {
+        bytes /= 1024;
+        unit += 1;
+    }
+    format!("{bytes}{}", ["Mi", "Gi", "Ti", "Pi", "Ei"][unit])
+}
+
 /// The data volume on `storage_class` (already checked to be encrypted).
 pub fn data_pvc(owner: &Owner<'_>, storage_class: &str) -> PersistentVolumeClaim {
     PersistentVolumeClaim {
@@ -554,7 +569,10 @@ pub fn data_pvc(owner: &Owner<'_>, storage_class: &str) -> PersistentVolumeClaim
             access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
             storage_class_name: Some(storage_class.to_owned()),
             resources: Some(VolumeResourceRequirements {
-                requests: Some(quantities(&[("storage", &owner.tenant.spec.storage.size)])),
+                requests: Some(quantities(&[(
+                    "storage",
+                    &canonical_size(&owner.tenant.spec.storage.size),
+                )])),
                 ..VolumeResourceRequirements::default()
             }),
             ..PersistentVolumeClaimSpec::default()
@@ -592,7 +610,9 @@ fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
     VolumeMount {
         name: name.to_owned(),
         mount_path: path.to_owned(),
-        read_only: Some(read_only),
+        // `false` is the default, and the API server drops it (`omitempty`): setting it
+        // would make the stored object differ from the applied one on every comparison.
+        read_only: read_only.then_some(true),
         ..VolumeMount::default()
     }
 }
@@ -719,7 +739,7 @@ pub fn deployment(owner: &Owner<'_>, settings: &Settings, config_hash: &str) -> 
                             name: "data".to_owned(),
                             persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
                                 claim_name: names::DATA_PVC.to_owned(),
-                                read_only: Some(false),
+                                read_only: None,
                             }),
                             ..Volume::default()
                         },
@@ -798,6 +818,16 @@ pub fn endpoint(owner: &Owner<'_>) -> String {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_are_written_as_the_api_server_stores_them() {
+        assert_eq!(canonical_size("1024Mi"), "1Gi");
+        assert_eq!(canonical_size("1536Mi"), "1536Mi");
+        assert_eq!(canonical_size("2048Gi"), "2Ti");
+        assert_eq!(canonical_size("10Gi"), "10Gi");
+        assert_eq!(canonical_size("1048576Mi"), "1Ti");
+        assert_eq!(canonical_size("junk"), "junk");
+    }
     use crate::crd::TenantSpec;
     use serde_json::json;
     use tenantry_proto::retention::Plan;

@@ -106,6 +106,15 @@ pub struct RunArgs {
     /// Seconds between resyncs of a converged Tenant.
     #[arg(long, env = "TENANTRY_RESYNC_SECONDS", default_value_t = 600)]
     pub resync_seconds: u64,
+
+    /// Seconds one reconcile may take before it is abandoned and retried with backoff.
+    #[arg(long, env = "TENANTRY_RECONCILE_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub reconcile_timeout_seconds: u64,
+
+    /// Tenants reconciled at once. Each reconcile sends its API calls one after another,
+    /// so this bounds the operator's load on the API server.
+    #[arg(long, env = "TENANTRY_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: u16,
 }
 
 /// Cluster-specific values the builders need; resolved once from [`RunArgs`].
@@ -137,6 +146,10 @@ pub struct Settings {
     pub cluster_domain: String,
     /// Resync period of converged Tenants.
     pub resync: Duration,
+    /// Longest time one reconcile may take.
+    pub reconcile_timeout: Duration,
+    /// Tenants reconciled at once.
+    pub concurrency: u16,
 }
 
 impl Settings {
@@ -175,6 +188,8 @@ impl Settings {
             token_public_key_secret: args.token_public_key_secret.clone(),
             cluster_domain: args.cluster_domain.clone(),
             resync: Duration::from_secs(args.resync_seconds.max(10)),
+            reconcile_timeout: Duration::from_secs(args.reconcile_timeout_seconds.max(1)),
+            concurrency: args.concurrency.max(1),
         }
     }
 }
@@ -208,6 +223,8 @@ impl Default for Settings {
             token_public_key_secret: names::TOKEN_KEY_SECRET.to_owned(),
             cluster_domain: "cluster.local".to_owned(),
             resync: Duration::from_secs(600),
+            reconcile_timeout: Duration::from_secs(30),
+            concurrency: 16,
         }
     }
 }

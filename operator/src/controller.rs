@@ -7,156 +7,62 @@
 
 use std::collections::HashMap;
 use std::fmt::Debug;
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{
-    ConfigMap, LimitRange, Namespace, PersistentVolumeClaim, ResourceQuota, Secret, Service,
-    ServiceAccount,
-};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Secret};
 use k8s_openapi::api::storage::v1::StorageClass;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource, ResourceExt};
 use secrecy::SecretString;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_json::json;
-use tracing::{info, warn};
+use serde_json::{Value, json};
+use tracing::{debug, info, warn};
 
 use crate::builders::{self, CheckedSpec, Owner};
+use crate::cache::{Cache, Caches, Lookup, trim};
 use crate::config::Settings;
 use crate::crd::{CertificateStatus, Tenant, TenantPhase, TenantStatus};
-use crate::diff::is_subset;
+use crate::diff::{first_difference, is_subset};
 use crate::error::{Error, Result, is_already_exists, is_not_found};
 use crate::metrics::Metrics;
 use crate::names;
+use crate::object::{InvalidTenant, TenantObject};
 use crate::pki::{self, CertificateAuthority, CertificateInfo, LeafRequest};
 use crate::status::{self, Observed, Transition, reasons, types};
 
-/// Watch caches of every child kind (and of StorageClasses).
-#[derive(Clone)]
-pub struct Caches {
-    /// Tenant namespaces.
-    pub namespaces: Store<Namespace>,
-    /// NetworkPolicies.
-    pub policies: Store<NetworkPolicy>,
-    /// ResourceQuotas.
-    pub quotas: Store<ResourceQuota>,
-    /// LimitRanges.
-    pub limit_ranges: Store<LimitRange>,
-    /// ServiceAccounts.
-    pub service_accounts: Store<ServiceAccount>,
-    /// Secrets (data key, TLS, token public key).
-    pub secrets: Store<Secret>,
-    /// ConfigMaps.
-    pub config_maps: Store<ConfigMap>,
-    /// PersistentVolumeClaims.
-    pub pvcs: Store<PersistentVolumeClaim>,
-    /// Deployments.
-    pub deployments: Store<Deployment>,
-    /// Services.
-    pub services: Store<Service>,
-    /// Every StorageClass (cluster-scoped, few).
-    pub storage_classes: Store<StorageClass>,
+/// A process-local digest of a serialized object.
+fn digest(value: &Value) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    value.to_string().hash(&mut h);
+    h.finish()
 }
 
-/// The writing side of [`Caches`], fed by watchers (or by tests).
-pub struct CacheWriters {
-    /// Tenant namespaces.
-    pub namespaces: reflector::store::Writer<Namespace>,
-    /// NetworkPolicies.
-    pub policies: reflector::store::Writer<NetworkPolicy>,
-    /// ResourceQuotas.
-    pub quotas: reflector::store::Writer<ResourceQuota>,
-    /// LimitRanges.
-    pub limit_ranges: reflector::store::Writer<LimitRange>,
-    /// ServiceAccounts.
-    pub service_accounts: reflector::store::Writer<ServiceAccount>,
-    /// Secrets.
-    pub secrets: reflector::store::Writer<Secret>,
-    /// ConfigMaps.
-    pub config_maps: reflector::store::Writer<ConfigMap>,
-    /// PersistentVolumeClaims.
-    pub pvcs: reflector::store::Writer<PersistentVolumeClaim>,
-    /// Deployments.
-    pub deployments: reflector::store::Writer<Deployment>,
-    /// Services.
-    pub services: reflector::store::Writer<Service>,
-    /// StorageClasses.
-    pub storage_classes: reflector::store::Writer<StorageClass>,
-}
-
-/// Empty caches and their writers.
-pub fn caches() -> (Caches, CacheWriters) {
-    let (namespaces, w_namespaces) = reflector::store();
-    let (policies, w_policies) = reflector::store();
-    let (quotas, w_quotas) = reflector::store();
-    let (limit_ranges, w_limit_ranges) = reflector::store();
-    let (service_accounts, w_service_accounts) = reflector::store();
-    let (secrets, w_secrets) = reflector::store();
-    let (config_maps, w_config_maps) = reflector::store();
-    let (pvcs, w_pvcs) = reflector::store();
-    let (deployments, w_deployments) = reflector::store();
-    let (services, w_services) = reflector::store();
-    let (storage_classes, w_storage_classes) = reflector::store();
-    (
-        Caches {
-            namespaces,
-            policies,
-            quotas,
-            limit_ranges,
-            service_accounts,
-            secrets,
-            config_maps,
-            pvcs,
-            deployments,
-            services,
-            storage_classes,
-        },
-        CacheWriters {
-            namespaces: w_namespaces,
-            policies: w_policies,
-            quotas: w_quotas,
-            limit_ranges: w_limit_ranges,
-            service_accounts: w_service_accounts,
-            secrets: w_secrets,
-            config_maps: w_config_maps,
-            pvcs: w_pvcs,
-            deployments: w_deployments,
-            services: w_services,
-            storage_classes: w_storage_classes,
-        },
-    )
-}
-
-impl Caches {
-    /// Waits until every cache has listed its objects once.
-    pub async fn ready(&self) -> Result<()> {
-        let results = [
-            self.namespaces.wait_until_ready().await,
-            self.policies.wait_until_ready().await,
-            self.quotas.wait_until_ready().await,
-            self.limit_ranges.wait_until_ready().await,
-            self.service_accounts.wait_until_ready().await,
-            self.secrets.wait_until_ready().await,
-            self.config_maps.wait_until_ready().await,
-            self.pvcs.wait_until_ready().await,
-            self.deployments.wait_until_ready().await,
-            self.services.wait_until_ready().await,
-            self.storage_classes.wait_until_ready().await,
-        ];
-        if results.iter().any(|r| r.is_err()) {
-            return Err(Error::CacheNotReady);
-        }
-        Ok(())
+/// An object as JSON without what changes on every write and says nothing of its content.
+fn content<K: Resource + Serialize>(obj: &K) -> Result<Value> {
+    let mut v = serde_json::to_value(obj).map_err(|source| Error::Json {
+        what: "an observed object",
+        source,
+    })?;
+    if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("managedFields");
+        meta.remove("resourceVersion");
     }
+    Ok(v)
+}
+
+/// What the reconciler last wrote as a Tenant's status.
+struct StatusMemo {
+    digest: u64,
+    resource_version: Option<String>,
 }
 
 /// Everything a reconcile needs.
@@ -168,7 +74,7 @@ pub struct Context {
     /// The operator's CA.
     pub ca: CertificateAuthority,
     /// Watch caches.
-    pub caches: Caches,
+    pub caches: Arc<Caches>,
     /// The API's token public key (PEM), copied into every tenant namespace.
     pub token_public_key: RwLock<Option<String>>,
     /// Publishes Events.
@@ -178,6 +84,7 @@ pub struct Context {
     /// The clock; tests pin it.
     pub clock: Box<dyn Fn() -> Timestamp + Send + Sync>,
     failures: Mutex<HashMap<String, u32>>,
+    statuses: Mutex<HashMap<String, StatusMemo>>,
 }
 
 impl Context {
@@ -186,7 +93,7 @@ impl Context {
         client: Client,
         settings: Settings,
         ca: CertificateAuthority,
-        caches: Caches,
+        caches: Arc<Caches>,
         token_public_key: Option<String>,
         metrics: Arc<Metrics>,
     ) -> Context {
@@ -207,6 +114,7 @@ impl Context {
             metrics,
             clock: Box::new(Timestamp::now),
             failures: Mutex::default(),
+            statuses: Mutex::default(),
         }
     }
 
@@ -226,9 +134,31 @@ impl Context {
         self.token_public_key.read().ok().and_then(|k| k.clone())
     }
 
-    /// Applies `desired` unless the cached object already matches it; returns the
-    /// observed object.
-    async fn ensure<K>(&self, api: &Api<K>, cache: &Store<K>, desired: K) -> Result<K>
+    /// True when `object` is older than the Tenant our last status write produced.
+    fn is_stale(&self, object: &TenantObject) -> bool {
+        let Some(seen) = object.meta().resource_version.as_deref() else {
+            return false;
+        };
+        self.statuses()
+            .get(&object.name_any())
+            .and_then(|m| m.resource_version.as_deref())
+            .is_some_and(|written| crate::cache::older(Some(seen), Some(written)))
+    }
+
+    fn statuses(&self) -> std::sync::MutexGuard<'_, HashMap<String, StatusMemo>> {
+        self.statuses.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes the object match `desired` with at most one write, and returns it as observed
+    /// (None while neither the cache nor our write shows it, e.g. right after a restart of
+    /// the watch).
+    ///
+    /// The cached object is compared first (every field we set must have the same value).
+    /// When that comparison fails, a server-side dry-run apply decides: if applying would
+    /// change nothing, the difference was the API server's defaulting or normalisation and
+    /// nothing is written. Either proof is remembered for the object's resourceVersion, so
+    /// an idle resync or a restart of a converged operator sends no write at all.
+    async fn ensure<K>(&self, api: &Api<K>, cache: &Cache<K>, desired: K) -> Result<Option<Arc<K>>>
     where
         K: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + Debug,
     {
@@ -245,16 +175,43 @@ impl Context {
             what: "a child object",
             source,
         })?;
-        if let Some(current) = cache.get(&key) {
-            let have = serde_json::to_value(&*current).map_err(|source| Error::Json {
-                what: "a cached object",
-                source,
-            })?;
-            if is_subset(&want, &have) {
-                return Ok((*current).clone());
+        let wanted = digest(&want);
+        match cache.lookup(&key, wanted) {
+            Lookup::Current(observed) => return Ok(observed),
+            Lookup::Superseded(current) => {
+                // Unchanged since our last write, which was of another desired object: the
+                // difference is ours, so there is nothing to ask the server first.
+                if is_subset(&want, &content(&*current)?) {
+                    cache.remember(key, wanted, current.clone(), false);
+                    return Ok(Some(current));
+                }
             }
+            Lookup::Cached(current) => {
+                let have = content(&*current)?;
+                if is_subset(&want, &have) {
+                    cache.remember(key, wanted, current.clone(), false);
+                    return Ok(Some(current));
+                }
+                debug!(object = %key, field = ?first_difference(&want, &have), "differs from the cache; asking the server");
+                let preview = api
+                    .patch(
+                        &name,
+                        &PatchParams::apply(names::FIELD_MANAGER).force().dry_run(),
+                        &Patch::Apply(&desired),
+                    )
+                    .await
+                    .map_err(|e| {
+                        Error::kube(format!("dry-run apply {} {}", K::kind(&()), key), e)
+                    })?;
+                self.metrics.dry_run();
+                if content(&preview)? == have {
+                    cache.remember(key, wanted, current.clone(), false);
+                    return Ok(Some(current));
+                }
+            }
+            Lookup::Missing => {}
         }
-        let applied = api
+        let mut applied = api
             .patch(
                 &name,
                 &PatchParams::apply(names::FIELD_MANAGER).force(),
@@ -263,10 +220,13 @@ impl Context {
             .await
             .map_err(|e| Error::kube(format!("apply {} {}", K::kind(&()), key), e))?;
         self.metrics.wrote();
-        Ok(applied)
+        trim(&mut applied);
+        let applied = Arc::new(applied);
+        cache.remember(key, wanted, applied.clone(), true);
+        Ok(Some(applied))
     }
 
-    async fn publish(&self, tenant: &Tenant, t: &Transition) {
+    async fn publish(&self, reference: &ObjectReference, t: &Transition) {
         let event = Event {
             type_: if t.warning {
                 EventType::Warning
@@ -278,34 +238,19 @@ impl Context {
             action: "Reconcile".to_owned(),
             secondary: None,
         };
-        match self.recorder.publish(&event, &tenant.object_ref(&())).await {
+        match self.recorder.publish(&event, reference).await {
             Ok(()) => self.metrics.wrote(),
             // An Event is best effort; the status carries the same information.
-            Err(e) => warn!(tenant = %tenant.name_any(), error = %e, "could not publish event"),
+            Err(e) => warn!(object = ?reference.name, error = %e, "could not publish event"),
         }
     }
-}
-
-/// The Tenant that controls `child`, from its controller owner reference. Keyed without a
-/// namespace, as a cluster-scoped object.
-pub fn tenant_of<K: Resource>(child: K) -> Option<ObjectRef<Tenant>> {
-    let api_version = format!("{}/{}", names::GROUP, names::VERSION);
-    child
-        .meta()
-        .owner_references
-        .as_ref()?
-        .iter()
-        .find(|o| {
-            o.controller == Some(true) && o.kind == names::KIND && o.api_version == api_version
-        })
-        .map(|o| ObjectRef::new(&o.name))
 }
 
 /// What [`reconcile`] decided about storage.
 fn storage_class(
     owner: &Owner<'_>,
     settings: &Settings,
-    classes: &Store<StorageClass>,
+    classes: &Cache<StorageClass>,
 ) -> std::result::Result<String, Observed> {
     let Some(class) = owner
         .tenant
@@ -390,17 +335,21 @@ fn assess_certificate(
     Ok((info, renewal))
 }
 
-/// Reconciles one Tenant. Errors are transient (API calls); permanent problems become
-/// conditions.
-pub async fn reconcile(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action> {
+/// Reconciles one Tenant, bounded by the reconcile timeout so that no API call can hold a
+/// Tenant (or the operator's shutdown) for ever. Errors are transient (API calls);
+/// permanent problems become conditions.
+pub async fn reconcile(object: Arc<TenantObject>, ctx: Arc<Context>) -> Result<Action> {
     let start = Instant::now();
-    let result = reconcile_tenant(&tenant, &ctx).await;
+    let limit = ctx.settings.reconcile_timeout;
+    let result = match tokio::time::timeout(limit, reconcile_object(&object, &ctx)).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::Timeout(limit)),
+    };
     ctx.metrics.reconciled(start.elapsed());
-    let name = tenant.name_any();
     match &result {
         Ok(_) => {
             if let Ok(mut f) = ctx.failures.lock() {
-                f.remove(&name);
+                f.remove(&object.name_any());
             }
         }
         Err(e) => ctx.metrics.failed(e.metric_label()),
@@ -409,8 +358,8 @@ pub async fn reconcile(tenant: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action>
 }
 
 /// Requeues a failed Tenant with exponential backoff (1 s doubling to 5 min).
-pub fn error_policy(tenant: Arc<Tenant>, error: &Error, ctx: Arc<Context>) -> Action {
-    let name = tenant.name_any();
+pub fn error_policy(object: Arc<TenantObject>, error: &Error, ctx: Arc<Context>) -> Action {
+    let name = object.name_any();
     let attempts = match ctx.failures.lock() {
         Ok(mut f) => {
             let n = f.entry(name.clone()).or_insert(0);
@@ -425,47 +374,97 @@ pub fn error_policy(tenant: Arc<Tenant>, error: &Error, ctx: Arc<Context>) -> Ac
     Action::requeue(delay)
 }
 
-async fn reconcile_tenant(tenant: &Tenant, ctx: &Context) -> Result<Action> {
-    ctx.caches.ready().await?;
-    if tenant.meta().deletion_timestamp.is_some() {
-        return cleanup(tenant, ctx).await;
+async fn reconcile_object(object: &TenantObject, ctx: &Context) -> Result<Action> {
+    if ctx.is_stale(object) {
+        // The watch has not delivered our own last status write yet; that event is on its
+        // way and brings a reconcile of the current Tenant. Reconciling this older copy
+        // would compute conditions against a stale status and write them again.
+        return Ok(Action::await_change());
     }
-    let tenants: Api<Tenant> = Api::all(ctx.client.clone());
+    if object.meta().deletion_timestamp.is_some() {
+        return cleanup(object, ctx).await;
+    }
+    match &object.0 {
+        Ok(tenant) => reconcile_tenant(tenant, ctx).await,
+        Err(invalid) => reconcile_unreadable(object, invalid, ctx).await,
+    }
+}
+
+/// A Tenant this operator cannot read gets `Ready=False` with the reason, and an Event; its
+/// children (if a readable version made any) are left as they are.
+async fn reconcile_unreadable(
+    object: &TenantObject,
+    invalid: &InvalidTenant,
+    ctx: &Context,
+) -> Result<Action> {
+    let message = format!(
+        "this operator cannot read the Tenant ({}); fix the spec or upgrade the operator",
+        invalid.error
+    );
+    let status = degraded(
+        invalid.status.as_ref(),
+        invalid.metadata.generation,
+        message,
+        ctx.now(),
+    );
+    write_status(ctx, object, status).await?;
+    Ok(Action::await_change())
+}
+
+/// `previous` with phase Degraded and `Ready=False` for an invalid spec.
+fn degraded(
+    previous: Option<&TenantStatus>,
+    generation: Option<i64>,
+    message: String,
+    now: Timestamp,
+) -> TenantStatus {
+    let mut status = previous.cloned().unwrap_or_default();
+    status.phase = Some(TenantPhase::Degraded);
+    status.observed_generation = generation;
+    let observed = vec![Observed::no(types::READY, reasons::INVALID_SPEC, message)];
+    let mut conditions: Vec<_> = status
+        .conditions
+        .iter()
+        .filter(|c| c.type_ != types::READY)
+        .cloned()
+        .collect();
+    conditions.extend(status::merge_conditions(
+        &status.conditions,
+        &observed,
+        generation,
+        now,
+    ));
+    status.conditions = conditions;
+    status
+}
+
+async fn reconcile_tenant(tenant: &Tenant, ctx: &Context) -> Result<Action> {
     let added;
     let tenant = if tenant.finalizers().iter().any(|f| f == names::FINALIZER) {
         tenant
     } else {
         let mut finalizers = tenant.finalizers().to_vec();
         finalizers.push(names::FINALIZER.to_owned());
-        added = patch_finalizers(&tenants, tenant, finalizers, ctx).await?;
+        added = patch_finalizers(tenant.meta(), finalizers, ctx).await?;
         match &added {
-            Some(t) => t,
-            None => return Ok(Action::await_change()),
+            Some(TenantObject(Ok(t))) => t,
+            // Gone, or changed into something unreadable meanwhile: the watch brings it back.
+            _ => return Ok(Action::await_change()),
         }
     };
+    let object = TenantObject(Ok(tenant.clone()));
     let owner = Owner::of(tenant)?;
     let now = ctx.now();
     let checked = match builders::check_spec(&owner) {
         Ok(c) => c,
         Err(message) => {
-            let observed = vec![Observed::no(types::READY, reasons::INVALID_SPEC, message)];
-            let mut status = tenant.status.clone().unwrap_or_default();
-            status.phase = Some(TenantPhase::Degraded);
-            status.observed_generation = tenant.meta().generation;
-            let mut conditions: Vec<_> = status
-                .conditions
-                .iter()
-                .filter(|c| c.type_ != types::READY)
-                .cloned()
-                .collect();
-            conditions.extend(status::merge_conditions(
-                &status.conditions,
-                &observed,
+            let status = degraded(
+                tenant.status.as_ref(),
                 tenant.meta().generation,
+                message,
                 now,
-            ));
-            status.conditions = conditions;
-            write_status(&tenants, tenant, status, ctx).await?;
+            );
+            write_status(ctx, &object, status).await?;
             return Ok(Action::await_change());
         }
     };
@@ -495,7 +494,7 @@ async fn reconcile_tenant(tenant: &Tenant, ctx: &Context) -> Result<Action> {
     };
     ctx.metrics
         .set_certificate(&owner.name, certificate.as_ref().map(|(i, _)| i.not_after));
-    write_status(&tenants, tenant, status, ctx).await?;
+    write_status(ctx, &object, status).await?;
     let mut next = ctx.settings.resync;
     if let Some((_, renewal)) = &certificate {
         let until = renewal.duration_since(now);
@@ -506,15 +505,13 @@ async fn reconcile_tenant(tenant: &Tenant, ctx: &Context) -> Result<Action> {
 }
 
 /// Writes `status` if it differs from the Tenant's, and publishes the Events of the change.
-async fn write_status(
-    api: &Api<Tenant>,
-    tenant: &Tenant,
-    status: TenantStatus,
-    ctx: &Context,
-) -> Result<()> {
-    let name = tenant.name_any();
+/// A Tenant from a watch cache that has not seen our last status write yet is not written
+/// again.
+async fn write_status(ctx: &Context, object: &TenantObject, status: TenantStatus) -> Result<()> {
+    let name = object.name_any();
     ctx.metrics.set_phase(&name, status.phase);
-    if tenant.status.as_ref() == Some(&status) {
+    let current = object.status();
+    if current == Some(&status) {
         return Ok(());
     }
     let patch = json!({
@@ -522,17 +519,36 @@ async fn write_status(
         "kind": names::KIND,
         "status": status,
     });
-    api.patch_status(
-        &name,
-        &PatchParams::apply(names::FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(|e| Error::kube(format!("write the status of Tenant {name}"), e))?;
+    let wanted = digest(&patch);
+    let seen = object.meta().resource_version.as_deref();
+    let written = ctx
+        .statuses()
+        .get(&name)
+        .is_some_and(|m| m.digest == wanted && seen == m.resource_version.as_deref());
+    if written || ctx.is_stale(object) {
+        return Ok(());
+    }
+    let api: Api<TenantObject> = Api::all(ctx.client.clone());
+    let written = api
+        .patch_status(
+            &name,
+            &PatchParams::apply(names::FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|e| Error::kube(format!("write the status of Tenant {name}"), e))?;
     ctx.metrics.wrote();
-    for t in status::transitions(tenant.status.as_ref(), &status) {
+    ctx.statuses().insert(
+        name.clone(),
+        StatusMemo {
+            digest: wanted,
+            resource_version: written.meta().resource_version.clone(),
+        },
+    );
+    let reference = object.object_ref(&());
+    for t in status::transitions(current, &status) {
         info!(tenant = %name, reason = %t.reason, "{}", t.note);
-        ctx.publish(tenant, &t).await;
+        ctx.publish(&reference, &t).await;
     }
     Ok(())
 }
@@ -540,16 +556,19 @@ async fn write_status(
 /// Sets the Tenant's finalizers, guarded by its resourceVersion. None when the Tenant is
 /// gone.
 async fn patch_finalizers(
-    api: &Api<Tenant>,
-    tenant: &Tenant,
+    meta: &ObjectMeta,
     finalizers: Vec<String>,
     ctx: &Context,
-) -> Result<Option<Tenant>> {
-    let name = tenant.name_any();
+) -> Result<Option<TenantObject>> {
+    let api: Api<TenantObject> = Api::all(ctx.client.clone());
+    let name = meta
+        .name
+        .clone()
+        .ok_or(Error::MissingField("metadata.name"))?;
     let patch = json!({
         "metadata": {
             "finalizers": finalizers,
-            "resourceVersion": tenant.resource_version(),
+            "resourceVersion": meta.resource_version,
         }
     });
     match api
@@ -568,29 +587,49 @@ async fn patch_finalizers(
     }
 }
 
-type CertOutcome = Option<(CertificateInfo, Timestamp)>;
-
+/// Applies every child in dependency order and reports a condition for each part, plus
+/// the certificate in the TLS Secret and its renewal time.
 async fn apply_children(
     owner: &Owner<'_>,
     checked: &CheckedSpec,
     ctx: &Context,
     now: Timestamp,
-) -> Result<(Vec<Observed>, CertOutcome)> {
-    let c = &ctx.caches;
-    let s = &ctx.settings;
-    let client = ctx.client.clone();
-    let ns = owner.namespace.as_str();
-    let mut conditions = vec![];
+) -> Result<(Vec<Observed>, Option<(CertificateInfo, Timestamp)>)> {
+    let namespace = ensure_namespace(owner, ctx).await?;
+    let isolation = ensure_isolation(owner, ctx).await?;
+    let storage = ensure_storage(owner, ctx).await?;
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &owner.namespace);
+    let certificate = ensure_certificate(owner, checked, &secrets, ctx, now).await?;
+    let issued = Observed::yes(
+        types::CERTIFICATE_READY,
+        "Issued",
+        format!(
+            "serial {} valid until {}",
+            certificate.0.serial_hex, certificate.0.not_after
+        ),
+    );
+    let runtime = ensure_runtime(owner, storage.ok, ctx).await?;
+    Ok((
+        vec![namespace, isolation, storage, issued, runtime],
+        Some(certificate),
+    ))
+}
 
+async fn ensure_namespace(owner: &Owner<'_>, ctx: &Context) -> Result<Observed> {
+    let ns = &owner.namespace;
     let namespace = ctx
         .ensure(
-            &Api::all(client.clone()),
-            &c.namespaces,
+            &Api::all(ctx.client.clone()),
+            &ctx.caches.namespaces,
             builders::desired_namespace(owner),
         )
         .await?;
-    let active = namespace.status.as_ref().and_then(|st| st.phase.as_deref()) == Some("Active");
-    conditions.push(if active {
+    let active = namespace
+        .as_ref()
+        .and_then(|n| n.status.as_ref())
+        .and_then(|st| st.phase.as_deref())
+        == Some("Active");
+    Ok(if active {
         Observed::yes(
             types::NAMESPACE_READY,
             "Active",
@@ -602,15 +641,20 @@ async fn apply_children(
             "NotActive",
             format!("namespace {ns} is not active yet"),
         )
-    });
+    })
+}
 
+/// The ServiceAccount, the network policies, the quota and the limits.
+async fn ensure_isolation(owner: &Owner<'_>, ctx: &Context) -> Result<Observed> {
+    let (c, s) = (&ctx.caches, &ctx.settings);
+    let ns = owner.namespace.as_str();
     ctx.ensure(
-        &Api::namespaced(client.clone(), ns),
+        &Api::namespaced(ctx.client.clone(), ns),
         &c.service_accounts,
         builders::service_account(owner),
     )
     .await?;
-    let policies = Api::namespaced(client.clone(), ns);
+    let policies = Api::namespaced(ctx.client.clone(), ns);
     for policy in [
         builders::default_deny_policy(owner),
         builders::ingress_policy(owner, s),
@@ -618,73 +662,72 @@ async fn apply_children(
     ] {
         ctx.ensure(&policies, &c.policies, policy).await?;
     }
-    conditions.push(Observed::yes(
-        types::NETWORK_ISOLATED,
-        "PoliciesApplied",
-        "default-deny ingress and egress with the platform's allow rules",
-    ));
     ctx.ensure(
-        &Api::namespaced(client.clone(), ns),
+        &Api::namespaced(ctx.client.clone(), ns),
         &c.quotas,
         builders::resource_quota(owner),
     )
     .await?;
     ctx.ensure(
-        &Api::namespaced(client.clone(), ns),
+        &Api::namespaced(ctx.client.clone(), ns),
         &c.limit_ranges,
         builders::limit_range(owner),
     )
     .await?;
+    Ok(Observed::yes(
+        types::NETWORK_ISOLATED,
+        "PoliciesApplied",
+        "default-deny ingress and egress with the platform's allow rules",
+    ))
+}
 
-    // Storage: the data key first (made once), then the volume on an encrypted class.
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+/// The data key first (made once), then the volume on an encrypted class.
+async fn ensure_storage(owner: &Owner<'_>, ctx: &Context) -> Result<Observed> {
+    let c = &ctx.caches;
+    let ns = owner.namespace.as_str();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let pvc_cached = c
         .pvcs
         .get(&ObjectRef::new(names::DATA_PVC).within(ns))
         .is_some();
     let key_problem = ensure_data_key(owner, &secrets, pvc_cached, ctx).await?;
-    let storage = match (key_problem, storage_class(owner, s, &c.storage_classes)) {
-        (Some(problem), _) | (None, Err(problem)) => Err(problem),
-        (None, Ok(class)) => {
-            ctx.ensure(
-                &Api::namespaced(client.clone(), ns),
-                &c.pvcs,
-                builders::data_pvc(owner, &class),
-            )
-            .await?;
-            Ok(class)
-        }
+    let class = match (
+        key_problem,
+        storage_class(owner, &ctx.settings, &c.storage_classes),
+    ) {
+        (Some(problem), _) | (None, Err(problem)) => return Ok(problem),
+        (None, Ok(class)) => class,
     };
-    let storage_ok = storage.is_ok();
-    conditions.push(match storage {
-        Ok(class) => Observed::yes(
-            types::STORAGE_ENCRYPTED,
-            "EncryptedStorageClass",
-            format!("the data volume is on encrypted StorageClass {class}"),
-        ),
-        Err(problem) => problem,
-    });
+    ctx.ensure(
+        &Api::namespaced(ctx.client.clone(), ns),
+        &c.pvcs,
+        builders::data_pvc(owner, &class),
+    )
+    .await?;
+    Ok(Observed::yes(
+        types::STORAGE_ENCRYPTED,
+        "EncryptedStorageClass",
+        format!("the data volume is on encrypted StorageClass {class}"),
+    ))
+}
 
-    // Certificate.
-    let certificate = ensure_certificate(owner, checked, &secrets, ctx, now).await?;
-    conditions.push(Observed::yes(
-        types::CERTIFICATE_READY,
-        "Issued",
-        format!(
-            "serial {} valid until {}",
-            certificate.0.serial_hex, certificate.0.not_after
-        ),
-    ));
-
-    // Runtime.
+/// The token key copy, the config, the Deployment (once a key and an encrypted volume
+/// exist) and the Service.
+async fn ensure_runtime(owner: &Owner<'_>, storage_ok: bool, ctx: &Context) -> Result<Observed> {
+    let (c, s) = (&ctx.caches, &ctx.settings);
+    let ns = owner.namespace.as_str();
     let token_key = ctx.token_key();
     if let Some(pem) = &token_key {
-        ctx.ensure(&secrets, &c.secrets, builders::token_key_secret(owner, pem))
-            .await?;
+        ctx.ensure(
+            &Api::namespaced(ctx.client.clone(), ns),
+            &c.secrets,
+            builders::token_key_secret(owner, pem),
+        )
+        .await?;
     }
     let (config_map, config_hash) = builders::config_map(owner)?;
     ctx.ensure(
-        &Api::namespaced(client.clone(), ns),
+        &Api::namespaced(ctx.client.clone(), ns),
         &c.config_maps,
         config_map,
     )
@@ -709,24 +752,23 @@ async fn apply_children(
     } else {
         let deployment = ctx
             .ensure(
-                &Api::namespaced(client.clone(), ns),
+                &Api::namespaced(ctx.client.clone(), ns),
                 &c.deployments,
                 builders::deployment(owner, s, &config_hash),
             )
             .await?;
-        runtime_condition(&deployment, owner.tenant.spec.suspended)
+        runtime_condition(deployment.as_deref(), owner.tenant.spec.suspended)
     };
     ctx.ensure(
-        &Api::namespaced(client, ns),
+        &Api::namespaced(ctx.client.clone(), ns),
         &c.services,
         builders::service(owner),
     )
     .await?;
-    conditions.push(runtime);
-    Ok((conditions, Some(certificate)))
+    Ok(runtime)
 }
 
-fn runtime_condition(deployment: &Deployment, suspended: bool) -> Observed {
+fn runtime_condition(deployment: Option<&Deployment>, suspended: bool) -> Observed {
     if suspended {
         return Observed::no(
             types::RUNTIME_READY,
@@ -734,8 +776,10 @@ fn runtime_condition(deployment: &Deployment, suspended: bool) -> Observed {
             "scaled to zero; data is kept",
         );
     }
-    let generation = deployment.metadata.generation.unwrap_or(0);
-    let status = deployment.status.clone().unwrap_or_default();
+    let generation = deployment.and_then(|d| d.metadata.generation).unwrap_or(0);
+    let status = deployment
+        .and_then(|d| d.status.clone())
+        .unwrap_or_default();
     let current = status.observed_generation.unwrap_or(0) >= generation;
     if current && status.available_replicas.unwrap_or(0) >= 1 {
         Observed::yes(
@@ -859,18 +903,19 @@ async fn ensure_certificate(
             note: format!("issued serial {} because {why}", issued.serial_hex),
         };
         info!(tenant = %owner.name, serial = %issued.serial_hex, "{}", t.note);
-        ctx.publish(owner.tenant, &t).await;
+        ctx.publish(&owner.tenant.object_ref(&()), &t).await;
     }
     Ok((info, renewal))
 }
 
 /// Deletion: remove the namespace (and so every child), wait until it is gone, then
-/// release the Tenant. NotFound anywhere means done.
-async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action> {
-    if !tenant.finalizers().iter().any(|f| f == names::FINALIZER) {
+/// release the Tenant. NotFound anywhere means done. Needs only the metadata, so a Tenant
+/// this operator cannot read is still cleaned up.
+async fn cleanup(object: &TenantObject, ctx: &Context) -> Result<Action> {
+    if !object.finalizers().iter().any(|f| f == names::FINALIZER) {
         return Ok(Action::await_change());
     }
-    let name = tenant.name_any();
+    let name = object.name_any();
     let ns = names::tenant_namespace(&name);
     let namespaces: Api<Namespace> = Api::all(ctx.client.clone());
     let terminating = ctx
@@ -890,20 +935,22 @@ async fn cleanup(tenant: &Tenant, ctx: &Context) -> Result<Action> {
             Err(e) => return Err(Error::kube(format!("delete namespace {ns}"), e)),
         }
     };
-    let tenants: Api<Tenant> = Api::all(ctx.client.clone());
     if !gone {
-        let mut status = tenant.status.clone().unwrap_or_default();
+        let mut status = object.status().cloned().unwrap_or_default();
         status.phase = Some(TenantPhase::Terminating);
-        write_status(&tenants, tenant, status, ctx).await?;
+        write_status(ctx, object, status).await?;
+        // The namespace's deletion event brings the Tenant back; this is the fallback.
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
-    let remaining: Vec<String> = tenant
+    let remaining: Vec<String> = object
         .finalizers()
         .iter()
         .filter(|f| *f != names::FINALIZER)
         .cloned()
         .collect();
-    patch_finalizers(&tenants, tenant, remaining, ctx).await?;
+    patch_finalizers(object.meta(), remaining, ctx).await?;
+    ctx.caches.forget_namespace(&ns);
+    ctx.statuses().remove(&name);
     ctx.metrics.set_phase(&name, None);
     ctx.metrics.set_certificate(&name, None);
     info!(tenant = %name, "namespace {ns} is gone; tenant released");

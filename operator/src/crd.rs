@@ -299,7 +299,7 @@ const NAME_RULE: &str = "size(self.metadata.name) <= 56 && self.metadata.name.ma
 
 /// The CustomResourceDefinition of `Tenant`, with the rules that schemars cannot express.
 pub fn crd() -> CustomResourceDefinition {
-    let mut crd = Tenant::crd();
+    let mut crd = known_formats(Tenant::crd());
     for version in &mut crd.spec.versions {
         if let Some(schema) = version
             .schema
@@ -323,6 +323,33 @@ pub fn crd() -> CustomResourceDefinition {
     crd
 }
 
+/// Integer formats the API server knows. schemars writes `uint32` for a `u32`, which the
+/// API server does not recognise (every `kubectl apply` of the CRD warns "unrecognized
+/// format"); the schema's own `minimum`/`maximum` already bound those fields.
+const FORMATS: [(&str, &str); 2] = [("uint32", "int32"), ("uint64", "int64")];
+
+fn known_formats(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    fn walk(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(map) => {
+                if let Some(serde_json::Value::String(f)) = map.get_mut("format")
+                    && let Some((_, known)) = FORMATS.iter().find(|(from, _)| f == from)
+                {
+                    *f = (*known).to_owned();
+                }
+                map.values_mut().for_each(walk);
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(walk),
+            _ => {}
+        }
+    }
+    let Ok(mut value) = serde_json::to_value(&crd) else {
+        return crd;
+    };
+    walk(&mut value);
+    serde_json::from_value(value).unwrap_or(crd)
+}
+
 /// [`crd`] as YAML, exactly as committed under `charts/tenantry/crds/`.
 pub fn crd_yaml() -> Result<String> {
     let yaml = serde_yaml::to_string(&crd()).map_err(|source| Error::Yaml {
@@ -339,6 +366,28 @@ pub fn crd_yaml() -> Result<String> {
 mod tests {
     use super::*;
     use serde_json::{Value, json};
+
+    #[test]
+    fn every_format_is_one_the_api_server_knows() {
+        fn formats(v: &Value, out: &mut Vec<String>) {
+            match v {
+                Value::Object(m) => {
+                    if let Some(Value::String(f)) = m.get("format") {
+                        out.push(f.clone());
+                    }
+                    m.values().for_each(|v| formats(v, out));
+                }
+                Value::Array(a) => a.iter().for_each(|v| formats(v, out)),
+                _ => {}
+            }
+        }
+        let mut found = vec![];
+        formats(&serde_json::to_value(crd()).unwrap(), &mut found);
+        assert!(found.contains(&"int32".to_owned()));
+        for f in found {
+            assert!(["int32", "int64", "date-time"].contains(&f.as_str()), "{f}");
+        }
+    }
     use tenantry_proto::retention::{HARD_CAP_MAX_AGE_HOURS, MAX_MAX_COUNT};
 
     fn schema() -> Value {

@@ -22,6 +22,37 @@ pub fn is_subset(desired: &Value, observed: &Value) -> bool {
     }
 }
 
+/// The path of the first value in `desired` that `observed` lacks or holds differently
+/// (None when [`is_subset`] holds), e.g. `spec.template.spec.volumes[4].readOnly`. For logs
+/// and tests: it names what made a comparison fail.
+pub fn first_difference(desired: &Value, observed: &Value) -> Option<String> {
+    fn walk(d: &Value, o: Option<&Value>, path: &mut Vec<String>) -> Option<String> {
+        let here = |path: &[String]| path.concat().trim_start_matches('.').to_owned();
+        match (d, o) {
+            (Value::Null, _) => None,
+            (d, None) if is_empty(d) => None,
+            (_, None) => Some(here(path)),
+            (Value::Object(dm), Some(Value::Object(om))) => dm.iter().find_map(|(k, dv)| {
+                path.push(format!(".{k}"));
+                let found = walk(dv, om.get(k), path);
+                path.pop();
+                found
+            }),
+            (Value::Array(da), Some(Value::Array(oa))) if da.len() == oa.len() => {
+                da.iter().zip(oa).enumerate().find_map(|(i, (dv, ov))| {
+                    path.push(format!("[{i}]"));
+                    let found = walk(dv, Some(ov), path);
+                    path.pop();
+                    found
+                })
+            }
+            (d, Some(o)) if d == o => None,
+            _ => Some(here(path)),
+        }
+    }
+    walk(desired, Some(observed), &mut vec![])
+}
+
 fn is_empty(v: &Value) -> bool {
     match v {
         Value::Null => true,
@@ -58,6 +89,20 @@ mod tests {
             &json!({"a": [{"x": 1}]}),
             &json!({"a": [{"x": 1, "y": 2}]})
         ));
+    }
+
+    #[test]
+    fn the_first_difference_is_named_by_its_path() {
+        let d = json!({"spec": {"a": 1, "list": [{"x": 1}, {"readOnly": false}]}});
+        assert_eq!(first_difference(&d, &d), None);
+        let o = json!({"spec": {"a": 1, "list": [{"x": 1, "y": 0}, {}]}});
+        assert_eq!(
+            first_difference(&d, &o).as_deref(),
+            Some("spec.list[1].readOnly")
+        );
+        assert!(!is_subset(&d, &o));
+        let o = json!({"spec": {"a": 2}});
+        assert_eq!(first_difference(&d, &o).as_deref(), Some("spec.a"));
     }
 
     #[test]

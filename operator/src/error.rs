@@ -72,9 +72,12 @@ pub enum Error {
     /// Leadership was lost (another replica holds the Lease).
     #[error("lost the leader-election Lease {0}")]
     LeadershipLost(String),
-    /// The watch caches are not filled yet.
-    #[error("the watch caches are not ready")]
-    CacheNotReady,
+    /// A watch cache was dropped before its first list completed.
+    #[error("the watch cache of {0} stopped before it was filled")]
+    CacheNotReady(&'static str),
+    /// A reconcile took longer than the reconcile timeout and was abandoned.
+    #[error("the reconcile did not finish within {0:?}")]
+    Timeout(std::time::Duration),
     /// Binding or serving the admin port failed.
     #[error("admin server failed")]
     Admin(#[source] std::io::Error),
@@ -101,7 +104,8 @@ impl Error {
             Error::CaSecretMalformed(_) => "ca",
             Error::LeadershipLost(_) => "leader",
             Error::Admin(_) => "admin",
-            Error::CacheNotReady => "cache",
+            Error::CacheNotReady(_) => "cache",
+            Error::Timeout(_) => "timeout",
         }
     }
 }

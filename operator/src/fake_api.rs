@@ -26,7 +26,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::controller::CacheWriters;
+use crate::cache::CacheWriters;
 
 /// One change, as a watch reports it.
 struct Change {
@@ -48,7 +48,14 @@ struct State {
     failing_writes: Option<u16>,
     unserved: Vec<String>,
     accesses: Vec<Access>,
+    defaulting: Option<Defaulting>,
+    list_delay: Option<(String, std::time::Duration)>,
+    hanging: Vec<String>,
 }
+
+/// What the fake does to every object written, as an API server's defaulting and
+/// normalisation would.
+type Defaulting = Arc<dyn Fn(&mut Value) + Send + Sync>;
 
 impl State {
     fn log_request(&mut self, line: String) {
@@ -159,6 +166,7 @@ fn percent_decode(text: &str) -> String {
 #[derive(Debug, Default)]
 struct Query {
     watch: bool,
+    dry_run: bool,
     resource_version: u64,
     labels: Vec<(String, Option<String>)>,
     name: Option<String>,
@@ -172,6 +180,7 @@ impl Query {
             let v = percent_decode(v);
             match k {
                 "watch" => q.watch = v == "true" || v == "1",
+                "dryRun" => q.dry_run = v == "All",
                 "resourceVersion" => q.resource_version = v.parse().unwrap_or(0),
                 "labelSelector" => {
                     q.labels = v
@@ -371,15 +380,31 @@ impl FakeApi {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("")
                     .to_owned();
-                let path = parts.uri.path();
+                let path = parts.uri.path().to_owned();
                 let query = Query::parse(parts.uri.query().unwrap_or(""));
-                let collection = locate(path).filter(|l| l.name.is_none());
+                let collection = locate(&path).filter(|l| l.name.is_none());
+                if fake.hangs(&path) {
+                    // Never answered, like a request to an API server that stopped
+                    // responding; the client sees it pending until it gives up.
+                    tokio::spawn(async move {
+                        let _respond = respond;
+                        std::future::pending::<()>().await;
+                    });
+                    continue;
+                }
+                if !query.watch
+                    && collection.is_some()
+                    && let Some(delay) = fake.list_delay(&path)
+                {
+                    tokio::time::sleep(delay).await;
+                }
                 let (code, body) = match collection {
                     Some(list) if parts.method == Method::GET => {
-                        fake.read_collection(path, &list, query)
+                        fake.read_collection(&path, &list, query)
                     }
                     _ => {
-                        let (code, value) = fake.handle(&parts.method, path, &content_type, &bytes);
+                        let (code, value) =
+                            fake.handle(&parts.method, &path, query.dry_run, &content_type, &bytes);
                         (code, whole(&value))
                     }
                 };
@@ -463,6 +488,40 @@ impl FakeApi {
         (200, StreamBody::new(events.boxed()))
     }
 
+    /// From now on every object written passes through `f`, as the real API server's
+    /// defaulting and quantity normalisation would change it.
+    pub fn set_defaulting(&self, f: impl Fn(&mut Value) + Send + Sync + 'static) {
+        self.lock().defaulting = Some(Arc::new(f));
+    }
+
+    /// Delays the answer to every LIST under `prefix` by `delay`, as a slow first list of a
+    /// large collection would.
+    pub fn delay_lists(&self, prefix: &str, delay: std::time::Duration) {
+        self.lock().list_delay = Some((prefix.to_owned(), delay));
+    }
+
+    fn list_delay(&self, path: &str) -> Option<std::time::Duration> {
+        self.lock()
+            .list_delay
+            .as_ref()
+            .filter(|(p, _)| path.starts_with(p.as_str()))
+            .map(|(_, d)| *d)
+    }
+
+    /// Never answers requests to paths starting with `prefix` (a hung API server).
+    pub fn hang(&self, prefix: &str) {
+        self.lock().hanging.push(prefix.to_owned());
+    }
+
+    fn hangs(&self, path: &str) -> bool {
+        let mut s = self.lock();
+        let hang = s.hanging.iter().any(|p| path.starts_with(p.as_str()));
+        if hang {
+            s.log_request(format!("HUNG {path}"));
+        }
+        hang
+    }
+
     /// While set, every write (anything but a read) fails with `code`, as during an outage
     /// or an admission webhook that refuses.
     pub fn fail_writes(&self, code: Option<u16>) {
@@ -521,7 +580,11 @@ impl FakeApi {
         self.lock()
             .log
             .iter()
-            .filter(|l| !["GET ", "LIST ", "WATCH "].iter().any(|r| l.starts_with(r)))
+            .filter(|l| {
+                !["GET ", "LIST ", "WATCH ", "DRY-RUN ", "HUNG "]
+                    .iter()
+                    .any(|r| l.starts_with(r))
+            })
             .count()
     }
 
@@ -647,11 +710,16 @@ impl FakeApi {
         &self,
         method: &Method,
         path: &str,
+        dry_run: bool,
         content_type: &str,
         body: &[u8],
     ) -> (u16, Value) {
         let mut s = self.lock();
-        let line = format!("{method} {path}");
+        let line = if dry_run {
+            format!("DRY-RUN {method} {path}")
+        } else {
+            format!("{method} {path}")
+        };
         s.log_request(line.clone());
         if s.checking {
             match s.expected.pop_front() {
@@ -808,6 +876,25 @@ impl FakeApi {
                     }
                 };
                 let mut obj = obj;
+                if let Some(defaulting) = s.defaulting.clone() {
+                    defaulting(&mut obj);
+                }
+                let unchanged = s.objects.get(&key).is_some_and(|current| {
+                    let mut before = current.clone();
+                    before["metadata"]["resourceVersion"] = Value::Null;
+                    let mut after = obj.clone();
+                    after["metadata"]["resourceVersion"] = Value::Null;
+                    before == after
+                });
+                if dry_run || unchanged {
+                    // Like the real API server: nothing is stored, the version stays.
+                    s.version -= 1;
+                    if let Some(current) = s.objects.get(&key) {
+                        obj["metadata"]["resourceVersion"] =
+                            current["metadata"]["resourceVersion"].clone();
+                    }
+                    return (200, obj);
+                }
                 obj["metadata"]["resourceVersion"] = json!(version);
                 if released(&obj) {
                     // The last finalizer is gone: the API server deletes the object.

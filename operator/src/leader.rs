@@ -165,10 +165,19 @@ impl LeaseLock {
         }
     }
 
+    /// [`LeaseLock::try_hold`], given up after a renew period: a hung API call must not
+    /// keep a leader from noticing that its Lease ran out.
+    async fn try_hold_bounded(&self) -> Result<bool> {
+        match tokio::time::timeout(self.renew_period(), self.try_hold()).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Timeout(self.renew_period())),
+        }
+    }
+
     /// Waits until this replica holds the Lease.
     pub async fn acquire(&self) -> Result<()> {
         loop {
-            match self.try_hold().await {
+            match self.try_hold_bounded().await {
                 Ok(true) => {
                     info!(lease = %self.name, identity = %self.identity, "became leader");
                     return Ok(());
@@ -186,7 +195,7 @@ impl LeaseLock {
         let mut last_ok = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(self.renew_period()).await;
-            match self.try_hold().await {
+            match self.try_hold_bounded().await {
                 Ok(true) => last_ok = tokio::time::Instant::now(),
                 Ok(false) => return Error::LeadershipLost(self.name.clone()),
                 Err(e) => warn!(error = %e, "could not renew the Lease"),

@@ -8,6 +8,7 @@
 //! [`run`] (wiring for `tenantry-operator run`).
 
 pub mod builders;
+pub mod cache;
 pub mod config;
 pub mod controller;
 pub mod crd;
@@ -18,6 +19,7 @@ pub mod fake_api;
 pub mod leader;
 pub mod metrics;
 pub mod names;
+pub mod object;
 pub mod pki;
 pub mod plan;
 pub mod run;

@@ -32,6 +32,7 @@ pub struct Metrics {
     errors: Family<Labels, Counter>,
     duration: Histogram,
     writes: Counter,
+    dry_runs: Counter,
     tenants: Family<Labels, Gauge>,
     cert_expiry: Family<Labels, Gauge<f64, AtomicU64>>,
     phases: Mutex<HashMap<String, TenantPhase>>,
@@ -69,6 +70,12 @@ impl Metrics {
             "Writes sent to the API server",
             writes.clone(),
         );
+        let dry_runs = Counter::default();
+        registry.register(
+            "api_dry_runs",
+            "Server-side dry-run applies sent to tell defaulting from drift",
+            dry_runs.clone(),
+        );
         let tenants = Family::<Labels, Gauge>::default();
         registry.register("tenants", "Tenants by phase", tenants.clone());
         let cert_expiry = Family::<Labels, Gauge<f64, AtomicU64>>::default();
@@ -83,6 +90,7 @@ impl Metrics {
             errors,
             duration,
             writes,
+            dry_runs,
             tenants,
             cert_expiry,
             phases: Mutex::default(),
@@ -107,6 +115,16 @@ impl Metrics {
     /// Counts one write to the API server.
     pub fn wrote(&self) {
         self.writes.inc();
+    }
+
+    /// Counts one dry-run apply.
+    pub fn dry_run(&self) {
+        self.dry_runs.inc();
+    }
+
+    /// Dry-run applies sent so far.
+    pub fn dry_runs(&self) -> u64 {
+        self.dry_runs.get()
     }
 
     /// Writes sent so far.

@@ -5,35 +5,41 @@ use std::future::{Future, ready};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::channel::mpsc;
-use futures::{FutureExt, Stream, StreamExt};
+use futures::StreamExt;
 use k8s_openapi::ByteString;
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{
-    ConfigMap, LimitRange, Namespace, PersistentVolumeClaim, ResourceQuota, Secret, Service,
-    ServiceAccount,
-};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
-use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Client;
 use kube::api::{Api, PostParams};
-use kube::runtime::reflector::store::Writer;
-use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
-use kube::{Client, Resource};
+use kube::runtime::controller::Config as ControllerConfig;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use secrecy::{ExposeSecret, SecretString};
-use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::cache;
 use crate::config::Settings;
-use crate::controller::{Context, caches, error_policy, reconcile, tenant_of};
-use crate::crd::Tenant;
+use crate::controller::{Context, error_policy, reconcile};
 use crate::error::{Error, Result, is_already_exists};
 use crate::leader::LeaseLock;
 use crate::metrics::{self, Metrics};
 use crate::names;
+use crate::object::TenantObject;
 use crate::pki::CertificateAuthority;
+
+/// How long reconciles still running at shutdown may take to finish; then they are
+/// dropped (every reconcile is idempotent) so that the process exits well within the
+/// 5 s a rolling update allows before it kills the pod... and the Lease is released.
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// How long stopping the watch and admin tasks and releasing the Lease may take.
+const STOP_TASKS: Duration = Duration::from_secs(1);
 
 /// Leader-election options of `run`.
 #[derive(Clone, Debug)]
@@ -154,9 +160,14 @@ async fn follow_token_key(
     name: String,
     ctx: Arc<Context>,
     trigger: mpsc::UnboundedSender<()>,
+    stop: CancellationToken,
 ) {
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let mut events = watcher(api, config).default_backoff().boxed();
+    let mut events = std::pin::pin!(
+        watcher(api, config)
+            .default_backoff()
+            .take_until(stop.cancelled_owned())
+    );
     let mut seen = false;
     while let Some(event) = events.next().await {
         let new = match event {
@@ -184,36 +195,17 @@ async fn follow_token_key(
         };
         if changed {
             info!(secret = %name, "token public key changed; reconciling every tenant");
-            let _ = trigger.unbounded_send(());
+            let _ = trigger.send(());
         }
     }
 }
 
-/// A watch on every object of kind `K` managed by the operator, feeding `writer`.
-fn owned<K>(
-    client: &Client,
-    writer: Writer<K>,
-) -> impl Stream<Item = Result<K, watcher::Error>> + Send + 'static
-where
-    K: Resource<DynamicType = ()>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    let selector = format!("{}={}", names::LABEL_MANAGED_BY, names::MANAGED_BY);
-    let api: Api<K> = Api::all(client.clone());
-    reflector(
-        writer,
-        watcher(api, watcher::Config::default().labels(&selector)),
-    )
-    .default_backoff()
-    .touched_objects()
-}
-
 /// Runs the operator until `shutdown` completes or leadership is lost.
+///
+/// Order matters on a real API server: every watch cache is filled before the controller
+/// starts, so no reconcile ever waits on a cache; each reconcile is bounded by the
+/// reconcile timeout; on shutdown the reconciles in flight get [`DRAIN`] to finish, the
+/// Lease is released and every task this function started is joined.
 pub async fn run(
     settings: Settings,
     leader: LeaderOptions,
@@ -221,10 +213,50 @@ pub async fn run(
     admin: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let stop = shutdown.boxed().shared();
+    // `halt` stops everything; it fires on shutdown and when leadership is lost.
+    let halt = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    {
+        let halt = halt.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                () = shutdown => halt.cancel(),
+                () = halt.cancelled() => {}
+            }
+        });
+    }
     let metrics = Arc::new(Metrics::new());
-    let admin_task = tokio::spawn(metrics::serve(admin, metrics.clone(), stop.clone()));
+    tasks.spawn(serve_admin(admin, metrics.clone(), halt.clone()));
+    let outcome = lead(settings, leader, client, &metrics, &halt, &mut tasks).await;
+    metrics.set_ready(false);
+    halt.cancel();
+    if tokio::time::timeout(STOP_TASKS, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        warn!("some tasks did not stop within {STOP_TASKS:?}");
+        tasks.shutdown().await;
+    }
+    outcome
+}
 
+async fn serve_admin(admin: TcpListener, metrics: Arc<Metrics>, halt: CancellationToken) {
+    if let Err(e) = metrics::serve(admin, metrics, halt.cancelled_owned()).await {
+        warn!(error = %e, "the admin server stopped");
+    }
+}
+
+/// Checks the CRD, wins the Lease and runs the controller while leading.
+async fn lead(
+    settings: Settings,
+    leader: LeaderOptions,
+    client: Client,
+    metrics: &Arc<Metrics>,
+    halt: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+) -> Result<()> {
     check_crd(&client).await?;
     metrics.set_ready(true);
 
@@ -236,9 +268,36 @@ pub async fn run(
     );
     tokio::select! {
         acquired = lock.acquire() => acquired?,
-        () = stop.clone() => return Ok(()),
+        () = halt.cancelled() => return Ok(()),
     }
+    let outcome = tokio::select! {
+        led = reconcile_while(settings, client, metrics, halt, tasks) => led,
+        lost = lock.keep() => Err(lost),
+    };
+    if outcome.is_ok() {
+        // Stopped on purpose (a rolling update): hand over now, not after the lease
+        // duration.
+        match tokio::time::timeout(STOP_TASKS, lock.release()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(error = %e, "could not release the Lease; another replica takes over when it expires")
+            }
+            Err(_) => {
+                warn!("releasing the Lease timed out; another replica takes over when it expires")
+            }
+        }
+    }
+    outcome
+}
 
+/// Fills the caches, then runs the controller until `halt`.
+async fn reconcile_while(
+    settings: Settings,
+    client: Client,
+    metrics: &Arc<Metrics>,
+    halt: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+) -> Result<()> {
     let ca = load_or_create_ca(&client, &settings).await?;
     let token_api: Api<Secret> = Api::namespaced(client.clone(), &settings.operator_namespace);
     let token_key = token_api
@@ -253,84 +312,52 @@ pub async fn run(
             "no token public key yet; runtimes will not be deployed until it exists"
         );
     }
-    let (caches, writers) = caches();
+    let (caches, writers) = cache::caches();
+    let caches = Arc::new(caches);
+    let (triggers, triggered) = mpsc::unbounded_channel::<ObjectRef<TenantObject>>();
+    cache::spawn_watches(&client, &caches, writers, &triggers, halt, tasks);
+    drop(triggers);
     let ctx = Arc::new(Context::new(
         client.clone(),
         settings.clone(),
         ca,
-        caches,
+        caches.clone(),
         token_key,
         metrics.clone(),
     ));
-    let (trigger_tx, trigger_rx) = mpsc::unbounded();
-    tokio::spawn(follow_token_key(
+    let (all_tx, all_rx) = mpsc::unbounded_channel();
+    tasks.spawn(follow_token_key(
         token_api,
         settings.token_public_key_secret.clone(),
         ctx.clone(),
-        trigger_tx,
+        all_tx,
+        halt.clone(),
     ));
-    tokio::spawn(
-        reflector(
-            writers.storage_classes,
-            watcher(
-                Api::<StorageClass>::all(client.clone()),
-                watcher::Config::default(),
-            ),
-        )
-        .default_backoff()
-        .for_each(|_| ready(())),
-    );
 
-    // Children map to their Tenant through `tenant_of` rather than `owns_stream`: the owner
-    // of a namespaced child would otherwise be keyed with the child's namespace, a second
-    // key for the same cluster-scoped Tenant that could be reconciled concurrently.
-    let controller = Controller::new(
-        Api::<Tenant>::all(client.clone()),
+    info!("waiting for the watch caches to fill");
+    tokio::select! {
+        ready = caches.wait_ready(Duration::from_secs(10)) => ready?,
+        () = halt.cancelled() => return Ok(()),
+    }
+    info!("watch caches filled");
+
+    // The Tenant watch drops managed fields like the child watches, and reads Tenants the
+    // operator cannot deserialize as such (see `object`).
+    let (tenants, tenant_writer) = reflector::store::<TenantObject>();
+    let tenant_events = watcher(
+        Api::<TenantObject>::all(client.clone()),
         watcher::Config::default(),
     )
-    .watches_stream(
-        owned::<Namespace>(&client, writers.namespaces),
-        tenant_of::<Namespace>,
-    )
-    .watches_stream(
-        owned::<NetworkPolicy>(&client, writers.policies),
-        tenant_of::<NetworkPolicy>,
-    )
-    .watches_stream(
-        owned::<ResourceQuota>(&client, writers.quotas),
-        tenant_of::<ResourceQuota>,
-    )
-    .watches_stream(
-        owned::<LimitRange>(&client, writers.limit_ranges),
-        tenant_of::<LimitRange>,
-    )
-    .watches_stream(
-        owned::<ServiceAccount>(&client, writers.service_accounts),
-        tenant_of::<ServiceAccount>,
-    )
-    .watches_stream(
-        owned::<Secret>(&client, writers.secrets),
-        tenant_of::<Secret>,
-    )
-    .watches_stream(
-        owned::<ConfigMap>(&client, writers.config_maps),
-        tenant_of::<ConfigMap>,
-    )
-    .watches_stream(
-        owned::<PersistentVolumeClaim>(&client, writers.pvcs),
-        tenant_of::<PersistentVolumeClaim>,
-    )
-    .watches_stream(
-        owned::<Deployment>(&client, writers.deployments),
-        tenant_of::<Deployment>,
-    )
-    .watches_stream(
-        owned::<Service>(&client, writers.services),
-        tenant_of::<Service>,
-    )
-    .reconcile_all_on(trigger_rx)
-    .graceful_shutdown_on(stop.clone());
-    info!("controller started");
+    .default_backoff()
+    .modify(cache::trim::<TenantObject>)
+    .reflect(tenant_writer)
+    .applied_objects();
+    let controller = Controller::for_stream(tenant_events, tenants)
+        .with_config(ControllerConfig::default().concurrency(settings.concurrency))
+        .reconcile_on(UnboundedReceiverStream::new(triggered))
+        .reconcile_all_on(UnboundedReceiverStream::new(all_rx))
+        .graceful_shutdown_on(halt.clone().cancelled_owned());
+    info!(concurrency = settings.concurrency, "controller started");
     let running = controller
         .run(reconcile, error_policy, ctx)
         .for_each(|result| {
@@ -339,21 +366,18 @@ pub async fn run(
             }
             ready(())
         });
-    let outcome = tokio::select! {
-        () = running => {
-            // Stopped on purpose (a rolling update): hand over now, not after the lease
-            // duration.
-            if let Err(e) = lock.release().await {
-                warn!(error = %e, "could not release the Lease; another replica takes over when it expires");
-            }
-            Ok(())
-        }
-        lost = lock.keep() => Err(lost),
+    let drained = async {
+        halt.cancelled().await;
+        tokio::time::sleep(DRAIN).await;
     };
-    metrics.set_ready(false);
-    admin_task.abort();
-    outcome
+    tokio::select! {
+        () = running => {}
+        () = drained => warn!("reconciles still running {DRAIN:?} after the stop; abandoning them"),
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod rbac_tests;
+#[cfg(test)]
+mod tests;

@@ -51,6 +51,24 @@ pub fn run_with_stdin(command: &mut std::process::Command, stdin: &str) -> std::
     child.wait_with_output().unwrap()
 }
 
+/// Runs the real `tenantryctl` against `server` with session file `session`; returns
+/// (success, stdout, stderr).
+pub fn ctl(server: &str, session: &Path, args: &[&str], stdin: &str) -> (bool, String, String) {
+    let out = run_with_stdin(
+        std::process::Command::new(bin("tenantryctl"))
+            .args(["--server", server])
+            .arg("--session-file")
+            .arg(session)
+            .args(args),
+        stdin,
+    );
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tenantry_proto::v1::tenant_service_client::TenantServiceClient;
 use tenantry_proto::v1::*;
 use tenantry_tests::{
-    PASSWORD, authed, bin, connect, free_port, next_step, run_with_stdin, signup_and_login,
+    PASSWORD, authed, bin, connect, ctl, free_port, next_step, run_with_stdin, signup_and_login,
     totp_now, wait_for_phase,
 };
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -185,22 +185,6 @@ fn runtime_pid(data_dir: &Path, tenant_id: &str) -> Option<u32> {
         .trim()
         .parse()
         .ok()
-}
-
-fn ctl(server: &str, session: &Path, args: &[&str], stdin: &str) -> (bool, String, String) {
-    let out = run_with_stdin(
-        std::process::Command::new(bin("tenantryctl"))
-            .args(["--server", server])
-            .arg("--session-file")
-            .arg(session)
-            .args(args),
-        stdin,
-    );
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::builders::tests::tenant;
+use crate::cache::{CacheWriters, caches, tenant_of};
 use crate::fake_api::FakeApi;
 use crate::run::{check_crd, load_or_create_ca};
 use k8s_openapi::api::storage::v1::StorageClass;
@@ -42,7 +43,7 @@ impl Harness {
             fake.client(),
             settings,
             ca,
-            caches,
+            Arc::new(caches),
             token.map(String::from),
             Arc::new(Metrics::new()),
         )
@@ -79,7 +80,11 @@ impl Harness {
     }
 
     async fn reconcile(&self) -> Result<Action> {
-        reconcile(Arc::new(self.tenant()), self.ctx.clone()).await
+        reconcile(
+            Arc::new(TenantObject::from(self.tenant())),
+            self.ctx.clone(),
+        )
+        .await
     }
 
     /// Runs one reconcile and checks it sent exactly `expected`.
@@ -277,10 +282,13 @@ async fn drifted_child_is_reapplied_and_nothing_else() {
         p["spec"]["policyTypes"] = json!(["Ingress"])
     });
     h.sync();
-    // Both are put back; the Deployment's new generation is not rolled out yet, so the
-    // runtime is reported as progressing until it is.
+    // Both are put back, each after a dry run shows the difference is real; the
+    // Deployment's new generation is not rolled out yet, so the runtime is reported as
+    // progressing until it is.
     h.expect(&[
+        p("DRY-RUN PATCH", &format!("{NET}/default-deny")),
         p("PATCH", &format!("{NET}/default-deny")),
+        p("DRY-RUN PATCH", DEPLOY),
         p("PATCH", DEPLOY),
         p("PATCH", STATUS),
         p("POST", EVENTS),
@@ -537,7 +545,9 @@ async fn deletion_with_children_waits_for_the_namespace() {
     h.sync();
     h.fake.expect(&[&p("DELETE", NS), &p("PATCH", TENANT)]);
     let last = h.tenant();
-    reconcile(Arc::new(last), h.ctx.clone()).await.unwrap();
+    reconcile(Arc::new(TenantObject::from(last)), h.ctx.clone())
+        .await
+        .unwrap();
     h.fake.verify().unwrap();
     assert!(h.fake.get(TENANT).is_none());
     assert!(h.fake.get(&format!("{CORE}/secrets/tenant-tls")).is_none());
@@ -625,15 +635,21 @@ async fn api_errors_are_returned_not_panicked() {
     let h = Harness::standard();
     // The Tenant is not in the API server: the finalizer patch finds nothing.
     let t = tenant("ghost", json!({"owner": "x"}));
-    let action = reconcile(Arc::new(t), h.ctx.clone()).await.unwrap();
+    let action = reconcile(Arc::new(TenantObject::from(t)), h.ctx.clone())
+        .await
+        .unwrap();
     assert_eq!(action, Action::await_change());
     // A tenant without uid cannot own children: an error, not a panic.
     let mut t = tenant("acme", json!({"owner": "x"}));
     t.metadata.uid = None;
     t.metadata.finalizers = Some(vec![names::FINALIZER.into()]);
-    assert!(reconcile(Arc::new(t.clone()), h.ctx.clone()).await.is_err());
+    assert!(
+        reconcile(Arc::new(TenantObject::from(t.clone())), h.ctx.clone())
+            .await
+            .is_err()
+    );
     let backoff = error_policy(
-        Arc::new(t),
+        Arc::new(TenantObject::from(t)),
         &Error::MissingField("metadata.uid"),
         h.ctx.clone(),
     );
@@ -702,14 +718,14 @@ fn children_map_to_their_cluster_scoped_tenant() {
     let t = tenant("acme", json!({"owner": "x"}));
     let owner = Owner::of(&t).unwrap();
     let policy = builders::default_deny_policy(&owner);
-    let key = tenant_of(policy).unwrap();
-    assert_eq!(key, ObjectRef::<Tenant>::new("acme"));
+    let key = tenant_of(&policy).unwrap();
+    assert_eq!(key, ObjectRef::<TenantObject>::new("acme"));
     assert_eq!(key.namespace, None);
     assert_eq!(
-        tenant_of(builders::desired_namespace(&owner)),
+        tenant_of(&builders::desired_namespace(&owner)),
         Some(ObjectRef::new("acme"))
     );
     let mut foreign = builders::service(&owner);
     foreign.metadata.owner_references.as_mut().unwrap()[0].kind = "Other".into();
-    assert_eq!(tenant_of(foreign), None);
+    assert_eq!(tenant_of(&foreign), None);
 }
