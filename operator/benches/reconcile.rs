@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use serde_json::json;
-use tenantry_operator::cache::caches;
+use tenantry_operator::cache::Caches;
 use tenantry_operator::config::Settings;
 use tenantry_operator::controller::{Context, reconcile};
 use tenantry_operator::crd::{Tenant, TenantPhase};
@@ -101,8 +101,8 @@ fn main() {
         .unwrap();
     runtime.block_on(async {
         let fake = FakeApi::new();
-        let (caches, mut writers) = caches();
-        fake.sync_caches(&mut writers);
+        let caches = Arc::new(Caches::default());
+        fake.sync_caches(&caches);
         let now: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
         let settings = Settings {
             encrypted_storage_classes: vec!["encrypted".into()],
@@ -114,7 +114,7 @@ fn main() {
                 fake.client(),
                 settings,
                 CertificateAuthority::generate_at("bench CA", now).unwrap(),
-                Arc::new(caches),
+                caches.clone(),
                 Some("-----BEGIN PUBLIC KEY-----\nbench\n-----END PUBLIC KEY-----\n".into()),
                 Arc::new(Metrics::new()),
             )
@@ -151,10 +151,10 @@ fn main() {
                 },
             );
         }
-        fake.sync_caches(&mut writers);
+        fake.sync_caches(&caches);
         let ready = run_all(&fake, &ctx).await;
         report("runtime becomes ready", &ready);
-        fake.sync_caches(&mut writers);
+        fake.sync_caches(&caches);
 
         let idle = run_all(&fake, &ctx).await;
         report("idle resync", &idle);

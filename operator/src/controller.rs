@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Secret};
 use k8s_openapi::api::storage::v1::StorageClass;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
@@ -28,10 +27,10 @@ use serde_json::{Value, json};
 use tracing::{debug, info, warn};
 
 use crate::builders::{self, CheckedSpec, Owner};
-use crate::cache::{Cache, Caches, Lookup, trim};
+use crate::cache::{Cache, Caches, Entry, Lookup};
 use crate::config::Settings;
 use crate::crd::{CertificateStatus, Tenant, TenantPhase, TenantStatus};
-use crate::diff::{first_difference, is_subset};
+use crate::diff::{agree_on, first_difference, is_subset};
 use crate::error::{Error, Result, is_already_exists, is_not_found};
 use crate::metrics::Metrics;
 use crate::names;
@@ -44,19 +43,6 @@ fn digest(value: &Value) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     value.to_string().hash(&mut h);
     h.finish()
-}
-
-/// An object as JSON without what changes on every write and says nothing of its content.
-fn content<K: Resource + Serialize>(obj: &K) -> Result<Value> {
-    let mut v = serde_json::to_value(obj).map_err(|source| Error::Json {
-        what: "an observed object",
-        source,
-    })?;
-    if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
-        meta.remove("managedFields");
-        meta.remove("resourceVersion");
-    }
-    Ok(v)
 }
 
 /// What the reconciler last wrote as a Tenant's status.
@@ -158,7 +144,12 @@ impl Context {
     /// change nothing, the difference was the API server's defaulting or normalisation and
     /// nothing is written. Either proof is remembered for the object's resourceVersion, so
     /// an idle resync or a restart of a converged operator sends no write at all.
-    async fn ensure<K>(&self, api: &Api<K>, cache: &Cache<K>, desired: K) -> Result<Option<Arc<K>>>
+    async fn ensure<K>(
+        &self,
+        api: &Api<K>,
+        cache: &Cache<K>,
+        desired: K,
+    ) -> Result<Option<Arc<Entry>>>
     where
         K: Resource<DynamicType = ()> + Clone + Serialize + DeserializeOwned + Debug,
     {
@@ -176,18 +167,19 @@ impl Context {
             source,
         })?;
         let wanted = digest(&want);
-        match cache.lookup(&key, wanted) {
+        let why = match cache.lookup(&key, wanted) {
             Lookup::Current(observed) => return Ok(observed),
             Lookup::Superseded(current) => {
                 // Unchanged since our last write, which was of another desired object: the
                 // difference is ours, so there is nothing to ask the server first.
-                if is_subset(&want, &content(&*current)?) {
+                if is_subset(&want, &current.content()?) {
                     cache.remember(key, wanted, current.clone(), false);
                     return Ok(Some(current));
                 }
+                "the desired object changed"
             }
             Lookup::Cached(current) => {
-                let have = content(&*current)?;
+                let have = current.content()?;
                 if is_subset(&want, &have) {
                     cache.remember(key, wanted, current.clone(), false);
                     return Ok(Some(current));
@@ -204,14 +196,18 @@ impl Context {
                         Error::kube(format!("dry-run apply {} {}", K::kind(&()), key), e)
                     })?;
                 self.metrics.dry_run();
-                if content(&preview)? == have {
+                // Only the fields we set matter: the server may have moved on elsewhere
+                // (a controller's annotation) since the cache saw the object.
+                if agree_on(&want, &Entry::of(&preview)?.content()?, &have) {
                     cache.remember(key, wanted, current.clone(), false);
                     return Ok(Some(current));
                 }
+                "the object drifted"
             }
-            Lookup::Missing => {}
-        }
-        let mut applied = api
+            Lookup::Missing => "the object is missing",
+        };
+        debug!(object = %key, why, "applying");
+        let applied = api
             .patch(
                 &name,
                 &PatchParams::apply(names::FIELD_MANAGER).force(),
@@ -220,8 +216,7 @@ impl Context {
             .await
             .map_err(|e| Error::kube(format!("apply {} {}", K::kind(&()), key), e))?;
         self.metrics.wrote();
-        trim(&mut applied);
-        let applied = Arc::new(applied);
+        let applied = Arc::new(Entry::of(&applied)?);
         cache.remember(key, wanted, applied.clone(), true);
         Ok(Some(applied))
     }
@@ -269,8 +264,11 @@ fn storage_class(
     if settings.encrypted_storage_classes.contains(&class) {
         return Ok(class);
     }
-    match classes.get(&ObjectRef::new(&class)) {
-        Some(sc)
+    match classes
+        .get(&ObjectRef::new(&class))
+        .map(|sc| sc.decode::<StorageClass>())
+    {
+        Some(Ok(sc))
             if sc
                 .annotations()
                 .get(names::ANNOTATION_ENCRYPTED)
@@ -528,6 +526,7 @@ async fn write_status(ctx: &Context, object: &TenantObject, status: TenantStatus
     if written || ctx.is_stale(object) {
         return Ok(());
     }
+    debug!(tenant = %name, version = ?seen, "writing the status");
     let api: Api<TenantObject> = Api::all(ctx.client.clone());
     let written = api
         .patch_status(
@@ -624,11 +623,7 @@ async fn ensure_namespace(owner: &Owner<'_>, ctx: &Context) -> Result<Observed> 
             builders::desired_namespace(owner),
         )
         .await?;
-    let active = namespace
-        .as_ref()
-        .and_then(|n| n.status.as_ref())
-        .and_then(|st| st.phase.as_deref())
-        == Some("Active");
+    let active = namespace.as_ref().and_then(|n| n.phase.as_deref()) == Some("Active");
     Ok(if active {
         Observed::yes(
             types::NAMESPACE_READY,
@@ -768,7 +763,7 @@ async fn ensure_runtime(owner: &Owner<'_>, storage_ok: bool, ctx: &Context) -> R
     Ok(runtime)
 }
 
-fn runtime_condition(deployment: Option<&Deployment>, suspended: bool) -> Observed {
+fn runtime_condition(deployment: Option<&Entry>, suspended: bool) -> Observed {
     if suspended {
         return Observed::no(
             types::RUNTIME_READY,
@@ -776,12 +771,10 @@ fn runtime_condition(deployment: Option<&Deployment>, suspended: bool) -> Observ
             "scaled to zero; data is kept",
         );
     }
-    let generation = deployment.and_then(|d| d.metadata.generation).unwrap_or(0);
-    let status = deployment
-        .and_then(|d| d.status.clone())
-        .unwrap_or_default();
-    let current = status.observed_generation.unwrap_or(0) >= generation;
-    if current && status.available_replicas.unwrap_or(0) >= 1 {
+    let generation = deployment.and_then(|d| d.generation).unwrap_or(0);
+    let observed = deployment.and_then(|d| d.observed_generation).unwrap_or(0);
+    let available = deployment.and_then(|d| d.available_replicas).unwrap_or(0);
+    if observed >= generation && available >= 1 {
         Observed::yes(
             types::RUNTIME_READY,
             "Available",
@@ -805,7 +798,7 @@ async fn ensure_data_key(
 ) -> Result<Option<Observed>> {
     let key = ObjectRef::new(names::DATA_KEY_SECRET).within(&owner.namespace);
     let existing = match ctx.caches.secrets.get(&key) {
-        Some(s) => Some((*s).clone()),
+        Some(s) => Some(s.decode::<Secret>()?),
         // The cache may lag a create: confirm before deciding the key is missing.
         None => api
             .get_opt(names::DATA_KEY_SECRET)
@@ -863,7 +856,8 @@ async fn ensure_certificate(
     let key = ObjectRef::new(names::TLS_SECRET).within(&owner.namespace);
     let assess = |s: &Secret| assess_certificate(s, &ctx.ca, &dns_names, checked.renew_before, now);
     if let Some(cached) = ctx.caches.secrets.get(&key)
-        && let Ok(ok) = assess(&cached)
+        && let Ok(secret) = cached.decode::<Secret>()
+        && let Ok(ok) = assess(&secret)
     {
         return Ok(ok);
     }
@@ -922,7 +916,7 @@ async fn cleanup(object: &TenantObject, ctx: &Context) -> Result<Action> {
         .caches
         .namespaces
         .get(&ObjectRef::new(&ns))
-        .is_some_and(|n| n.metadata.deletion_timestamp.is_some());
+        .is_some_and(|n| n.deleting);
     let gone = if terminating {
         false
     } else {

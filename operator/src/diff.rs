@@ -53,6 +53,28 @@ pub fn first_difference(desired: &Value, observed: &Value) -> Option<String> {
     walk(desired, Some(observed), &mut vec![])
 }
 
+/// True when `a` and `b` hold the same values at every path `shape` has (its leaves'
+/// values are ignored): whether two versions of an object agree on the fields we set.
+pub fn agree_on(shape: &Value, a: &Value, b: &Value) -> bool {
+    match shape {
+        Value::Object(keys) => keys.iter().all(|(k, sub)| match (a.get(k), b.get(k)) {
+            (None, None) => true,
+            (Some(x), Some(y)) => agree_on(sub, x, y),
+            _ => false,
+        }),
+        Value::Array(items) => match (a, b) {
+            (Value::Array(x), Value::Array(y)) if x.len() == y.len() && items.len() == x.len() => {
+                items
+                    .iter()
+                    .zip(x.iter().zip(y))
+                    .all(|(s, (x, y))| agree_on(s, x, y))
+            }
+            _ => a == b,
+        },
+        _ => a == b,
+    }
+}
+
 fn is_empty(v: &Value) -> bool {
     match v {
         Value::Null => true,
@@ -103,6 +125,24 @@ mod tests {
         assert!(!is_subset(&d, &o));
         let o = json!({"spec": {"a": 2}});
         assert_eq!(first_difference(&d, &o).as_deref(), Some("spec.a"));
+    }
+
+    #[test]
+    fn versions_agree_on_the_fields_we_set_only() {
+        let shape = json!({"metadata": {"labels": {"a": "x"}}, "spec": {"size": "1024Mi", "list": [{"n": 1}]}});
+        let a = json!({"metadata": {"labels": {"a": "1"}, "annotations": {"rev": "1"}}, "spec": {"size": "1Gi", "list": [{"n": 1, "d": 0}]}});
+        let mut b = a.clone();
+        b["metadata"]["annotations"]["rev"] = json!("2");
+        b["status"] = json!({"ready": true});
+        assert!(agree_on(&shape, &a, &b));
+        b["spec"]["size"] = json!("2Gi");
+        assert!(!agree_on(&shape, &a, &b));
+        let mut c = a.clone();
+        c["spec"]["list"] = json!([{"n": 1, "d": 0}, {"n": 2}]);
+        assert!(!agree_on(&shape, &a, &c));
+        let mut d = a.clone();
+        d["metadata"]["labels"] = json!({});
+        assert!(!agree_on(&shape, &a, &d));
     }
 
     #[test]

@@ -20,13 +20,12 @@ use http_body_util::StreamBody;
 use k8s_openapi::api::rbac::v1::PolicyRule;
 use kube::Client;
 use kube::client::Body;
-use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
-use crate::cache::CacheWriters;
+use crate::cache::{Cache, Caches};
 
 /// One change, as a watch reports it.
 struct Change {
@@ -679,30 +678,30 @@ impl FakeApi {
     }
 
     /// Lists every stored object into the caches, as a fresh watch would.
-    pub fn sync_caches(&self, w: &mut CacheWriters) {
-        fn fill<K>(fake: &FakeApi, writer: &mut Writer<K>, kind: &str)
+    pub fn sync_caches(&self, caches: &Caches) {
+        fn fill<K>(fake: &FakeApi, cache: &Cache<K>, kind: &str)
         where
-            K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned,
+            K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + serde::Serialize,
         {
-            writer.apply_watcher_event(&watcher::Event::Init);
+            let _ = cache.handle(&watcher::Event::Init);
             for v in fake.objects_of_kind(kind) {
                 if let Ok(obj) = serde_json::from_value::<K>(v) {
-                    writer.apply_watcher_event(&watcher::Event::InitApply(obj));
+                    let _ = cache.handle(&watcher::Event::InitApply(obj));
                 }
             }
-            writer.apply_watcher_event(&watcher::Event::InitDone);
+            let _ = cache.handle(&watcher::Event::InitDone);
         }
-        fill(self, &mut w.namespaces, "Namespace");
-        fill(self, &mut w.policies, "NetworkPolicy");
-        fill(self, &mut w.quotas, "ResourceQuota");
-        fill(self, &mut w.limit_ranges, "LimitRange");
-        fill(self, &mut w.service_accounts, "ServiceAccount");
-        fill(self, &mut w.secrets, "Secret");
-        fill(self, &mut w.config_maps, "ConfigMap");
-        fill(self, &mut w.pvcs, "PersistentVolumeClaim");
-        fill(self, &mut w.deployments, "Deployment");
-        fill(self, &mut w.services, "Service");
-        fill(self, &mut w.storage_classes, "StorageClass");
+        fill(self, &caches.namespaces, "Namespace");
+        fill(self, &caches.policies, "NetworkPolicy");
+        fill(self, &caches.quotas, "ResourceQuota");
+        fill(self, &caches.limit_ranges, "LimitRange");
+        fill(self, &caches.service_accounts, "ServiceAccount");
+        fill(self, &caches.secrets, "Secret");
+        fill(self, &caches.config_maps, "ConfigMap");
+        fill(self, &caches.pvcs, "PersistentVolumeClaim");
+        fill(self, &caches.deployments, "Deployment");
+        fill(self, &caches.services, "Service");
+        fill(self, &caches.storage_classes, "StorageClass");
     }
 
     /// Answers one request.

@@ -23,7 +23,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::cache;
+use crate::cache::{self, Caches};
 use crate::config::Settings;
 use crate::controller::{Context, error_policy, reconcile};
 use crate::error::{Error, Result, is_already_exists};
@@ -312,10 +312,9 @@ async fn reconcile_while(
             "no token public key yet; runtimes will not be deployed until it exists"
         );
     }
-    let (caches, writers) = cache::caches();
-    let caches = Arc::new(caches);
+    let caches = Arc::new(Caches::default());
     let (triggers, triggered) = mpsc::unbounded_channel::<ObjectRef<TenantObject>>();
-    cache::spawn_watches(&client, &caches, writers, &triggers, halt, tasks);
+    cache::spawn_watches(&client, &caches, &triggers, halt, tasks);
     drop(triggers);
     let ctx = Arc::new(Context::new(
         client.clone(),
@@ -339,14 +338,18 @@ async fn reconcile_while(
         ready = caches.wait_ready(Duration::from_secs(10)) => ready?,
         () = halt.cancelled() => return Ok(()),
     }
-    info!("watch caches filled");
+    let (objects, bytes) = caches
+        .footprint()
+        .iter()
+        .fold((0, 0), |(n, b), (_, kn, kb)| (n + kn, b + kb));
+    info!(objects, bytes, "watch caches filled");
 
     // The Tenant watch drops managed fields like the child watches, and reads Tenants the
     // operator cannot deserialize as such (see `object`).
     let (tenants, tenant_writer) = reflector::store::<TenantObject>();
     let tenant_events = watcher(
         Api::<TenantObject>::all(client.clone()),
-        watcher::Config::default(),
+        watcher::Config::default().page_size(cache::LIST_PAGE),
     )
     .default_backoff()
     .modify(cache::trim::<TenantObject>)

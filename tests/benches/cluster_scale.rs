@@ -297,6 +297,10 @@ async fn bench() -> Result<()> {
     let now = cluster.request_counts().await?;
     let writes_first = now.operator_writes(&counts);
     let dry_first = now.dry_runs(&counts);
+    println!("first batch, every write counted (the operator's own start included):");
+    for line in now.changes(&counts) {
+        println!("  {line}");
+    }
 
     // 3. N more while it runs.
     let second: Vec<String> = (0..n).map(|i| format!("bench-b{i:04}")).collect();

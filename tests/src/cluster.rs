@@ -450,8 +450,11 @@ impl RequestCounts {
                 let verb = get("verb");
                 (n > 0 && !matches!(verb, "GET" | "LIST" | "WATCH")).then(|| {
                     let sub = get("subresource");
+                    let group = get("group");
                     format!(
-                        "{verb} {}{}{}{} {}: {n}",
+                        "{verb} {}{}{}{}{}{} {}: {n}",
+                        if group.is_empty() { "" } else { group },
+                        if group.is_empty() { "" } else { "/" },
                         get("resource"),
                         if sub.is_empty() { "" } else { "/" },
                         sub,

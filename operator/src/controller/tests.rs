@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::builders::tests::tenant;
-use crate::cache::{CacheWriters, caches, tenant_of};
+use crate::cache::tenant_of;
 use crate::fake_api::FakeApi;
 use crate::run::{check_crd, load_or_create_ca};
 use k8s_openapi::api::storage::v1::StorageClass;
@@ -26,15 +26,14 @@ fn p(method: &str, path: &str) -> String {
 struct Harness {
     fake: FakeApi,
     ctx: Arc<Context>,
-    writers: CacheWriters,
     clock: Arc<Mutex<Timestamp>>,
 }
 
 impl Harness {
     fn new(settings: Settings, token: Option<&str>) -> Harness {
         let fake = FakeApi::new();
-        let (caches, mut writers) = caches();
-        fake.sync_caches(&mut writers);
+        let caches = Arc::new(Caches::default());
+        fake.sync_caches(&caches);
         let start: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
         let clock = Arc::new(Mutex::new(start));
         let ca = CertificateAuthority::generate_at("test CA", start).unwrap();
@@ -43,7 +42,7 @@ impl Harness {
             fake.client(),
             settings,
             ca,
-            Arc::new(caches),
+            caches,
             token.map(String::from),
             Arc::new(Metrics::new()),
         )
@@ -51,7 +50,6 @@ impl Harness {
         Harness {
             fake,
             ctx: Arc::new(ctx),
-            writers,
             clock,
         }
     }
@@ -76,7 +74,7 @@ impl Harness {
     }
 
     fn sync(&mut self) {
-        self.fake.sync_caches(&mut self.writers);
+        self.fake.sync_caches(&self.ctx.caches);
     }
 
     async fn reconcile(&self) -> Result<Action> {
@@ -446,7 +444,7 @@ async fn unencrypted_storage_class_fails_closed() {
 
 #[test]
 fn storage_class_is_encrypted_by_flag_or_annotation_only() {
-    let (caches, mut writers) = caches();
+    let caches = Caches::default();
     let class = |name: &str, annotated: Option<&str>| StorageClass {
         metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
             name: Some(name.into()),
@@ -462,9 +460,10 @@ fn storage_class_is_encrypted_by_flag_or_annotation_only() {
         class("false", Some("false")),
         class("plain", None),
     ] {
-        writers
+        caches
             .storage_classes
-            .apply_watcher_event(&kube::runtime::watcher::Event::Apply(sc));
+            .handle(&kube::runtime::watcher::Event::Apply(sc))
+            .unwrap();
     }
     let settings = Settings {
         encrypted_storage_classes: vec!["listed".into()],
