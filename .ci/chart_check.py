@@ -53,6 +53,7 @@ CHART = ROOT / "charts" / "tenantry"
 CI_VALUES = CHART / "ci"
 RBAC = CHART / "rbac"
 OPERATOR_SRC = ROOT / "operator" / "src"
+KUBE_SRC = ROOT / "kube" / "src"
 
 RELEASE = "tenantry"
 NAMESPACE = "tenantry-system"
@@ -445,12 +446,12 @@ def check_network_policies(objs: list[dict]) -> list[str]:
 
 def operator_defaults() -> dict:
     config = (OPERATOR_SRC / "config.rs").read_text()
-    names = (OPERATOR_SRC / "names.rs").read_text()
+    names = (KUBE_SRC / "names.rs").read_text()
 
     def const(name: str) -> str:
         m = re.search(rf'pub const {name}: &str = "([^"]*)";', names)
         if not m:
-            raise SystemExit(f"operator/src/names.rs: no constant {name}")
+            raise SystemExit(f"kube/src/names.rs: no constant {name}")
         return m.group(1)
 
     m = re.search(r'env = "TENANTRY_BLOCKED_EGRESS_CIDRS",.*?default_value = "([^"]*)"', config, re.S)
@@ -551,7 +552,7 @@ def main() -> int:
 
     print("\n== rule files and defaults")
     report.check("rbac/*.yaml are well-formed least-privilege PolicyRules", check_rule_files(rules))
-    report.check("defaults match operator/src/config.rs and names.rs", check_defaults(defaults, op_defaults, rules))
+    report.check("defaults match operator/src/config.rs and kube/src/names.rs", check_defaults(defaults, op_defaults, rules))
 
     def validate(what: str, obj: dict) -> None:
         try:

@@ -174,6 +174,33 @@ pub enum Error {
     /// The provisioner could not do its part.
     #[error("provisioner: {0}")]
     Provisioner(String),
+    /// A local-mode runtime config file cannot be read back.
+    #[error("runtime config file {}", path.display())]
+    RuntimeConfigFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why it does not parse.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A Kubernetes API call of the `kubernetes` provisioner failed.
+    #[error("kubernetes: {what}")]
+    Kube {
+        /// What the provisioner was doing.
+        what: String,
+        /// The client error.
+        #[source]
+        source: kube::Error,
+    },
+    /// The local CA could not be made, loaded or used.
+    #[error("local CA: {what}")]
+    Pki {
+        /// What the provisioner was doing.
+        what: &'static str,
+        /// The PKI error.
+        #[source]
+        source: tenantry_pki::Error,
+    },
     /// A blocking task (hashing) panicked or was cancelled.
     #[error("background task failed")]
     Task(#[source] tokio::task::JoinError),

@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use serde_json::json;
+use tenantry_kube::crd::{Tenant, TenantPhase};
 use tenantry_operator::cache::Caches;
 use tenantry_operator::config::Settings;
 use tenantry_operator::controller::{Context, reconcile};
-use tenantry_operator::crd::{Tenant, TenantPhase};
 use tenantry_operator::fake_api::FakeApi;
 use tenantry_operator::metrics::Metrics;
 use tenantry_operator::object::TenantObject;
-use tenantry_operator::pki::CertificateAuthority;
+use tenantry_pki::CertificateAuthority;
 
 const TENANTS: usize = 1_000;
 /// Namespace, ServiceAccount, 3 NetworkPolicies, ResourceQuota, LimitRange, data-key
@@ -113,7 +113,7 @@ fn main() {
             Context::new(
                 fake.client(),
                 settings,
-                CertificateAuthority::generate_at("bench CA", now).unwrap(),
+                CertificateAuthority::generate("bench CA", now).unwrap(),
                 caches.clone(),
                 Some("-----BEGIN PUBLIC KEY-----\nbench\n-----END PUBLIC KEY-----\n".into()),
                 Arc::new(Metrics::new()),

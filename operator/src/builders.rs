@@ -3,6 +3,8 @@
 //! no IO, so each is unit tested on its own.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::ByteString;
@@ -24,16 +26,16 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use secrecy::{ExposeSecret, SecretString};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tenantry_proto::retention::RetentionPolicy;
+use tenantry_proto::runtime_config::{RuntimeConfig, TlsFiles};
 
 use crate::config::Settings;
-use crate::crd::Tenant;
 use crate::error::{Error, Result};
-use crate::names;
-use crate::pki::DEFAULT_LEAF_VALIDITY;
 use crate::plan::{parse_size, plan_limits};
+use tenantry_kube::crd::Tenant;
+use tenantry_kube::names;
+use tenantry_pki::DEFAULT_LEAF_VALIDITY;
 
 /// Non-root user and group of the runtime.
 pub const RUNTIME_UID: i64 = 65532;
@@ -300,7 +302,7 @@ pub fn ingress_policy(owner: &Owner<'_>, settings: &Settings) -> NetworkPolicy {
             policy_types: Some(vec!["Ingress".to_owned()]),
             ingress: Some(vec![NetworkPolicyIngressRule {
                 from: Some(from),
-                ports: Some(vec![port("TCP", names::RUNTIME_PORT)]),
+                ports: Some(vec![port("TCP", i32::from(names::RUNTIME_PORT))]),
             }]),
             ..NetworkPolicySpec::default()
         }),
@@ -462,35 +464,6 @@ pub fn token_key_secret(owner: &Owner<'_>, public_key_pem: &str) -> Secret {
     }
 }
 
-/// Paths of the runtime's TLS files.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TlsFiles {
-    /// Certificate chain, PEM.
-    pub cert_file: String,
-    /// Private key, PEM.
-    pub key_file: String,
-}
-
-/// The tenant runtime's config file (keys fixed by the runtime's contract).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RuntimeConfig {
-    /// The id instance tokens must be bound to: the control API's tenant id
-    /// (label `tenantry.dev/tenant-id`), or the Tenant's name for a Tenant made without it.
-    pub tenant_id: String,
-    /// Address to serve HTTPS on.
-    pub listen: String,
-    /// TLS files.
-    pub tls: TlsFiles,
-    /// The only writable directory (the PVC).
-    pub data_dir: String,
-    /// File with exactly 32 random bytes.
-    pub data_key_file: String,
-    /// Ed25519 public key (PEM, SPKI) that verifies instance tokens.
-    pub token_public_key_file: String,
-    /// Retention of execution data.
-    pub retention: RetentionPolicy,
-}
-
 /// The runtime config of `owner`.
 pub fn runtime_config(owner: &Owner<'_>) -> RuntimeConfig {
     let r = &owner.tenant.spec.retention;
@@ -503,14 +476,14 @@ pub fn runtime_config(owner: &Owner<'_>) -> RuntimeConfig {
         .clone();
     RuntimeConfig {
         tenant_id,
-        listen: format!("0.0.0.0:{}", names::RUNTIME_PORT),
+        listen: SocketAddr::from(([0, 0, 0, 0], names::RUNTIME_PORT)),
         tls: TlsFiles {
-            cert_file: format!("{}/tls.crt", names::TLS_DIR),
-            key_file: format!("{}/tls.key", names::TLS_DIR),
+            cert_file: Path::new(names::TLS_DIR).join("tls.crt"),
+            key_file: Path::new(names::TLS_DIR).join("tls.key"),
         },
-        data_dir: names::DATA_DIR.to_owned(),
-        data_key_file: format!("{}/{}", names::DATA_KEY_DIR, names::DATA_KEY_KEY),
-        token_public_key_file: format!("{}/{}", names::TOKEN_KEY_DIR, names::TOKEN_KEY_KEY),
+        data_dir: names::DATA_DIR.into(),
+        data_key_file: Path::new(names::DATA_KEY_DIR).join(names::DATA_KEY_KEY),
+        token_public_key_file: Path::new(names::TOKEN_KEY_DIR).join(names::TOKEN_KEY_KEY),
         retention: RetentionPolicy {
             max_age_hours: r.max_age_hours,
             max_count: r.max_count,
@@ -531,11 +504,9 @@ pub fn config_map(owner: &Owner<'_>) -> Result<(ConfigMap, String)> {
     // The runtime reloads retention live (the kubelet refreshes the mounted file within
     // its sync period), so only the rest of the config rolls the pods: a retention change
     // must not cost the tenant a restart.
-    let restart_relevant = RuntimeConfig {
-        retention: RetentionPolicy::default(),
-        ..config
-    };
-    let hash = hex::encode(Sha256::digest(to_yaml(&restart_relevant)?.as_bytes()));
+    let hash = hex::encode(Sha256::digest(
+        to_yaml(&config.restart_relevant())?.as_bytes(),
+    ));
     Ok((
         ConfigMap {
             metadata: owner.meta(names::CONFIG_MAP),
@@ -640,7 +611,7 @@ pub fn deployment(owner: &Owner<'_>, settings: &Settings, config_hash: &str) -> 
         }]),
         ports: Some(vec![ContainerPort {
             name: Some(names::RUNTIME_PORT_NAME.to_owned()),
-            container_port: names::RUNTIME_PORT,
+            container_port: i32::from(names::RUNTIME_PORT),
             protocol: Some("TCP".to_owned()),
             ..ContainerPort::default()
         }]),
@@ -762,7 +733,7 @@ pub fn service(owner: &Owner<'_>) -> Service {
             selector: Some(owner.runtime_labels()),
             ports: Some(vec![ServicePort {
                 name: Some(names::RUNTIME_PORT_NAME.to_owned()),
-                port: names::RUNTIME_PORT,
+                port: i32::from(names::RUNTIME_PORT),
                 target_port: Some(IntOrString::String(names::RUNTIME_PORT_NAME.to_owned())),
                 protocol: Some("TCP".to_owned()),
                 ..ServicePort::default()
@@ -828,8 +799,8 @@ pub(crate) mod tests {
         assert_eq!(canonical_size("1048576Mi"), "1Ti");
         assert_eq!(canonical_size("junk"), "junk");
     }
-    use crate::crd::TenantSpec;
     use serde_json::json;
+    use tenantry_kube::crd::TenantSpec;
     use tenantry_proto::retention::Plan;
 
     /// A Tenant as the API server would return it.
@@ -1052,19 +1023,27 @@ pub(crate) mod tests {
         );
         let (cm, hash) = config_map(&Owner::of(&t).unwrap()).unwrap();
         let yaml = &cm.data.unwrap()[names::CONFIG_KEY];
-        let v: serde_json::Value = serde_yaml::from_str(yaml).unwrap();
+        // The runtime's own type reads it (unknown keys would be refused).
+        let read: RuntimeConfig = serde_yaml::from_str(yaml).unwrap();
         assert_eq!(
-            v,
-            json!({
-                "tenant_id": "acme",
-                "listen": "0.0.0.0:8443",
-                "tls": {"cert_file": "/etc/tenantry/tls/tls.crt", "key_file": "/etc/tenantry/tls/tls.key"},
-                "data_dir": "/var/lib/tenantry",
-                "data_key_file": "/etc/tenantry/data-key/data.key",
-                "token_public_key_file": "/etc/tenantry/token/public.pem",
-                "retention": {"max_age_hours": 48, "max_count": 500}
-            })
+            read,
+            RuntimeConfig {
+                tenant_id: "acme".into(),
+                listen: "0.0.0.0:8443".parse().unwrap(),
+                tls: TlsFiles {
+                    cert_file: "/etc/tenantry/tls/tls.crt".into(),
+                    key_file: "/etc/tenantry/tls/tls.key".into(),
+                },
+                data_dir: "/var/lib/tenantry".into(),
+                data_key_file: "/etc/tenantry/data-key/data.key".into(),
+                token_public_key_file: "/etc/tenantry/token/public.pem".into(),
+                retention: RetentionPolicy {
+                    max_age_hours: 48,
+                    max_count: 500
+                },
+            }
         );
+        assert_eq!(read.validate(), Ok(()));
         assert_eq!(hash.len(), 64);
         // Retention is reloaded live: a change rewrites the ConfigMap but keeps the pods.
         let other = tenant("acme", json!({"owner": "x"}));

@@ -42,8 +42,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::error::{Error, Result};
-use crate::names;
 use crate::object::TenantObject;
+use tenantry_kube::names;
 
 /// How long the reconciler trusts its own write over a cache that has not shown it yet.
 /// Past this, an object missing from the cache is treated as missing.

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::names;
+use tenantry_kube::names;
 
 /// Flags of `tenantry-operator run`.
 #[derive(clap::Args, Clone, Debug)]

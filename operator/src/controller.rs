@@ -29,14 +29,14 @@ use tracing::{debug, info, warn};
 use crate::builders::{self, CheckedSpec, Owner};
 use crate::cache::{Cache, Caches, Entry, Lookup};
 use crate::config::Settings;
-use crate::crd::{CertificateStatus, Tenant, TenantPhase, TenantStatus};
 use crate::diff::{agree_on, first_difference, is_subset};
 use crate::error::{Error, Result, is_already_exists, is_not_found};
 use crate::metrics::Metrics;
-use crate::names;
 use crate::object::{InvalidTenant, TenantObject};
-use crate::pki::{self, CertificateAuthority, CertificateInfo, LeafRequest};
 use crate::status::{self, Observed, Transition, reasons, types};
+use tenantry_kube::crd::{CertificateStatus, Tenant, TenantPhase, TenantStatus};
+use tenantry_kube::names;
+use tenantry_pki::{self as pki, CertificateAuthority, CertificateInfo, LeafRequest};
 
 /// A process-local digest of a serialized object.
 fn digest(value: &Value) -> u64 {

@@ -19,21 +19,9 @@ pub enum Error {
     /// An object lacks a field that the API server always sets (name, uid...).
     #[error("object is missing {0}")]
     MissingField(&'static str),
-    /// Generating a key or certificate failed.
-    #[error("could not {action}")]
-    Certificate {
-        /// The PKI step, e.g. `sign the leaf certificate`.
-        action: &'static str,
-        /// The rcgen error (never contains key material).
-        #[source]
-        source: rcgen::Error,
-    },
-    /// A PEM certificate could not be parsed.
-    #[error("could not parse certificate: {0}")]
-    CertificateParse(String),
-    /// A time was outside the range a certificate can express.
-    #[error("time out of range for a certificate: {0}")]
-    TimeRange(String),
+    /// Making, issuing or reading a certificate failed.
+    #[error("certificate operation failed")]
+    Pki(#[from] tenantry_pki::Error),
     /// The operating system's random number generator failed.
     #[error("could not read random bytes")]
     Random(#[source] getrandom::Error),
@@ -97,7 +85,7 @@ impl Error {
         match self {
             Error::Kube { .. } => "kube",
             Error::MissingField(_) => "missing_field",
-            Error::Certificate { .. } | Error::CertificateParse(_) | Error::TimeRange(_) => "pki",
+            Error::Pki(_) => "pki",
             Error::Random(_) => "random",
             Error::Json { .. } | Error::Yaml { .. } => "serialize",
             Error::CrdNotInstalled { .. } => "crd",

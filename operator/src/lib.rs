@@ -1,29 +1,27 @@
-//! The Tenantry operator: the `Tenant` custom resource, the pure builders of its child
-//! objects, the PKI, and the controller that applies them.
+//! The Tenantry operator: the pure builders of a Tenant's child objects and the controller
+//! that applies them. The `Tenant` types and names live in `tenantry-kube`, the CA in
+//! `tenantry-pki`.
 //!
-//! Layout: [`crd`] (types and generated CRD), [`names`] (every name clients see),
-//! [`builders`] and [`plan`] (pure child objects), [`pki`] (CA and leaf certificates),
-//! [`diff`] and [`status`] (pure comparison and status logic), [`controller`] (the
-//! reconciler), [`leader`] (Lease election), [`metrics`] (Prometheus and admin server),
+//! Layout: [`builders`] and [`plan`] (pure child objects), [`diff`] and [`status`] (pure
+//! comparison and status logic), [`object`] (a Tenant as read, readable or not),
+//! [`cache`] (watch caches), [`controller`] (the reconciler), [`leader`] (Lease election),
+//! [`metrics`] (Prometheus and admin server), [`manifest`] (the CRD as committed YAML),
 //! [`run`] (wiring for `tenantry-operator run`).
 
 pub mod builders;
 pub mod cache;
 pub mod config;
 pub mod controller;
-pub mod crd;
 pub mod diff;
 pub mod error;
 #[cfg(any(test, feature = "fake-api"))]
 pub mod fake_api;
 pub mod leader;
+pub mod manifest;
 pub mod metrics;
-pub mod names;
 pub mod object;
-pub mod pki;
 pub mod plan;
 pub mod run;
 pub mod status;
 
-pub use crd::{Tenant, TenantSpec, TenantStatus};
 pub use error::{Error, Result};

@@ -53,7 +53,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Crd => {
-            print!("{}", tenantry_operator::crd::crd_yaml()?);
+            print!("{}", tenantry_operator::manifest::crd_yaml()?);
             Ok(())
         }
         Command::Run(args) => {

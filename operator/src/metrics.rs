@@ -20,8 +20,8 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 
-use crate::crd::TenantPhase;
 use crate::error::{Error, Result};
+use tenantry_kube::crd::TenantPhase;
 
 type Labels = Vec<(String, String)>;
 

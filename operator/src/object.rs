@@ -14,7 +14,7 @@ use serde::de::Error as _;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
-use crate::crd::{Tenant, TenantStatus};
+use tenantry_kube::crd::{Tenant, TenantStatus};
 
 /// A Tenant, or what could be read of one that failed to deserialize.
 #[derive(Clone, Debug)]

@@ -29,9 +29,9 @@ use crate::controller::{Context, error_policy, reconcile};
 use crate::error::{Error, Result, is_already_exists};
 use crate::leader::LeaseLock;
 use crate::metrics::{self, Metrics};
-use crate::names;
 use crate::object::TenantObject;
-use crate::pki::CertificateAuthority;
+use tenantry_kube::names;
+use tenantry_pki::CertificateAuthority;
 
 /// How long reconciles still running at shutdown may take to finish; then they are
 /// dropped (every reconcile is idempotent) so that the process exits well within the
@@ -103,7 +103,7 @@ pub async fn load_or_create_ca(
             return CertificateAuthority::from_pem(&cert, &SecretString::from(key))
                 .map_err(|_| Error::CaSecretMalformed(label.clone()));
         }
-        let ca = CertificateAuthority::generate(names::CA_COMMON_NAME)?;
+        let ca = CertificateAuthority::generate(names::CA_COMMON_NAME, jiff::Timestamp::now())?;
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some(name.clone()),

@@ -4,7 +4,7 @@
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::crd::{TenantPhase, TenantStatus};
+use tenantry_kube::crd::{TenantPhase, TenantStatus};
 
 /// Condition types, in the order they appear in the status.
 pub mod types {

@@ -1,7 +1,11 @@
-//! The Tenantry contract: the generated `tenantry.v1` gRPC code and the small plain types
-//! that cross process boundaries (retention policy bounds, plans, phases).
+//! The Tenantry contract: the generated `tenantry.v1` gRPC code and one Rust type for each
+//! contract that crosses a process boundary: the retention policy and plans
+//! ([`retention`]), the tenant phase ([`phase`]), the runtime's config file
+//! ([`runtime_config`]) and the instance token ([`token`]).
 
+pub mod phase;
 pub mod retention;
+pub mod runtime_config;
 pub mod token;
 
 /// Generated code for the `tenantry.v1` package.

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use tenantry_proto::retention::RetentionError;
+use tenantry_proto::runtime_config::RuntimeConfigError;
 use tenantry_proto::token::TokenError;
 
 /// Result with this crate's [`Error`].
@@ -33,11 +33,11 @@ pub enum Error {
         message: String,
     },
     /// A configuration value is out of range.
-    #[error("invalid config: {0}")]
-    InvalidConfig(String),
-    /// The retention policy in the configuration is out of range.
-    #[error("invalid config: retention: {0}")]
-    InvalidRetention(#[source] RetentionError),
+    #[error("invalid config")]
+    InvalidConfig(#[source] RuntimeConfigError),
+    /// A pragma the store does not report was asked for.
+    #[error("unknown pragma {0}")]
+    UnknownPragma(&'static str),
     /// The data key file does not hold exactly 32 bytes.
     #[error("data key file {} must hold exactly 32 raw bytes, found {len}", path.display())]
     DataKeyLength {

@@ -28,7 +28,7 @@ use std::sync::{Arc, RwLock};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-pub use config::{Config, RunConfig};
+pub use config::{RunConfig, RuntimeConfig};
 pub use error::{Error, Result};
 
 use crate::api::AppState;

@@ -13,7 +13,7 @@ use tenantry_proto::token::TokenVerifier;
 use tokio::sync::watch;
 
 use crate::auth::SharedVerifier;
-use crate::config::Config;
+use crate::config::{self, RuntimeConfig};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::tls::{CertResolver, Reload};
@@ -37,7 +37,7 @@ pub struct Reloader {
     /// The config file.
     pub config_path: PathBuf,
     /// The config in effect (retention may differ from the start one).
-    pub config: Config,
+    pub config: RuntimeConfig,
     /// The serving certificate.
     pub certs: Arc<CertResolver>,
     /// The token verifier.
@@ -116,7 +116,7 @@ impl Reloader {
             return;
         }
         *last = Some(bytes);
-        let new = match Config::load(&self.config_path) {
+        let new = match config::load(&self.config_path) {
             Ok(new) => new,
             Err(e) => {
                 tracing::warn!(error = %e, "changed config refused; keeping the running config");

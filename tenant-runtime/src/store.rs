@@ -330,7 +330,7 @@ impl Store {
             "secure_delete" => "PRAGMA secure_delete",
             "journal_mode" => "PRAGMA journal_mode",
             "temp_store" => "PRAGMA temp_store",
-            _ => return Err(Error::InvalidConfig(format!("unknown pragma {name}"))),
+            _ => return Err(Error::UnknownPragma(name)),
         };
         let row = sqlx::query(sql).fetch_one(&self.pool).await?;
         let value: Result<String, _> = row.try_get(0);

@@ -33,9 +33,9 @@ use kube::discovery::ApiResource;
 use kube::{Client, ResourceExt};
 use serde::Serialize;
 use serde_json::json;
+use tenantry_kube::crd::Tenant;
 use tenantry_operator::builders::{self, Owner};
 use tenantry_operator::config::Settings;
-use tenantry_operator::crd::Tenant;
 use tenantry_tests::cluster::{Cluster, OperatorOptions, OperatorProcess, cluster, condition};
 
 const NS: &str = "tenantry-bench";

@@ -17,8 +17,8 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
-use tenantry_operator::crd::{Tenant, crd};
-use tenantry_operator::names;
+use tenantry_kube::crd::{Tenant, crd};
+use tenantry_kube::names;
 
 /// Field manager of the tests' own writes.
 pub const TEST_MANAGER: &str = "tenantry-e2e";

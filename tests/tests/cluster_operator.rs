@@ -39,11 +39,11 @@ use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+use tenantry_kube::crd::Tenant;
+use tenantry_kube::names;
 use tenantry_operator::builders::{self, Owner};
 use tenantry_operator::config::Settings;
-use tenantry_operator::crd::Tenant;
 use tenantry_operator::diff::first_difference;
-use tenantry_operator::names;
 use tenantry_tests::bin;
 use tenantry_tests::cluster::{
     Cluster, OperatorOptions, OperatorProcess, RequestCounts, cluster, condition, eventually,
@@ -357,6 +357,9 @@ async fn converge(env: &Env) -> Result<OperatorProcess> {
             .create_tenant(name, tenant_spec(*encrypted))
             .await?;
     }
+    // The operator makes its CA once per cluster, on its first start.
+    let secrets: Api<Secret> = Api::namespaced(env.cluster.client.clone(), NS);
+    let makes_ca = secrets.get_opt(names::DEFAULT_CA_SECRET).await?.is_none();
     let counts = env.cluster.request_counts().await?;
     let started = Instant::now();
     let mut operator = env.start("e2e-a")?;
@@ -379,7 +382,7 @@ async fn converge(env: &Env) -> Result<OperatorProcess> {
     tokio::time::sleep(Duration::from_secs(5)).await;
     let now = env.cluster.request_counts().await?;
     let all: Vec<(String, bool)> = before_start.iter().chain(&while_running).cloned().collect();
-    let expected = WRITES_ON_CREATE * all.len() as u64;
+    let expected = WRITES_ON_CREATE * all.len() as u64 + u64::from(makes_ca);
     let (writes, dry_runs) = (now.operator_writes(&counts), now.dry_runs(&counts));
     eprintln!(
         "create: {writes} writes for {} Tenants (expected {expected}), {dry_runs} dry runs",
@@ -646,7 +649,7 @@ async fn lifecycle(env: &Env) -> Result<()> {
 async fn unreadable(env: &Env) -> Result<()> {
     // A newer CRD that knows a plan this operator does not.
     let crds: Api<CustomResourceDefinition> = Api::all(env.cluster.client.clone());
-    let mut crd = serde_json::to_value(tenantry_operator::crd::crd())?;
+    let mut crd = serde_json::to_value(tenantry_kube::crd::crd())?;
     let plan = &mut crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
         ["plan"]["enum"];
     plan.as_array_mut()

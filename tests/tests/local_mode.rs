@@ -240,7 +240,9 @@ async fn local_mode_runs_isolated_instances_end_to_end() {
         assert_eq!(status, 200, "{name}");
     }
     // …and not against some other CA.
-    let stranger = tenantry_operator::pki::CertificateAuthority::generate("someone else").unwrap();
+    let stranger =
+        tenantry_pki::CertificateAuthority::generate("someone else", jiff::Timestamp::now())
+            .unwrap();
     assert!(
         Https::new(stranger.cert_pem())
             .request(&tenant.endpoint, "localhost", "GET", "/readyz", None, None)
@@ -597,9 +599,7 @@ async fn served_serial(endpoint: &str, ca_pem: &str) -> String {
         "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
         data_encoding::BASE64.encode(der.as_ref())
     );
-    tenantry_operator::pki::parse_certificate(&pem)
-        .unwrap()
-        .serial_hex
+    tenantry_pki::parse_certificate(&pem).unwrap().serial_hex
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

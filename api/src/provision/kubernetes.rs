@@ -24,14 +24,14 @@ use kube::runtime::reflector::{self, ObjectRef, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
-use tenantry_operator::crd::{Tenant, TenantPhase};
-use tenantry_operator::names::{CRD_NAME, GROUP, KIND, LABEL_TENANT_ID, VERSION};
+use tenantry_kube::crd::{Tenant, TenantPhase};
+use tenantry_kube::names::{CRD_NAME, GROUP, KIND, LABEL_TENANT_ID, VERSION};
 use tokio::task::JoinHandle;
 
 use super::{Deletion, Provisioner, TenantSpec};
 use crate::clock::Clock;
 use crate::error::{Error, Result};
-use crate::service::phase;
+
 use crate::store::{Store, TenantStatus};
 
 /// Field manager of every apply the API makes on a Tenant.
@@ -101,7 +101,7 @@ pub fn observed_status(tenant: &Tenant) -> TenantStatus {
     let status = tenant.status.clone().unwrap_or_default();
     let phase = status
         .phase
-        .map_or(phase::PROVISIONING, TenantPhase::as_str);
+        .map_or(TenantPhase::Provisioning.as_str(), TenantPhase::as_str);
     let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
     let message = match (status.phase, ready) {
         (None, _) => "waiting for the operator".to_owned(),
@@ -126,8 +126,11 @@ pub fn observed_status(tenant: &Tenant) -> TenantStatus {
     }
 }
 
-fn kube_error(what: &str, e: &kube::Error) -> Error {
-    Error::Provisioner(format!("{what}: {e}"))
+fn kube_error(what: &str, source: kube::Error) -> Error {
+    Error::Kube {
+        what: what.to_owned(),
+        source,
+    }
 }
 
 /// Runs tenants as `Tenant` resources.
@@ -163,7 +166,7 @@ impl KubernetesProvisioner {
                     "the cluster does not serve Tenants: install the CustomResourceDefinition {CRD_NAME} (charts/tenantry/crds/) first"
                 )));
             }
-            Err(e) => return Err(kube_error("listing Tenants", &e)),
+            Err(e) => return Err(kube_error("listing Tenants", e)),
         }
         let (cache, writer) = reflector::store();
         let events = reflector(
@@ -193,7 +196,7 @@ impl KubernetesProvisioner {
         self.api
             .get_opt(name)
             .await
-            .map_err(|e| kube_error(&format!("reading Tenant {name}"), &e))
+            .map_err(|e| kube_error(&format!("reading Tenant {name}"), e))
     }
 }
 
@@ -242,14 +245,14 @@ async fn resource_gone(store: &Store, clock: &dyn Clock, tenant: &Tenant) -> Res
         return Ok(());
     };
     match store.tenant(id).await? {
-        Some(row) if row.phase == phase::TERMINATING => {
+        Some(row) if row.phase == TenantPhase::Terminating.as_str() => {
             store.purge_tenant(id).await?;
             tracing::info!(tenant_id = %id, tenant = %row.name, "tenant deleted");
         }
         Some(row) => {
             tracing::warn!(tenant_id = %id, tenant = %row.name, "the Tenant resource was deleted outside the API; the next reconcile makes it again");
             let status = TenantStatus {
-                phase: phase::PROVISIONING.to_owned(),
+                phase: TenantPhase::Provisioning.as_str().to_owned(),
                 message: "the Tenant resource was deleted outside the API; re-creating it".into(),
                 ..TenantStatus::default()
             };
@@ -287,7 +290,7 @@ impl Provisioner for KubernetesProvisioner {
         self.api
             .patch(&spec.name, &params, &Patch::Apply(&patch))
             .await
-            .map_err(|e| kube_error(&format!("applying Tenant {}", spec.name), &e))?;
+            .map_err(|e| kube_error(&format!("applying Tenant {}", spec.name), e))?;
         tracing::info!(tenant_id = %spec.id, tenant = %spec.name, "applied the Tenant resource");
         Ok(())
     }
@@ -307,7 +310,7 @@ impl Provisioner for KubernetesProvisioner {
             .api
             .get_opt(&name)
             .await
-            .map_err(|e| kube_error(&format!("reading Tenant {name}"), &e))?;
+            .map_err(|e| kube_error(&format!("reading Tenant {name}"), e))?;
         let Some(current) = current else {
             return Ok(Deletion::Done);
         };
@@ -333,7 +336,7 @@ impl Provisioner for KubernetesProvisioner {
             }
             Ok(_) => Ok(Deletion::Done),
             Err(kube::Error::Api(s)) if s.is_not_found() => Ok(Deletion::Done),
-            Err(e) => Err(kube_error(&format!("deleting Tenant {name}"), &e)),
+            Err(e) => Err(kube_error(&format!("deleting Tenant {name}"), e)),
         }
     }
 
@@ -422,7 +425,7 @@ mod tests {
     fn status_is_read_from_the_resource() {
         let mut t = as_tenant(desired_tenant(&spec(), &KubernetesSettings::default()));
         let s = observed_status(&t);
-        assert_eq!(s.phase, phase::PROVISIONING);
+        assert_eq!(s.phase, TenantPhase::Provisioning.as_str());
         assert_eq!(s.message, "waiting for the operator");
         t.status = Some(
             serde_json::from_value(json!({
@@ -436,7 +439,7 @@ mod tests {
             .unwrap(),
         );
         let s = observed_status(&t);
-        assert_eq!(s.phase, phase::READY);
+        assert_eq!(s.phase, TenantPhase::Ready.as_str());
         assert_eq!(s.endpoint, "https://acme.t.example.com");
         assert_eq!(s.cert_serial, "0a1b");
         assert_eq!(s.cert_not_after_ms, 1_803_686_400_000);
@@ -451,7 +454,7 @@ mod tests {
             .unwrap(),
         );
         let s = observed_status(&t);
-        assert_eq!(s.phase, phase::DEGRADED);
+        assert_eq!(s.phase, TenantPhase::Degraded.as_str());
         assert_eq!(s.message, "no encrypted StorageClass");
     }
 }

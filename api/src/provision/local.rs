@@ -16,14 +16,14 @@
 //! the local CA) and writes the observed phase, endpoint and certificate to the store.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use tenantry_operator::pki::{self, CertificateAuthority, LeafRequest};
+use tenantry_pki::{self as pki, CertificateAuthority, LeafRequest};
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 
@@ -32,8 +32,9 @@ use super::{Deletion, Provisioner, TenantSpec};
 use crate::clock::Clock;
 use crate::crypto::random_bytes;
 use crate::error::{Error, Result};
-use crate::service::phase;
 use crate::store::{Store, TenantStatus};
+use tenantry_proto::phase::TenantPhase;
+use tenantry_proto::runtime_config::{RuntimeConfig, TlsFiles};
 
 /// The local CA's certificate, for clients to trust (`<data-dir>/ca.crt`).
 pub const CA_CERT_FILE: &str = "ca.crt";
@@ -53,8 +54,8 @@ fn io_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { what, source }
 }
 
-fn pki_err(e: tenantry_operator::Error) -> Error {
-    Error::Provisioner(format!("local CA: {e}"))
+fn pki_err(what: &'static str) -> impl FnOnce(tenantry_pki::Error) -> Error {
+    move |source| Error::Pki { what, source }
 }
 
 /// Writes `contents` to `path` through a temporary file and a rename, so a reader (the
@@ -84,30 +85,45 @@ pub fn load_or_create_ca(dir: &Path) -> Result<CertificateAuthority> {
             .map_err(io_err(format!("reading {}", cert_path.display())))?;
         let key = std::fs::read_to_string(&key_path)
             .map_err(io_err(format!("reading {}", key_path.display())))?;
-        return CertificateAuthority::from_pem(&cert, &SecretString::from(key)).map_err(pki_err);
+        return CertificateAuthority::from_pem(&cert, &SecretString::from(key))
+            .map_err(pki_err("loading the CA"));
     }
     std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
-    let ca = CertificateAuthority::generate("Tenantry local CA").map_err(pki_err)?;
+    let ca = CertificateAuthority::generate("Tenantry local CA", jiff::Timestamp::now())
+        .map_err(pki_err("making the CA"))?;
     write_atomic(&key_path, ca.key_pem().expose_secret().as_bytes(), 0o600)?;
     write_atomic(&cert_path, ca.cert_pem().as_bytes(), 0o644)?;
     tracing::info!(path = %cert_path.display(), "created the local CA; trust this certificate to reach instances");
     Ok(ca)
 }
 
-/// The runtime configuration file for one tenant (the keys are the runtime's contract).
-pub fn render_config(spec: &TenantSpec, port: u16, dir: &Path, token_public_key: &Path) -> String {
-    let path = |p: &Path| serde_json::Value::String(p.display().to_string());
-    let config = serde_json::json!({
-        "tenant_id": spec.id,
-        "listen": format!("127.0.0.1:{port}"),
-        "tls": { "cert_file": path(&dir.join("tls.crt")), "key_file": path(&dir.join("tls.key")) },
-        "data_dir": path(&dir.join("data")),
-        "data_key_file": path(&dir.join("data.key")),
-        "token_public_key_file": path(token_public_key),
-        "retention": { "max_age_hours": spec.retention.max_age_hours, "max_count": spec.retention.max_count },
-    });
-    // JSON is valid YAML; the runtime reads either.
-    format!("{config:#}\n")
+/// The runtime configuration of one tenant's instance on loopback `port`, its files in
+/// `dir`.
+pub fn runtime_config(
+    spec: &TenantSpec,
+    port: u16,
+    dir: &Path,
+    token_public_key: &Path,
+) -> RuntimeConfig {
+    RuntimeConfig {
+        tenant_id: spec.id.clone(),
+        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        tls: TlsFiles {
+            cert_file: dir.join("tls.crt"),
+            key_file: dir.join("tls.key"),
+        },
+        data_dir: dir.join("data"),
+        data_key_file: dir.join("data.key"),
+        token_public_key_file: token_public_key.to_owned(),
+        retention: spec.retention,
+    }
+}
+
+/// The config file's text: JSON, which is valid YAML; the runtime reads either.
+fn render(config: &RuntimeConfig) -> String {
+    // A struct of strings, numbers and paths always serializes.
+    let json = serde_json::to_string_pretty(config).unwrap_or_default();
+    format!("{json}\n")
 }
 
 fn free_port() -> Result<u16> {
@@ -254,12 +270,12 @@ impl Shared {
                 validity: self.settings.cert_validity,
                 now: self.now(),
             })
-            .map_err(pki_err)?;
+            .map_err(pki_err("issuing a certificate"))?;
         // Key first: the runtime only switches once the pair matches.
         write_atomic(&key_path, issued.key_pem.expose_secret().as_bytes(), 0o600)?;
         write_atomic(&cert_path, issued.cert_pem.as_bytes(), 0o644)?;
         tracing::info!(tenant_dir = %dir.display(), serial = %issued.serial_hex, not_after = %issued.not_after, "issued instance certificate");
-        pki::parse_certificate(&issued.cert_pem).map_err(pki_err)
+        pki::parse_certificate(&issued.cert_pem).map_err(pki_err("reading the issued certificate"))
     }
 
     /// Lays out the tenant directory: data key (once), port, certificate, config.
@@ -293,7 +309,12 @@ impl Shared {
     }
 
     fn write_config(&self, dir: &Path, spec: &TenantSpec, port: u16) -> Result<()> {
-        let config = render_config(spec, port, dir, &self.settings.token_public_key);
+        let config = render(&runtime_config(
+            spec,
+            port,
+            dir,
+            &self.settings.token_public_key,
+        ));
         let path = dir.join("config.yaml");
         if std::fs::read_to_string(&path).ok().as_deref() != Some(config.as_str()) {
             write_atomic(&path, config.as_bytes(), 0o600)?;
@@ -420,7 +441,7 @@ async fn supervise(
                     .report(
                         &id,
                         status(
-                            phase::SUSPENDED,
+                            TenantPhase::Suspended.as_str(),
                             String::new(),
                             cert.as_ref(),
                             "suspended; data kept".into(),
@@ -444,7 +465,7 @@ async fn supervise(
                             .report(
                                 &id,
                                 status(
-                                    phase::DEGRADED,
+                                    TenantPhase::Degraded.as_str(),
                                     String::new(),
                                     None,
                                     "instance files missing".into(),
@@ -467,7 +488,7 @@ async fn supervise(
                                 .report(
                                     &id,
                                     status(
-                                        phase::DEGRADED,
+                                        TenantPhase::Degraded.as_str(),
                                         String::new(),
                                         None,
                                         format!("cannot start runtime: {e}"),
@@ -510,7 +531,7 @@ async fn supervise(
                             .report(
                                 &id,
                                 status(
-                                    phase::DEGRADED,
+                                    TenantPhase::Degraded.as_str(),
                                     String::new(),
                                     None,
                                     format!(
@@ -552,11 +573,14 @@ fn move_to_port(dir: &Path, port: u16) -> Result<()> {
     let path = dir.join("config.yaml");
     let text =
         std::fs::read_to_string(&path).map_err(io_err(format!("reading {}", path.display())))?;
-    let mut config: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Provisioner(format!("{}: {e}", path.display())))?;
-    config["listen"] = serde_json::Value::String(format!("127.0.0.1:{port}"));
+    let mut config: RuntimeConfig =
+        serde_json::from_str(&text).map_err(|source| Error::RuntimeConfigFile {
+            path: path.clone(),
+            source,
+        })?;
+    config.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     write_atomic(&dir.join("port"), port.to_string().as_bytes(), 0o600)?;
-    write_atomic(&path, format!("{config:#}\n").as_bytes(), 0o600)
+    write_atomic(&path, render(&config).as_bytes(), 0o600)
 }
 
 enum Watch {
@@ -613,7 +637,7 @@ async fn watch_running(
         .report(
             id,
             status(
-                phase::PROVISIONING,
+                TenantPhase::Provisioning.as_str(),
                 String::new(),
                 cert.as_ref(),
                 "runtime starting".into(),
@@ -646,9 +670,9 @@ async fn watch_running(
                 }
                 let probe = shared.prober.ready(port, INSTANCE_HOST).await;
                 let next = match &probe {
-                    Ok(()) => status(phase::READY, endpoint.clone(), cert.as_ref(), String::new()),
-                    Err(why) if ready => status(phase::DEGRADED, String::new(), cert.as_ref(), format!("readiness probe failed: {why}")),
-                    Err(_) => status(phase::PROVISIONING, String::new(), cert.as_ref(), "runtime starting".into()),
+                    Ok(()) => status(TenantPhase::Ready.as_str(), endpoint.clone(), cert.as_ref(), String::new()),
+                    Err(why) if ready => status(TenantPhase::Degraded.as_str(), String::new(), cert.as_ref(), format!("readiness probe failed: {why}")),
+                    Err(_) => status(TenantPhase::Provisioning.as_str(), String::new(), cert.as_ref(), "runtime starting".into()),
                 };
                 ready = probe.is_ok();
                 shared.report(id, next).await;
@@ -740,7 +764,7 @@ mod tests {
     use tenantry_proto::retention::{Plan, RetentionPolicy};
 
     #[test]
-    fn config_has_exactly_the_runtime_contract_keys() {
+    fn config_is_the_runtime_contract_with_local_paths() {
         let spec = TenantSpec {
             id: "t-1".into(),
             name: "acme".into(),
@@ -752,30 +776,19 @@ mod tests {
                 max_count: 5,
             },
         };
-        let text = render_config(
+        let config = runtime_config(
             &spec,
             8443,
             Path::new("/d/t-1"),
             Path::new("/d/token-public.pem"),
         );
-        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
-        keys.sort_unstable();
-        assert_eq!(
-            keys,
-            [
-                "data_dir",
-                "data_key_file",
-                "listen",
-                "retention",
-                "tenant_id",
-                "tls",
-                "token_public_key_file"
-            ]
-        );
-        assert_eq!(v["listen"], "127.0.0.1:8443");
-        assert_eq!(v["tls"]["key_file"], "/d/t-1/tls.key");
-        assert_eq!(v["retention"]["max_count"], 5);
+        // What the runtime reads back (unknown keys would be refused).
+        let read: RuntimeConfig = serde_json::from_str(&render(&config)).unwrap();
+        assert_eq!(read, config);
+        assert_eq!(read.listen.to_string(), "127.0.0.1:8443");
+        assert_eq!(read.tls.key_file, Path::new("/d/t-1/tls.key"));
+        assert_eq!(read.retention.max_count, 5);
+        assert_eq!(read.validate(), Ok(()));
     }
 
     #[test]
@@ -792,13 +805,23 @@ mod tests {
                 max_count: 7,
             },
         };
-        let before = render_config(&spec, 8443, dir.path(), Path::new("/k.pem"));
+        let before = render(&runtime_config(
+            &spec,
+            8443,
+            dir.path(),
+            Path::new("/k.pem"),
+        ));
         std::fs::write(dir.path().join("config.yaml"), &before).unwrap();
         move_to_port(dir.path(), 9443).unwrap();
         let after = std::fs::read_to_string(dir.path().join("config.yaml")).unwrap();
         assert_eq!(
             after,
-            render_config(&spec, 9443, dir.path(), Path::new("/k.pem"))
+            render(&runtime_config(
+                &spec,
+                9443,
+                dir.path(),
+                Path::new("/k.pem")
+            ))
         );
         assert_eq!(
             std::fs::read_to_string(dir.path().join("port")).unwrap(),

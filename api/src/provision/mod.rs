@@ -13,8 +13,8 @@ use std::time::Duration;
 use tenantry_proto::retention::{Plan, RetentionPolicy};
 
 use crate::error::Result;
-use crate::service::phase;
 use crate::store::{Store, TenantRow};
+use tenantry_proto::phase::TenantPhase;
 
 /// What a tenant's instance should look like.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -94,7 +94,7 @@ pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
 /// tenant so one bad tenant never stops the others.
 pub async fn reconcile_all(store: &Store, provisioner: &Arc<dyn Provisioner>) -> Result<()> {
     for tenant in store.all_tenants().await? {
-        if tenant.phase == phase::TERMINATING {
+        if tenant.phase == TenantPhase::Terminating.as_str() {
             finish_delete(store, provisioner, &tenant.id).await;
         } else if let Err(e) = provisioner.ensure(&TenantSpec::from_row(&tenant)).await {
             tracing::warn!(tenant_id = %tenant.id, error = %e, "could not converge tenant; will retry");

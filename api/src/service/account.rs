@@ -17,10 +17,11 @@ use crate::crypto::{hash_secret, new_session_token};
 use crate::error::{AuthFailure, Error, Result};
 use crate::password::check_policy;
 use crate::provision::TenantSpec;
-use crate::service::{detail, phase, plan_from_proto};
+use crate::service::{detail, plan_from_proto};
 use crate::state::AppState;
 use crate::store::{AuditRecord, NewSignup, SignupOutcome};
 use crate::validate;
+use tenantry_proto::phase::TenantPhase;
 
 /// Audit actions written by this service.
 pub mod actions {
@@ -94,7 +95,7 @@ impl Accounts {
             tenant_id: uuid::Uuid::new_v4().to_string(),
             tenant_name: req.tenant_name.clone(),
             plan: plan.as_str().to_owned(),
-            phase: phase::PROVISIONING.to_owned(),
+            phase: TenantPhase::Provisioning.as_str().to_owned(),
             retention_max_age_hours: i64::from(retention.max_age_hours),
             retention_max_count: i64::from(retention.max_count),
             now_ms: st.now_ms(),

@@ -21,10 +21,11 @@ use crate::auth::{Caller, caller, require_admin, source_of, source_text};
 use crate::clock::to_timestamp;
 use crate::error::{Error, Result};
 use crate::provision::TenantSpec;
-use crate::service::{detail, phase, tenant_to_proto};
+use crate::service::{detail, tenant_to_proto};
 use crate::state::AppState;
 use crate::store::{AuditRecord, TenantRow};
 use crate::validate;
+use tenantry_proto::phase::TenantPhase;
 
 /// Audit actions written by this service (`admin.<what>`).
 pub mod actions {
@@ -218,7 +219,13 @@ impl AdminService for Admin {
         let audit = admin.record(actions::SUSPEND, id, String::new());
         let tenant = st
             .store
-            .set_suspended(id, true, phase::SUSPENDED, &audit, st.now_ms())
+            .set_suspended(
+                id,
+                true,
+                TenantPhase::Suspended.as_str(),
+                &audit,
+                st.now_ms(),
+            )
             .await?;
         st.provision(TenantSpec::from_row(&tenant));
         Ok(Response::new(SuspendTenantResponse {
@@ -237,7 +244,13 @@ impl AdminService for Admin {
         // Until a provisioner reports readiness, a resumed tenant is being provisioned.
         let tenant = st
             .store
-            .set_suspended(id, false, phase::PROVISIONING, &audit, st.now_ms())
+            .set_suspended(
+                id,
+                false,
+                TenantPhase::Provisioning.as_str(),
+                &audit,
+                st.now_ms(),
+            )
             .await?;
         st.provision(TenantSpec::from_row(&tenant));
         Ok(Response::new(ResumeTenantResponse {

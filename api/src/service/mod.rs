@@ -5,39 +5,17 @@ pub mod admin;
 pub mod mfa;
 pub mod tenant;
 
+use tenantry_proto::phase::TenantPhase;
 use tenantry_proto::retention::Plan;
 use tenantry_proto::v1;
 
 use crate::clock::to_timestamp;
 use crate::store::TenantRow;
 
-/// Phase names as stored.
-pub mod phase {
-    /// Accepted, nothing provisioned yet.
-    pub const PENDING: &str = "Pending";
-    /// Being created or converged.
-    pub const PROVISIONING: &str = "Provisioning";
-    /// Serving.
-    pub const READY: &str = "Ready";
-    /// Scaled to zero, data kept.
-    pub const SUSPENDED: &str = "Suspended";
-    /// Not healthy.
-    pub const DEGRADED: &str = "Degraded";
-    /// Being deleted.
-    pub const TERMINATING: &str = "Terminating";
-}
-
-/// The stored phase as the proto enum.
+/// The stored phase as the proto enum; a name this version does not know reads as
+/// unspecified.
 pub fn phase_to_proto(phase: &str) -> v1::TenantPhase {
-    match phase {
-        phase::PENDING => v1::TenantPhase::Pending,
-        phase::PROVISIONING => v1::TenantPhase::Provisioning,
-        phase::READY => v1::TenantPhase::Ready,
-        phase::SUSPENDED => v1::TenantPhase::Suspended,
-        phase::DEGRADED => v1::TenantPhase::Degraded,
-        phase::TERMINATING => v1::TenantPhase::Terminating,
-        _ => v1::TenantPhase::Unspecified,
-    }
+    TenantPhase::parse(phase).map_or(v1::TenantPhase::Unspecified, TenantPhase::to_proto)
 }
 
 /// The proto plan as the shared plan type (unset means free).

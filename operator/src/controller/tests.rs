@@ -36,7 +36,7 @@ impl Harness {
         fake.sync_caches(&caches);
         let start: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
         let clock = Arc::new(Mutex::new(start));
-        let ca = CertificateAuthority::generate_at("test CA", start).unwrap();
+        let ca = CertificateAuthority::generate("test CA", start).unwrap();
         let c = clock.clone();
         let ctx = Context::new(
             fake.client(),
@@ -356,7 +356,7 @@ async fn hand_edited_or_deleted_tls_secret_is_repaired() {
     let mut h = Harness::standard();
     h.converge().await;
     let tls = format!("{CORE}/secrets/tenant-tls");
-    let other = CertificateAuthority::generate("intruder").unwrap();
+    let other = CertificateAuthority::generate("intruder", Timestamp::now()).unwrap();
     let forged = other
         .issue_leaf(&LeafRequest {
             dns_names: vec!["acme.example.com".into()],
@@ -663,7 +663,7 @@ async fn crd_check_fails_clearly_when_absent() {
     assert!(err.to_string().contains("is not installed"), "{err}");
     fake.put(
         "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/tenants.tenantry.dev",
-        serde_json::to_value(crate::crd::crd()).unwrap(),
+        serde_json::to_value(tenantry_kube::crd::crd()).unwrap(),
     );
     check_crd(&client).await.unwrap();
 }

@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use super::{LeaderOptions, run};
 use crate::config::Settings;
 use crate::fake_api::{Access, FakeApi, unused_grants};
-use crate::names;
+use tenantry_kube::names;
 
 const OPERATOR_NS: &str = "tenantry-system";
 const TENANT: &str = "/apis/tenantry.dev/v1alpha1/tenants/acme";
@@ -38,7 +38,7 @@ async fn eventually(what: &str, check: impl Fn() -> bool) {
 }
 
 fn seed(fake: &FakeApi) {
-    let crd = serde_json::to_value(crate::crd::crd()).unwrap();
+    let crd = serde_json::to_value(tenantry_kube::crd::crd()).unwrap();
     fake.put(
         &format!(
             "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{}",

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use super::{LeaderOptions, run};
 use crate::config::Settings;
 use crate::fake_api::FakeApi;
-use crate::names;
+use tenantry_kube::names;
 
 pub(super) const OPERATOR_NS: &str = "tenantry-system";
 
@@ -39,7 +39,7 @@ pub(super) async fn eventually(what: &str, check: impl Fn() -> bool) {
 
 /// The CRD, the token public key Secret and an encrypted StorageClass.
 pub(super) fn seed_cluster(fake: &FakeApi) {
-    let crd = serde_json::to_value(crate::crd::crd()).unwrap();
+    let crd = serde_json::to_value(tenantry_kube::crd::crd()).unwrap();
     fake.put(
         &format!(
             "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{}",

@@ -14,7 +14,7 @@ use hyper_util::rt::TokioIo;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tenant_runtime::RunConfig;
-use tenant_runtime::config::Config;
+use tenant_runtime::config::RuntimeConfig;
 use tenantry_proto::retention::RetentionPolicy;
 use tenantry_proto::token::TokenSigner;
 use tokio::net::TcpStream;
@@ -58,7 +58,7 @@ pub struct Instance {
     pub signer: TokenSigner,
     pub ca: CertifiedIssuer<'static, KeyPair>,
     pub config_path: PathBuf,
-    pub config: Config,
+    pub config: RuntimeConfig,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<tenant_runtime::Result<()>>>,
 }

@@ -1,6 +1,7 @@
-//! The operator's PKI: a CA and the leaf certificates it issues to tenants (ECDSA P-256,
-//! made with rcgen), plus the parsing the reconciler needs to decide on renewal and to spot
-//! a hand-edited Secret.
+//! Tenantry's PKI: a CA and the leaf certificates it issues to tenants (ECDSA P-256, made
+//! with rcgen), plus the parsing that decides on renewal and spots a hand-edited
+//! certificate. Used by the operator (a CA in a Secret) and by the API's local mode (a CA
+//! in the data directory).
 //!
 //! Everything here is pure: no clock, no IO. Callers pass `now`. Private keys are
 //! [`SecretString`]s and never appear in `Debug` output, logs or errors.
@@ -18,7 +19,40 @@ use secrecy::{ExposeSecret, SecretString};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::error::{Error, Result};
+/// Result with the PKI's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What can fail in the PKI. None of it ever carries key material.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// rcgen could not make, sign or load a key or certificate.
+    #[error("could not {action}")]
+    Certificate {
+        /// The step, e.g. `sign the leaf certificate`.
+        action: &'static str,
+        /// The rcgen error (never contains key material).
+        #[source]
+        source: rcgen::Error,
+    },
+    /// The text is not a PEM block.
+    #[error("not a PEM certificate")]
+    Pem(#[source] x509_parser::nom::Err<x509_parser::error::PEMError>),
+    /// The PEM block is not a certificate.
+    #[error("expected a CERTIFICATE PEM block, found {0}")]
+    NotACertificate(String),
+    /// The DER inside is not a valid X.509 certificate.
+    #[error("invalid X.509 certificate")]
+    X509(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    /// A CA's private key does not belong to its certificate.
+    #[error("the CA private key does not match the CA certificate")]
+    KeyMismatch,
+    /// A time is outside what a certificate can express.
+    #[error("time out of range for a certificate: {0}")]
+    TimeRange(String),
+    /// The operating system's random number generator failed.
+    #[error("could not read random bytes")]
+    Random(#[source] getrandom::Error),
+}
 
 /// Lifetime of the CA certificate.
 pub const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
@@ -138,13 +172,8 @@ fn whole_seconds(t: Timestamp) -> Result<Timestamp> {
 }
 
 impl CertificateAuthority {
-    /// Makes a new self-signed CA (ECDSA P-256, valid 10 years from now).
-    pub fn generate(common_name: &str) -> Result<CertificateAuthority> {
-        Self::generate_at(common_name, Timestamp::now())
-    }
-
     /// Makes a new self-signed CA valid from `now` for [`CA_VALIDITY`].
-    pub fn generate_at(common_name: &str, now: Timestamp) -> Result<CertificateAuthority> {
+    pub fn generate(common_name: &str, now: Timestamp) -> Result<CertificateAuthority> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(cert_err("generate the CA key"))?;
         let mut params = CertificateParams::default();
@@ -178,9 +207,7 @@ impl CertificateAuthority {
             .map_err(cert_err("parse the CA private key"))?;
         let info = parse_certificate(cert_pem)?;
         if info.public_key_der != key.subject_public_key_info() {
-            return Err(Error::CertificateParse(
-                "the CA private key does not match the CA certificate".into(),
-            ));
+            return Err(Error::KeyMismatch);
         }
         let issuer =
             Issuer::from_ca_cert_pem(cert_pem, key).map_err(cert_err("load the CA certificate"))?;
@@ -268,13 +295,9 @@ impl CertificateAuthority {
 }
 
 fn pem_der(pem: &str) -> Result<Vec<u8>> {
-    let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
-        .map_err(|e| Error::CertificateParse(format!("not a PEM certificate: {e}")))?;
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(Error::Pem)?;
     if parsed.label != "CERTIFICATE" {
-        return Err(Error::CertificateParse(format!(
-            "expected a CERTIFICATE PEM block, found {}",
-            parsed.label
-        )));
+        return Err(Error::NotACertificate(parsed.label));
     }
     Ok(parsed.contents)
 }
@@ -282,8 +305,7 @@ fn pem_der(pem: &str) -> Result<Vec<u8>> {
 /// Reads serial, validity, SANs and public key of a PEM certificate.
 pub fn parse_certificate(cert_pem: &str) -> Result<CertificateInfo> {
     let der = pem_der(cert_pem)?;
-    let (_, cert) = X509Certificate::from_der(&der)
-        .map_err(|e| Error::CertificateParse(format!("invalid X.509: {e}")))?;
+    let (_, cert) = X509Certificate::from_der(&der).map_err(Error::X509)?;
     let time = |t: x509_parser::time::ASN1Time| {
         Timestamp::from_second(t.timestamp()).map_err(|e| Error::TimeRange(e.to_string()))
     };
@@ -373,7 +395,7 @@ mod tests {
     #[test]
     fn leaf_has_the_requested_sans_validity_and_serial() {
         let now = at("2026-01-01T00:00:00.5Z");
-        let ca = CertificateAuthority::generate_at("test CA", now).unwrap();
+        let ca = CertificateAuthority::generate("test CA", now).unwrap();
         let issued = leaf(&ca, now);
         let info = parse_certificate(&issued.cert_pem).unwrap();
         assert_eq!(
@@ -394,7 +416,7 @@ mod tests {
     #[test]
     fn each_leaf_gets_a_new_key_and_serial() {
         let now = Timestamp::now();
-        let ca = CertificateAuthority::generate("test CA").unwrap();
+        let ca = CertificateAuthority::generate("test CA", Timestamp::now()).unwrap();
         let a = leaf(&ca, now);
         let b = leaf(&ca, now);
         assert_ne!(a.key_pem.expose_secret(), b.key_pem.expose_secret());
@@ -406,11 +428,11 @@ mod tests {
 
     #[test]
     fn ca_round_trips_through_pem_and_keeps_signing() {
-        let ca = CertificateAuthority::generate("test CA").unwrap();
+        let ca = CertificateAuthority::generate("test CA", Timestamp::now()).unwrap();
         let loaded = CertificateAuthority::from_pem(ca.cert_pem(), ca.key_pem()).unwrap();
         let issued = leaf(&loaded, Timestamp::now());
         assert!(ca.signed(&issued.cert_pem));
-        let other = CertificateAuthority::generate("other CA").unwrap();
+        let other = CertificateAuthority::generate("other CA", Timestamp::now()).unwrap();
         assert!(!other.signed(&issued.cert_pem));
         // A key from another CA is refused.
         assert!(CertificateAuthority::from_pem(ca.cert_pem(), other.key_pem()).is_err());
@@ -418,7 +440,7 @@ mod tests {
 
     #[test]
     fn secrets_stay_out_of_debug_output() {
-        let ca = CertificateAuthority::generate("test CA").unwrap();
+        let ca = CertificateAuthority::generate("test CA", Timestamp::now()).unwrap();
         let issued = leaf(&ca, Timestamp::now());
         let debug = format!("{ca:?} {issued:?}");
         assert!(!debug.contains("PRIVATE KEY"));
@@ -432,8 +454,12 @@ mod tests {
             parse_certificate("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
                 .is_err()
         );
-        let info =
-            parse_certificate(CertificateAuthority::generate("x").unwrap().cert_pem()).unwrap();
+        let info = parse_certificate(
+            CertificateAuthority::generate("x", Timestamp::now())
+                .unwrap()
+                .cert_pem(),
+        )
+        .unwrap();
         assert!(!key_matches(&info, &SecretString::from("junk")));
         assert!(CertificateAuthority::from_pem("junk", &SecretString::from("junk")).is_err());
     }

@@ -93,7 +93,7 @@ pub const SERVICE: &str = "tenant-runtime";
 pub const CONTAINER: &str = "runtime";
 
 /// Port the runtime serves HTTPS on.
-pub const RUNTIME_PORT: i32 = 8443;
+pub const RUNTIME_PORT: u16 = 8443;
 /// Name of the runtime port.
 pub const RUNTIME_PORT_NAME: &str = "https";
 /// Where the config file is mounted.
