@@ -54,6 +54,29 @@ impl Harness {
         }
     }
 
+    /// A second operator over the same fake and clock: empty memory of its own writes,
+    /// caches filled by a fresh list.
+    fn over(other: &Harness) -> Harness {
+        let caches = Arc::new(Caches::default());
+        other.fake.sync_caches(&caches);
+        let clock = other.clock.clone();
+        let ctx = Context::new(
+            other.fake.client(),
+            other.ctx.settings.clone(),
+            CertificateAuthority::from_pem(other.ctx.ca.cert_pem(), other.ctx.ca.key_pem())
+                .unwrap(),
+            caches,
+            other.ctx.token_public_key.read().unwrap().clone(),
+            Arc::new(Metrics::new()),
+        )
+        .with_clock(move || *clock.lock().unwrap());
+        Harness {
+            fake: other.fake.clone(),
+            ctx: Arc::new(ctx),
+            clock: other.clock.clone(),
+        }
+    }
+
     /// The encrypted-class setup most tests use.
     fn standard() -> Harness {
         let settings = Settings {
@@ -248,6 +271,74 @@ async fn create_from_nothing_applies_every_child_once() {
     assert_eq!(pvc["spec"]["storageClassName"], "encrypted");
     // 14 children + finalizer + status.
     assert_eq!(h.fake.writes(), 16);
+}
+
+/// What a real API server does to the objects it stores, as far as the comparison can
+/// see: it drops `false` booleans (`omitempty`), stores volume sizes in their canonical
+/// unit, adds defaults and a controller's annotation, and (here, to stand for any
+/// normalisation the builders do not foresee) writes a CPU quantity another way.
+fn like_a_real_api_server(obj: &mut Value) {
+    if obj["kind"] == "Deployment" {
+        obj["metadata"]["annotations"]["deployment.kubernetes.io/revision"] = json!("1");
+        obj["spec"]["progressDeadlineSeconds"] = json!(600);
+        let pod = &mut obj["spec"]["template"]["spec"];
+        pod["dnsPolicy"] = json!("ClusterFirst");
+        for c in pod["containers"].as_array_mut().into_iter().flatten() {
+            c["terminationMessagePath"] = json!("/dev/termination-log");
+            if c["resources"]["limits"]["cpu"] == "500m" {
+                c["resources"]["limits"]["cpu"] = json!("0.5");
+            }
+            for m in c["volumeMounts"].as_array_mut().into_iter().flatten() {
+                if m["readOnly"] == false {
+                    m.as_object_mut().map(|m| m.remove("readOnly"));
+                }
+            }
+        }
+    }
+    if obj["kind"] == "PersistentVolumeClaim"
+        && obj["spec"]["resources"]["requests"]["storage"] == "1024Mi"
+    {
+        obj["spec"]["resources"]["requests"]["storage"] = json!("1Gi");
+    }
+}
+
+#[tokio::test]
+async fn what_the_api_server_stores_differently_is_never_written_again() {
+    // Regression: on a real API server the stored Deployment never matched the built one,
+    // so every event of any child re-applied it.
+    let mut h = Harness::standard();
+    h.fake.set_defaulting(like_a_real_api_server);
+    h.add_tenant(json!({"owner": "ops@acme.test", "storage": {"size": "1024Mi"}}));
+    h.expect(&create_requests()).await;
+    let pvc = h
+        .fake
+        .get(&format!("{CORE}/persistentvolumeclaims/tenant-data"))
+        .unwrap();
+    assert_eq!(pvc["spec"]["resources"]["requests"]["storage"], "1Gi");
+    // Child events bring more reconciles: nothing is written, nothing even asked.
+    h.sync();
+    h.expect(&[]).await;
+    h.expect(&[]).await;
+    // A new operator (no memory of its writes) asks once about the one value it cannot
+    // recognise, learns that applying would change nothing, and writes nothing.
+    let fresh = Harness::over(&h);
+    fresh.expect(&[p("DRY-RUN PATCH", DEPLOY)]).await;
+    fresh.expect(&[]).await;
+    assert_eq!(h.fake.get(DEPLOY).unwrap()["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"], "0.5");
+}
+
+#[tokio::test]
+async fn a_reconcile_before_the_watch_shows_our_writes_writes_nothing() {
+    let h = Harness::standard();
+    h.add_tenant(json!({"owner": "ops@acme.test"}));
+    h.expect(&create_requests()).await;
+    // No sync: the caches have not seen any of the writes yet. Only the two Secrets whose
+    // absence matters (a second data key, a second certificate) are read back.
+    h.expect(&[
+        p("GET", &format!("{CORE}/secrets/tenant-data-key")),
+        p("GET", &format!("{CORE}/secrets/tenant-tls")),
+    ])
+    .await;
 }
 
 #[tokio::test]

@@ -304,7 +304,10 @@ async fn after_a_restart_changes_and_deletions_are_acted_on_and_nothing_is_rewri
     tokio::time::sleep(Duration::from_millis(200)).await;
     op.stop().await;
 
-    // A restart of a converged operator writes nothing at all (the Lease aside).
+    // A restart of a converged operator writes nothing at all (the Lease aside). Its first
+    // list of Deployments is slow, so every Tenant's first reconcile is due while a cache
+    // still fills: the case that used to hang and then ignore later changes.
+    fake.delay_lists("/apis/apps/v1/deployments", Duration::from_millis(300));
     let before = fake.log().len();
     let op = Running::start(&fake, "op-a", Duration::from_secs(15)).await;
     eventually("the restarted operator leads", || {
