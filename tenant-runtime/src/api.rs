@@ -15,13 +15,14 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Extension, Json, Router};
-use http::{HeaderValue, StatusCode, header};
-use jiff::Timestamp;
+use http::{StatusCode, header};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use crate::auth::{Caller, SharedVerifier, require_token};
+use crate::auth::{Caller, TokenCheck, require_token};
+use crate::clock::Clock;
+use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::store::{Cursor, NewCredential, NewExecution, Store};
 use crate::tls::CertResolver;
@@ -36,82 +37,14 @@ pub const DEFAULT_PAGE: u32 = 50;
 pub struct AppState {
     /// The tenant's database.
     pub store: Store,
-    /// This tenant's id: the audience tokens must carry.
-    pub tenant_id: Arc<str>,
-    /// Verifies tokens.
-    pub verifier: SharedVerifier,
+    /// Checks instance tokens.
+    pub tokens: TokenCheck,
+    /// The time.
+    pub clock: Clock,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// The serving certificate (readiness checks its files).
     pub certs: Arc<CertResolver>,
-}
-
-/// An error response.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-}
-
-impl ApiError {
-    /// An error with this status, code and message.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-
-    /// 400.
-    pub fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
-    }
-
-    /// 401 with a bearer challenge.
-    pub fn unauthorized(message: &str) -> ApiError {
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
-    }
-
-    /// 404.
-    pub fn not_found(what: &str) -> ApiError {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("{what} not found"),
-        )
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut response = (
-            self.status,
-            Json(json!({"error": self.code, "message": self.message})),
-        )
-            .into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static(r#"Bearer realm="tenantry", error="invalid_token""#),
-            );
-        }
-        response
-    }
-}
-
-impl From<crate::Error> for ApiError {
-    fn from(e: crate::Error) -> Self {
-        // The cause is logged (errors never carry secret values); the client gets a
-        // generic message.
-        tracing::error!(error = %e, "request failed");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "internal error",
-        )
-    }
 }
 
 /// A request body type, and whether a parse error may quote its content.
@@ -215,7 +148,10 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
             post(create_credential).get(list_credentials),
         )
         .route("/v1/credentials/{id}", delete(delete_credential))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .route_layer(middleware::from_fn_with_state(
+            state.tokens.clone(),
+            require_token,
+        ))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -397,7 +333,7 @@ async fn create_credential(
     check_text("name", &new.name, 200)?;
     let meta = state
         .store
-        .insert_credential(&new, Timestamp::now())
+        .insert_credential(&new, state.clock.now())
         .await?;
     tracing::info!(subject = %caller.subject, credential = %meta.id, kind = meta.kind.as_str(), "credential stored");
     Ok((StatusCode::CREATED, Json(meta)).into_response())

@@ -7,13 +7,25 @@ use std::sync::{Arc, PoisonError, RwLock};
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse as _, Response};
-use jiff::Timestamp;
 use tenantry_proto::token::TokenVerifier;
 
-use crate::api::{ApiError, AppState};
+use crate::clock::Clock;
+use crate::error::ApiError;
 
 /// The verifier in use; replaced when the public key file changes.
 pub type SharedVerifier = Arc<RwLock<Arc<TokenVerifier>>>;
+
+/// What the token check needs: this tenant's id (the audience tokens must carry), the
+/// current verifier and the clock.
+#[derive(Clone, Debug)]
+pub struct TokenCheck {
+    /// This tenant's id.
+    pub tenant_id: Arc<str>,
+    /// Verifies tokens.
+    pub verifier: SharedVerifier,
+    /// The time tokens are checked at.
+    pub clock: Clock,
+}
 
 /// Who made a request, from their verified token.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,7 +46,7 @@ pub fn bearer_token(header: &str) -> Option<&str> {
 /// Refuses requests without a valid token for this tenant (401 with a JSON error and a
 /// `WWW-Authenticate` challenge); otherwise runs the handler with a [`Caller`].
 pub async fn require_token(
-    State(state): State<AppState>,
+    State(check): State<TokenCheck>,
     mut request: Request,
     next: Next,
 ) -> Response {
@@ -45,12 +57,12 @@ pub async fn require_token(
     let Some(token) = header.and_then(bearer_token) else {
         return ApiError::unauthorized("missing bearer token").into_response();
     };
-    let verifier = state
+    let verifier = check
         .verifier
         .read()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
-    match verifier.verify(token, &state.tenant_id, Timestamp::now()) {
+    match verifier.verify(token, &check.tenant_id, check.clock.now()) {
         Ok(claims) => {
             request.extensions_mut().insert(Caller {
                 subject: claims.sub,

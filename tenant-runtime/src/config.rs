@@ -10,6 +10,7 @@ use std::time::Duration;
 
 pub use tenantry_proto::runtime_config::{RuntimeConfig, TlsFiles};
 
+use crate::clock::Clock;
 use crate::error::{Error, Result};
 
 /// Reads, parses and validates the config file at `path`.
@@ -59,6 +60,8 @@ pub struct RunConfig {
     pub prune_batch_size: u32,
     /// Largest accepted request body, in bytes (413 past it).
     pub max_body_bytes: usize,
+    /// Where the runtime reads the time (tests pin it).
+    pub clock: Clock,
 }
 
 /// Default of [`RunConfig::reload_interval`].
@@ -80,6 +83,7 @@ impl RunConfig {
             prune_interval: DEFAULT_PRUNE_INTERVAL,
             prune_batch_size: DEFAULT_PRUNE_BATCH_SIZE,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            clock: Clock::system(),
         })
     }
 }

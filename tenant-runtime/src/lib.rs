@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod error;
@@ -32,6 +33,7 @@ pub use config::{RunConfig, RuntimeConfig};
 pub use error::{Error, Result};
 
 use crate::api::AppState;
+use crate::auth::TokenCheck;
 use crate::crypto::{DataKey, Sealer};
 use crate::metrics::Metrics;
 use crate::reload::{Reloader, load_verifier};
@@ -65,10 +67,12 @@ pub async fn run(
         .stored_executions
         .set(store.count_executions().await?);
 
+    let clock = run_config.clock.clone();
     let (policy_tx, policy_rx) = watch::channel(config.retention);
     let (stop_tx, stop_rx) = watch::channel(false);
     let pruner = tokio::spawn(retention::run_pruner(
         store.clone(),
+        clock.clone(),
         policy_rx,
         run_config.prune_interval,
         run_config.prune_batch_size,
@@ -87,8 +91,12 @@ pub async fn run(
 
     let state = AppState {
         store: store.clone(),
-        tenant_id: Arc::from(config.tenant_id.as_str()),
-        verifier,
+        tokens: TokenCheck {
+            tenant_id: Arc::from(config.tenant_id.as_str()),
+            verifier,
+            clock: clock.clone(),
+        },
+        clock: clock.clone(),
         metrics,
         certs,
     };

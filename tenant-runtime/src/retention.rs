@@ -12,6 +12,7 @@ use jiff::{SignedDuration, Timestamp};
 use tenantry_proto::retention::RetentionPolicy;
 use tokio::sync::watch;
 
+use crate::clock::Clock;
 use crate::error::Result;
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -76,6 +77,7 @@ pub async fn prune(
 /// turns true.
 pub async fn run_pruner(
     store: Store,
+    clock: Clock,
     mut policy: watch::Receiver<RetentionPolicy>,
     interval: Duration,
     batch: u32,
@@ -84,7 +86,7 @@ pub async fn run_pruner(
 ) {
     loop {
         let current = *policy.borrow_and_update();
-        match prune(&store, current, Timestamp::now(), batch, &metrics, &stop).await {
+        match prune(&store, current, clock.now(), batch, &metrics, &stop).await {
             Ok(report) => {
                 metrics.prune_runs.inc();
                 if report != PruneReport::default() {
