@@ -15,6 +15,8 @@ use tenantry_proto::v1::admin_service_server::AdminServiceServer;
 use tenantry_proto::v1::mfa_service_server::MfaServiceServer;
 use tenantry_proto::v1::tenant_service_server::TenantServiceServer;
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
@@ -337,6 +339,59 @@ async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
     }
 }
 
+/// How long shutdown waits for provisioning that requests started.
+const TASK_GRACE: Duration = Duration::from_secs(10);
+
+/// Runs `work` until `stop` is cancelled.
+async fn until(stop: CancellationToken, work: impl Future<Output = ()>) {
+    tokio::select! {
+        () = stop.cancelled() => {}
+        () = work => {}
+    }
+}
+
+/// Checks the database every [`HEALTH_INTERVAL`] and reports a change of health.
+async fn watch_health(state: Arc<AppState>, reporter: HealthReporter, initial: ServingStatus) {
+    let mut last = initial;
+    loop {
+        tokio::time::sleep(HEALTH_INTERVAL).await;
+        let status = db_status(&state).await;
+        if last != status {
+            if status == ServingStatus::NotServing {
+                tracing::error!("database is not answering; health is NOT_SERVING");
+            } else {
+                tracing::info!("database answers again; health is SERVING");
+            }
+            set_health(&reporter, status).await;
+            last = status;
+        }
+    }
+}
+
+/// Brings every tenant's instance in line with its record, every reconcile interval.
+async fn reconcile_loop(state: Arc<AppState>) {
+    loop {
+        if let Err(e) = crate::provision::reconcile_all(&state.store, &state.provisioner).await {
+            tracing::warn!(error = %e, "could not list tenants to reconcile");
+        }
+        tokio::time::sleep(crate::provision::RECONCILE_INTERVAL).await;
+    }
+}
+
+/// Deletes expired sessions every [`SESSION_PURGE_INTERVAL`].
+async fn purge_loop(state: Arc<AppState>) {
+    loop {
+        tokio::time::sleep(SESSION_PURGE_INTERVAL).await;
+        let now = state.now_ms();
+        let idle = crate::clock::duration_ms(state.sessions.idle_timeout);
+        match state.store.purge_sessions(now, now - idle).await {
+            Ok(n) if n > 0 => tracing::debug!(sessions = n, "deleted expired sessions"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not delete expired sessions"),
+        }
+    }
+}
+
 /// Serves the API on `listener` until `shutdown` resolves, then drains in-flight calls.
 pub async fn serve(
     state: Arc<AppState>,
@@ -348,50 +403,15 @@ pub async fn serve(
     // Health is known before the first request is accepted.
     let initial = db_status(&state).await;
     set_health(&reporter, initial).await;
-    let health_state = Arc::clone(&state);
-    let health_task = tokio::spawn(async move {
-        let mut last = initial;
-        loop {
-            tokio::time::sleep(HEALTH_INTERVAL).await;
-            let status = db_status(&health_state).await;
-            if last != status {
-                if status == ServingStatus::NotServing {
-                    tracing::error!("database is not answering; health is NOT_SERVING");
-                } else {
-                    tracing::info!("database answers again; health is SERVING");
-                }
-                set_health(&reporter, status).await;
-                last = status;
-            }
-        }
-    });
-    let reconcile_state = Arc::clone(&state);
-    let reconcile_task = tokio::spawn(async move {
-        loop {
-            if let Err(e) = crate::provision::reconcile_all(
-                &reconcile_state.store,
-                &reconcile_state.provisioner,
-            )
-            .await
-            {
-                tracing::warn!(error = %e, "could not list tenants to reconcile");
-            }
-            tokio::time::sleep(crate::provision::RECONCILE_INTERVAL).await;
-        }
-    });
-    let purge_state = Arc::clone(&state);
-    let purge_task = tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(SESSION_PURGE_INTERVAL).await;
-            let now = purge_state.now_ms();
-            let idle = crate::clock::duration_ms(purge_state.sessions.idle_timeout);
-            match purge_state.store.purge_sessions(now, now - idle).await {
-                Ok(n) if n > 0 => tracing::debug!(sessions = n, "deleted expired sessions"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "could not delete expired sessions"),
-            }
-        }
-    });
+    // The loops below run until `stop`; shutdown cancels it and waits for them.
+    let stop = CancellationToken::new();
+    let mut loops = JoinSet::new();
+    loops.spawn(until(
+        stop.clone(),
+        watch_health(Arc::clone(&state), reporter, initial),
+    ));
+    loops.spawn(until(stop.clone(), reconcile_loop(Arc::clone(&state))));
+    loops.spawn(until(stop.clone(), purge_loop(Arc::clone(&state))));
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tenantry_proto::v1::FILE_DESCRIPTOR_SET)
@@ -426,9 +446,18 @@ pub async fn serve(
         )
         .await
         .map_err(Error::Transport);
-    health_task.abort();
-    purge_task.abort();
-    reconcile_task.abort();
+    stop.cancel();
+    while loops.join_next().await.is_some() {}
+    // Provisioning that requests started may finish; what is still running after
+    // TASK_GRACE is dropped with the runtime (the reconcile loop redoes it on the next
+    // start).
+    state.tasks.close();
+    if tokio::time::timeout(TASK_GRACE, state.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("provisioning still running at shutdown; it resumes on the next start");
+    }
     // Stops every tenant runtime this process started; none is left running.
     state.provisioner.shutdown().await;
     state.store.close().await;

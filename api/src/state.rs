@@ -8,6 +8,7 @@ use std::time::Duration;
 use secrecy::SecretString;
 use tenantry_proto::token::TokenSigner;
 use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
 
 use crate::clock::{Clock, duration_ms};
 use crate::crypto::MasterKey;
@@ -71,6 +72,9 @@ pub struct AppState {
     pub provisioner: Arc<dyn Provisioner>,
     /// Bounds concurrent argon2 runs to the cores (each holds 19 MiB or more).
     hashing_slots: Semaphore,
+    /// Every background task a request started (provisioning), so that shutdown waits
+    /// for them instead of leaving them running.
+    pub tasks: TaskTracker,
 }
 
 impl std::fmt::Debug for AppState {
@@ -121,6 +125,7 @@ impl AppState {
             instance_token_ttl: p.instance_token_ttl,
             provisioner: p.provisioner,
             hashing_slots: Semaphore::new(cores),
+            tasks: TaskTracker::new(),
         }
     }
 
@@ -173,7 +178,7 @@ impl AppState {
     /// and retried by the reconcile loop.
     pub fn provision(self: &Arc<Self>, spec: TenantSpec) {
         let me = Arc::clone(self);
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             if let Err(e) = me.provisioner.ensure(&spec).await {
                 tracing::warn!(tenant_id = %spec.id, error = %e, "provisioning failed; will retry");
             }

@@ -16,7 +16,7 @@
 //! again by the next reconcile pass, and a Tenant of the same name that the API did not make
 //! is never taken over.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures::{Stream, StreamExt};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
@@ -27,6 +27,7 @@ use serde_json::{Value, json};
 use tenantry_kube::crd::{Tenant, TenantPhase};
 use tenantry_kube::names::{CRD_NAME, GROUP, KIND, LABEL_TENANT_ID, VERSION};
 use tokio::task::JoinHandle;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{Deletion, Provisioner, TenantSpec};
 use crate::clock::Clock;
@@ -139,7 +140,10 @@ pub struct KubernetesProvisioner {
     cache: reflector::Store<Tenant>,
     store: Store,
     settings: KubernetesSettings,
-    follower: JoinHandle<()>,
+    follower: Mutex<Option<JoinHandle<()>>>,
+    /// Stops the follower; cancelled on shutdown, and on drop through the guard.
+    stop: CancellationToken,
+    _stop_on_drop: DropGuard,
 }
 
 impl std::fmt::Debug for KubernetesProvisioner {
@@ -177,13 +181,20 @@ impl KubernetesProvisioner {
             ),
         )
         .default_backoff();
-        let follower = tokio::spawn(follow(events, store.clone(), clock));
+        let stop = CancellationToken::new();
+        let follower = tokio::spawn(follow(
+            events.take_until(stop.clone().cancelled_owned()),
+            store.clone(),
+            clock,
+        ));
         Ok(KubernetesProvisioner {
             api,
             cache,
             store,
             settings,
-            follower,
+            follower: Mutex::new(Some(follower)),
+            _stop_on_drop: stop.clone().drop_guard(),
+            stop,
         })
     }
 
@@ -342,13 +353,17 @@ impl Provisioner for KubernetesProvisioner {
 
     async fn shutdown(&self) {
         // Tenants live on in the cluster; only the watch stops.
-        self.follower.abort();
-    }
-}
-
-impl Drop for KubernetesProvisioner {
-    fn drop(&mut self) {
-        self.follower.abort();
+        self.stop.cancel();
+        let follower = self
+            .follower
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(follower) = follower
+            && let Err(e) = follower.await
+        {
+            tracing::warn!(error = %e, "the Tenant watch ended abnormally");
+        }
     }
 }
 
