@@ -2,6 +2,11 @@
 //!
 //! After [`FAILURES_BEFORE_LOCK`] consecutive failures the account is locked for one minute;
 //! each further lock doubles, up to fifteen minutes. A success resets both counters.
+//!
+//! The rate limiter is a token bucket of our own rather than `governor`'s keyed limiter:
+//! it reads the API's clock (so tests move time instead of sleeping), it bounds its own
+//! memory, and it is a few dozen lines, where `governor` would add eight crates and a
+//! clock of its own for a limiter that guards only the credential-checking rpcs.
 
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -1,11 +1,12 @@
 //! TOTP (RFC 6238: HMAC-SHA-1, 6 digits, 30-second steps) and recovery codes.
 //!
-//! Pure functions: the caller supplies the time and remembers the last accepted step, which
-//! is how each code is accepted only once.
+//! The code of a step comes from the `totp-rs` crate. What this module adds is the policy
+//! around it: every candidate step is compared in constant time, and a code is accepted
+//! only for a step later than the last one used (RFC 6238 §5.2), which the caller stores;
+//! the crate leaves both to its users. Pure functions: the caller supplies the time.
 
-use hmac::{Hmac, KeyInit, Mac};
 use secrecy::{ExposeSecret, SecretBox, SecretString};
-use sha1::Sha1;
+use totp_rs::{Algorithm, Builder, Secret};
 
 use crate::crypto::{ct_eq, random_bytes};
 use crate::error::Error;
@@ -36,18 +37,23 @@ pub fn step_at(unix_seconds: i64) -> i64 {
     unix_seconds.div_euclid(STEP_SECONDS)
 }
 
-/// The code for one step (RFC 4226 dynamic truncation).
+/// The code for one step.
 pub fn code_at_step(secret: &[u8], step: i64) -> Result<u32, Error> {
-    let mut mac = <Hmac<Sha1> as KeyInit>::new_from_slice(secret)
-        .map_err(|_| Error::Crypto("TOTP secret has an invalid length"))?;
-    mac.update(&step.to_be_bytes());
-    let digest = mac.finalize().into_bytes();
-    let offset = usize::from(digest[digest.len() - 1] & 0x0f);
-    let bin = (u32::from(digest[offset] & 0x7f) << 24)
-        | (u32::from(digest[offset + 1]) << 16)
-        | (u32::from(digest[offset + 2]) << 8)
-        | u32::from(digest[offset + 3]);
-    Ok(bin % 10u32.pow(DIGITS))
+    let totp = Builder::new()
+        .with_algorithm(Algorithm::SHA1)
+        .with_digits(DIGITS as u8)
+        .with_step_duration(STEP_SECONDS as u64)
+        .with_secret(Secret::new(secret.into()))
+        .build()
+        .map_err(|_| Error::Crypto("TOTP secret is shorter than 128 bits"))?;
+    let start = u64::try_from(step)
+        .ok()
+        .and_then(|s| s.checked_mul(STEP_SECONDS as u64))
+        .ok_or(Error::Crypto("TOTP step out of range"))?;
+    totp.generate(start)
+        .to_string()
+        .parse()
+        .map_err(|_| Error::Crypto("TOTP code is not a number"))
 }
 
 /// The code for one step as the 6 zero-padded digits a user types.

@@ -1,6 +1,13 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease, so that two replicas can run and
 //! only one reconciles. The decision is a pure function of the Lease and the clock; the IO
 //! is a read followed by a replace guarded by the Lease's resourceVersion.
+//!
+//! Kept rather than `kube-lease-manager` (the one Lease crate on kube 5): that crate
+//! writes the Lease with server-side and strategic-merge patches, which the chart's Role
+//! would have to grant (`patch` on the Lease), and runs its own renewal task and timings;
+//! this module is about a hundred lines, every decision is unit tested, every call is
+//! bounded by the renew period, and the real-cluster suite tests take-over after SIGKILL
+//! and hand-over on SIGTERM against it.
 
 use std::time::Duration;
 
