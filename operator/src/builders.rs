@@ -588,18 +588,12 @@ fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
     }
 }
 
-/// The runtime Deployment: non-root, read-only root filesystem, no capabilities, HTTPS
-/// probes; scaled to zero when the tenant is suspended. `config_hash` rolls the pods when
-/// a part of the config that the runtime reads only at start changes.
-pub fn deployment(owner: &Owner<'_>, settings: &Settings, config_hash: &str) -> Deployment {
+/// The runtime container: the config path in its args and env, HTTPS probes, the plan's
+/// resources, no privileges, every mount read-only but the data volume.
+fn runtime_container(owner: &Owner<'_>, settings: &Settings) -> Container {
     let l = plan_limits(owner.tenant.spec.plan);
     let config_path = format!("{}/{}", names::CONFIG_DIR, names::CONFIG_KEY);
-    let mut pod_labels = owner.runtime_labels();
-    pod_labels.insert(
-        names::LABEL_MANAGED_BY.to_owned(),
-        names::MANAGED_BY.to_owned(),
-    );
-    let container = Container {
+    Container {
         name: names::CONTAINER.to_owned(),
         image: Some(settings.runtime_image.clone()),
         image_pull_policy: Some("IfNotPresent".to_owned()),
@@ -653,7 +647,45 @@ pub fn deployment(owner: &Owner<'_>, settings: &Settings, config_hash: &str) -> 
             mount("data", names::DATA_DIR, false),
         ]),
         ..Container::default()
-    };
+    }
+}
+
+/// The runtime pod's volumes: config, TLS, data key and token key from the tenant's
+/// ConfigMap and Secrets, data from its PVC.
+fn runtime_volumes() -> Vec<Volume> {
+    vec![
+        Volume {
+            name: "config".to_owned(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: names::CONFIG_MAP.to_owned(),
+                default_mode: Some(0o444),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        secret_volume("tls", names::TLS_SECRET, 0o440),
+        secret_volume("data-key", names::DATA_KEY_SECRET, 0o440),
+        secret_volume("token-key", names::TOKEN_KEY_SECRET, 0o444),
+        Volume {
+            name: "data".to_owned(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: names::DATA_PVC.to_owned(),
+                read_only: None,
+            }),
+            ..Volume::default()
+        },
+    ]
+}
+
+/// The runtime Deployment: non-root, read-only root filesystem, no capabilities, HTTPS
+/// probes; scaled to zero when the tenant is suspended. `config_hash` rolls the pods when
+/// a part of the config that the runtime reads only at start changes.
+pub fn deployment(owner: &Owner<'_>, settings: &Settings, config_hash: &str) -> Deployment {
+    let mut pod_labels = owner.runtime_labels();
+    pod_labels.insert(
+        names::LABEL_MANAGED_BY.to_owned(),
+        names::MANAGED_BY.to_owned(),
+    );
     Deployment {
         metadata: owner.meta(names::DEPLOYMENT),
         spec: Some(DeploymentSpec {
@@ -692,29 +724,8 @@ pub fn deployment(owner: &Owner<'_>, settings: &Settings, config_hash: &str) -> 
                         }),
                         ..PodSecurityContext::default()
                     }),
-                    containers: vec![container],
-                    volumes: Some(vec![
-                        Volume {
-                            name: "config".to_owned(),
-                            config_map: Some(ConfigMapVolumeSource {
-                                name: names::CONFIG_MAP.to_owned(),
-                                default_mode: Some(0o444),
-                                ..ConfigMapVolumeSource::default()
-                            }),
-                            ..Volume::default()
-                        },
-                        secret_volume("tls", names::TLS_SECRET, 0o440),
-                        secret_volume("data-key", names::DATA_KEY_SECRET, 0o440),
-                        secret_volume("token-key", names::TOKEN_KEY_SECRET, 0o444),
-                        Volume {
-                            name: "data".to_owned(),
-                            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                                claim_name: names::DATA_PVC.to_owned(),
-                                read_only: None,
-                            }),
-                            ..Volume::default()
-                        },
-                    ]),
+                    containers: vec![runtime_container(owner, settings)],
+                    volumes: Some(runtime_volumes()),
                     ..PodSpec::default()
                 }),
             },
