@@ -113,6 +113,34 @@ pub struct CheckedSpec {
     pub renew_before: Option<Duration>,
 }
 
+/// A Go duration from `spec.tls.<field>`, positive.
+fn tls_duration(field: &str, value: Option<&str>) -> std::result::Result<Option<Duration>, String> {
+    let Some(text) = value else { return Ok(None) };
+    let d: kube::core::Duration = text
+        .parse()
+        .map_err(|e| format!("spec.tls.{field} {text:?} is not a duration: {e}"))?;
+    if d.is_negative() {
+        return Err(format!("spec.tls.{field} must be positive"));
+    }
+    Ok(Some(d.into()))
+}
+
+/// A DNS name of lowercase labels, the first of which may be `*`.
+fn is_dns_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').enumerate().all(|(i, label)| {
+            (i == 0 && label == "*")
+                || (!label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-'))
+        })
+}
+
 /// Checks what the CRD schema cannot (or what an old schema let through). The message
 /// names the field and goes into the `Ready` condition.
 pub fn check_spec(owner: &Owner<'_>) -> std::result::Result<CheckedSpec, String> {
@@ -153,46 +181,18 @@ pub fn check_spec(owner: &Owner<'_>) -> std::result::Result<CheckedSpec, String>
     policy
         .validate(tenantry_proto::retention::HARD_CAP_MAX_AGE_HOURS)
         .map_err(|e| format!("spec.retention: {e}"))?;
-    let duration =
-        |field: &str, v: &Option<String>| -> std::result::Result<Option<Duration>, String> {
-            match v {
-                None => Ok(None),
-                Some(s) => {
-                    let d: kube::core::Duration = s
-                        .parse()
-                        .map_err(|e| format!("spec.tls.{field} {s:?} is not a duration: {e}"))?;
-                    if d.is_negative() {
-                        return Err(format!("spec.tls.{field} must be positive"));
-                    }
-                    Ok(Some(d.into()))
-                }
-            }
-        };
-    let cert_validity = duration("duration", &spec.tls.duration)?.unwrap_or(DEFAULT_LEAF_VALIDITY);
+    let cert_validity =
+        tls_duration("duration", spec.tls.duration.as_deref())?.unwrap_or(DEFAULT_LEAF_VALIDITY);
     if cert_validity < Duration::from_secs(3600) || cert_validity > Duration::from_secs(8760 * 3600)
     {
         return Err("spec.tls.duration must be between 1h and 8760h".into());
     }
-    let renew_before = duration("renewBefore", &spec.tls.renew_before)?;
+    let renew_before = tls_duration("renewBefore", spec.tls.renew_before.as_deref())?;
     if renew_before.is_some_and(|r| r >= cert_validity) {
         return Err("spec.tls.renewBefore must be shorter than spec.tls.duration".into());
     }
-    for dns in &spec.tls.dns_names {
-        let ok = !dns.is_empty()
-            && dns.len() <= 253
-            && dns.split('.').enumerate().all(|(i, label)| {
-                (i == 0 && label == "*")
-                    || (!label.is_empty()
-                        && label.len() <= 63
-                        && label
-                            .bytes()
-                            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                        && !label.starts_with('-')
-                        && !label.ends_with('-'))
-            });
-        if !ok {
-            return Err(format!("spec.tls.dnsNames entry {dns:?} is not a DNS name"));
-        }
+    if let Some(dns) = spec.tls.dns_names.iter().find(|d| !is_dns_name(d)) {
+        return Err(format!("spec.tls.dnsNames entry {dns:?} is not a DNS name"));
     }
     Ok(CheckedSpec {
         cert_validity,

@@ -300,18 +300,7 @@ async fn reconcile_while(
 ) -> Result<()> {
     let ca = load_or_create_ca(&client, &settings).await?;
     let token_api: Api<Secret> = Api::namespaced(client.clone(), &settings.operator_namespace);
-    let token_key = token_api
-        .get_opt(&settings.token_public_key_secret)
-        .await
-        .map_err(|e| Error::kube("read the token public key Secret", e))?
-        .as_ref()
-        .and_then(public_key_of);
-    if token_key.is_none() {
-        warn!(
-            secret = %format!("{}/{}", settings.operator_namespace, settings.token_public_key_secret),
-            "no token public key yet; runtimes will not be deployed until it exists"
-        );
-    }
+    let token_key = read_token_key(&token_api, &settings).await?;
     let caches = Arc::new(Caches::default());
     let (triggers, triggered) = mpsc::unbounded_channel::<ObjectRef<TenantObject>>();
     cache::spawn_watches(&client, &caches, &triggers, halt, tasks);
@@ -344,22 +333,9 @@ async fn reconcile_while(
         .fold((0, 0), |(n, b), (_, kn, kb)| (n + kn, b + kb));
     info!(objects, bytes, "watch caches filled");
 
-    // The Tenant watch drops managed fields like the child watches, and reads Tenants the
-    // operator cannot deserialize as such (see `object`).
-    let (tenants, tenant_writer) = reflector::store::<TenantObject>();
-    let tenant_events = watcher(
-        Api::<TenantObject>::all(client.clone()),
-        watcher::Config::default().page_size(cache::LIST_PAGE),
-    )
-    .default_backoff()
-    .modify(cache::trim::<TenantObject>)
-    .reflect(tenant_writer)
-    .applied_objects();
-    let controller = Controller::for_stream(tenant_events, tenants)
-        .with_config(ControllerConfig::default().concurrency(settings.concurrency))
+    let controller = controller(&client, &settings, halt)
         .reconcile_on(UnboundedReceiverStream::new(triggered))
-        .reconcile_all_on(UnboundedReceiverStream::new(all_rx))
-        .graceful_shutdown_on(halt.clone().cancelled_owned());
+        .reconcile_all_on(UnboundedReceiverStream::new(all_rx));
     info!(concurrency = settings.concurrency, "controller started");
     let running = controller
         .run(reconcile, error_policy, ctx)
@@ -378,6 +354,45 @@ async fn reconcile_while(
         () = drained => warn!("reconciles still running {DRAIN:?} after the stop; abandoning them"),
     }
     Ok(())
+}
+
+/// The API's token public key, if its Secret exists yet (the runtimes wait for it).
+async fn read_token_key(api: &Api<Secret>, settings: &Settings) -> Result<Option<String>> {
+    let key = api
+        .get_opt(&settings.token_public_key_secret)
+        .await
+        .map_err(|e| Error::kube("read the token public key Secret", e))?
+        .as_ref()
+        .and_then(public_key_of);
+    if key.is_none() {
+        warn!(
+            secret = %format!("{}/{}", settings.operator_namespace, settings.token_public_key_secret),
+            "no token public key yet; runtimes will not be deployed until it exists"
+        );
+    }
+    Ok(key)
+}
+
+/// The controller over every Tenant, stopping gracefully on `halt`. Its Tenant watch drops
+/// managed fields like the child watches, and reads Tenants the operator cannot
+/// deserialize as such (see [`crate::object`]).
+fn controller(
+    client: &Client,
+    settings: &Settings,
+    halt: &CancellationToken,
+) -> Controller<TenantObject> {
+    let (tenants, tenant_writer) = reflector::store::<TenantObject>();
+    let tenant_events = watcher(
+        Api::<TenantObject>::all(client.clone()),
+        watcher::Config::default().page_size(cache::LIST_PAGE),
+    )
+    .default_backoff()
+    .modify(cache::trim::<TenantObject>)
+    .reflect(tenant_writer)
+    .applied_objects();
+    Controller::for_stream(tenant_events, tenants)
+        .with_config(ControllerConfig::default().concurrency(settings.concurrency))
+        .graceful_shutdown_on(halt.clone().cancelled_owned())
 }
 
 #[cfg(test)]
