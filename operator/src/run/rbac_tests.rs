@@ -5,17 +5,16 @@
 
 use std::time::Duration;
 
-use base64::Engine as _;
 use k8s_openapi::api::rbac::v1::PolicyRule;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
+use super::tests::{OPERATOR_NS, eventually, seed_cluster};
 use super::{LeaderOptions, run};
 use crate::config::Settings;
 use crate::fake_api::{Access, FakeApi, unused_grants};
 use tenantry_kube::names;
 
-const OPERATOR_NS: &str = "tenantry-system";
 const TENANT: &str = "/apis/tenantry.dev/v1alpha1/tenants/acme";
 const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/tenant-acme/deployments/tenant-runtime";
 
@@ -27,41 +26,8 @@ fn rules(file: &str) -> Vec<PolicyRule> {
     serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-async fn eventually(what: &str, check: impl Fn() -> bool) {
-    for _ in 0..1000 {
-        if check() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("timed out waiting until {what}");
-}
-
 fn seed(fake: &FakeApi) {
-    let crd = serde_json::to_value(tenantry_kube::crd::crd()).unwrap();
-    fake.put(
-        &format!(
-            "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{}",
-            names::CRD_NAME
-        ),
-        crd,
-    );
-    let pem = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAtest\n-----END PUBLIC KEY-----\n";
-    fake.put(
-        &format!(
-            "/api/v1/namespaces/{OPERATOR_NS}/secrets/{}",
-            names::TOKEN_KEY_SECRET
-        ),
-        json!({"apiVersion": "v1", "kind": "Secret",
-               "metadata": {"name": names::TOKEN_KEY_SECRET, "namespace": OPERATOR_NS},
-               "data": {names::TOKEN_KEY_KEY: base64::engine::general_purpose::STANDARD.encode(pem)}}),
-    );
-    fake.put(
-        "/apis/storage.k8s.io/v1/storageclasses/encrypted",
-        json!({"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
-               "metadata": {"name": "encrypted", "annotations": {names::ANNOTATION_ENCRYPTED: "true"}},
-               "provisioner": "csi.example.com"}),
-    );
+    seed_cluster(fake);
     fake.put(
         TENANT,
         json!({"apiVersion": "tenantry.dev/v1alpha1", "kind": "Tenant",
