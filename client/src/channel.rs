@@ -10,10 +10,10 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use crate::error::{Error, Result};
 
 /// How long a connection attempt may take before it fails.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long one call may take; every rpc of the API is unary, so none should come close.
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How to trust an `https://` server. The default suits `http://`.
 #[derive(Debug, Clone, Copy, Default)]
@@ -25,7 +25,8 @@ pub struct Trust<'a> {
     pub server_name: Option<&'a str>,
 }
 
-/// Connects to `server` (`http://HOST:PORT` or `https://HOST:PORT`).
+/// Connects to `server` (`http://HOST:PORT` or `https://HOST:PORT`); a connection attempt
+/// gives up after 10 s, a call after 60 s.
 ///
 /// TLS settings that do not fit the scheme are refused rather than ignored, so a
 /// forgotten `https` never sends a token in plaintext while the caller believes it is

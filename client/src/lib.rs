@@ -7,7 +7,7 @@ mod channel;
 mod credentials;
 mod error;
 
-pub use channel::{CALL_TIMEOUT, CONNECT_TIMEOUT, Trust, connect};
+pub use channel::{Trust, connect};
 pub use credentials::Credentials;
 pub use error::{Error, Result};
 
@@ -36,11 +36,6 @@ impl Client {
             channel,
             credentials,
         }
-    }
-
-    /// The channel, for services outside `tenantry.v1` (health, reflection).
-    pub fn channel(&self) -> &Channel {
-        &self.channel
     }
 
     /// `AccountService`: signup, login, logout, whoami, password change.

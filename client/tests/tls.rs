@@ -6,8 +6,9 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret as _, SecretString};
 use tenantry_client::{Client, Credentials, Error, Trust, connect};
+use tenantry_pki::{CertificateAuthority, DEFAULT_LEAF_VALIDITY, LeafRequest};
 use tonic::service::interceptor::InterceptorLayer;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Code, Request, Status};
@@ -18,19 +19,24 @@ use tonic_health::pb::health_client::HealthClient;
 const SERVICE_NAME: &str = "tenantry-api.tenantry.svc";
 const TOKEN: &str = "tok-of-the-test";
 
-/// A CA certificate (PEM) and a leaf for `name` signed by it (certificate, key PEM).
+/// A CA made the way the operator and local mode make theirs, and a leaf for `name` from
+/// it: (CA certificate, leaf certificate, leaf key), PEM.
 fn test_pki(name: &str) -> (String, String, String) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::from_params(&ca_params, &ca_key);
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec![name.to_owned()])
-        .unwrap()
-        .signed_by(&leaf_key, &issuer)
+    let now = jiff::Timestamp::now();
+    let ca = CertificateAuthority::generate("tenantry-client test CA", now).unwrap();
+    let leaf = ca
+        .issue_leaf(&LeafRequest {
+            dns_names: vec![name.to_owned()],
+            ip_addresses: vec![],
+            validity: DEFAULT_LEAF_VALIDITY,
+            now,
+        })
         .unwrap();
-    (ca.pem(), leaf.pem(), leaf_key.serialize_pem())
+    (
+        ca.cert_pem().to_owned(),
+        leaf.cert_pem,
+        leaf.key_pem.expose_secret().to_owned(),
+    )
 }
 
 /// Refuses every call without `authorization: Bearer TOKEN`.
