@@ -324,7 +324,11 @@ async fn what_the_api_server_stores_differently_is_never_written_again() {
     let fresh = Harness::over(&h);
     fresh.expect(&[p("DRY-RUN PATCH", DEPLOY)]).await;
     fresh.expect(&[]).await;
-    assert_eq!(h.fake.get(DEPLOY).unwrap()["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"], "0.5");
+    assert_eq!(
+        h.fake.get(DEPLOY).unwrap()["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+            ["cpu"],
+        "0.5"
+    );
 }
 
 #[tokio::test]
