@@ -18,9 +18,9 @@ use clap::Parser as _;
 use secrecy::SecretString;
 use tenantry_api::config::{Cli, Command};
 use tenantry_api::password::{HashParams, PasswordHasher};
+use tenantry_client::{Client, Credentials, Trust};
 use tenantry_proto::v1::account_service_client::AccountServiceClient;
 use tenantry_proto::v1::{LoginRequest, SignupRequest, WhoAmIRequest};
-use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
@@ -135,9 +135,7 @@ async fn main() {
             let _ = stopped.await;
         },
     ));
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
+    let channel = tenantry_client::connect(&format!("http://{addr}"), Trust::default())
         .await
         .unwrap();
     let run_id = std::process::id();
@@ -221,6 +219,7 @@ async fn main() {
         .unwrap()
         .into_inner()
         .session_token;
+    let credentials = Credentials::bearer(&SecretString::from(token)).unwrap();
     println!();
     println!(
         "{:<28} {:>10} {:>10} {:>8}",
@@ -240,15 +239,11 @@ async fn main() {
             }
         })
         .await;
-        let ch = channel.clone();
-        let tok = token.clone();
+        let authed = Client::new(channel.clone(), credentials.clone());
         let (who_rate, who_lat) = drive(clients, total, move |_| {
-            let mut c = AccountServiceClient::new(ch.clone());
-            let mut req = tonic::Request::new(WhoAmIRequest {});
-            req.metadata_mut()
-                .insert("authorization", format!("Bearer {tok}").parse().unwrap());
+            let mut c = authed.accounts();
             async move {
-                c.who_am_i(req).await.unwrap();
+                c.who_am_i(WhoAmIRequest {}).await.unwrap();
             }
         })
         .await;

@@ -328,10 +328,7 @@ async fn the_binary_serves_bootstraps_an_admin_and_stops_on_sigterm() {
     let endpoint = format!("http://127.0.0.1:{port}");
     let mut channel = None;
     for _ in 0..100 {
-        if let Ok(c) = tonic::transport::Channel::from_shared(endpoint.clone())
-            .unwrap()
-            .connect()
-            .await
+        if let Ok(c) = tenantry_client::connect(&endpoint, tenantry_client::Trust::default()).await
         {
             channel = Some(c);
             break;

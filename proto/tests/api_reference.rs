@@ -901,6 +901,10 @@ fn docs_cite_only_files_and_items_that_exist() {
             };
             let cites_repo_file = [
                 "api/",
+                "client/",
+                "cli/",
+                "kube/",
+                "pki/",
                 "operator/",
                 "tenant-runtime/",
                 "proto/",

@@ -7,8 +7,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use secrecy::SecretString;
+use tenantry_client::{Client, Credentials, Trust};
 use tenantry_proto::v1::account_service_client::AccountServiceClient;
-use tenantry_proto::v1::tenant_service_client::TenantServiceClient;
 use tenantry_proto::v1::*;
 use tonic::Request;
 use tonic::transport::Channel;
@@ -80,10 +81,12 @@ pub fn free_port() -> u16 {
 
 /// `msg` with the session token as bearer credentials.
 pub fn authed<T>(msg: T, token: &str) -> Request<T> {
-    let mut req = Request::new(msg);
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    req
+    credentials(token).authorize(Request::new(msg))
+}
+
+/// Bearer credentials for a session token.
+fn credentials(token: &str) -> Credentials {
+    Credentials::bearer(&SecretString::from(token)).unwrap()
 }
 
 /// Connects to a plaintext API on `port`, waiting up to 30 s for it to listen; `log`
@@ -91,10 +94,8 @@ pub fn authed<T>(msg: T, token: &str) -> Request<T> {
 pub async fn connect(port: u16, log: impl Fn() -> String) -> Channel {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(c) = Channel::from_shared(format!("http://127.0.0.1:{port}"))
-            .unwrap()
-            .connect()
-            .await
+        if let Ok(c) =
+            tenantry_client::connect(&format!("http://127.0.0.1:{port}"), Trust::default()).await
         {
             return c;
         }
@@ -128,13 +129,11 @@ pub async fn wait_for_tenant(
 ) -> Tenant {
     let deadline = Instant::now() + within;
     loop {
-        let t = TenantServiceClient::new(channel.clone())
-            .get_tenant(authed(
-                GetTenantRequest {
-                    tenant_id: tenant_id.into(),
-                },
-                token,
-            ))
+        let t = Client::new(channel.clone(), credentials(token))
+            .tenants()
+            .get_tenant(GetTenantRequest {
+                tenant_id: tenant_id.into(),
+            })
             .await
             .unwrap()
             .into_inner()

@@ -13,6 +13,7 @@ use tenantry_api::clock::{Clock as _, ManualClock};
 use tenantry_api::config::{Cli, Command, ServeArgs};
 use tenantry_api::state::AppState;
 use tenantry_api::totp;
+use tenantry_client::{AuthedChannel, Client, Credentials, Trust};
 use tenantry_proto::v1::account_service_client::AccountServiceClient;
 use tenantry_proto::v1::admin_service_client::AdminServiceClient;
 use tenantry_proto::v1::mfa_service_client::MfaServiceClient;
@@ -206,9 +207,7 @@ impl TestServer {
                 let _ = rx.await;
             },
         ));
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
+        let channel = tenantry_client::connect(&format!("http://{addr}"), Trust::default())
             .await
             .unwrap();
         TestServer {
@@ -235,17 +234,21 @@ impl TestServer {
         }
     }
 
-    pub fn accounts(&self) -> AccountServiceClient<Channel> {
-        AccountServiceClient::new(self.channel.clone())
+    /// Service clients without credentials: each request brings its own ([`authed`]).
+    pub fn client(&self) -> Client {
+        Client::new(self.channel.clone(), Credentials::default())
     }
-    pub fn mfa(&self) -> MfaServiceClient<Channel> {
-        MfaServiceClient::new(self.channel.clone())
+    pub fn accounts(&self) -> AccountServiceClient<AuthedChannel> {
+        self.client().accounts()
     }
-    pub fn tenants(&self) -> TenantServiceClient<Channel> {
-        TenantServiceClient::new(self.channel.clone())
+    pub fn mfa(&self) -> MfaServiceClient<AuthedChannel> {
+        self.client().mfa()
     }
-    pub fn admin(&self) -> AdminServiceClient<Channel> {
-        AdminServiceClient::new(self.channel.clone())
+    pub fn tenants(&self) -> TenantServiceClient<AuthedChannel> {
+        self.client().tenants()
+    }
+    pub fn admin(&self) -> AdminServiceClient<AuthedChannel> {
+        self.client().admin()
     }
 
     pub fn advance(&self, by: Duration) {
@@ -353,10 +356,9 @@ pub fn totp_code(secret_b32: &str, now_ms: i64, offset_steps: i64) -> String {
 
 /// A request with `authorization: Bearer <token>`.
 pub fn authed<T>(msg: T, token: &str) -> Request<T> {
-    let mut req = Request::new(msg);
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    req
+    Credentials::bearer(&secrecy::SecretString::from(token))
+        .unwrap()
+        .authorize(Request::new(msg))
 }
 
 /// Asserts a status code and returns the status.

@@ -86,6 +86,47 @@ impl Error {
     }
 }
 
+/// The client's errors in the CLI's words: each names the flag (and its variable) to fix.
+impl From<tenantry_client::Error> for Error {
+    fn from(err: tenantry_client::Error) -> Error {
+        use tenantry_client::Error as E;
+        match err {
+            E::Scheme { server } => Error::Usage(format!(
+                "--server must start with http:// or https://, got {server:?}"
+            )),
+            E::Address { server, source } => {
+                Error::Usage(format!("invalid --server {server:?}: {}", chain(&source)))
+            }
+            E::CaRequired => Error::Usage(
+                "an https:// server needs --ca-file (TENANTRY_CA_FILE) with the CA that signed its certificate"
+                    .into(),
+            ),
+            E::CaWithoutTls => {
+                Error::Usage("--ca-file is only used with an https:// server".into())
+            }
+            E::ServerNameWithoutTls => {
+                Error::Usage("--tls-server-name is only used with an https:// server".into())
+            }
+            E::ReadCa { path, source } => Error::Io {
+                what: format!("reading the CA file {}", path.display()),
+                source,
+            },
+            E::Tls { path, source } => Error::Usage(format!(
+                "TLS setup with {}: {}",
+                path.display(),
+                chain(&source)
+            )),
+            E::Connect { server, source } => Error::Connect {
+                server,
+                detail: chain(&source),
+            },
+            E::MalformedToken(_) => {
+                Error::Usage("the session token is malformed; run `tenantryctl login`".into())
+            }
+        }
+    }
+}
+
 /// The `ErrorInfo.reason` of a status, empty when there is none.
 pub fn reason(status: &Status) -> String {
     status
@@ -218,6 +259,30 @@ mod tests {
         assert_eq!(
             Error::from(st).to_string(),
             "invalid max_age_hours: at most 720"
+        );
+    }
+
+    #[test]
+    fn client_errors_name_the_flag_to_fix() {
+        let e = Error::from(tenantry_client::Error::Scheme {
+            server: "x:1".into(),
+        });
+        assert_eq!(
+            e.to_string(),
+            r#"--server must start with http:// or https://, got "x:1""#
+        );
+        let e = Error::from(tenantry_client::Error::CaRequired);
+        assert!(
+            e.to_string().contains("--ca-file (TENANTRY_CA_FILE)"),
+            "{e}"
+        );
+        let e = Error::from(tenantry_client::Error::ReadCa {
+            path: "/ca.pem".into(),
+            source: std::io::ErrorKind::NotFound.into(),
+        });
+        assert!(
+            e.to_string().starts_with("reading the CA file /ca.pem: "),
+            "{e}"
         );
     }
 

@@ -1,5 +1,5 @@
 //! How results look: aligned plain-text tables for people, JSON for scripts. Pure functions
-//! from protobuf messages to strings and `serde_json::Value`s; `main` does the printing.
+//! from protobuf messages to strings and `serde_json::Value`s; `commands` does the printing.
 
 use serde_json::{Value, json};
 use tenantry_proto::v1::{AuditEvent, Plan, RetentionPolicy, Tenant, TenantPhase};

@@ -3,6 +3,10 @@
 //! server's clock and handed to the CLI with `--totp-code` (or on stdin for enrollment).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+// The API's own test harness (server on a manual clock, SQLite or PostgreSQL), shared
+// rather than copied: this test lives here only because `CARGO_BIN_EXE_tenantryctl`
+// exists only for the tests of the package that builds the binary.
+#[path = "../../api/tests/common/mod.rs"]
 mod common;
 
 use std::os::unix::fs::PermissionsExt as _;

@@ -4,14 +4,14 @@ use std::path::{Path, PathBuf};
 
 use secrecy::ExposeSecret as _;
 use serde_json::{Value, json};
+use tenantry_client::{Client, Credentials, Trust};
 use tenantry_proto::v1::*;
-use tonic::transport::Channel;
 
 use crate::cli::{
     AdminsCommand, AuditCommand, Cli, Command, DEFAULT_SERVER, Format, GlobalArgs, LoginArgs,
     MfaCommand, RetentionCommand, SessionsCommand, TenantsCommand,
 };
-use crate::client::{self, Api, FactorSource};
+use crate::client::{Api, FactorSource};
 use crate::error::{Error, Result};
 use crate::output::{self, AUDIT_HEADERS, TENANT_HEADERS};
 use crate::prompt;
@@ -78,8 +78,8 @@ fn factor_source(global: &GlobalArgs) -> FactorSource {
 }
 
 /// The TLS trust settings of the global flags.
-fn trust(global: &GlobalArgs) -> client::Trust<'_> {
-    client::Trust {
+fn trust(global: &GlobalArgs) -> Trust<'_> {
+    Trust {
         ca_file: global.ca_file.as_deref(),
         server_name: global.tls_server_name.as_deref(),
     }
@@ -95,7 +95,7 @@ async fn open(global: &GlobalArgs, session_file: &Path) -> Result<Api> {
             wanted: server,
         });
     }
-    let channel = client::connect(&server, trust(global)).await?;
+    let channel = tenantry_client::connect(&server, trust(global)).await?;
     Api::new(channel, &saved, factor_source(global))
 }
 
@@ -106,7 +106,7 @@ async fn login(
     out: Printer,
 ) -> Result<()> {
     let server = server_for(global, None);
-    let channel: Channel = client::connect(&server, trust(global)).await?;
+    let channel = tenantry_client::connect(&server, trust(global)).await?;
     let email = match args.email {
         Some(email) => email,
         None => prompt::line("Email: ")?
@@ -115,7 +115,8 @@ async fn login(
             .ok_or_else(|| Error::Usage("an email is required (--email)".into()))?,
     };
     let password = prompt::password(args.password_stdin)?;
-    let resp = account_service_client::AccountServiceClient::new(channel.clone())
+    let resp = Client::new(channel.clone(), Credentials::default())
+        .accounts()
         .login(LoginRequest {
             email: email.clone(),
             password: password.expose_secret().to_owned(),
@@ -136,7 +137,7 @@ async fn login(
         };
         if let Err(e) = verified {
             // Do not leave a half-logged-in session behind on the server.
-            let _ = api.accounts().logout(api.authed(LogoutRequest {})).await;
+            let _ = api.client().accounts().logout(LogoutRequest {}).await;
             return Err(e);
         }
     }
@@ -193,10 +194,10 @@ async fn logout(global: &GlobalArgs, session_file: &Path, out: Printer) -> Resul
 }
 
 /// Ends `saved` on its server; a session that is already over is fine.
-async fn end_session(saved: &Session, trust: client::Trust<'_>) -> Result<()> {
-    let channel = client::connect(&saved.server, trust).await?;
+async fn end_session(saved: &Session, trust: Trust<'_>) -> Result<()> {
+    let channel = tenantry_client::connect(&saved.server, trust).await?;
     let api = Api::new(channel, saved, FactorSource::default())?;
-    match api.accounts().logout(api.authed(LogoutRequest {})).await {
+    match api.client().accounts().logout(LogoutRequest {}).await {
         Ok(_) => Ok(()),
         Err(status) => match Error::from(status) {
             Error::SessionInvalid | Error::NotLoggedIn => Ok(()),
@@ -207,7 +208,7 @@ async fn end_session(saved: &Session, trust: client::Trust<'_>) -> Result<()> {
 
 async fn whoami(api: &Api, out: Printer) -> Result<()> {
     let me = api
-        .call(async |a: &Api| a.accounts().who_am_i(a.authed(WhoAmIRequest {})).await)
+        .call(async |c: &Client| c.accounts().who_am_i(WhoAmIRequest {}).await)
         .await?;
     out.emit(
         || {
@@ -252,9 +253,9 @@ fn list_or_dash(items: &[String]) -> String {
 
 async fn mfa_enroll(api: &Api, out: Printer) -> Result<()> {
     let begin = api
-        .call(async |a: &Api| {
-            a.mfa()
-                .begin_totp_enrollment(a.authed(BeginTotpEnrollmentRequest {}))
+        .call(async |c: &Client| {
+            c.mfa()
+                .begin_totp_enrollment(BeginTotpEnrollmentRequest {})
                 .await
         })
         .await?;
@@ -287,11 +288,9 @@ async fn mfa_enroll(api: &Api, out: Printer) -> Result<()> {
         .filter(|c| !c.is_empty())
         .ok_or_else(|| Error::Usage("enrollment needs a code from the authenticator app".into()))?;
     let confirm = api
-        .call(async |a: &Api| {
-            a.mfa()
-                .confirm_totp_enrollment(
-                    a.authed(ConfirmTotpEnrollmentRequest { code: code.clone() }),
-                )
+        .call(async |c: &Client| {
+            c.mfa()
+                .confirm_totp_enrollment(ConfirmTotpEnrollmentRequest { code: code.clone() })
                 .await
         })
         .await?;
@@ -324,12 +323,12 @@ async fn tenants(api: &Api, command: TenantsCommand, out: Printer) -> Result<()>
             let mut page_token = String::new();
             loop {
                 let page = api
-                    .call(async |a: &Api| {
-                        a.admin()
-                            .list_tenants(a.authed(ListTenantsRequest {
+                    .call(async |c: &Client| {
+                        c.admin()
+                            .list_tenants(ListTenantsRequest {
                                 page_size,
                                 page_token: page_token.clone(),
-                            }))
+                            })
                             .await
                     })
                     .await?;
@@ -349,11 +348,11 @@ async fn tenants(api: &Api, command: TenantsCommand, out: Printer) -> Result<()>
         }
         TenantsCommand::Get { tenant_id } => {
             let resp = api
-                .call(async |a: &Api| {
-                    a.tenants()
-                        .get_tenant(a.authed(GetTenantRequest {
+                .call(async |c: &Client| {
+                    c.tenants()
+                        .get_tenant(GetTenantRequest {
                             tenant_id: tenant_id.clone(),
-                        }))
+                        })
                         .await
                 })
                 .await?;
@@ -365,11 +364,11 @@ async fn tenants(api: &Api, command: TenantsCommand, out: Printer) -> Result<()>
         }
         TenantsCommand::Suspend { tenant_id } => {
             let resp = api
-                .call(async |a: &Api| {
-                    a.admin()
-                        .suspend_tenant(a.authed(SuspendTenantRequest {
+                .call(async |c: &Client| {
+                    c.admin()
+                        .suspend_tenant(SuspendTenantRequest {
                             tenant_id: tenant_id.clone(),
-                        }))
+                        })
                         .await
                 })
                 .await?;
@@ -377,11 +376,11 @@ async fn tenants(api: &Api, command: TenantsCommand, out: Printer) -> Result<()>
         }
         TenantsCommand::Resume { tenant_id } => {
             let resp = api
-                .call(async |a: &Api| {
-                    a.admin()
-                        .resume_tenant(a.authed(ResumeTenantRequest {
+                .call(async |c: &Client| {
+                    c.admin()
+                        .resume_tenant(ResumeTenantRequest {
                             tenant_id: tenant_id.clone(),
-                        }))
+                        })
                         .await
                 })
                 .await?;
@@ -396,11 +395,11 @@ async fn tenants(api: &Api, command: TenantsCommand, out: Printer) -> Result<()>
             {
                 return Err(Error::Aborted);
             }
-            api.call(async |a: &Api| {
-                a.admin()
-                    .delete_tenant(a.authed(DeleteTenantRequest {
+            api.call(async |c: &Client| {
+                c.admin()
+                    .delete_tenant(DeleteTenantRequest {
                         tenant_id: tenant_id.clone(),
-                    }))
+                    })
                     .await
             })
             .await?;
@@ -425,11 +424,11 @@ async fn retention(api: &Api, command: RetentionCommand, out: Printer) -> Result
     match command {
         RetentionCommand::Get { tenant_id } => {
             let resp = api
-                .call(async |a: &Api| {
-                    a.tenants()
-                        .get_retention_policy(a.authed(GetRetentionPolicyRequest {
+                .call(async |c: &Client| {
+                    c.tenants()
+                        .get_retention_policy(GetRetentionPolicyRequest {
                             tenant_id: tenant_id.clone(),
-                        }))
+                        })
                         .await
                 })
                 .await?;
@@ -459,25 +458,25 @@ async fn retention(api: &Api, command: RetentionCommand, out: Printer) -> Result
             admin,
         } => {
             let policy = if admin {
-                api.call(async |a: &Api| {
-                    a.admin()
-                        .set_tenant_retention_policy(a.authed(SetTenantRetentionPolicyRequest {
+                api.call(async |c: &Client| {
+                    c.admin()
+                        .set_tenant_retention_policy(SetTenantRetentionPolicyRequest {
                             tenant_id: tenant_id.clone(),
                             max_age_hours,
                             max_count,
-                        }))
+                        })
                         .await
                 })
                 .await?
                 .policy
             } else {
-                api.call(async |a: &Api| {
-                    a.tenants()
-                        .set_retention_policy(a.authed(SetRetentionPolicyRequest {
+                api.call(async |c: &Client| {
+                    c.tenants()
+                        .set_retention_policy(SetRetentionPolicyRequest {
                             tenant_id: tenant_id.clone(),
                             max_age_hours,
                             max_count,
-                        }))
+                        })
                         .await
                 })
                 .await?
@@ -510,13 +509,13 @@ async fn audit(api: &Api, command: AuditCommand, out: Printer) -> Result<()> {
                         .min(u64::from(page_size))
                 });
                 let page = api
-                    .call(async |a: &Api| {
-                        a.admin()
-                            .list_audit_events(a.authed(ListAuditEventsRequest {
+                    .call(async |c: &Client| {
+                        c.admin()
+                            .list_audit_events(ListAuditEventsRequest {
                                 // `want` is at most `page_size`.
                                 page_size: u32::try_from(want).unwrap_or(page_size),
                                 page_token: page_token.clone(),
-                            }))
+                            })
                             .await
                     })
                     .await?;
@@ -542,11 +541,7 @@ async fn audit(api: &Api, command: AuditCommand, out: Printer) -> Result<()> {
         }
         AuditCommand::Verify => {
             let resp = api
-                .call(async |a: &Api| {
-                    a.admin()
-                        .verify_audit_log(a.authed(VerifyAuditLogRequest {}))
-                        .await
-                })
+                .call(async |c: &Client| c.admin().verify_audit_log(VerifyAuditLogRequest {}).await)
                 .await?;
             if out.format == Format::Json {
                 print!(
@@ -575,22 +570,22 @@ async fn audit(api: &Api, command: AuditCommand, out: Printer) -> Result<()> {
 async fn admins(api: &Api, command: AdminsCommand, out: Printer) -> Result<()> {
     let (user_id, admin) = match command {
         AdminsCommand::Grant { user_id } => {
-            api.call(async |a: &Api| {
-                a.admin()
-                    .grant_admin(a.authed(GrantAdminRequest {
+            api.call(async |c: &Client| {
+                c.admin()
+                    .grant_admin(GrantAdminRequest {
                         user_id: user_id.clone(),
-                    }))
+                    })
                     .await
             })
             .await?;
             (user_id, true)
         }
         AdminsCommand::Revoke { user_id } => {
-            api.call(async |a: &Api| {
-                a.admin()
-                    .revoke_admin(a.authed(RevokeAdminRequest {
+            api.call(async |c: &Client| {
+                c.admin()
+                    .revoke_admin(RevokeAdminRequest {
                         user_id: user_id.clone(),
-                    }))
+                    })
                     .await
             })
             .await?;
@@ -617,11 +612,11 @@ async fn admins(api: &Api, command: AdminsCommand, out: Printer) -> Result<()> {
 async fn sessions(api: &Api, command: SessionsCommand, out: Printer) -> Result<()> {
     let SessionsCommand::Revoke { user_id } = command;
     let resp = api
-        .call(async |a: &Api| {
-            a.admin()
-                .revoke_sessions(a.authed(RevokeSessionsRequest {
+        .call(async |c: &Client| {
+            c.admin()
+                .revoke_sessions(RevokeSessionsRequest {
                     user_id: user_id.clone(),
-                }))
+                })
                 .await
         })
         .await?;
