@@ -4,7 +4,7 @@
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
-use super::Store;
+use super::{Store, Write};
 use crate::audit::{self, AuditEntry, ChainVerifier};
 use crate::error::Result;
 
@@ -56,10 +56,8 @@ fn audit_from_row(row: &AnyRow) -> Result<AuditRow> {
 impl Store {
     /// Appends one audit row on its own.
     pub async fn audit(&self, record: &AuditRecord, now_ms: i64) -> Result<()> {
-        let mut tx = self.begin_write().await?;
-        append_audit(&mut tx, record, now_ms).await?;
-        tx.commit().await?;
-        Ok(())
+        self.commit_audited([record], now_ms, async |_| Ok(Write::Commit(())))
+            .await
     }
 
     /// A page of audit rows after `after_sequence`.

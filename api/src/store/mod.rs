@@ -15,7 +15,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, Transaction};
+use sqlx::{AnyConnection, AnyPool, Transaction};
 
 use crate::error::{Error, Result};
 use crate::migrations::MIGRATIONS;
@@ -56,12 +56,26 @@ pub struct Store {
     backend: Backend,
 }
 
-fn is_unique_violation(e: &sqlx::Error) -> Option<String> {
+/// What the change run by [`Store::commit_audited`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write<T> {
+    /// The change is made: append the audit rows, commit, and return the value.
+    Commit(T),
+    /// Nothing is to be kept or recorded (a name is taken, a precondition no longer holds):
+    /// roll back without auditing, and return the value.
+    Rollback(T),
+}
+
+/// A unique violation becomes a [`Write::Rollback`] with `taken`; any other error stays one.
+fn rollback_if_taken<T>(e: sqlx::Error, taken: T) -> Result<Write<T>> {
     match e {
-        sqlx::Error::Database(db) if db.is_unique_violation() => Some(db.message().to_owned()),
-        _ => None,
+        sqlx::Error::Database(db) if db.is_unique_violation() => Ok(Write::Rollback(taken)),
+        other => Err(other.into()),
     }
 }
+
+/// A query with its SQL text owned, so it can be handed around before it runs.
+type AnyQuery = sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments>;
 
 fn dyn_sql(sql: String) -> sqlx::AssertSqlSafe<String> {
     sqlx::AssertSqlSafe(sql)
@@ -117,12 +131,43 @@ impl Store {
         self.pool.close().await;
     }
 
-    pub(super) async fn begin_write(&self) -> Result<Transaction<'static, sqlx::Any>> {
+    async fn begin_write(&self) -> Result<Transaction<'static, sqlx::Any>> {
         let tx = match self.backend {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
             Backend::Postgres => self.pool.begin().await?,
         };
         Ok(tx)
+    }
+
+    /// Every audited write: runs `change` in a write transaction, then appends `audits` to
+    /// the chain (in order, each one row) and commits. The change and its audit rows are
+    /// written together or not at all: when the change or an append fails, nothing is
+    /// committed and the error is returned; when the change answers [`Write::Rollback`],
+    /// nothing is committed or audited.
+    ///
+    /// The store's aggregates use it for each audited write; it is public for the store's
+    /// own tests, not for services (they never write SQL).
+    pub async fn commit_audited<'a, T>(
+        &self,
+        audits: impl IntoIterator<Item = &'a AuditRecord>,
+        now_ms: i64,
+        change: impl AsyncFnOnce(&mut AnyConnection) -> Result<Write<T>>,
+    ) -> Result<T> {
+        let mut tx = self.begin_write().await?;
+        // On an error, dropping `tx` rolls it back.
+        match change(&mut *tx).await? {
+            Write::Commit(value) => {
+                for record in audits {
+                    audit::append_audit(&mut tx, record, now_ms).await?;
+                }
+                tx.commit().await?;
+                Ok(value)
+            }
+            Write::Rollback(value) => {
+                tx.rollback().await?;
+                Ok(value)
+            }
+        }
     }
 
     async fn migrate(&self) -> Result<()> {

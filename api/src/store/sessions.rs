@@ -3,8 +3,8 @@
 
 use sqlx::Row;
 
-use super::audit::{AuditRecord, append_audit};
-use super::{Backend, Store};
+use super::audit::AuditRecord;
+use super::{Backend, Store, Write};
 use crate::error::{Error, Result};
 
 /// A live session joined with its user.
@@ -56,29 +56,29 @@ impl Store {
         audit: &AuditRecord,
         now_ms: i64,
     ) -> Result<()> {
-        let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "UPDATE users SET login_failures = 0, login_lockouts = 0, login_locked_until_ms = 0, \
-             password_hash = COALESCE($1, password_hash) WHERE id = $2",
-        )
-        .bind(new_hash)
-        .bind(user_id)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO sessions (token_hash, user_id, created_at_ms, last_seen_ms, expires_at_ms, source) \
-             VALUES ($1, $2, $3, $3, $4, $5)",
-        )
-        .bind(token_hash)
-        .bind(user_id)
-        .bind(now_ms)
-        .bind(expires_at_ms)
-        .bind(source)
-        .execute(&mut *tx)
-        .await?;
-        append_audit(&mut tx, audit, now_ms).await?;
-        tx.commit().await?;
-        Ok(())
+        self.commit_audited([audit], now_ms, async |tx| {
+            sqlx::query(
+                "UPDATE users SET login_failures = 0, login_lockouts = 0, login_locked_until_ms = 0, \
+                 password_hash = COALESCE($1, password_hash) WHERE id = $2",
+            )
+            .bind(new_hash)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO sessions (token_hash, user_id, created_at_ms, last_seen_ms, expires_at_ms, source) \
+                 VALUES ($1, $2, $3, $3, $4, $5)",
+            )
+            .bind(token_hash)
+            .bind(user_id)
+            .bind(now_ms)
+            .bind(expires_at_ms)
+            .bind(source)
+            .execute(&mut *tx)
+            .await?;
+            Ok(Write::Commit(()))
+        })
+        .await
     }
 
     /// The session with this token hash, joined with its user.
@@ -133,16 +133,14 @@ impl Store {
         audit: Option<&AuditRecord>,
         now_ms: i64,
     ) -> Result<()> {
-        let mut tx = self.begin_write().await?;
-        sqlx::query("DELETE FROM sessions WHERE token_hash = $1")
-            .bind(token_hash)
-            .execute(&mut *tx)
-            .await?;
-        if let Some(a) = audit {
-            append_audit(&mut tx, a, now_ms).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        self.commit_audited(audit, now_ms, async |tx| {
+            sqlx::query("DELETE FROM sessions WHERE token_hash = $1")
+                .bind(token_hash)
+                .execute(&mut *tx)
+                .await?;
+            Ok(Write::Commit(()))
+        })
+        .await
     }
 
     /// Ends every session of a user; returns how many.
@@ -152,21 +150,21 @@ impl Store {
         audit: &AuditRecord,
         now_ms: i64,
     ) -> Result<u64> {
-        let mut tx = self.begin_write().await?;
-        let exists: Option<String> = sqlx::query_scalar("SELECT id FROM users WHERE id = $1")
-            .bind(user_id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if exists.is_none() {
-            return Err(Error::NotFound("user"));
-        }
-        let done = sqlx::query("DELETE FROM sessions WHERE user_id = $1")
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await?;
-        append_audit(&mut tx, audit, now_ms).await?;
-        tx.commit().await?;
-        Ok(done.rows_affected())
+        self.commit_audited([audit], now_ms, async |tx| {
+            let exists: Option<String> = sqlx::query_scalar("SELECT id FROM users WHERE id = $1")
+                .bind(user_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if exists.is_none() {
+                return Err(Error::NotFound("user"));
+            }
+            let done = sqlx::query("DELETE FROM sessions WHERE user_id = $1")
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+            Ok(Write::Commit(done.rows_affected()))
+        })
+        .await
     }
 
     /// Deletes sessions past their absolute expiry or idle since before `idle_before_ms`.

@@ -4,8 +4,8 @@
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::audit::{AuditRecord, append_audit};
-use super::{Store, dyn_sql};
+use super::audit::AuditRecord;
+use super::{AnyQuery, Store, Write, dyn_sql};
 use crate::error::{Error, Result};
 
 /// A tenant row.
@@ -161,21 +161,14 @@ impl Store {
         audit: &AuditRecord,
         now_ms: i64,
     ) -> Result<TenantRow> {
-        let mut tx = self.begin_write().await?;
-        let row = sqlx::query(dyn_sql(format!(
-            "UPDATE tenants SET retention_max_age_hours = $1, retention_max_count = $2, updated_at_ms = $3 \
-             WHERE id = $4 RETURNING {TENANT_COLUMNS}"
-        )))
-        .bind(max_age_hours)
-        .bind(max_count)
-        .bind(now_ms)
-        .bind(tenant_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let tenant = tenant_from_row(&row.ok_or(Error::NotFound("tenant"))?)?;
-        append_audit(&mut tx, audit, now_ms).await?;
-        tx.commit().await?;
-        Ok(tenant)
+        self.update_tenant(
+            tenant_id,
+            "retention_max_age_hours = $3, retention_max_count = $4",
+            |q| q.bind(max_age_hours).bind(max_count),
+            audit,
+            now_ms,
+        )
+        .await
     }
 
     /// Sets `suspended` and the phase, and audits; returns the updated tenant, or
@@ -188,21 +181,39 @@ impl Store {
         audit: &AuditRecord,
         now_ms: i64,
     ) -> Result<TenantRow> {
-        let mut tx = self.begin_write().await?;
-        let row = sqlx::query(dyn_sql(format!(
-            "UPDATE tenants SET suspended = $1, phase = $2, updated_at_ms = $3 WHERE id = $4 \
-             RETURNING {TENANT_COLUMNS}"
-        )))
-        .bind(i64::from(suspended))
-        .bind(phase)
-        .bind(now_ms)
-        .bind(tenant_id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let tenant = tenant_from_row(&row.ok_or(Error::NotFound("tenant"))?)?;
-        append_audit(&mut tx, audit, now_ms).await?;
-        tx.commit().await?;
-        Ok(tenant)
+        self.update_tenant(
+            tenant_id,
+            "suspended = $3, phase = $4",
+            |q| q.bind(i64::from(suspended)).bind(phase.to_owned()),
+            audit,
+            now_ms,
+        )
+        .await
+    }
+
+    /// An audited update of one tenant's columns: `assignments` sets them from `$3` on, in
+    /// the order `bind` binds them (`$1` is the time, `$2` the id). Returns the updated
+    /// tenant, or `Err(NotFound)` if it does not exist.
+    async fn update_tenant(
+        &self,
+        tenant_id: &str,
+        assignments: &str,
+        bind: impl FnOnce(AnyQuery) -> AnyQuery,
+        audit: &AuditRecord,
+        now_ms: i64,
+    ) -> Result<TenantRow> {
+        self.commit_audited([audit], now_ms, async |tx| {
+            let query = sqlx::query(dyn_sql(format!(
+                "UPDATE tenants SET {assignments}, updated_at_ms = $1 WHERE id = $2 \
+                 RETURNING {TENANT_COLUMNS}"
+            )))
+            .bind(now_ms)
+            .bind(tenant_id);
+            let row = bind(query).fetch_optional(&mut *tx).await?;
+            let tenant = tenant_from_row(&row.ok_or(Error::NotFound("tenant"))?)?;
+            Ok(Write::Commit(tenant))
+        })
+        .await
     }
 
     /// Records what the provisioner observed; writes only when something changed, and never
@@ -240,21 +251,21 @@ impl Store {
         audit: &AuditRecord,
         now_ms: i64,
     ) -> Result<()> {
-        let mut tx = self.begin_write().await?;
-        let done = sqlx::query(
-            "UPDATE tenants SET phase = 'Terminating', endpoint = '', message = 'deleting the instance and its data', \
-             updated_at_ms = $1 WHERE id = $2",
-        )
-        .bind(now_ms)
-        .bind(tenant_id)
-        .execute(&mut *tx)
-        .await?;
-        if done.rows_affected() == 0 {
-            return Err(Error::NotFound("tenant"));
-        }
-        append_audit(&mut tx, audit, now_ms).await?;
-        tx.commit().await?;
-        Ok(())
+        self.commit_audited([audit], now_ms, async |tx| {
+            let done = sqlx::query(
+                "UPDATE tenants SET phase = 'Terminating', endpoint = '', message = 'deleting the instance and its data', \
+                 updated_at_ms = $1 WHERE id = $2",
+            )
+            .bind(now_ms)
+            .bind(tenant_id)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() == 0 {
+                return Err(Error::NotFound("tenant"));
+            }
+            Ok(Write::Commit(()))
+        })
+        .await
     }
 
     /// Removes a tenant's rows once its instance is gone. Idempotent.

@@ -4,8 +4,8 @@
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use super::audit::{AuditRecord, append_audit};
-use super::{Store, dyn_sql, is_unique_violation};
+use super::audit::AuditRecord;
+use super::{Store, Write, dyn_sql, rollback_if_taken};
 use crate::error::{Error, Result};
 use crate::lockout::LockState;
 
@@ -117,53 +117,50 @@ impl Store {
     /// Writes a user, their tenant, the owner membership and the audit row in one
     /// transaction.
     pub async fn create_signup(&self, s: &NewSignup, audit: &AuditRecord) -> Result<SignupOutcome> {
-        let mut tx = self.begin_write().await?;
-        let user = sqlx::query(
-            "INSERT INTO users (id, email, password_hash, created_at_ms) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(&s.user_id)
-        .bind(&s.email)
-        .bind(&s.password_hash)
-        .bind(s.now_ms)
-        .execute(&mut *tx)
-        .await;
-        if let Err(e) = user {
-            return match is_unique_violation(&e) {
-                Some(_) => Ok(SignupOutcome::EmailTaken),
-                None => Err(e.into()),
-            };
-        }
-        let tenant = sqlx::query(
-            "INSERT INTO tenants (id, name, owner_user_id, plan, phase, retention_max_age_hours, \
-             retention_max_count, created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
-        )
-        .bind(&s.tenant_id)
-        .bind(&s.tenant_name)
-        .bind(&s.user_id)
-        .bind(&s.plan)
-        .bind(&s.phase)
-        .bind(s.retention_max_age_hours)
-        .bind(s.retention_max_count)
-        .bind(s.now_ms)
-        .execute(&mut *tx)
-        .await;
-        if let Err(e) = tenant {
-            return match is_unique_violation(&e) {
-                Some(_) => Ok(SignupOutcome::TenantNameTaken),
-                None => Err(e.into()),
-            };
-        }
-        sqlx::query("INSERT INTO memberships (user_id, tenant_id, role) VALUES ($1, $2, 'owner')")
+        self.commit_audited([audit], s.now_ms, async |tx| {
+            let user = sqlx::query(
+                "INSERT INTO users (id, email, password_hash, created_at_ms) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(&s.user_id)
+            .bind(&s.email)
+            .bind(&s.password_hash)
+            .bind(s.now_ms)
+            .execute(&mut *tx)
+            .await;
+            if let Err(e) = user {
+                return rollback_if_taken(e, SignupOutcome::EmailTaken);
+            }
+            let tenant = sqlx::query(
+                "INSERT INTO tenants (id, name, owner_user_id, plan, phase, retention_max_age_hours, \
+                 retention_max_count, created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
+            )
+            .bind(&s.tenant_id)
+            .bind(&s.tenant_name)
+            .bind(&s.user_id)
+            .bind(&s.plan)
+            .bind(&s.phase)
+            .bind(s.retention_max_age_hours)
+            .bind(s.retention_max_count)
+            .bind(s.now_ms)
+            .execute(&mut *tx)
+            .await;
+            if let Err(e) = tenant {
+                return rollback_if_taken(e, SignupOutcome::TenantNameTaken);
+            }
+            sqlx::query(
+                "INSERT INTO memberships (user_id, tenant_id, role) VALUES ($1, $2, 'owner')",
+            )
             .bind(&s.user_id)
             .bind(&s.tenant_id)
             .execute(&mut *tx)
             .await?;
-        append_audit(&mut tx, audit, s.now_ms).await?;
-        tx.commit().await?;
-        Ok(SignupOutcome::Created)
+            Ok(Write::Commit(SignupOutcome::Created))
+        })
+        .await
     }
 
-    /// Creates a user without a tenant (bootstrap of the first admin).
+    /// Creates a user without a tenant (bootstrap of the first admin); `Ok(false)` when the
+    /// email is taken.
     pub async fn create_user(
         &self,
         id: &str,
@@ -173,26 +170,23 @@ impl Store {
         now_ms: i64,
         audit: &AuditRecord,
     ) -> Result<bool> {
-        let mut tx = self.begin_write().await?;
-        let res = sqlx::query(
-            "INSERT INTO users (id, email, password_hash, is_admin, created_at_ms) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(id)
-        .bind(email)
-        .bind(password_hash)
-        .bind(i64::from(is_admin))
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await;
-        if let Err(e) = res {
-            return match is_unique_violation(&e) {
-                Some(_) => Ok(false),
-                None => Err(e.into()),
-            };
-        }
-        append_audit(&mut tx, audit, now_ms).await?;
-        tx.commit().await?;
-        Ok(true)
+        self.commit_audited([audit], now_ms, async |tx| {
+            let res = sqlx::query(
+                "INSERT INTO users (id, email, password_hash, is_admin, created_at_ms) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(id)
+            .bind(email)
+            .bind(password_hash)
+            .bind(i64::from(is_admin))
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await;
+            match res {
+                Ok(_) => Ok(Write::Commit(true)),
+                Err(e) => rollback_if_taken(e, false),
+            }
+        })
+        .await
     }
 
     /// The user with this (normalized) email.
@@ -234,19 +228,17 @@ impl Store {
                 "UPDATE users SET mfa_failures = $1, mfa_lockouts = $2, mfa_locked_until_ms = $3 WHERE id = $4"
             }
         };
-        let mut tx = self.begin_write().await?;
-        sqlx::query(sql)
-            .bind(state.failures)
-            .bind(state.lockouts)
-            .bind(state.locked_until_ms)
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await?;
-        for a in audits {
-            append_audit(&mut tx, a, now_ms).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        self.commit_audited(audits, now_ms, async |tx| {
+            sqlx::query(sql)
+                .bind(state.failures)
+                .bind(state.lockouts)
+                .bind(state.locked_until_ms)
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+            Ok(Write::Commit(()))
+        })
+        .await
     }
 
     /// Replaces the password hash and ends every session of the user.
@@ -257,19 +249,19 @@ impl Store {
         audit: &AuditRecord,
         now_ms: i64,
     ) -> Result<()> {
-        let mut tx = self.begin_write().await?;
-        sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
-            .bind(hash)
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM sessions WHERE user_id = $1")
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await?;
-        append_audit(&mut tx, audit, now_ms).await?;
-        tx.commit().await?;
-        Ok(())
+        self.commit_audited([audit], now_ms, async |tx| {
+            sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
+                .bind(hash)
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM sessions WHERE user_id = $1")
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+            Ok(Write::Commit(()))
+        })
+        .await
     }
 
     /// Sets the admin role and ends the user's sessions. Refuses (returns `Ok(false)`) to
@@ -281,30 +273,30 @@ impl Store {
         audit: &AuditRecord,
         now_ms: i64,
     ) -> Result<bool> {
-        let mut tx = self.begin_write().await?;
-        let updated = sqlx::query("UPDATE users SET is_admin = $1 WHERE id = $2")
-            .bind(i64::from(admin))
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await?;
-        if updated.rows_affected() == 0 {
-            return Err(Error::NotFound("user"));
-        }
-        if !admin {
-            let admins: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE is_admin = 1")
-                .fetch_one(&mut *tx)
+        self.commit_audited([audit], now_ms, async |tx| {
+            let updated = sqlx::query("UPDATE users SET is_admin = $1 WHERE id = $2")
+                .bind(i64::from(admin))
+                .bind(user_id)
+                .execute(&mut *tx)
                 .await?;
-            if admins == 0 {
-                tx.rollback().await?;
-                return Ok(false);
+            if updated.rows_affected() == 0 {
+                return Err(Error::NotFound("user"));
             }
-        }
-        sqlx::query("DELETE FROM sessions WHERE user_id = $1")
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await?;
-        append_audit(&mut tx, audit, now_ms).await?;
-        tx.commit().await?;
-        Ok(true)
+            if !admin {
+                let admins: i64 =
+                    sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE is_admin = 1")
+                        .fetch_one(&mut *tx)
+                        .await?;
+                if admins == 0 {
+                    return Ok(Write::Rollback(false));
+                }
+            }
+            sqlx::query("DELETE FROM sessions WHERE user_id = $1")
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+            Ok(Write::Commit(true))
+        })
+        .await
     }
 }
