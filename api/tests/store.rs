@@ -1,13 +1,18 @@
 //! The store on its own, below the services: every audited write goes through one helper
-//! that writes the change and its audit row together or not at all. Runs on SQLite, and on
-//! PostgreSQL when `TENANTRY_TEST_DATABASE_URL` is set (each test in its own schema).
+//! that writes the change and its audit row together or not at all, and tenant rows come
+//! back typed. Runs on SQLite, and on PostgreSQL when `TENANTRY_TEST_DATABASE_URL` is set
+//! (each test in its own schema).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
 
 use common::{Database, T0_MS};
 use tenantry_api::Error;
-use tenantry_api::store::{AuditRecord, AuditRow, NewSignup, SignupOutcome, Store, Write};
+use tenantry_api::store::{
+    AuditRecord, AuditRow, NewSignup, SignupOutcome, Store, TenantStatus, Write,
+};
+use tenantry_proto::phase::TenantPhase;
+use tenantry_proto::retention::{Plan, RetentionPolicy};
 
 async fn open(db: &Database) -> Store {
     Store::connect(&db.url, 4).await.unwrap()
@@ -31,10 +36,9 @@ fn new_signup(n: u32) -> NewSignup {
         password_hash: "not-a-real-hash".into(),
         tenant_id: format!("t-{n}"),
         tenant_name: format!("tenant-{n}"),
-        plan: "standard".into(),
-        phase: "Provisioning".into(),
-        retention_max_age_hours: 336,
-        retention_max_count: 10_000,
+        plan: Plan::Standard,
+        phase: TenantPhase::Provisioning,
+        retention: RetentionPolicy::default(),
         now_ms: T0_MS,
     }
 }
@@ -46,6 +50,13 @@ async fn signup(store: &Store, n: u32) {
         .await
         .unwrap();
     assert_eq!(outcome, SignupOutcome::Created);
+}
+
+fn policy(max_age_hours: u32, max_count: u32) -> RetentionPolicy {
+    RetentionPolicy {
+        max_age_hours,
+        max_count,
+    }
 }
 
 async fn audit_rows(store: &Store) -> Vec<AuditRow> {
@@ -62,8 +73,7 @@ async fn each_audited_write_appends_exactly_one_chained_row() {
     store
         .set_retention(
             "t-1",
-            24,
-            100,
+            policy(24, 100),
             &record("tenant.retention.set", "t-1"),
             T0_MS + 1,
         )
@@ -73,7 +83,7 @@ async fn each_audited_write_appends_exactly_one_chained_row() {
         .set_suspended(
             "t-1",
             true,
-            "Suspended",
+            TenantPhase::Suspended,
             &record("admin.tenant.suspend", "t-1"),
             T0_MS + 2,
         )
@@ -168,8 +178,7 @@ async fn a_failed_change_rolls_back_and_is_not_audited() {
     let missing = store
         .set_retention(
             "t-404",
-            24,
-            100,
+            policy(24, 100),
             &record("tenant.retention.set", "t-404"),
             T0_MS,
         )
@@ -197,8 +206,7 @@ async fn a_failed_audit_append_rolls_back_the_change() {
     let failed = store
         .set_retention(
             "t-1",
-            24,
-            100,
+            policy(24, 100),
             &record("tenant.retention.set", "t-1"),
             T0_MS + 1,
         )
@@ -225,4 +233,158 @@ async fn a_failed_audit_append_rolls_back_the_change() {
     );
     let rows = audit_rows(&store).await;
     assert_eq!(rows.len(), 1, "only the signup is recorded");
+}
+
+#[tokio::test]
+async fn tenant_rows_round_trip_plan_phase_and_retention() {
+    let db = Database::new().await;
+    let store = open(&db).await;
+    for (n, plan) in (1..).zip(Plan::ALL) {
+        let mut s = new_signup(n);
+        s.plan = plan;
+        s.phase = TenantPhase::ALL[n as usize];
+        s.retention = policy(n, 1_000_000);
+        let outcome = store
+            .create_signup(&s, &record("account.signup", &s.tenant_id))
+            .await
+            .unwrap();
+        assert_eq!(outcome, SignupOutcome::Created);
+        let row = store.tenant(&s.tenant_id).await.unwrap().unwrap();
+        assert_eq!(
+            (row.plan, row.phase, row.retention),
+            (plan, TenantPhase::ALL[n as usize], policy(n, 1_000_000))
+        );
+    }
+
+    // What the database holds are the names the CRD and the CLI use.
+    let stored = |column: &'static str| {
+        let url = db.url.clone();
+        async move {
+            use sqlx::{Connection as _, Row as _};
+            let mut conn = sqlx::AnyConnection::connect(&url).await.unwrap();
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {column} FROM tenants WHERE id = 't-3'"
+            )))
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+            row.try_get::<String, _>(0).unwrap()
+        }
+    };
+    assert_eq!(stored("plan").await, "enterprise");
+    assert_eq!(stored("phase").await, "Suspended");
+
+    // Every write path keeps the types: retention, suspension, status, deletion.
+    let after = store
+        .set_retention("t-1", policy(720, 5), &record("r", "t-1"), T0_MS)
+        .await
+        .unwrap();
+    assert_eq!(after.retention, policy(720, 5));
+    assert_eq!(after.plan, Plan::Free);
+    let after = store
+        .set_suspended(
+            "t-1",
+            true,
+            TenantPhase::Suspended,
+            &record("s", "t-1"),
+            T0_MS,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (after.suspended, after.phase),
+        (true, TenantPhase::Suspended)
+    );
+    let status = TenantStatus {
+        phase: TenantPhase::Ready,
+        endpoint: "https://tenant-1.example.com".into(),
+        cert_serial: "0a".into(),
+        cert_not_after_ms: T0_MS + 1,
+        cert_renewal_ms: T0_MS,
+        message: String::new(),
+    };
+    assert!(
+        store
+            .set_tenant_status("t-1", &status, T0_MS)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .set_tenant_status("t-1", &status, T0_MS)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.tenant("t-1").await.unwrap().unwrap().phase,
+        TenantPhase::Ready
+    );
+    store
+        .mark_terminating("t-1", &record("d", "t-1"), T0_MS)
+        .await
+        .unwrap();
+    assert!(
+        !store
+            .set_tenant_status("t-1", &status, T0_MS)
+            .await
+            .unwrap()
+    );
+    let (row, role) = store.membership("u-1", "t-1").await.unwrap().unwrap();
+    assert_eq!(
+        (row.phase, role.as_str()),
+        (TenantPhase::Terminating, "owner")
+    );
+}
+
+#[tokio::test]
+async fn a_stored_value_this_version_cannot_read_is_a_clear_error() {
+    let db = Database::new().await;
+    let store = open(&db).await;
+    signup(&store, 1).await;
+    signup(&store, 2).await;
+
+    store
+        .execute_raw_for_tests("UPDATE tenants SET phase = 'Exploded' WHERE id = 't-1'")
+        .await
+        .unwrap();
+    let err = store.tenant("t-1").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidRow {
+                column: "phase",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        r#"tenants row t-1: phase "Exploded" is not a value this version can read"#
+    );
+    // Every read of the row says so; none shows the tenant with a made-up phase.
+    assert!(store.list_tenants(None, 10).await.is_err());
+    assert!(store.membership("u-1", "t-1").await.is_err());
+    assert!(store.tenant("t-2").await.unwrap().is_some());
+
+    store
+        .execute_raw_for_tests("UPDATE tenants SET plan = 'gold' WHERE id = 't-2'")
+        .await
+        .unwrap();
+    let err = store.tenant("t-2").await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        r#"tenants row t-2: plan "gold" is not a value this version can read"#
+    );
+    store
+        .execute_raw_for_tests(
+            "UPDATE tenants SET plan = 'free', retention_max_count = -1 WHERE id = 't-2'",
+        )
+        .await
+        .unwrap();
+    let err = store.tenant("t-2").await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "tenants row t-2: retention_max_count -1 is not a value this version can read"
+    );
 }

@@ -3,6 +3,8 @@
 
 use sqlx::Row;
 use sqlx::any::AnyRow;
+use tenantry_proto::phase::TenantPhase;
+use tenantry_proto::retention::{Plan, RetentionPolicy};
 
 use super::audit::AuditRecord;
 use super::{AnyQuery, Store, Write, dyn_sql};
@@ -17,16 +19,14 @@ pub struct TenantRow {
     pub name: String,
     /// Owner.
     pub owner_user_id: String,
-    /// Plan name.
-    pub plan: String,
-    /// Phase name (`Pending`, `Provisioning`, …).
-    pub phase: String,
+    /// Plan (stored as [`Plan::as_str`]).
+    pub plan: Plan,
+    /// Lifecycle phase (stored as [`TenantPhase::as_str`]).
+    pub phase: TenantPhase,
     /// Suspended by an admin.
     pub suspended: bool,
-    /// Retention hours.
-    pub retention_max_age_hours: i64,
-    /// Retention count.
-    pub retention_max_count: i64,
+    /// Retention the runtime enforces.
+    pub retention: RetentionPolicy,
     /// HTTPS endpoint.
     pub endpoint: String,
     /// Certificate serial.
@@ -42,10 +42,10 @@ pub struct TenantRow {
 }
 
 /// What a provisioner observed about a tenant's instance.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TenantStatus {
-    /// Phase name.
-    pub phase: String,
+    /// Phase.
+    pub phase: TenantPhase,
     /// HTTPS endpoint, empty when not serving.
     pub endpoint: String,
     /// Certificate serial, empty when none.
@@ -62,22 +62,48 @@ const TENANT_COLUMNS: &str = "id, name, owner_user_id, plan, phase, suspended, \
     retention_max_age_hours, retention_max_count, endpoint, cert_serial, cert_not_after_ms, \
     cert_renewal_ms, message, created_at_ms";
 
+/// Reads a tenant row; the one place where stored plans, phases and retention become typed.
 fn tenant_from_row(row: &AnyRow) -> Result<TenantRow> {
+    let id: String = row.try_get("id")?;
+    let count = |n: &i64| u32::try_from(*n).ok();
     Ok(TenantRow {
-        id: row.try_get("id")?,
         name: row.try_get("name")?,
         owner_user_id: row.try_get("owner_user_id")?,
-        plan: row.try_get("plan")?,
-        phase: row.try_get("phase")?,
+        plan: typed_column(row, &id, "plan", |s: &String| Plan::parse(s))?,
+        phase: typed_column(row, &id, "phase", |s: &String| TenantPhase::parse(s))?,
         suspended: row.try_get::<i64, _>("suspended")? != 0,
-        retention_max_age_hours: row.try_get("retention_max_age_hours")?,
-        retention_max_count: row.try_get("retention_max_count")?,
+        retention: RetentionPolicy {
+            max_age_hours: typed_column(row, &id, "retention_max_age_hours", count)?,
+            max_count: typed_column(row, &id, "retention_max_count", count)?,
+        },
         endpoint: row.try_get("endpoint")?,
         cert_serial: row.try_get("cert_serial")?,
         cert_not_after_ms: row.try_get("cert_not_after_ms")?,
         cert_renewal_ms: row.try_get("cert_renewal_ms")?,
         message: row.try_get("message")?,
         created_at_ms: row.try_get("created_at_ms")?,
+        id,
+    })
+}
+
+/// Reads `column` of tenant `id` and converts it with `parse`. A value `parse` refuses (a
+/// newer version's phase, a hand edit) is an error that names the tenant, the column and the
+/// value: reading it as some default would show, provision or bill the wrong thing.
+fn typed_column<V, T>(
+    row: &AnyRow,
+    id: &str,
+    column: &'static str,
+    parse: impl FnOnce(&V) -> Option<T>,
+) -> Result<T>
+where
+    V: for<'r> sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any> + std::fmt::Debug,
+{
+    let raw: V = row.try_get(column)?;
+    parse(&raw).ok_or_else(|| Error::InvalidRow {
+        table: "tenants",
+        id: id.to_owned(),
+        column,
+        value: format!("{raw:?}"),
     })
 }
 
@@ -156,15 +182,17 @@ impl Store {
     pub async fn set_retention(
         &self,
         tenant_id: &str,
-        max_age_hours: i64,
-        max_count: i64,
+        retention: RetentionPolicy,
         audit: &AuditRecord,
         now_ms: i64,
     ) -> Result<TenantRow> {
         self.update_tenant(
             tenant_id,
             "retention_max_age_hours = $3, retention_max_count = $4",
-            |q| q.bind(max_age_hours).bind(max_count),
+            |q| {
+                q.bind(i64::from(retention.max_age_hours))
+                    .bind(i64::from(retention.max_count))
+            },
             audit,
             now_ms,
         )
@@ -177,14 +205,14 @@ impl Store {
         &self,
         tenant_id: &str,
         suspended: bool,
-        phase: &str,
+        phase: TenantPhase,
         audit: &AuditRecord,
         now_ms: i64,
     ) -> Result<TenantRow> {
         self.update_tenant(
             tenant_id,
             "suspended = $3, phase = $4",
-            |q| q.bind(i64::from(suspended)).bind(phase.to_owned()),
+            |q| q.bind(i64::from(suspended)).bind(phase.as_str()),
             audit,
             now_ms,
         )
@@ -227,10 +255,10 @@ impl Store {
         let done = sqlx::query(
             "UPDATE tenants SET phase = $1, endpoint = $2, cert_serial = $3, cert_not_after_ms = $4, \
              cert_renewal_ms = $5, message = $6, updated_at_ms = $7 \
-             WHERE id = $8 AND phase <> 'Terminating' AND NOT (phase = $1 AND endpoint = $2 AND \
+             WHERE id = $8 AND phase <> $9 AND NOT (phase = $1 AND endpoint = $2 AND \
              cert_serial = $3 AND cert_not_after_ms = $4 AND cert_renewal_ms = $5 AND message = $6)",
         )
-        .bind(&status.phase)
+        .bind(status.phase.as_str())
         .bind(&status.endpoint)
         .bind(&status.cert_serial)
         .bind(status.cert_not_after_ms)
@@ -238,6 +266,7 @@ impl Store {
         .bind(&status.message)
         .bind(now_ms)
         .bind(tenant_id)
+        .bind(TenantPhase::Terminating.as_str())
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() > 0)
@@ -253,11 +282,12 @@ impl Store {
     ) -> Result<()> {
         self.commit_audited([audit], now_ms, async |tx| {
             let done = sqlx::query(
-                "UPDATE tenants SET phase = 'Terminating', endpoint = '', message = 'deleting the instance and its data', \
+                "UPDATE tenants SET phase = $3, endpoint = '', message = 'deleting the instance and its data', \
                  updated_at_ms = $1 WHERE id = $2",
             )
             .bind(now_ms)
             .bind(tenant_id)
+            .bind(TenantPhase::Terminating.as_str())
             .execute(&mut *tx)
             .await?;
             if done.rows_affected() == 0 {

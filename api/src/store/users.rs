@@ -3,6 +3,8 @@
 
 use sqlx::Row;
 use sqlx::any::AnyRow;
+use tenantry_proto::phase::TenantPhase;
+use tenantry_proto::retention::{Plan, RetentionPolicy};
 
 use super::audit::AuditRecord;
 use super::{Store, Write, dyn_sql, rollback_if_taken};
@@ -64,14 +66,12 @@ pub struct NewSignup {
     pub tenant_id: String,
     /// Tenant name.
     pub tenant_name: String,
-    /// Plan name.
-    pub plan: String,
+    /// Plan.
+    pub plan: Plan,
     /// Initial phase.
-    pub phase: String,
+    pub phase: TenantPhase,
     /// Initial retention.
-    pub retention_max_age_hours: i64,
-    /// Initial retention.
-    pub retention_max_count: i64,
+    pub retention: RetentionPolicy,
     /// Now.
     pub now_ms: i64,
 }
@@ -137,10 +137,10 @@ impl Store {
             .bind(&s.tenant_id)
             .bind(&s.tenant_name)
             .bind(&s.user_id)
-            .bind(&s.plan)
-            .bind(&s.phase)
-            .bind(s.retention_max_age_hours)
-            .bind(s.retention_max_count)
+            .bind(s.plan.as_str())
+            .bind(s.phase.as_str())
+            .bind(i64::from(s.retention.max_age_hours))
+            .bind(i64::from(s.retention.max_count))
             .bind(s.now_ms)
             .execute(&mut *tx)
             .await;
