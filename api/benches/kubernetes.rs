@@ -19,6 +19,8 @@ use tenantry_api::provision::kubernetes::{KubernetesProvisioner, KubernetesSetti
 use tenantry_api::provision::{Provisioner, reconcile_all};
 use tenantry_api::store::{AuditRecord, NewSignup, Store};
 use tenantry_operator::fake_api::FakeApi;
+use tenantry_proto::phase::TenantPhase;
+use tenantry_proto::retention::{Plan, RetentionPolicy};
 
 const TENANTS: usize = 2_000;
 
@@ -30,10 +32,9 @@ async fn seed(store: &Store, n: usize) {
             password_hash: "not-a-real-hash".into(),
             tenant_id: format!("t-{i:05}"),
             tenant_name: format!("tenant-{i:05}"),
-            plan: "free".into(),
-            phase: "Provisioning".into(),
-            retention_max_age_hours: 336,
-            retention_max_count: 10_000,
+            plan: Plan::Free,
+            phase: TenantPhase::Provisioning,
+            retention: RetentionPolicy::default(),
             now_ms: 1_767_225_600_000,
         };
         let audit = AuditRecord {
@@ -54,7 +55,7 @@ async fn ready_rows(store: &Store) -> usize {
         .await
         .unwrap()
         .iter()
-        .filter(|t| t.phase == "Ready")
+        .filter(|t| t.phase == TenantPhase::Ready)
         .count()
 }
 

@@ -138,6 +138,18 @@ pub enum Error {
     /// A database query failed.
     #[error("database query failed")]
     Database(#[source] sqlx::Error),
+    /// A stored value this version cannot read (written by a newer version, or by hand).
+    #[error("{table} row {id}: {column} {value} is not a value this version can read")]
+    InvalidRow {
+        /// The table.
+        table: &'static str,
+        /// The row's id.
+        id: String,
+        /// The column.
+        column: &'static str,
+        /// The stored value, as written in Rust syntax (strings quoted).
+        value: String,
+    },
     /// Applying the schema failed.
     #[error("database migration {version} failed")]
     Migration {

@@ -315,7 +315,7 @@ async fn deletion_waits_for_the_operator_and_survives_a_restart() {
         .expect("held by the finalizer");
     assert!(!t["metadata"]["deletionTimestamp"].is_null());
     let row = s.state.store.tenant(&tenant_id).await.unwrap().unwrap();
-    assert_eq!(row.phase, "Terminating");
+    assert_eq!(row.phase.as_str(), "Terminating");
 
     // The API restarts while the operator is still cleaning up.
     s.stop().await;
@@ -324,7 +324,11 @@ async fn deletion_waits_for_the_operator_and_survives_a_restart() {
         .await
         .unwrap();
     let row = s.state.store.tenant(&tenant_id).await.unwrap().unwrap();
-    assert_eq!(row.phase, "Terminating", "the row waits for the resource");
+    assert_eq!(
+        row.phase.as_str(),
+        "Terminating",
+        "the row waits for the resource"
+    );
 
     // The operator finishes: the Tenant disappears and the watch purges the row.
     fake.edit(&tenant_path("acme"), |t| {

@@ -100,9 +100,7 @@ pub fn is_converged(current: &Tenant, spec: &TenantSpec, settings: &KubernetesSe
 /// What a Tenant's status says, in the store's terms.
 pub fn observed_status(tenant: &Tenant) -> TenantStatus {
     let status = tenant.status.clone().unwrap_or_default();
-    let phase = status
-        .phase
-        .map_or(TenantPhase::Provisioning.as_str(), TenantPhase::as_str);
+    let phase = status.phase.unwrap_or(TenantPhase::Provisioning);
     let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
     let message = match (status.phase, ready) {
         (None, _) => "waiting for the operator".to_owned(),
@@ -118,7 +116,7 @@ pub fn observed_status(tenant: &Tenant) -> TenantStatus {
         None => (String::new(), 0, 0),
     };
     TenantStatus {
-        phase: phase.to_owned(),
+        phase,
         endpoint: status.endpoint.unwrap_or_default(),
         cert_serial: serial,
         cert_not_after_ms: not_after,
@@ -256,16 +254,19 @@ async fn resource_gone(store: &Store, clock: &dyn Clock, tenant: &Tenant) -> Res
         return Ok(());
     };
     match store.tenant(id).await? {
-        Some(row) if row.phase == TenantPhase::Terminating.as_str() => {
+        Some(row) if row.phase == TenantPhase::Terminating => {
             store.purge_tenant(id).await?;
             tracing::info!(tenant_id = %id, tenant = %row.name, "tenant deleted");
         }
         Some(row) => {
             tracing::warn!(tenant_id = %id, tenant = %row.name, "the Tenant resource was deleted outside the API; the next reconcile makes it again");
             let status = TenantStatus {
-                phase: TenantPhase::Provisioning.as_str().to_owned(),
+                phase: TenantPhase::Provisioning,
+                endpoint: String::new(),
+                cert_serial: String::new(),
+                cert_not_after_ms: 0,
+                cert_renewal_ms: 0,
                 message: "the Tenant resource was deleted outside the API; re-creating it".into(),
-                ..TenantStatus::default()
             };
             store.set_tenant_status(id, &status, clock.now_ms()).await?;
         }
@@ -440,7 +441,7 @@ mod tests {
     fn status_is_read_from_the_resource() {
         let mut t = as_tenant(desired_tenant(&spec(), &KubernetesSettings::default()));
         let s = observed_status(&t);
-        assert_eq!(s.phase, TenantPhase::Provisioning.as_str());
+        assert_eq!(s.phase, TenantPhase::Provisioning);
         assert_eq!(s.message, "waiting for the operator");
         t.status = Some(
             serde_json::from_value(json!({
@@ -454,7 +455,7 @@ mod tests {
             .unwrap(),
         );
         let s = observed_status(&t);
-        assert_eq!(s.phase, TenantPhase::Ready.as_str());
+        assert_eq!(s.phase, TenantPhase::Ready);
         assert_eq!(s.endpoint, "https://acme.t.example.com");
         assert_eq!(s.cert_serial, "0a1b");
         assert_eq!(s.cert_not_after_ms, 1_803_686_400_000);
@@ -469,7 +470,7 @@ mod tests {
             .unwrap(),
         );
         let s = observed_status(&t);
-        assert_eq!(s.phase, TenantPhase::Degraded.as_str());
+        assert_eq!(s.phase, TenantPhase::Degraded);
         assert_eq!(s.message, "no encrypted StorageClass");
     }
 }

@@ -343,7 +343,7 @@ fn cert_status(cert: &pki::CertificateInfo) -> (String, i64, i64) {
 }
 
 fn status(
-    phase_name: &str,
+    phase: TenantPhase,
     endpoint: String,
     cert: Option<&pki::CertificateInfo>,
     message: String,
@@ -351,7 +351,7 @@ fn status(
     let (cert_serial, cert_not_after_ms, cert_renewal_ms) =
         cert.map(cert_status).unwrap_or_default();
     TenantStatus {
-        phase: phase_name.to_owned(),
+        phase,
         endpoint,
         cert_serial,
         cert_not_after_ms,
@@ -441,7 +441,7 @@ async fn supervise(
                     .report(
                         &id,
                         status(
-                            TenantPhase::Suspended.as_str(),
+                            TenantPhase::Suspended,
                             String::new(),
                             cert.as_ref(),
                             "suspended; data kept".into(),
@@ -465,7 +465,7 @@ async fn supervise(
                             .report(
                                 &id,
                                 status(
-                                    TenantPhase::Degraded.as_str(),
+                                    TenantPhase::Degraded,
                                     String::new(),
                                     None,
                                     "instance files missing".into(),
@@ -488,7 +488,7 @@ async fn supervise(
                                 .report(
                                     &id,
                                     status(
-                                        TenantPhase::Degraded.as_str(),
+                                        TenantPhase::Degraded,
                                         String::new(),
                                         None,
                                         format!("cannot start runtime: {e}"),
@@ -531,7 +531,7 @@ async fn supervise(
                             .report(
                                 &id,
                                 status(
-                                    TenantPhase::Degraded.as_str(),
+                                    TenantPhase::Degraded,
                                     String::new(),
                                     None,
                                     format!(
@@ -637,7 +637,7 @@ async fn watch_running(
         .report(
             id,
             status(
-                TenantPhase::Provisioning.as_str(),
+                TenantPhase::Provisioning,
                 String::new(),
                 cert.as_ref(),
                 "runtime starting".into(),
@@ -670,9 +670,9 @@ async fn watch_running(
                 }
                 let probe = shared.prober.ready(port, INSTANCE_HOST).await;
                 let next = match &probe {
-                    Ok(()) => status(TenantPhase::Ready.as_str(), endpoint.clone(), cert.as_ref(), String::new()),
-                    Err(why) if ready => status(TenantPhase::Degraded.as_str(), String::new(), cert.as_ref(), format!("readiness probe failed: {why}")),
-                    Err(_) => status(TenantPhase::Provisioning.as_str(), String::new(), cert.as_ref(), "runtime starting".into()),
+                    Ok(()) => status(TenantPhase::Ready, endpoint.clone(), cert.as_ref(), String::new()),
+                    Err(why) if ready => status(TenantPhase::Degraded, String::new(), cert.as_ref(), format!("readiness probe failed: {why}")),
+                    Err(_) => status(TenantPhase::Provisioning, String::new(), cert.as_ref(), "runtime starting".into()),
                 };
                 ready = probe.is_ok();
                 shared.report(id, next).await;

@@ -40,12 +40,9 @@ impl TenantSpec {
             id: row.id.clone(),
             name: row.name.clone(),
             owner: row.owner_user_id.clone(),
-            plan: Plan::parse(&row.plan).unwrap_or_default(),
+            plan: row.plan,
             suspended: row.suspended,
-            retention: RetentionPolicy {
-                max_age_hours: u32::try_from(row.retention_max_age_hours).unwrap_or(0),
-                max_count: u32::try_from(row.retention_max_count).unwrap_or(0),
-            },
+            retention: row.retention,
         }
     }
 }
@@ -94,7 +91,7 @@ pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
 /// tenant so one bad tenant never stops the others.
 pub async fn reconcile_all(store: &Store, provisioner: &Arc<dyn Provisioner>) -> Result<()> {
     for tenant in store.all_tenants().await? {
-        if tenant.phase == TenantPhase::Terminating.as_str() {
+        if tenant.phase == TenantPhase::Terminating {
             finish_delete(store, provisioner, &tenant.id).await;
         } else if let Err(e) = provisioner.ensure(&TenantSpec::from_row(&tenant)).await {
             tracing::warn!(tenant_id = %tenant.id, error = %e, "could not converge tenant; will retry");

@@ -94,10 +94,9 @@ impl Accounts {
             password_hash,
             tenant_id: uuid::Uuid::new_v4().to_string(),
             tenant_name: req.tenant_name.clone(),
-            plan: plan.as_str().to_owned(),
-            phase: TenantPhase::Provisioning.as_str().to_owned(),
-            retention_max_age_hours: i64::from(retention.max_age_hours),
-            retention_max_count: i64::from(retention.max_count),
+            plan,
+            phase: TenantPhase::Provisioning,
+            retention,
             now_ms: st.now_ms(),
         };
         let audit = AuditRecord {

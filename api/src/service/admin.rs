@@ -21,7 +21,7 @@ use crate::auth::{Caller, caller, require_admin, source_of, source_text};
 use crate::clock::to_timestamp;
 use crate::error::{Error, Result};
 use crate::provision::TenantSpec;
-use crate::service::{detail, tenant_to_proto};
+use crate::service::{detail, retention_to_proto, tenant_to_proto};
 use crate::state::AppState;
 use crate::store::{AuditRecord, TenantRow};
 use crate::validate;
@@ -219,13 +219,7 @@ impl AdminService for Admin {
         let audit = admin.record(actions::SUSPEND, id, String::new());
         let tenant = st
             .store
-            .set_suspended(
-                id,
-                true,
-                TenantPhase::Suspended.as_str(),
-                &audit,
-                st.now_ms(),
-            )
+            .set_suspended(id, true, TenantPhase::Suspended, &audit, st.now_ms())
             .await?;
         st.provision(TenantSpec::from_row(&tenant));
         Ok(Response::new(SuspendTenantResponse {
@@ -244,13 +238,7 @@ impl AdminService for Admin {
         // Until a provisioner reports readiness, a resumed tenant is being provisioned.
         let tenant = st
             .store
-            .set_suspended(
-                id,
-                false,
-                TenantPhase::Provisioning.as_str(),
-                &audit,
-                st.now_ms(),
-            )
+            .set_suspended(id, false, TenantPhase::Provisioning, &audit, st.now_ms())
             .await?;
         st.provision(TenantSpec::from_row(&tenant));
         Ok(Response::new(ResumeTenantResponse {
@@ -299,20 +287,11 @@ impl AdminService for Admin {
         );
         let tenant = st
             .store
-            .set_retention(
-                id,
-                i64::from(policy.max_age_hours),
-                i64::from(policy.max_count),
-                &audit,
-                st.now_ms(),
-            )
+            .set_retention(id, policy, &audit, st.now_ms())
             .await?;
         st.provision(TenantSpec::from_row(&tenant));
         Ok(Response::new(SetTenantRetentionPolicyResponse {
-            policy: Some(tenantry_proto::v1::RetentionPolicy {
-                max_age_hours: policy.max_age_hours,
-                max_count: policy.max_count,
-            }),
+            policy: Some(retention_to_proto(policy)),
         }))
     }
 
@@ -448,11 +427,13 @@ mod tests {
             id: "0b9c7a52-3a5e-4c1e-9a59-2f7c7ac9d8a1".into(),
             name: "acme".into(),
             owner_user_id: String::new(),
-            plan: "free".into(),
-            phase: "Ready".into(),
+            plan: tenantry_proto::retention::Plan::Free,
+            phase: TenantPhase::Ready,
             suspended: false,
-            retention_max_age_hours: 1,
-            retention_max_count: 1,
+            retention: RetentionPolicy {
+                max_age_hours: 1,
+                max_count: 1,
+            },
             endpoint: String::new(),
             cert_serial: String::new(),
             cert_not_after_ms: 0,

@@ -5,18 +5,11 @@ pub mod admin;
 pub mod mfa;
 pub mod tenant;
 
-use tenantry_proto::phase::TenantPhase;
-use tenantry_proto::retention::Plan;
+use tenantry_proto::retention::{Plan, RetentionPolicy};
 use tenantry_proto::v1;
 
 use crate::clock::to_timestamp;
 use crate::store::TenantRow;
-
-/// The stored phase as the proto enum; a name this version does not know reads as
-/// unspecified.
-pub fn phase_to_proto(phase: &str) -> v1::TenantPhase {
-    TenantPhase::parse(phase).map_or(v1::TenantPhase::Unspecified, TenantPhase::to_proto)
-}
 
 /// The proto plan as the shared plan type (unset means free).
 pub fn plan_from_proto(plan: i32) -> Option<Plan> {
@@ -36,16 +29,11 @@ pub fn plan_to_proto(plan: Plan) -> v1::Plan {
     }
 }
 
-/// The plan a row names; an unknown name (never written by this code) reads as free.
-pub fn row_plan(row: &TenantRow) -> Plan {
-    Plan::parse(&row.plan).unwrap_or_default()
-}
-
-/// A stored retention value as the `u32` the contract uses.
-pub fn retention_to_proto(row: &TenantRow) -> v1::RetentionPolicy {
+/// The shared retention type as the proto message.
+pub fn retention_to_proto(policy: RetentionPolicy) -> v1::RetentionPolicy {
     v1::RetentionPolicy {
-        max_age_hours: u32::try_from(row.retention_max_age_hours).unwrap_or(0),
-        max_count: u32::try_from(row.retention_max_count).unwrap_or(0),
+        max_age_hours: policy.max_age_hours,
+        max_count: policy.max_count,
     }
 }
 
@@ -59,11 +47,11 @@ pub fn tenant_to_proto(row: &TenantRow) -> v1::Tenant {
     v1::Tenant {
         tenant_id: row.id.clone(),
         name: row.name.clone(),
-        phase: phase_to_proto(&row.phase).into(),
+        phase: row.phase.to_proto().into(),
         endpoint: row.endpoint.clone(),
         certificate,
-        retention: Some(retention_to_proto(row)),
-        plan: plan_to_proto(row_plan(row)).into(),
+        retention: Some(retention_to_proto(row.retention)),
+        plan: plan_to_proto(row.plan).into(),
         suspended: row.suspended,
         owner_user_id: row.owner_user_id.clone(),
         created_at: Some(to_timestamp(row.created_at_ms)),
@@ -85,9 +73,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn phases_and_plans_convert() {
-        assert_eq!(phase_to_proto("Ready"), v1::TenantPhase::Ready);
-        assert_eq!(phase_to_proto("bogus"), v1::TenantPhase::Unspecified);
+    fn plans_convert() {
         assert_eq!(plan_from_proto(0), Some(Plan::Free));
         assert_eq!(plan_from_proto(3), Some(Plan::Enterprise));
         assert_eq!(plan_from_proto(42), None);

@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status};
 use crate::auth::{Caller, caller, source_of, source_text};
 use crate::error::{DenyReason, Error, Result};
 use crate::provision::TenantSpec;
-use crate::service::{detail, retention_to_proto, row_plan, tenant_to_proto};
+use crate::service::{detail, retention_to_proto, tenant_to_proto};
 use crate::state::AppState;
 use crate::store::{AuditRecord, TenantRow};
 use crate::validate;
@@ -80,8 +80,8 @@ impl TenantService for Tenants {
             .member_tenant(&who, &request.get_ref().tenant_id)
             .await?;
         Ok(Response::new(GetRetentionPolicyResponse {
-            policy: Some(retention_to_proto(&tenant)),
-            max_age_hours_cap: row_plan(&tenant).max_age_hours_cap(),
+            policy: Some(retention_to_proto(tenant.retention)),
+            max_age_hours_cap: tenant.plan.max_age_hours_cap(),
         }))
     }
 
@@ -101,7 +101,7 @@ impl TenantService for Tenants {
             max_count: req.max_count,
         };
         policy
-            .validate(row_plan(&tenant).max_age_hours_cap())
+            .validate(tenant.plan.max_age_hours_cap())
             .map_err(|e| Error::invalid(e.field(), e.to_string()))?;
         let st = &self.state;
         let audit = AuditRecord {
@@ -117,20 +117,11 @@ impl TenantService for Tenants {
         };
         let updated = st
             .store
-            .set_retention(
-                &tenant.id,
-                i64::from(policy.max_age_hours),
-                i64::from(policy.max_count),
-                &audit,
-                st.now_ms(),
-            )
+            .set_retention(&tenant.id, policy, &audit, st.now_ms())
             .await?;
         st.provision(TenantSpec::from_row(&updated));
         Ok(Response::new(SetRetentionPolicyResponse {
-            policy: Some(tenantry_proto::v1::RetentionPolicy {
-                max_age_hours: policy.max_age_hours,
-                max_count: policy.max_count,
-            }),
+            policy: Some(retention_to_proto(policy)),
         }))
     }
 

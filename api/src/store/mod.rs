@@ -1,0 +1,234 @@
+//! The database: SQLite (embedded, the default) or PostgreSQL, through sqlx's `Any` driver
+//! with portable SQL. Every query lives in this module and its children, one per aggregate;
+//! services never write SQL.
+//!
+//! Write transactions on SQLite start with `BEGIN IMMEDIATE` so that concurrent writers
+//! queue on the busy timeout instead of failing when a read lock cannot be upgraded.
+
+mod audit;
+mod mfa;
+mod sessions;
+mod tenants;
+mod users;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyConnection, AnyPool, Transaction};
+
+use crate::error::{Error, Result};
+use crate::migrations::MIGRATIONS;
+
+pub use audit::{AuditRecord, AuditRow};
+pub use sessions::SessionRow;
+pub use tenants::{TenantRow, TenantStatus};
+pub use users::{Factor, NewSignup, SignupOutcome, UserRow};
+
+/// Which database is behind the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Embedded SQLite.
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+}
+
+impl Backend {
+    /// The backend a database URL names; anything but SQLite or PostgreSQL is refused.
+    pub fn of_url(url: &str) -> Result<Backend> {
+        if url.starts_with("sqlite:") {
+            Ok(Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else {
+            Err(Error::Config(
+                "database URL must start with sqlite:// or postgres://".into(),
+            ))
+        }
+    }
+}
+
+/// The database handle; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+/// What the change run by [`Store::commit_audited`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write<T> {
+    /// The change is made: append the audit rows, commit, and return the value.
+    Commit(T),
+    /// Nothing is to be kept or recorded (a name is taken, a precondition no longer holds):
+    /// roll back without auditing, and return the value.
+    Rollback(T),
+}
+
+/// A unique violation becomes a [`Write::Rollback`] with `taken`; any other error stays one.
+fn rollback_if_taken<T>(e: sqlx::Error, taken: T) -> Result<Write<T>> {
+    match e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => Ok(Write::Rollback(taken)),
+        other => Err(other.into()),
+    }
+}
+
+/// A query with its SQL text owned, so it can be handed around before it runs.
+type AnyQuery = sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments>;
+
+fn dyn_sql(sql: String) -> sqlx::AssertSqlSafe<String> {
+    sqlx::AssertSqlSafe(sql)
+}
+
+impl Store {
+    /// Connects to `url` (`sqlite://PATH` or `postgres://…`), creating a SQLite file if
+    /// missing, and applies pending migrations.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Store> {
+        sqlx::any::install_default_drivers();
+        let backend = Backend::of_url(url)?;
+        let url = match backend {
+            Backend::Sqlite if !url.contains("mode=") => {
+                let sep = if url.contains('?') { '&' } else { '?' };
+                format!("{url}{sep}mode=rwc")
+            }
+            _ => url.to_owned(),
+        };
+        let options = AnyConnectOptions::from_str(&url)
+            .map_err(|e| Error::Config(format!("invalid database URL: {e}")))?;
+        let mut pool_options = AnyPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(5));
+        if backend == Backend::Sqlite {
+            pool_options = pool_options.after_connect(|conn, _meta| {
+                Box::pin(async move {
+                    sqlx::raw_sql(
+                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                         PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;",
+                    )
+                    .execute(conn)
+                    .await?;
+                    Ok(())
+                })
+            });
+        }
+        let pool = pool_options
+            .connect_with(options)
+            .await
+            .map_err(Error::Unavailable)?;
+        let store = Store { pool, backend };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Which database this is.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn begin_write(&self) -> Result<Transaction<'static, sqlx::Any>> {
+        let tx = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin().await?,
+        };
+        Ok(tx)
+    }
+
+    /// Every audited write: runs `change` in a write transaction, then appends `audits` to
+    /// the chain (in order, each one row) and commits. The change and its audit rows are
+    /// written together or not at all: when the change or an append fails, nothing is
+    /// committed and the error is returned; when the change answers [`Write::Rollback`],
+    /// nothing is committed or audited.
+    ///
+    /// The store's aggregates use it for each audited write; it is public for the store's
+    /// own tests, not for services (they never write SQL).
+    pub async fn commit_audited<'a, T>(
+        &self,
+        audits: impl IntoIterator<Item = &'a AuditRecord>,
+        now_ms: i64,
+        change: impl AsyncFnOnce(&mut AnyConnection) -> Result<Write<T>>,
+    ) -> Result<T> {
+        let mut tx = self.begin_write().await?;
+        // On an error, dropping `tx` rolls it back.
+        match change(&mut *tx).await? {
+            Write::Commit(value) => {
+                for record in audits {
+                    audit::append_audit(&mut tx, record, now_ms).await?;
+                }
+                tx.commit().await?;
+                Ok(value)
+            }
+            Write::Rollback(value) => {
+                tx.rollback().await?;
+                Ok(value)
+            }
+        }
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        if self.backend == Backend::Postgres {
+            // Several API replicas may start at once; one migrates, the others wait.
+            sqlx::query("SELECT pg_advisory_xact_lock(7355608201)")
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, \
+             description TEXT NOT NULL, applied_at_ms BIGINT NOT NULL)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        let applied: i64 =
+            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+                .fetch_one(&mut *tx)
+                .await?;
+        for m in MIGRATIONS.iter().filter(|m| m.version > applied) {
+            let sql = match self.backend {
+                Backend::Sqlite => m.sqlite,
+                Backend::Postgres => m.postgres,
+            };
+            sqlx::raw_sql(sql)
+                .execute(&mut *tx)
+                .await
+                .map_err(|source| Error::Migration {
+                    version: m.version,
+                    source,
+                })?;
+            sqlx::query(
+                "INSERT INTO schema_migrations (version, description, applied_at_ms) VALUES ($1, $2, $3)",
+            )
+            .bind(m.version)
+            .bind(m.description)
+            .bind(crate::clock::Clock::now_ms(&crate::clock::SystemClock))
+            .execute(&mut *tx)
+            .await?;
+            tracing::info!(
+                version = m.version,
+                description = m.description,
+                "applied migration"
+            );
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// True when the database answers.
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    /// Runs raw SQL; for tests that play an attacker with database access.
+    #[doc(hidden)]
+    pub async fn execute_raw_for_tests(&self, sql: &str) -> Result<()> {
+        sqlx::raw_sql(dyn_sql(sql.to_owned()))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,302 @@
+//! Users: signup, the bootstrap admin, lookups, password and MFA failure counters, the
+//! password itself and the admin role.
+
+use sqlx::Row;
+use sqlx::any::AnyRow;
+use tenantry_proto::phase::TenantPhase;
+use tenantry_proto::retention::{Plan, RetentionPolicy};
+
+use super::audit::AuditRecord;
+use super::{Store, Write, dyn_sql, rollback_if_taken};
+use crate::error::{Error, Result};
+use crate::lockout::LockState;
+
+/// A user row.
+#[derive(Clone)]
+pub struct UserRow {
+    /// Id.
+    pub id: String,
+    /// Normalized email.
+    pub email: String,
+    /// PHC string.
+    pub password_hash: String,
+    /// Admin role.
+    pub is_admin: bool,
+    /// Password failures.
+    pub login_lock: LockState,
+    /// Second-factor failures.
+    pub mfa_lock: LockState,
+    /// Confirmed TOTP secret, sealed with the master key.
+    pub totp_secret_sealed: Option<String>,
+    /// Unconfirmed TOTP secret, sealed with the master key.
+    pub totp_pending_sealed: Option<String>,
+    /// Last accepted TOTP step.
+    pub totp_last_step: i64,
+}
+
+impl std::fmt::Debug for UserRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserRow")
+            .field("id", &self.id)
+            .field("email", &self.email)
+            .field("is_admin", &self.is_admin)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which credential a failure counter is for; each locks on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Factor {
+    /// The password (login and password change).
+    Password,
+    /// The second factor (TOTP or recovery code).
+    Mfa,
+}
+
+/// What signup writes.
+#[derive(Debug, Clone)]
+pub struct NewSignup {
+    /// New user id.
+    pub user_id: String,
+    /// Normalized email.
+    pub email: String,
+    /// PHC string.
+    pub password_hash: String,
+    /// New tenant id.
+    pub tenant_id: String,
+    /// Tenant name.
+    pub tenant_name: String,
+    /// Plan.
+    pub plan: Plan,
+    /// Initial phase.
+    pub phase: TenantPhase,
+    /// Initial retention.
+    pub retention: RetentionPolicy,
+    /// Now.
+    pub now_ms: i64,
+}
+
+/// Outcome of a signup insert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignupOutcome {
+    /// Written.
+    Created,
+    /// The email is taken.
+    EmailTaken,
+    /// The tenant name is taken.
+    TenantNameTaken,
+}
+
+const USER_COLUMNS: &str = "id, email, password_hash, is_admin, login_failures, login_lockouts, \
+    login_locked_until_ms, mfa_failures, mfa_lockouts, mfa_locked_until_ms, totp_secret_sealed, \
+    totp_pending_sealed, totp_last_step";
+
+fn user_from_row(row: &AnyRow) -> Result<UserRow> {
+    Ok(UserRow {
+        id: row.try_get("id")?,
+        email: row.try_get("email")?,
+        password_hash: row.try_get("password_hash")?,
+        is_admin: row.try_get::<i64, _>("is_admin")? != 0,
+        login_lock: LockState {
+            failures: row.try_get("login_failures")?,
+            lockouts: row.try_get("login_lockouts")?,
+            locked_until_ms: row.try_get("login_locked_until_ms")?,
+        },
+        mfa_lock: LockState {
+            failures: row.try_get("mfa_failures")?,
+            lockouts: row.try_get("mfa_lockouts")?,
+            locked_until_ms: row.try_get("mfa_locked_until_ms")?,
+        },
+        totp_secret_sealed: row.try_get("totp_secret_sealed")?,
+        totp_pending_sealed: row.try_get("totp_pending_sealed")?,
+        totp_last_step: row.try_get("totp_last_step")?,
+    })
+}
+
+impl Store {
+    /// Writes a user, their tenant, the owner membership and the audit row in one
+    /// transaction.
+    pub async fn create_signup(&self, s: &NewSignup, audit: &AuditRecord) -> Result<SignupOutcome> {
+        self.commit_audited([audit], s.now_ms, async |tx| {
+            let user = sqlx::query(
+                "INSERT INTO users (id, email, password_hash, created_at_ms) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(&s.user_id)
+            .bind(&s.email)
+            .bind(&s.password_hash)
+            .bind(s.now_ms)
+            .execute(&mut *tx)
+            .await;
+            if let Err(e) = user {
+                return rollback_if_taken(e, SignupOutcome::EmailTaken);
+            }
+            let tenant = sqlx::query(
+                "INSERT INTO tenants (id, name, owner_user_id, plan, phase, retention_max_age_hours, \
+                 retention_max_count, created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
+            )
+            .bind(&s.tenant_id)
+            .bind(&s.tenant_name)
+            .bind(&s.user_id)
+            .bind(s.plan.as_str())
+            .bind(s.phase.as_str())
+            .bind(i64::from(s.retention.max_age_hours))
+            .bind(i64::from(s.retention.max_count))
+            .bind(s.now_ms)
+            .execute(&mut *tx)
+            .await;
+            if let Err(e) = tenant {
+                return rollback_if_taken(e, SignupOutcome::TenantNameTaken);
+            }
+            sqlx::query(
+                "INSERT INTO memberships (user_id, tenant_id, role) VALUES ($1, $2, 'owner')",
+            )
+            .bind(&s.user_id)
+            .bind(&s.tenant_id)
+            .execute(&mut *tx)
+            .await?;
+            Ok(Write::Commit(SignupOutcome::Created))
+        })
+        .await
+    }
+
+    /// Creates a user without a tenant (bootstrap of the first admin); `Ok(false)` when the
+    /// email is taken.
+    pub async fn create_user(
+        &self,
+        id: &str,
+        email: &str,
+        password_hash: &str,
+        is_admin: bool,
+        now_ms: i64,
+        audit: &AuditRecord,
+    ) -> Result<bool> {
+        self.commit_audited([audit], now_ms, async |tx| {
+            let res = sqlx::query(
+                "INSERT INTO users (id, email, password_hash, is_admin, created_at_ms) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(id)
+            .bind(email)
+            .bind(password_hash)
+            .bind(i64::from(is_admin))
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await;
+            match res {
+                Ok(_) => Ok(Write::Commit(true)),
+                Err(e) => rollback_if_taken(e, false),
+            }
+        })
+        .await
+    }
+
+    /// The user with this (normalized) email.
+    pub async fn user_by_email(&self, email: &str) -> Result<Option<UserRow>> {
+        let row = sqlx::query(dyn_sql(format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE email = $1"
+        )))
+        .bind(email)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    /// The user with this id.
+    pub async fn user_by_id(&self, id: &str) -> Result<Option<UserRow>> {
+        let row = sqlx::query(dyn_sql(format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE id = $1"
+        )))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    /// Stores new failure counters for one factor, and the audit row(s) for the failure.
+    pub async fn record_failure(
+        &self,
+        factor: Factor,
+        user_id: &str,
+        state: LockState,
+        audits: &[AuditRecord],
+        now_ms: i64,
+    ) -> Result<()> {
+        let sql = match factor {
+            Factor::Password => {
+                "UPDATE users SET login_failures = $1, login_lockouts = $2, login_locked_until_ms = $3 WHERE id = $4"
+            }
+            Factor::Mfa => {
+                "UPDATE users SET mfa_failures = $1, mfa_lockouts = $2, mfa_locked_until_ms = $3 WHERE id = $4"
+            }
+        };
+        self.commit_audited(audits, now_ms, async |tx| {
+            sqlx::query(sql)
+                .bind(state.failures)
+                .bind(state.lockouts)
+                .bind(state.locked_until_ms)
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+            Ok(Write::Commit(()))
+        })
+        .await
+    }
+
+    /// Replaces the password hash and ends every session of the user.
+    pub async fn set_password(
+        &self,
+        user_id: &str,
+        hash: &str,
+        audit: &AuditRecord,
+        now_ms: i64,
+    ) -> Result<()> {
+        self.commit_audited([audit], now_ms, async |tx| {
+            sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
+                .bind(hash)
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM sessions WHERE user_id = $1")
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+            Ok(Write::Commit(()))
+        })
+        .await
+    }
+
+    /// Sets the admin role and ends the user's sessions. Refuses (returns `Ok(false)`) to
+    /// remove the last admin. `Err(NotFound)` for an unknown user.
+    pub async fn set_admin(
+        &self,
+        user_id: &str,
+        admin: bool,
+        audit: &AuditRecord,
+        now_ms: i64,
+    ) -> Result<bool> {
+        self.commit_audited([audit], now_ms, async |tx| {
+            let updated = sqlx::query("UPDATE users SET is_admin = $1 WHERE id = $2")
+                .bind(i64::from(admin))
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+            if updated.rows_affected() == 0 {
+                return Err(Error::NotFound("user"));
+            }
+            if !admin {
+                let admins: i64 =
+                    sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE is_admin = 1")
+                        .fetch_one(&mut *tx)
+                        .await?;
+                if admins == 0 {
+                    return Ok(Write::Rollback(false));
+                }
+            }
+            sqlx::query("DELETE FROM sessions WHERE user_id = $1")
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+            Ok(Write::Commit(true))
+        })
+        .await
+    }
+}

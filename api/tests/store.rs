@@ -1,0 +1,390 @@
+//! The store on its own, below the services: every audited write goes through one helper
+//! that writes the change and its audit row together or not at all, and tenant rows come
+//! back typed. Runs on SQLite, and on PostgreSQL when `TENANTRY_TEST_DATABASE_URL` is set
+//! (each test in its own schema).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{Database, T0_MS};
+use tenantry_api::Error;
+use tenantry_api::store::{
+    AuditRecord, AuditRow, NewSignup, SignupOutcome, Store, TenantStatus, Write,
+};
+use tenantry_proto::phase::TenantPhase;
+use tenantry_proto::retention::{Plan, RetentionPolicy};
+
+async fn open(db: &Database) -> Store {
+    Store::connect(&db.url, 4).await.unwrap()
+}
+
+fn record(action: &'static str, target: &str) -> AuditRecord {
+    AuditRecord {
+        action,
+        actor_user_id: "u-1".into(),
+        target: target.into(),
+        success: true,
+        source: "127.0.0.1".into(),
+        detail_json: String::new(),
+    }
+}
+
+fn new_signup(n: u32) -> NewSignup {
+    NewSignup {
+        user_id: format!("u-{n}"),
+        email: format!("owner{n}@example.com"),
+        password_hash: "not-a-real-hash".into(),
+        tenant_id: format!("t-{n}"),
+        tenant_name: format!("tenant-{n}"),
+        plan: Plan::Standard,
+        phase: TenantPhase::Provisioning,
+        retention: RetentionPolicy::default(),
+        now_ms: T0_MS,
+    }
+}
+
+/// Signs up user `u-n` with tenant `t-n`.
+async fn signup(store: &Store, n: u32) {
+    let outcome = store
+        .create_signup(&new_signup(n), &record("account.signup", &format!("t-{n}")))
+        .await
+        .unwrap();
+    assert_eq!(outcome, SignupOutcome::Created);
+}
+
+fn policy(max_age_hours: u32, max_count: u32) -> RetentionPolicy {
+    RetentionPolicy {
+        max_age_hours,
+        max_count,
+    }
+}
+
+async fn audit_rows(store: &Store) -> Vec<AuditRow> {
+    store.list_audit(0, 1_000).await.unwrap()
+}
+
+#[tokio::test]
+async fn each_audited_write_appends_exactly_one_chained_row() {
+    let db = Database::new().await;
+    let store = open(&db).await;
+    signup(&store, 1).await;
+    assert_eq!(audit_rows(&store).await.len(), 1);
+
+    store
+        .set_retention(
+            "t-1",
+            policy(24, 100),
+            &record("tenant.retention.set", "t-1"),
+            T0_MS + 1,
+        )
+        .await
+        .unwrap();
+    store
+        .set_suspended(
+            "t-1",
+            true,
+            TenantPhase::Suspended,
+            &record("admin.tenant.suspend", "t-1"),
+            T0_MS + 2,
+        )
+        .await
+        .unwrap();
+    let written = store
+        .commit_audited([&record("custom", "t-1")], T0_MS + 3, async |tx| {
+            sqlx::query("UPDATE tenants SET message = 'custom' WHERE id = 't-1'")
+                .execute(&mut *tx)
+                .await?;
+            Ok(Write::Commit(7))
+        })
+        .await
+        .unwrap();
+    assert_eq!(written, 7);
+    assert_eq!(
+        store.tenant("t-1").await.unwrap().unwrap().message,
+        "custom"
+    );
+
+    let rows = audit_rows(&store).await;
+    let actions: Vec<&str> = rows.iter().map(|r| r.entry.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        [
+            "account.signup",
+            "tenant.retention.set",
+            "admin.tenant.suspend",
+            "custom"
+        ]
+    );
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row.entry.sequence, i as i64 + 1);
+        if i > 0 {
+            assert_eq!(row.prev_hash, rows[i - 1].hash, "row {} is chained", i + 1);
+        }
+    }
+    assert_eq!(rows[3].entry.at_ms, T0_MS + 3);
+    assert_eq!(store.verify_audit().await.unwrap(), Ok(4));
+}
+
+#[tokio::test]
+async fn a_write_the_change_declines_is_neither_kept_nor_audited() {
+    let db = Database::new().await;
+    let store = open(&db).await;
+    signup(&store, 1).await;
+
+    // The tenant name is taken: the user row written first must not stay behind.
+    let mut again = new_signup(2);
+    again.tenant_name = "tenant-1".into();
+    let outcome = store
+        .create_signup(&again, &record("account.signup", "t-2"))
+        .await
+        .unwrap();
+    assert_eq!(outcome, SignupOutcome::TenantNameTaken);
+    assert!(store.user_by_id("u-2").await.unwrap().is_none());
+
+    let kept = store
+        .commit_audited([&record("custom", "t-1")], T0_MS, async |tx| {
+            sqlx::query("UPDATE tenants SET message = 'declined' WHERE id = 't-1'")
+                .execute(&mut *tx)
+                .await?;
+            Ok(Write::Rollback("declined"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(kept, "declined");
+    assert_eq!(store.tenant("t-1").await.unwrap().unwrap().message, "");
+    assert_eq!(audit_rows(&store).await.len(), 1);
+}
+
+#[tokio::test]
+async fn a_failed_change_rolls_back_and_is_not_audited() {
+    let db = Database::new().await;
+    let store = open(&db).await;
+    signup(&store, 1).await;
+
+    let failed = store
+        .commit_audited([&record("custom", "t-1")], T0_MS, async |tx| {
+            sqlx::query("UPDATE tenants SET message = 'half done' WHERE id = 't-1'")
+                .execute(&mut *tx)
+                .await?;
+            Err::<Write<()>, _>(Error::NotFound("tenant"))
+        })
+        .await;
+    assert!(
+        matches!(failed, Err(Error::NotFound("tenant"))),
+        "{failed:?}"
+    );
+    assert_eq!(store.tenant("t-1").await.unwrap().unwrap().message, "");
+
+    let missing = store
+        .set_retention(
+            "t-404",
+            policy(24, 100),
+            &record("tenant.retention.set", "t-404"),
+            T0_MS,
+        )
+        .await;
+    assert!(
+        matches!(missing, Err(Error::NotFound("tenant"))),
+        "{missing:?}"
+    );
+    assert_eq!(audit_rows(&store).await.len(), 1);
+    assert_eq!(store.verify_audit().await.unwrap(), Ok(1));
+}
+
+#[tokio::test]
+async fn a_failed_audit_append_rolls_back_the_change() {
+    let db = Database::new().await;
+    let store = open(&db).await;
+    signup(&store, 1).await;
+    let before = store.tenant("t-1").await.unwrap().unwrap();
+
+    // Without its head row the chain cannot be extended, so every append fails.
+    store
+        .execute_raw_for_tests("DELETE FROM audit_head")
+        .await
+        .unwrap();
+    let failed = store
+        .set_retention(
+            "t-1",
+            policy(24, 100),
+            &record("tenant.retention.set", "t-1"),
+            T0_MS + 1,
+        )
+        .await;
+    assert!(failed.is_err(), "{failed:?}");
+    assert_eq!(store.tenant("t-1").await.unwrap().unwrap(), before);
+    let failed = store
+        .set_password(
+            "u-1",
+            "another-hash",
+            &record("account.password", "u-1"),
+            T0_MS + 1,
+        )
+        .await;
+    assert!(failed.is_err(), "{failed:?}");
+    assert_eq!(
+        store
+            .user_by_id("u-1")
+            .await
+            .unwrap()
+            .unwrap()
+            .password_hash,
+        "not-a-real-hash"
+    );
+    let rows = audit_rows(&store).await;
+    assert_eq!(rows.len(), 1, "only the signup is recorded");
+}
+
+#[tokio::test]
+async fn tenant_rows_round_trip_plan_phase_and_retention() {
+    let db = Database::new().await;
+    let store = open(&db).await;
+    for (n, plan) in (1..).zip(Plan::ALL) {
+        let mut s = new_signup(n);
+        s.plan = plan;
+        s.phase = TenantPhase::ALL[n as usize];
+        s.retention = policy(n, 1_000_000);
+        let outcome = store
+            .create_signup(&s, &record("account.signup", &s.tenant_id))
+            .await
+            .unwrap();
+        assert_eq!(outcome, SignupOutcome::Created);
+        let row = store.tenant(&s.tenant_id).await.unwrap().unwrap();
+        assert_eq!(
+            (row.plan, row.phase, row.retention),
+            (plan, TenantPhase::ALL[n as usize], policy(n, 1_000_000))
+        );
+    }
+
+    // What the database holds are the names the CRD and the CLI use.
+    let stored = |column: &'static str| {
+        let url = db.url.clone();
+        async move {
+            use sqlx::{Connection as _, Row as _};
+            let mut conn = sqlx::AnyConnection::connect(&url).await.unwrap();
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {column} FROM tenants WHERE id = 't-3'"
+            )))
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+            row.try_get::<String, _>(0).unwrap()
+        }
+    };
+    assert_eq!(stored("plan").await, "enterprise");
+    assert_eq!(stored("phase").await, "Suspended");
+
+    // Every write path keeps the types: retention, suspension, status, deletion.
+    let after = store
+        .set_retention("t-1", policy(720, 5), &record("r", "t-1"), T0_MS)
+        .await
+        .unwrap();
+    assert_eq!(after.retention, policy(720, 5));
+    assert_eq!(after.plan, Plan::Free);
+    let after = store
+        .set_suspended(
+            "t-1",
+            true,
+            TenantPhase::Suspended,
+            &record("s", "t-1"),
+            T0_MS,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (after.suspended, after.phase),
+        (true, TenantPhase::Suspended)
+    );
+    let status = TenantStatus {
+        phase: TenantPhase::Ready,
+        endpoint: "https://tenant-1.example.com".into(),
+        cert_serial: "0a".into(),
+        cert_not_after_ms: T0_MS + 1,
+        cert_renewal_ms: T0_MS,
+        message: String::new(),
+    };
+    assert!(
+        store
+            .set_tenant_status("t-1", &status, T0_MS)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .set_tenant_status("t-1", &status, T0_MS)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.tenant("t-1").await.unwrap().unwrap().phase,
+        TenantPhase::Ready
+    );
+    store
+        .mark_terminating("t-1", &record("d", "t-1"), T0_MS)
+        .await
+        .unwrap();
+    assert!(
+        !store
+            .set_tenant_status("t-1", &status, T0_MS)
+            .await
+            .unwrap()
+    );
+    let (row, role) = store.membership("u-1", "t-1").await.unwrap().unwrap();
+    assert_eq!(
+        (row.phase, role.as_str()),
+        (TenantPhase::Terminating, "owner")
+    );
+}
+
+#[tokio::test]
+async fn a_stored_value_this_version_cannot_read_is_a_clear_error() {
+    let db = Database::new().await;
+    let store = open(&db).await;
+    signup(&store, 1).await;
+    signup(&store, 2).await;
+
+    store
+        .execute_raw_for_tests("UPDATE tenants SET phase = 'Exploded' WHERE id = 't-1'")
+        .await
+        .unwrap();
+    let err = store.tenant("t-1").await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidRow {
+                column: "phase",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        err.to_string(),
+        r#"tenants row t-1: phase "Exploded" is not a value this version can read"#
+    );
+    // Every read of the row says so; none shows the tenant with a made-up phase.
+    assert!(store.list_tenants(None, 10).await.is_err());
+    assert!(store.membership("u-1", "t-1").await.is_err());
+    assert!(store.tenant("t-2").await.unwrap().is_some());
+
+    store
+        .execute_raw_for_tests("UPDATE tenants SET plan = 'gold' WHERE id = 't-2'")
+        .await
+        .unwrap();
+    let err = store.tenant("t-2").await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        r#"tenants row t-2: plan "gold" is not a value this version can read"#
+    );
+    store
+        .execute_raw_for_tests(
+            "UPDATE tenants SET plan = 'free', retention_max_count = -1 WHERE id = 't-2'",
+        )
+        .await
+        .unwrap();
+    let err = store.tenant("t-2").await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "tenants row t-2: retention_max_count -1 is not a value this version can read"
+    );
+}
