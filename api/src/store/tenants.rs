@@ -164,8 +164,17 @@ impl Store {
         after: Option<(i64, String)>,
         limit: u32,
     ) -> Result<Vec<TenantRow>> {
+        self.tenant_page(after, limit)
+            .await?
+            .iter()
+            .map(tenant_from_row)
+            .collect()
+    }
+
+    /// The raw rows of one page of tenants in creation order.
+    async fn tenant_page(&self, after: Option<(i64, String)>, limit: u32) -> Result<Vec<AnyRow>> {
         let (after_ms, after_id) = after.unwrap_or((i64::MIN, String::new()));
-        let rows = sqlx::query(dyn_sql(format!(
+        Ok(sqlx::query(dyn_sql(format!(
             "SELECT {TENANT_COLUMNS} FROM tenants WHERE created_at_ms > $1 OR (created_at_ms = $1 AND id > $2) \
              ORDER BY created_at_ms, id LIMIT $3"
         )))
@@ -173,8 +182,7 @@ impl Store {
         .bind(after_id)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(tenant_from_row).collect()
+        .await?)
     }
 
     /// Sets a tenant's retention and audits; returns the updated tenant, or
@@ -313,15 +321,26 @@ impl Store {
         Ok(())
     }
 
-    /// Every tenant, oldest first (paged internally).
+    /// Every tenant this version can read, oldest first (paged internally); a row it cannot
+    /// read is logged and left out.
     pub async fn all_tenants(&self) -> Result<Vec<TenantRow>> {
+        const PAGE: u32 = 500;
         let mut out: Vec<TenantRow> = Vec::new();
+        let mut after = None;
         loop {
-            let after = out.last().map(|t| (t.created_at_ms, t.id.clone()));
-            let page = self.list_tenants(after, 500).await?;
-            let done = page.len() < 500;
-            out.extend(page);
-            if done {
+            let page = self.tenant_page(after.clone(), PAGE).await?;
+            for row in &page {
+                after = Some((row.try_get("created_at_ms")?, row.try_get("id")?));
+                match tenant_from_row(row) {
+                    Ok(tenant) => out.push(tenant),
+                    // One row this version cannot read (a newer version's phase during a
+                    // rolling upgrade) must not stop the others from being reconciled.
+                    Err(e) => {
+                        tracing::error!(error = %e, "skipping a tenant row this version cannot read")
+                    }
+                }
+            }
+            if page.len() < PAGE as usize {
                 return Ok(out);
             }
         }
