@@ -90,6 +90,10 @@ impl Metrics {
         self.pruned
             .get_or_create(&vec![("reason", reason)])
             .inc_by(n);
+        // Every insert and delete moves the gauge by one; a prune moves it by what it
+        // deleted. Setting it from a count instead would race with requests in flight.
+        self.stored_executions
+            .dec_by(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// The OpenMetrics text exposition.

@@ -102,12 +102,6 @@ pub async fn run_pruner(
                 tracing::error!(error = %e, "retention prune failed; retrying at the next interval");
             }
         }
-        match store.count_executions().await {
-            Ok(n) => {
-                metrics.stored_executions.set(n);
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot count stored executions"),
-        }
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
             changed = policy.changed() => {
