@@ -1,8 +1,8 @@
 //! Compiles `tenantry/v1/*.proto` with protox (no `protoc` needed) and generates the tonic
-//! clients and servers, plus the descriptor set that server reflection serves.
+//! clients and servers, plus the descriptor set that server reflection serves; only with
+//! the `grpc` feature.
 
-use std::path::PathBuf;
-
+#[cfg(feature = "grpc")]
 use protox::prost::Message as _;
 
 const PROTOS: &[&str] = &[
@@ -13,12 +13,18 @@ const PROTOS: &[&str] = &[
     "tenantry/v1/admin.proto",
 ];
 
+#[cfg(not(feature = "grpc"))]
+fn main() {
+    let _ = PROTOS;
+}
+
+#[cfg(feature = "grpc")]
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for proto in PROTOS {
         println!("cargo:rerun-if-changed={proto}");
     }
     let fds = protox::compile(PROTOS, ["."])?;
-    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out_dir.join("tenantry_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure()
         .build_client(true)

@@ -8,7 +8,8 @@ pub mod retention;
 pub mod runtime_config;
 pub mod token;
 
-/// Generated code for the `tenantry.v1` package.
+/// Generated code for the `tenantry.v1` package (feature `grpc`).
+#[cfg(feature = "grpc")]
 pub mod v1 {
     #![allow(missing_docs, clippy::all, clippy::pedantic)]
     tonic::include_proto!("tenantry.v1");

@@ -5,6 +5,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+#[cfg(feature = "grpc")]
 use crate::v1;
 
 /// Lifecycle phase of a tenant.
@@ -53,6 +54,7 @@ impl TenantPhase {
     }
 
     /// The phase on the wire.
+    #[cfg(feature = "grpc")]
     pub fn to_proto(self) -> v1::TenantPhase {
         match self {
             TenantPhase::Pending => v1::TenantPhase::Pending,
@@ -66,6 +68,7 @@ impl TenantPhase {
 
     /// The phase of a wire value; None for `TENANT_PHASE_UNSPECIFIED` and unknown numbers
     /// (a newer server).
+    #[cfg(feature = "grpc")]
     pub fn from_proto(value: i32) -> Option<TenantPhase> {
         match v1::TenantPhase::try_from(value).ok()? {
             v1::TenantPhase::Unspecified => None,
@@ -91,6 +94,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(feature = "grpc")]
     fn names_and_wire_values_round_trip() {
         for phase in TenantPhase::ALL {
             assert_eq!(TenantPhase::parse(phase.as_str()), Some(phase));
