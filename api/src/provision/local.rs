@@ -411,160 +411,213 @@ async fn stop_leftover(dir: &Path) {
     let _ = std::fs::remove_file(pid_path);
 }
 
-/// Keeps one tenant's process in the desired state until told to stop.
+/// What a supervisor does next: a pure decision from what it wants and what it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Stop the process (if any) and end: shutdown or deletion.
+    Stop,
+    /// Stop the process (if any), report Suspended, wait for a change.
+    Suspend,
+    /// The instance's files are gone: report Degraded and retry after the backoff.
+    FilesMissing,
+    /// Start the process on this port.
+    Start(u16),
+    /// Watch the running process on this port.
+    Watch(u16),
+}
+
+fn next_step(want: Desired, shutting_down: bool, port: Option<u16>, running: bool) -> Step {
+    match (want, port) {
+        _ if shutting_down => Step::Stop,
+        (Desired::Deleted, _) => Step::Stop,
+        (Desired::Suspended, _) => Step::Suspend,
+        (Desired::Running, None) => Step::FilesMissing,
+        (Desired::Running, Some(p)) if running => Step::Watch(p),
+        (Desired::Running, Some(p)) => Step::Start(p),
+    }
+}
+
+/// The backoff before the next start: doubled after a failure, reset after a run that
+/// lasted [`STABLE_AFTER`].
+fn backoff_after(backoff: Duration, ran_for: Option<Duration>) -> Duration {
+    match ran_for {
+        Some(ran) if ran >= STABLE_AFTER => FIRST_BACKOFF,
+        _ => backoff,
+    }
+}
+
+fn doubled(backoff: Duration) -> Duration {
+    (backoff * 2).min(MAX_BACKOFF)
+}
+
+/// One tenant's supervisor: its wishes, the shutdown signal and the process it runs.
+struct Supervision {
+    shared: Arc<Shared>,
+    id: String,
+    dir: PathBuf,
+    desired: watch::Receiver<Desired>,
+    shutdown: watch::Receiver<bool>,
+    child: Option<tokio::process::Child>,
+    backoff: Duration,
+}
+
+impl Supervision {
+    async fn report(
+        &self,
+        phase: TenantPhase,
+        cert: Option<&pki::CertificateInfo>,
+        message: String,
+    ) {
+        self.shared
+            .report(&self.id, status(phase, String::new(), cert, message))
+            .await;
+    }
+
+    /// Waits for a change of wishes, shutdown, or (when given) `timeout`.
+    async fn pause(&mut self, timeout: Option<Duration>) {
+        let sleep = async {
+            match timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = self.desired.changed() => {}
+            _ = self.shutdown.changed() => {}
+            () = sleep => {}
+        }
+    }
+
+    async fn stop_child(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c).await;
+        }
+    }
+
+    async fn suspend(&mut self) {
+        self.stop_child().await;
+        let cert = pki::parse_certificate(
+            &std::fs::read_to_string(self.dir.join("tls.crt")).unwrap_or_default(),
+        )
+        .ok();
+        self.report(
+            TenantPhase::Suspended,
+            cert.as_ref(),
+            "suspended; data kept".into(),
+        )
+        .await;
+        self.pause(None).await;
+    }
+
+    async fn start(&mut self) {
+        match spawn_runtime(&self.shared, &self.dir).await {
+            Ok(c) => self.child = Some(c),
+            Err(e) => {
+                self.report(
+                    TenantPhase::Degraded,
+                    None,
+                    format!("cannot start runtime: {e}"),
+                )
+                .await;
+                self.pause(Some(self.backoff)).await;
+                self.backoff = doubled(self.backoff);
+            }
+        }
+    }
+
+    /// Watches the running process; returns false on shutdown.
+    async fn watch(&mut self, port: u16) -> bool {
+        let Some(running) = self.child.as_mut() else {
+            return true;
+        };
+        let started = tokio::time::Instant::now();
+        let outcome = watch_running(
+            &self.shared,
+            &self.id,
+            &self.dir,
+            port,
+            running,
+            &mut self.desired,
+            &mut self.shutdown,
+        )
+        .await;
+        match outcome {
+            Watch::Exited(exit) => {
+                self.child = None;
+                let _ = std::fs::remove_file(self.dir.join("runtime.pid"));
+                self.backoff = backoff_after(self.backoff, Some(started.elapsed()));
+                let backoff = self.backoff;
+                tracing::warn!(tenant_id = %self.id, %exit, ?backoff, "tenant runtime exited; restarting");
+                self.report(
+                    TenantPhase::Degraded,
+                    None,
+                    format!(
+                        "runtime exited ({exit}); restarting in {}s",
+                        backoff.as_secs()
+                    ),
+                )
+                .await;
+                self.pause(Some(backoff)).await;
+                self.backoff = doubled(backoff);
+                // A port taken meanwhile by something else: move to a new one.
+                if !port_is_free(port)
+                    && let Ok(new_port) = free_port()
+                    && let Err(e) = move_to_port(&self.dir, new_port)
+                {
+                    tracing::warn!(tenant_id = %self.id, error = %e, "could not move to a free port");
+                }
+                true
+            }
+            Watch::Changed => true,
+            Watch::Shutdown => false,
+        }
+    }
+}
+
+/// Keeps one tenant's process as `desired` says until deletion or shutdown: starts it,
+/// restarts it with backoff when it exits, stops it when suspended.
 async fn supervise(
     shared: Arc<Shared>,
     id: String,
     dir: PathBuf,
-    mut desired: watch::Receiver<Desired>,
+    desired: watch::Receiver<Desired>,
 ) {
-    let mut shutdown = shared.shutdown.subscribe();
-    let mut child: Option<tokio::process::Child> = None;
-    let mut backoff = FIRST_BACKOFF;
-    stop_leftover(&dir).await;
+    let shutdown = shared.shutdown.subscribe();
+    let mut s = Supervision {
+        shared,
+        id,
+        dir,
+        desired,
+        shutdown,
+        child: None,
+        backoff: FIRST_BACKOFF,
+    };
+    stop_leftover(&s.dir).await;
     loop {
-        if *shutdown.borrow() {
-            break;
-        }
-        let want = *desired.borrow_and_update();
-        match want {
-            Desired::Deleted => break,
-            Desired::Suspended => {
-                if let Some(mut c) = child.take() {
-                    stop_child(&mut c).await;
-                }
-                let cert = pki::parse_certificate(
-                    &std::fs::read_to_string(dir.join("tls.crt")).unwrap_or_default(),
-                )
-                .ok();
-                shared
-                    .report(
-                        &id,
-                        status(
-                            TenantPhase::Suspended,
-                            String::new(),
-                            cert.as_ref(),
-                            "suspended; data kept".into(),
-                        ),
-                    )
+        let want = *s.desired.borrow_and_update();
+        // ensure() keeps the port file and config.yaml current.
+        let port = std::fs::read_to_string(s.dir.join("port"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u16>().ok());
+        let shutting_down = *s.shutdown.borrow();
+        match next_step(want, shutting_down, port, s.child.is_some()) {
+            Step::Stop => break,
+            Step::Suspend => s.suspend().await,
+            Step::FilesMissing => {
+                s.report(TenantPhase::Degraded, None, "instance files missing".into())
                     .await;
-                tokio::select! {
-                    _ = desired.changed() => {}
-                    _ = shutdown.changed() => {}
-                }
+                s.pause(Some(s.backoff)).await;
             }
-            Desired::Running => {
-                // Re-read the spec's files: ensure() keeps config.yaml current.
-                let port = match std::fs::read_to_string(dir.join("port"))
-                    .ok()
-                    .and_then(|p| p.trim().parse::<u16>().ok())
-                {
-                    Some(p) => p,
-                    None => {
-                        shared
-                            .report(
-                                &id,
-                                status(
-                                    TenantPhase::Degraded,
-                                    String::new(),
-                                    None,
-                                    "instance files missing".into(),
-                                ),
-                            )
-                            .await;
-                        tokio::select! {
-                            _ = desired.changed() => {}
-                            _ = shutdown.changed() => {}
-                            () = tokio::time::sleep(backoff) => {}
-                        }
-                        continue;
-                    }
-                };
-                if child.is_none() {
-                    match spawn_runtime(&shared, &dir).await {
-                        Ok(c) => child = Some(c),
-                        Err(e) => {
-                            shared
-                                .report(
-                                    &id,
-                                    status(
-                                        TenantPhase::Degraded,
-                                        String::new(),
-                                        None,
-                                        format!("cannot start runtime: {e}"),
-                                    ),
-                                )
-                                .await;
-                            tokio::select! {
-                                _ = desired.changed() => {}
-                                _ = shutdown.changed() => {}
-                                () = tokio::time::sleep(backoff) => {}
-                            }
-                            backoff = (backoff * 2).min(MAX_BACKOFF);
-                            continue;
-                        }
-                    }
-                }
-                let Some(running) = child.as_mut() else {
-                    continue;
-                };
-                let started = tokio::time::Instant::now();
-                let outcome = watch_running(
-                    &shared,
-                    &id,
-                    &dir,
-                    port,
-                    running,
-                    &mut desired,
-                    &mut shutdown,
-                )
-                .await;
-                match outcome {
-                    Watch::Exited(exit) => {
-                        child = None;
-                        let _ = std::fs::remove_file(dir.join("runtime.pid"));
-                        if started.elapsed() >= STABLE_AFTER {
-                            backoff = FIRST_BACKOFF;
-                        }
-                        tracing::warn!(tenant_id = %id, %exit, ?backoff, "tenant runtime exited; restarting");
-                        shared
-                            .report(
-                                &id,
-                                status(
-                                    TenantPhase::Degraded,
-                                    String::new(),
-                                    None,
-                                    format!(
-                                        "runtime exited ({exit}); restarting in {}s",
-                                        backoff.as_secs()
-                                    ),
-                                ),
-                            )
-                            .await;
-                        tokio::select! {
-                            _ = desired.changed() => {}
-                            _ = shutdown.changed() => {}
-                            () = tokio::time::sleep(backoff) => {}
-                        }
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                        // A port taken meanwhile by something else: move to a new one.
-                        if !port_is_free(port)
-                            && let Ok(new_port) = free_port()
-                            && let Err(e) = move_to_port(&dir, new_port)
-                        {
-                            tracing::warn!(tenant_id = %id, error = %e, "could not move to a free port");
-                        }
-                    }
-                    Watch::Changed => {}
-                    Watch::Shutdown => break,
+            Step::Start(_) => s.start().await,
+            Step::Watch(port) => {
+                if !s.watch(port).await {
+                    break;
                 }
             }
         }
     }
-    if let Some(mut c) = child.take() {
-        stop_child(&mut c).await;
-    }
-    let _ = std::fs::remove_file(dir.join("runtime.pid"));
+    s.stop_child().await;
+    let _ = std::fs::remove_file(s.dir.join("runtime.pid"));
 }
 
 /// Points the instance at another loopback port: the port file and the config's
@@ -789,6 +842,29 @@ mod tests {
         assert_eq!(read.tls.key_file, Path::new("/d/t-1/tls.key"));
         assert_eq!(read.retention.max_count, 5);
         assert_eq!(read.validate(), Ok(()));
+    }
+
+    #[test]
+    fn the_supervisor_stops_suspends_starts_or_watches() {
+        use Desired::*;
+        assert_eq!(next_step(Running, true, Some(1), true), Step::Stop);
+        assert_eq!(next_step(Deleted, false, Some(1), true), Step::Stop);
+        assert_eq!(next_step(Suspended, false, Some(1), true), Step::Suspend);
+        assert_eq!(next_step(Running, false, None, false), Step::FilesMissing);
+        assert_eq!(next_step(Running, false, Some(7), false), Step::Start(7));
+        assert_eq!(next_step(Running, false, Some(7), true), Step::Watch(7));
+    }
+
+    #[test]
+    fn backoff_doubles_to_a_cap_and_resets_after_a_stable_run() {
+        let mut b = FIRST_BACKOFF;
+        for _ in 0..10 {
+            b = doubled(b);
+        }
+        assert_eq!(b, MAX_BACKOFF);
+        assert_eq!(backoff_after(b, Some(STABLE_AFTER)), FIRST_BACKOFF);
+        assert_eq!(backoff_after(b, Some(Duration::from_secs(1))), b);
+        assert_eq!(backoff_after(b, None), b);
     }
 
     #[test]
