@@ -19,7 +19,7 @@ use crate::password::check_policy;
 use crate::provision::TenantSpec;
 use crate::service::{detail, plan_from_proto};
 use crate::state::AppState;
-use crate::store::{AuditRecord, NewSignup, SignupOutcome};
+use crate::store::{AuditRecord, NewSignup, SignupOutcome, UserRow};
 use crate::validate;
 use tenantry_proto::phase::TenantPhase;
 
@@ -142,79 +142,89 @@ impl Accounts {
         let email =
             validate::normalize_email(&req.email).map_err(|d| Error::invalid("email", d))?;
         let password = SecretString::from(req.password);
-        let failed = |detail_json: String, actor: String| AuditRecord {
-            action: actions::LOGIN_FAILED,
-            actor_user_id: actor,
-            target: email.clone(),
-            success: false,
-            source: source.clone(),
-            detail_json,
+        let attempt = Attempt {
+            email: &email,
+            source: &source,
         };
         let Some(user) = st.store.user_by_email(&email).await? else {
             // Same cost as a wrong password, so timing does not reveal which emails exist.
             st.verify_password(password, None).await?;
-            st.audit(failed(
-                detail(&[("reason", "unknown_email".into())]),
-                String::new(),
-            ))
-            .await;
+            st.audit(attempt.failed("unknown_email", String::new()))
+                .await;
             return Err(Error::Unauthenticated(AuthFailure::InvalidCredentials));
         };
-        let now = st.now_ms();
-        if let Some(wait) = user.login_lock.locked_for(now) {
-            st.audit(failed(
-                detail(&[("reason", "locked".into())]),
-                user.id.clone(),
-            ))
-            .await;
+        if let Some(wait) = user.login_lock.locked_for(st.now_ms()) {
+            st.audit(attempt.failed("locked", user.id.clone())).await;
             return Err(Error::ResourceExhausted {
                 what: "account temporarily locked after repeated failed logins",
                 retry_after: wait,
             });
         }
         let stored = user.password_hash.clone();
-        let ok = st
+        if !st
             .verify_password(password.clone(), Some(stored.clone()))
-            .await?;
-        let now = st.now_ms();
-        if !ok {
-            let (next, locked) = user.login_lock.after_failure(now);
-            let mut audits = vec![failed(
-                detail(&[("reason", "wrong_password".into())]),
-                user.id.clone(),
-            )];
-            if locked {
-                audits.push(AuditRecord {
-                    action: actions::LOGIN_LOCKED,
-                    actor_user_id: user.id.clone(),
-                    target: email.clone(),
-                    success: true,
-                    source: source.clone(),
-                    detail_json: detail(&[
-                        ("locked_until_ms", next.locked_until_ms.into()),
-                        ("lockouts", next.lockouts.into()),
-                    ]),
-                });
-                tracing::warn!(user_id = %user.id, "account locked after repeated failed logins");
-            }
-            st.store
-                .record_failure(crate::store::Factor::Password, &user.id, next, &audits, now)
-                .await?;
-            return Err(Error::Unauthenticated(AuthFailure::InvalidCredentials));
+            .await?
+        {
+            return Err(self.wrong_password(&attempt, &user).await);
         }
-        let new_hash = if st.hasher.needs_rehash(&stored) {
+        self.open_session(&attempt, &user, password, &stored).await
+    }
+
+    /// Counts a wrong password (locking the account at the threshold) and says why the
+    /// login failed.
+    async fn wrong_password(&self, attempt: &Attempt<'_>, user: &UserRow) -> Error {
+        let st = &self.state;
+        let now = st.now_ms();
+        let (next, locked) = user.login_lock.after_failure(now);
+        let mut audits = vec![attempt.failed("wrong_password", user.id.clone())];
+        if locked {
+            audits.push(AuditRecord {
+                action: actions::LOGIN_LOCKED,
+                actor_user_id: user.id.clone(),
+                target: attempt.email.to_owned(),
+                success: true,
+                source: attempt.source.to_owned(),
+                detail_json: detail(&[
+                    ("locked_until_ms", next.locked_until_ms.into()),
+                    ("lockouts", next.lockouts.into()),
+                ]),
+            });
+            tracing::warn!(user_id = %user.id, "account locked after repeated failed logins");
+        }
+        match st
+            .store
+            .record_failure(crate::store::Factor::Password, &user.id, next, &audits, now)
+            .await
+        {
+            Ok(()) => Error::Unauthenticated(AuthFailure::InvalidCredentials),
+            Err(e) => e,
+        }
+    }
+
+    /// A new session for `user`, whose password was right; rehashes the password when the
+    /// hashing parameters went up.
+    async fn open_session(
+        &self,
+        attempt: &Attempt<'_>,
+        user: &UserRow,
+        password: SecretString,
+        stored: &str,
+    ) -> Result<LoginResponse> {
+        let st = &self.state;
+        let new_hash = if st.hasher.needs_rehash(stored) {
             Some(st.hashing(move |h| h.hash(&password)).await?)
         } else {
             None
         };
+        let now = st.now_ms();
         let token = new_session_token()?;
         let expires_at = now.saturating_add(duration_ms(st.sessions.absolute_timeout));
         let audit = AuditRecord {
             action: actions::LOGIN_SUCCEEDED,
             actor_user_id: user.id.clone(),
-            target: email.clone(),
+            target: attempt.email.to_owned(),
             success: true,
-            source: source.clone(),
+            source: attempt.source.to_owned(),
             detail_json: detail(&[("rehashed", new_hash.is_some().into())]),
         };
         st.store
@@ -223,7 +233,7 @@ impl Accounts {
                 new_hash.as_deref(),
                 &hash_secret(token.expose_secret()),
                 expires_at,
-                &source,
+                attempt.source,
                 &audit,
                 now,
             )
@@ -233,6 +243,26 @@ impl Accounts {
             expires_at: Some(to_timestamp(expires_at)),
             mfa_required: user.totp_secret_sealed.is_some(),
         })
+    }
+}
+
+/// One login attempt: who it claims to be and where it comes from.
+struct Attempt<'a> {
+    email: &'a str,
+    source: &'a str,
+}
+
+impl Attempt<'_> {
+    /// The audit row of a failed attempt.
+    fn failed(&self, reason: &'static str, actor: String) -> AuditRecord {
+        AuditRecord {
+            action: actions::LOGIN_FAILED,
+            actor_user_id: actor,
+            target: self.email.to_owned(),
+            success: false,
+            source: self.source.to_owned(),
+            detail_json: detail(&[("reason", reason.into())]),
+        }
     }
 }
 
