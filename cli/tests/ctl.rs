@@ -5,8 +5,10 @@
 
 // The API's own test harness (server on a manual clock, SQLite or PostgreSQL), shared
 // rather than copied: this test lives here only because `CARGO_BIN_EXE_tenantryctl`
-// exists only for the tests of the package that builds the binary.
-#[path = "../../api/tests/common/mod.rs"]
+// exists only for the tests of the package that builds the binary. It uses only part of
+// the harness.
+#[path = "../../api/tests/api/common.rs"]
+#[allow(dead_code)]
 mod common;
 
 use std::os::unix::fs::PermissionsExt as _;

@@ -2,11 +2,8 @@
 //! that writes the change and its audit row together or not at all, and tenant rows come
 //! back typed. Runs on SQLite, and on PostgreSQL when `TENANTRY_TEST_DATABASE_URL` is set
 //! (each test in its own schema).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
-
-use common::{Database, T0_MS};
+use crate::common::{Database, T0_MS};
 use tenantry_api::Error;
 use tenantry_api::store::{
     AuditRecord, AuditRow, NewSignup, SignupOutcome, Store, TenantStatus, Write,

@@ -1,7 +1,6 @@
 //! Test harness: the real API server on a loopback port, with a manual clock, driven by
 //! real tonic clients. Runs on SQLite, or on PostgreSQL when `TENANTRY_TEST_DATABASE_URL`
 //! is set (each server then gets its own schema).
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,11 +1,8 @@
 //! TOTP enrollment, verification, single use, recovery codes, lockout and storage at rest.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tenantry_proto::v1::verify_mfa_request::Factor;
 use tenantry_proto::v1::*;
 use tonic::Code;

@@ -1,11 +1,8 @@
 //! Signup, login, sessions, lockout and password changes, through a real gRPC client.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tenantry_proto::v1::*;
 use tonic::Code;
 use tonic_types::StatusExt as _;

@@ -1,15 +1,12 @@
 //! Health, reflection, an unreachable database, the real binary (`serve`,
 //! `bootstrap-admin`), and what reaches the process logs.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
 
 use std::io::Write as _;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tenantry_proto::v1::*;
 use tonic::Code;
 use tonic_health::pb::health_client::HealthClient;

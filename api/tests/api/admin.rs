@@ -1,11 +1,8 @@
 //! The admin gate, admin actions, tenant isolation and the audit log.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tenantry_proto::v1::*;
 use tonic::Code;
 

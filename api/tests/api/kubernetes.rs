@@ -2,13 +2,10 @@
 //! fake): signup applies a `Tenant`, status comes from the watch, changes patch, deletion
 //! waits for the operator's finalizer and survives a restart, failures are retried, and
 //! every request is allowed by the chart's RBAC rules for the API.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
 
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use k8s_openapi::api::rbac::v1::PolicyRule;
 use serde_json::{Value, json};
 use tenantry_api::clock::ManualClock;

@@ -1,0 +1,14 @@
+//! The API's integration tests, in one binary: the real server on a loopback port, driven
+//! by real tonic clients through the harness in `common`; one module per area.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+// Shared with cli/tests/ctl.rs: each suite uses helpers the other does not.
+#[allow(dead_code)]
+mod common;
+
+mod accounts;
+mod admin;
+mod kubernetes;
+mod mfa;
+mod platform;
+mod store;
