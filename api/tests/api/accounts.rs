@@ -2,10 +2,11 @@
 
 use std::time::Duration;
 
-use crate::common::*;
 use tenantry_proto::v1::*;
 use tonic::Code;
 use tonic_types::StatusExt as _;
+
+use crate::common::*;
 
 #[tokio::test]
 async fn signup_creates_user_and_tenant_visible_to_the_member() {

@@ -2,9 +2,10 @@
 
 use std::time::Duration;
 
-use crate::common::*;
 use tenantry_proto::v1::*;
 use tonic::Code;
+
+use crate::common::*;
 
 #[tokio::test]
 async fn the_admin_gate_says_which_requirement_is_missing() {

@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use crate::common::*;
 use k8s_openapi::api::rbac::v1::PolicyRule;
 use serde_json::{Value, json};
 use tenantry_api::clock::ManualClock;
@@ -13,6 +12,8 @@ use tenantry_api::provision::reconcile_all;
 use tenantry_operator::fake_api::{Access, FakeApi, unused_grants};
 use tenantry_proto::v1::*;
 use tonic::Code;
+
+use crate::common::*;
 
 const TENANTS: &str = "/apis/tenantry.dev/v1alpha1/tenants";
 

@@ -2,10 +2,11 @@
 
 use std::time::Duration;
 
-use crate::common::*;
 use tenantry_proto::v1::verify_mfa_request::Factor;
 use tenantry_proto::v1::*;
 use tonic::Code;
+
+use crate::common::*;
 
 fn code_req(code: String, token: &str) -> tonic::Request<VerifyMfaRequest> {
     authed(

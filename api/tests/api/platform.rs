@@ -6,11 +6,12 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::common::*;
 use tenantry_proto::v1::*;
 use tonic::Code;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+
+use crate::common::*;
 
 async fn health(channel: tonic::transport::Channel, service: &str) -> Result<i32, tonic::Status> {
     HealthClient::new(channel)

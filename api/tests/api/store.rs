@@ -3,13 +3,14 @@
 //! back typed. Runs on SQLite, and on PostgreSQL when `TENANTRY_TEST_DATABASE_URL` is set
 //! (each test in its own schema).
 
-use crate::common::{Database, T0_MS};
 use tenantry_api::Error;
 use tenantry_api::store::{
     AuditRecord, AuditRow, NewSignup, SignupOutcome, Store, TenantStatus, Write,
 };
 use tenantry_proto::phase::TenantPhase;
 use tenantry_proto::retention::{Plan, RetentionPolicy};
+
+use crate::common::{Database, T0_MS};
 
 async fn open(db: &Database) -> Store {
     Store::connect(&db.url, 4).await.unwrap()
