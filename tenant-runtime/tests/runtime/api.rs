@@ -1,12 +1,9 @@
 //! The JSON API over real HTTPS: executions, credentials, probes, metrics and the error
 //! rules (every error is JSON; 400 for bad JSON and unknown fields; 413 past the limit).
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-
-use common::{Instance, metric};
 use serde_json::json;
+
+use crate::common::{Instance, metric};
 
 fn execution(workflow: &str, started: &str, finished: Option<&str>) -> serde_json::Value {
     json!({

@@ -2,17 +2,14 @@
 //! this tenant, unexpired and at most 15 minutes long, gets in; everything else is a 401
 //! with a JSON error.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-
 use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use common::Instance;
 use jiff::Timestamp;
 use tenantry_proto::token::{ISSUER, InstanceClaims, TokenSigner};
+
+use crate::common::{self, Instance};
 
 fn claims(tenant: &str, iat: i64, ttl: i64) -> InstanceClaims {
     InstanceClaims {

@@ -1,8 +1,6 @@
 //! Test harness: a real tenant-runtime on 127.0.0.1:0 with a CA, certificate, data key and
 //! token key made here, and an HTTPS client (hyper over tokio-rustls) trusting that CA.
 
-#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,7 +12,6 @@ use hyper_util::rt::TokioIo;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tenant_runtime::RunConfig;
-use tenant_runtime::config::RuntimeConfig;
 use tenantry_proto::retention::RetentionPolicy;
 use tenantry_proto::token::TokenSigner;
 use tokio::net::TcpStream;
@@ -58,7 +55,6 @@ pub struct Instance {
     pub signer: TokenSigner,
     pub ca: CertifiedIssuer<'static, KeyPair>,
     pub config_path: PathBuf,
-    pub config: RuntimeConfig,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<tenant_runtime::Result<()>>>,
 }
@@ -144,7 +140,6 @@ impl Instance {
         run_config.prune_interval = options.prune_interval;
         run_config.prune_batch_size = options.prune_batch_size;
         run_config.max_body_bytes = options.max_body_bytes;
-        let config = run_config.config.clone();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
@@ -158,7 +153,6 @@ impl Instance {
             signer,
             ca,
             config_path,
-            config,
             shutdown: Some(tx),
             task: Some(task),
         };

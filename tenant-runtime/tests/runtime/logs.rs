@@ -2,15 +2,12 @@
 //! stores, lists and deletes credentials and executions, and sends malformed bodies and
 //! tokens, never writes a secret, a payload or a token to the log.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use common::Instance;
 use serde_json::json;
+
+use crate::common::Instance;
 
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
@@ -29,6 +26,9 @@ impl Write for Captured {
 async fn no_secret_payload_or_token_reaches_the_log() {
     let captured = Captured::default();
     let writer = captured.clone();
+    // The global subscriber, so the runtime's every thread logs here. It also catches the
+    // other tests of this binary that run meanwhile: that only adds lines, and the needles
+    // checked below belong to this test alone.
     tracing_subscriber::fmt()
         .with_env_filter("debug")
         .with_ansi(false)

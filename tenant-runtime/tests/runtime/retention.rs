@@ -3,17 +3,14 @@
 //! right after a policy change in the config file and on its interval, in batches; counts
 //! go to `/metrics`.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{Instance, Options, eventually, metric};
 use jiff::{SignedDuration, Timestamp};
 use serde_json::json;
 use tenantry_proto::retention::RetentionPolicy;
+
+use crate::common::{Instance, Options, eventually, metric};
 
 fn ago(hours: f64) -> String {
     let d = SignedDuration::from_secs_f64(hours * 3600.0);

@@ -3,14 +3,11 @@
 //! the clear are there (so the scan would find plaintext if it were written); deleted
 //! rows are overwritten (`secure_delete`); only the data directory is written.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-
 use std::time::Duration;
 
-use common::{Instance, contains, read_tree};
 use serde_json::json;
+
+use crate::common::{self, Instance, contains, read_tree};
 
 #[tokio::test]
 async fn database_and_wal_hold_no_plaintext_payload_or_secret() {

@@ -3,14 +3,11 @@
 //! or half-written pair is refused (the old one keeps serving); `/readyz` fails while
 //! the certificate files cannot be read.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
-mod common;
-
 use std::time::Duration;
 
-use common::{Instance, eventually};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::common::{self, Instance, eventually};
 
 #[tokio::test]
 async fn rotation_reaches_new_connections_and_spares_open_ones() {
