@@ -1,8 +1,9 @@
-//! Real-cluster helpers: connecting (or saying why the test skips), installing the CRD and
-//! the chart's RBAC, service-account kubeconfigs from the TokenRequest API, the API
+//! Real-cluster helpers: connecting (or saying why the test skips), taking turns on the
+//! cluster, installing the CRD and the chart's RBAC, service-account kubeconfigs from the TokenRequest API, the API
 //! server's own request counters, and the real `tenantry-operator` binary as a process.
 
 use std::collections::BTreeMap;
+use std::fs::{File, TryLockError};
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -70,6 +71,42 @@ pub async fn cluster(test: &str) -> Result<Option<Cluster>> {
         .await
         .context("connecting to the cluster named by KUBECONFIG")?;
     Ok(Some(Cluster { client }))
+}
+
+/// Held by a real-cluster test for as long as it runs. The tests start operators against
+/// one shared cluster, so two at once would reconcile each other's Tenants: whether they
+/// run as threads of one test binary or as processes (cargo-nextest runs each test in its
+/// own), each waits here for the one before it. Dropping it lets the next one in.
+pub struct ClusterLock {
+    _file: File,
+}
+
+/// Takes the [`ClusterLock`] (an exclusive lock on a file in the temporary directory),
+/// waiting while another test holds it.
+pub async fn lock_cluster() -> Result<ClusterLock> {
+    let path = std::env::temp_dir().join("tenantry-e2e-cluster.lock");
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let file = match file.try_lock() {
+        Ok(()) => file,
+        Err(TryLockError::WouldBlock) => {
+            eprintln!(
+                "waiting for {}: another real-cluster test is running",
+                path.display()
+            );
+            tokio::task::spawn_blocking(move || file.lock().map(|()| file))
+                .await?
+                .with_context(|| format!("locking {}", path.display()))?
+        }
+        Err(TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("locking {}", path.display()));
+        }
+    };
+    Ok(ClusterLock { _file: file })
 }
 
 /// `kubectl`: `$KUBECTL` when set (a client matching the server's version), else the one

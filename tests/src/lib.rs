@@ -1,4 +1,4 @@
-//! Helpers shared by the end-to-end tests under `tests/tests/`: finding the real binaries,
+//! Helpers shared by the end-to-end tests (`tests/tests/e2e/`): finding the real binaries,
 //! driving the API over gRPC (signup, login, TOTP), and, for the real-cluster tests,
 //! installing the CRD and running the operator in-process.
 // A test-support crate: a failed step should fail the test with its message.

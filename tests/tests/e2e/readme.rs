@@ -1,7 +1,6 @@
 //! The README's Quick start is what a newcomer runs: exactly two commands, the first
 //! starting the control plane with `tenantry-api dev`, the second the test command that
 //! the CI gate runs too.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
 

@@ -3,7 +3,6 @@
 //! the admin steps through the real `tenantryctl`.
 //!
 //! The binaries are the ones `cargo test --workspace` builds next to this test.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

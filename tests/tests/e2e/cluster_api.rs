@@ -11,8 +11,6 @@
 //! `resume` and `delete` reach the cluster, and a deleted tenant leaves the API once its
 //! namespace is gone. The runtime image need not be pullable.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -26,7 +24,9 @@ use tenantry_kube::names;
 use tenantry_proto::v1::admin_service_client::AdminServiceClient;
 use tenantry_proto::v1::mfa_service_client::MfaServiceClient;
 use tenantry_proto::v1::*;
-use tenantry_tests::cluster::{OperatorOptions, OperatorProcess, cluster, eventually};
+use tenantry_tests::cluster::{
+    OperatorOptions, OperatorProcess, cluster, eventually, lock_cluster,
+};
 use tenantry_tests::{
     PASSWORD, authed, bin, connect, ctl, free_port, login, next_step, run_with_stdin,
     signup_and_login, totp_now, wait_for_tenant,
@@ -58,6 +58,8 @@ async fn api_and_operator_on_a_real_api_server() -> Result<()> {
     let Some(cluster) = cluster("api_and_operator_on_a_real_api_server").await? else {
         return Ok(());
     };
+    // The other real-cluster test runs operators too: one at a time on the shared cluster.
+    let _turn = lock_cluster().await?;
     cluster.install_crd().await?;
     cluster.install_chart_rbac(NS).await?;
     cluster

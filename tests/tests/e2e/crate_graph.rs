@@ -2,8 +2,6 @@
 //! `cargo metadata` and fails when a crate depends on one it must not, directly or through
 //! another crate. Dev-dependencies (tests, benchmarks) are not counted.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 

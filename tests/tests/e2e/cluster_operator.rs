@@ -21,8 +21,6 @@
 //! The runtime image need not be pullable and the cluster needs no nodes: `RuntimeReady`
 //! only has to be reported.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
-
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -47,7 +45,7 @@ use tenantry_operator::diff::first_difference;
 use tenantry_tests::bin;
 use tenantry_tests::cluster::{
     Cluster, OperatorOptions, OperatorProcess, RequestCounts, cluster, condition, eventually,
-    kubectl_with,
+    kubectl_with, lock_cluster,
 };
 
 /// Namespace of the operator (the chart's release namespace in these tests).
@@ -166,6 +164,8 @@ async fn operator_on_a_real_api_server() -> Result<()> {
     let Some(cluster) = cluster("operator_on_a_real_api_server").await? else {
         return Ok(());
     };
+    // The other real-cluster test runs operators too: one at a time on the shared cluster.
+    let _turn = lock_cluster().await?;
     let env = setup(cluster).await?;
     // Leftovers of an interrupted run would be reconciled by the operators below.
     let mut sweeper = env.start("e2e-sweeper")?;
