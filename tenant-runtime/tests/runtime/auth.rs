@@ -8,6 +8,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jiff::Timestamp;
 use tenantry_proto::token::{ISSUER, InstanceClaims, TokenSigner};
+use tenantry_test_support::eventually;
 
 use crate::common::{self, Instance};
 
@@ -130,7 +131,8 @@ async fn only_valid_tokens_for_this_tenant_get_in() {
         let mut conn = app.connect().await;
         let r = conn
             .send_with_header("GET", "/v1/executions", "authorization", header)
-            .await;
+            .await
+            .unwrap();
         assert_eq!(r.status, 401, "{header:?}");
     }
     app.stop().await.unwrap();
@@ -148,7 +150,7 @@ async fn a_rotated_token_key_is_picked_up_without_restart() {
         &app.root().join("keys/token.pub"),
         next.public_key_pem().as_bytes(),
     );
-    let picked_up = common::eventually(Duration::from_secs(5), || async {
+    let picked_up = eventually(Duration::from_secs(5), common::POLL, || async {
         status_with(&app, &new_token).await.0 == 200
     })
     .await;

@@ -1,32 +1,18 @@
 //! Test harness: a real tenant-runtime on 127.0.0.1:0 with a CA, certificate, data key and
-//! token key made here, and an HTTPS client (hyper over tokio-rustls) trusting that CA.
+//! token key made here, and the shared HTTPS client (`tenantry_test_support::Https`)
+//! trusting that CA.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt as _, Full};
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-use rustls::pki_types::{CertificateDer, ServerName};
 use tenant_runtime::RunConfig;
 use tenantry_proto::retention::RetentionPolicy;
 use tenantry_proto::token::TokenSigner;
-use tokio::net::TcpStream;
+use tenantry_test_support::{Conn, Https, Response};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_rustls::TlsConnector;
-
-/// A response, with its body parsed as JSON when it is JSON.
-#[derive(Debug)]
-pub struct Resp {
-    pub status: u16,
-    pub headers: http::HeaderMap,
-    pub text: String,
-    pub json: serde_json::Value,
-}
 
 pub struct Options {
     pub tenant: String,
@@ -55,6 +41,7 @@ pub struct Instance {
     pub signer: TokenSigner,
     pub ca: CertifiedIssuer<'static, KeyPair>,
     pub config_path: PathBuf,
+    https: Https,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<tenant_runtime::Result<()>>>,
 }
@@ -146,12 +133,14 @@ impl Instance {
         let task = tokio::spawn(tenant_runtime::run(run_config, listener, async {
             let _ = rx.await;
         }));
+        let https = Https::new(&ca.pem());
         let instance = Instance {
             dir,
             addr,
             tenant: options.tenant,
             signer,
             ca,
+            https,
             config_path,
             shutdown: Some(tx),
             task: Some(task),
@@ -199,17 +188,29 @@ impl Instance {
         write_config(&self.config_path, &self.tenant, retention);
     }
 
+    /// A new HTTPS connection, checked against the CA for `localhost`.
     pub async fn connect(&self) -> Conn {
-        Conn::open(self.addr, &self.ca).await.unwrap()
+        self.try_connect().await.unwrap()
     }
 
-    async fn try_get(&self, path: &str) -> Option<Resp> {
-        let mut conn = Conn::open(self.addr, &self.ca).await.ok()?;
+    async fn try_connect(&self) -> std::io::Result<Conn> {
+        self.https
+            .connect(&self.addr.to_string(), "localhost")
+            .await
+    }
+
+    async fn try_get(&self, path: &str) -> Option<Response> {
+        let mut conn = self.try_connect().await.ok()?;
         conn.send("GET", path, None, None, Vec::new()).await.ok()
     }
 
     /// One request on a new connection, with a valid token.
-    pub async fn call(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> Resp {
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Response {
         let token = self.token();
         self.call_as(method, path, Some(&token), body).await
     }
@@ -221,7 +222,7 @@ impl Instance {
         path: &str,
         token: Option<&str>,
         body: Option<serde_json::Value>,
-    ) -> Resp {
+    ) -> Response {
         let (content_type, bytes) = match body {
             Some(v) => (Some("application/json"), serde_json::to_vec(&v).unwrap()),
             None => (None, Vec::new()),
@@ -237,7 +238,7 @@ impl Instance {
         token: Option<&str>,
         content_type: Option<&str>,
         body: Vec<u8>,
-    ) -> Resp {
+    ) -> Response {
         let mut conn = self.connect().await;
         conn.send(method, path, token, content_type, body)
             .await
@@ -275,87 +276,6 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
-/// An HTTPS (HTTP/1.1) connection; requests on it reuse the same TLS session.
-pub struct Conn {
-    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-    /// The leaf certificate the server presented on this connection.
-    pub peer_cert: Vec<u8>,
-}
-
-pub fn client_config(ca: &CertifiedIssuer<'static, KeyPair>) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from(ca.der().to_vec())).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Arc::new(config)
-}
-
-impl Conn {
-    pub async fn open(
-        addr: SocketAddr,
-        ca: &CertifiedIssuer<'static, KeyPair>,
-    ) -> std::io::Result<Conn> {
-        let tcp = TcpStream::connect(addr).await?;
-        let connector = TlsConnector::from(client_config(ca));
-        let tls = connector
-            .connect(ServerName::try_from("localhost").unwrap(), tcp)
-            .await?;
-        let peer_cert = tls
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|c| c.first())
-            .map(|c| c.to_vec())
-            .unwrap_or_default();
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(std::io::Error::other)?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(Conn { sender, peer_cert })
-    }
-
-    pub async fn send(
-        &mut self,
-        method: &str,
-        path: &str,
-        token: Option<&str>,
-        content_type: Option<&str>,
-        body: Vec<u8>,
-    ) -> Result<Resp, hyper::Error> {
-        let mut request = http::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "localhost");
-        if let Some(token) = token {
-            request = request.header("authorization", format!("Bearer {token}"));
-        }
-        if let Some(ct) = content_type {
-            request = request.header("content-type", ct);
-        }
-        let request = request.body(Full::new(Bytes::from(body))).unwrap();
-        self.sender.ready().await?;
-        let response = self.sender.send_request(request).await?;
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let bytes = response.into_body().collect().await?.to_bytes();
-        let text = String::from_utf8_lossy(&bytes).into_owned();
-        let json = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
-        Ok(Resp {
-            status,
-            headers,
-            text,
-            json,
-        })
-    }
-}
-
 /// Every regular file under `dir`, recursively, with its contents.
 pub fn read_tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
@@ -379,23 +299,8 @@ pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// Polls `f` until it returns true or `timeout` passes.
-pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if f().await {
-            return true;
-        }
-        if tokio::time::Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+/// How often the tests poll for what the runtime does in the background.
+pub const POLL: Duration = Duration::from_millis(50);
 
 /// The value of a metric line (`name{labels} value`) in an exposition, summed over lines
 /// whose name and labels contain every `part`.
@@ -405,34 +310,4 @@ pub fn metric(exposition: &str, parts: &[&str]) -> f64 {
         .filter(|l| !l.starts_with('#') && parts.iter().all(|p| l.contains(p)))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-impl Conn {
-    /// A GET-style request with one raw header and no body.
-    pub async fn send_with_header(
-        &mut self,
-        method: &str,
-        path: &str,
-        name: &str,
-        value: &str,
-    ) -> Resp {
-        let request = http::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", "localhost")
-            .header(name, value)
-            .body(Full::new(Bytes::new()))
-            .unwrap();
-        self.sender.ready().await.unwrap();
-        let response = self.sender.send_request(request).await.unwrap();
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        Resp {
-            status,
-            headers,
-            text: String::from_utf8_lossy(&bytes).into_owned(),
-            json: serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
-        }
-    }
 }

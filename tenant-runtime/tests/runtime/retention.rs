@@ -9,8 +9,9 @@ use std::time::Duration;
 use jiff::{SignedDuration, Timestamp};
 use serde_json::json;
 use tenantry_proto::retention::RetentionPolicy;
+use tenantry_test_support::eventually;
 
-use crate::common::{Instance, Options, eventually, metric};
+use crate::common::{Instance, Options, POLL, metric};
 
 fn ago(hours: f64) -> String {
     let d = SignedDuration::from_secs_f64(hours * 3600.0);
@@ -86,7 +87,7 @@ async fn policy_changes_prune_exactly_the_expired_and_the_excess() {
     });
     let expected = set(&["started-old-finished-recently", "recent", "running"]);
     assert!(
-        eventually(Duration::from_secs(10), || async {
+        eventually(Duration::from_secs(10), POLL, || async {
             names(&app).await == expected
         })
         .await,
@@ -101,7 +102,7 @@ async fn policy_changes_prune_exactly_the_expired_and_the_excess() {
     });
     let expected = set(&["recent", "running"]);
     assert!(
-        eventually(Duration::from_secs(10), || async {
+        eventually(Duration::from_secs(10), POLL, || async {
             names(&app).await == expected
         })
         .await,
@@ -166,7 +167,7 @@ async fn the_interval_prunes_what_expires_while_running() {
     add(&app, "fresh", ago(0.1), None).await;
     assert_eq!(names(&app).await, set(&["about-to-expire", "fresh"]));
     assert!(
-        eventually(Duration::from_secs(10), || async {
+        eventually(Duration::from_secs(10), POLL, || async {
             names(&app).await == set(&["fresh"])
         })
         .await,

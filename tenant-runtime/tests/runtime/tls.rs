@@ -5,9 +5,10 @@
 
 use std::time::Duration;
 
+use tenantry_test_support::eventually;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::common::{self, Instance, eventually};
+use crate::common::{self, Instance, POLL};
 
 #[tokio::test]
 async fn rotation_reaches_new_connections_and_spares_open_ones() {
@@ -23,7 +24,7 @@ async fn rotation_reaches_new_connections_and_spares_open_ones() {
 
     let new_cert = app.rotate_certificate();
     assert_ne!(new_cert, first_cert);
-    let rotated = eventually(Duration::from_secs(5), || async {
+    let rotated = eventually(Duration::from_secs(5), POLL, || async {
         app.connect().await.peer_cert == new_cert
     })
     .await;
@@ -65,7 +66,7 @@ async fn mismatched_pair_keeps_the_old_certificate_until_fixed() {
     // The key arrives: the new pair is served and the instance is ready again.
     common::write_atomically(&app.root().join("tls/tls.key"), key.as_bytes());
     assert!(
-        eventually(Duration::from_secs(5), || async {
+        eventually(Duration::from_secs(5), POLL, || async {
             app.connect().await.peer_cert == der
         })
         .await
@@ -118,7 +119,7 @@ async fn http2_is_offered_by_alpn() {
     use hyper_util::rt::{TokioExecutor, TokioIo};
 
     let app = Instance::start().await;
-    let mut config = (*common::client_config(&app.ca)).clone();
+    let mut config = (*tenantry_test_support::client_config(&app.ca.pem())).clone();
     config.alpn_protocols = vec![b"h2".to_vec()];
     let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
     let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
