@@ -25,8 +25,8 @@ use tonic_types::StatusExt as _;
 /// Start of the manual clock: 2026-01-01T00:00:00Z.
 pub const T0_MS: i64 = 1_767_225_600_000;
 
-/// A strong password for tests.
-pub const PASSWORD: &str = "violet-Harbor-93-lantern";
+/// The password test users sign up with (one for every suite).
+pub use tenantry_test_support::PASSWORD;
 
 /// Where a test server keeps its data.
 pub struct Database {

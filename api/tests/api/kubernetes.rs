@@ -39,18 +39,18 @@ async fn start(db: &Database, fake: &FakeApi) -> TestServer {
 }
 
 /// Waits (up to 10 s) until `check` holds; the watch and the background apply are async.
-async fn eventually<F, Fut>(what: &str, mut check: F)
+async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    for _ in 0..500 {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out waiting until {what}");
+    let held = tenantry_test_support::eventually(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        check,
+    )
+    .await;
+    assert!(held, "timed out waiting until {what}");
 }
 
 async fn get_tenant(s: &TestServer, token: &str, tenant_id: &str) -> Tenant {
