@@ -20,25 +20,27 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use tenantry_kube::crd::{Tenant, crd};
 use tenantry_kube::names;
+use tenantry_test_support::eventually_some;
 
 /// Field manager of the tests' own writes.
 pub const TEST_MANAGER: &str = "tenantry-e2e";
 
-/// Polls `f` every 200 ms until it yields a value; fails after `timeout`.
+/// Polls `f` every 200 ms until it yields a value; fails after `timeout`, or as soon as
+/// `f` fails.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<Option<T>>>,
 {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await? {
-            return Ok(v);
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let polled = eventually_some(timeout, Duration::from_millis(200), || {
+        let next = f();
+        // An error is an answer too: `Some(Err)` ends the wait.
+        async move { next.await.transpose() }
+    })
+    .await;
+    match polled {
+        Some(answer) => answer,
+        None => bail!("timed out after {timeout:?} waiting for {what}"),
     }
 }
 
@@ -554,7 +556,7 @@ pub struct OperatorOptions {
 impl OperatorProcess {
     /// Starts `tenantry-operator run` as `identity`.
     pub fn start(options: &OperatorOptions, identity: &str) -> Result<OperatorProcess> {
-        let port = crate::free_port();
+        let port = tenantry_test_support::free_port();
         let admin: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let log = options.log_dir.join(format!("{identity}.log"));
         let out = std::fs::File::create(&log)?;

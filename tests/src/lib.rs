@@ -11,13 +11,11 @@ use secrecy::SecretString;
 use tenantry_client::{Client, Credentials, Trust};
 use tenantry_proto::v1::account_service_client::AccountServiceClient;
 use tenantry_proto::v1::*;
+use tenantry_test_support::PASSWORD;
 use tonic::Request;
 use tonic::transport::Channel;
 
 pub mod cluster;
-
-/// The password every test user signs up with.
-pub const PASSWORD: &str = "violet-Harbor-93-lantern";
 
 /// The workspace binary `name`, built next to the running test.
 pub fn bin(name: &str) -> PathBuf {
@@ -68,15 +66,6 @@ pub fn ctl(server: &str, session: &Path, args: &[&str], stdin: &str) -> (bool, S
         String::from_utf8_lossy(&out.stdout).into(),
         String::from_utf8_lossy(&out.stderr).into(),
     )
-}
-
-/// A loopback port nobody listens on right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `msg` with the session token as bearer credentials.

@@ -24,12 +24,13 @@ use tenantry_kube::names;
 use tenantry_proto::v1::admin_service_client::AdminServiceClient;
 use tenantry_proto::v1::mfa_service_client::MfaServiceClient;
 use tenantry_proto::v1::*;
+use tenantry_test_support::{PASSWORD, free_port};
 use tenantry_tests::cluster::{
     OperatorOptions, OperatorProcess, cluster, eventually, lock_cluster,
 };
 use tenantry_tests::{
-    PASSWORD, authed, bin, connect, ctl, free_port, login, next_step, run_with_stdin,
-    signup_and_login, totp_now, wait_for_tenant,
+    authed, bin, connect, ctl, login, next_step, run_with_stdin, signup_and_login, totp_now,
+    wait_for_tenant,
 };
 
 /// The chart's release namespace in this test.

@@ -6,16 +6,15 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tenantry_proto::v1::tenant_service_client::TenantServiceClient;
 use tenantry_proto::v1::*;
+use tenantry_test_support::{Https, PASSWORD, free_port};
 use tenantry_tests::{
-    PASSWORD, authed, bin, connect, ctl, free_port, next_step, run_with_stdin, signup_and_login,
-    totp_now, wait_for_phase,
+    authed, bin, connect, ctl, next_step, run_with_stdin, signup_and_login, totp_now,
+    wait_for_phase,
 };
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic::transport::Channel;
 
 struct Dev {
@@ -74,101 +73,6 @@ impl Dev {
             .unwrap();
         assert!(status.success(), "dev exited with {status}");
     }
-}
-
-/// Minimal HTTPS client: one request per connection, verified against `ca_pem` for `name`.
-struct Https {
-    connector: tokio_rustls::TlsConnector,
-}
-
-impl Https {
-    fn new(ca_pem: &str) -> Https {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
-            roots.add(cert.unwrap()).unwrap();
-        }
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        Https {
-            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
-        }
-    }
-
-    async fn request(
-        &self,
-        endpoint: &str,
-        name: &str,
-        method: &str,
-        path: &str,
-        token: Option<&str>,
-        body: Option<&serde_json::Value>,
-    ) -> Result<(u16, serde_json::Value), String> {
-        let addr = endpoint.trim_start_matches("https://");
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| e.to_string())?;
-        let server_name = rustls::pki_types::ServerName::try_from(name.to_owned()).unwrap();
-        let mut tls = self
-            .connector
-            .connect(server_name, tcp)
-            .await
-            .map_err(|e| format!("TLS: {e}"))?;
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {name}\r\nConnection: close\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        if !body.is_empty() {
-            req.push_str("Content-Type: application/json\r\n");
-        }
-        if let Some(t) = token {
-            req.push_str(&format!("Authorization: Bearer {t}\r\n"));
-        }
-        req.push_str("\r\n");
-        req.push_str(&body);
-        tls.write_all(req.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut raw = Vec::new();
-        // A TLS close_notify may be missing when the server closes; what was read counts.
-        let _ = tls.read_to_end(&mut raw).await;
-        let text = String::from_utf8_lossy(&raw).to_string();
-        let status: u16 = text
-            .get(9..12)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("no status in {text:?}"))?;
-        let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let payload = if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            dechunk(rest)
-        } else {
-            rest.to_owned()
-        };
-        let json = serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null);
-        Ok((status, json))
-    }
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        body = rest[n..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -232,10 +136,11 @@ async fn local_mode_runs_isolated_instances_end_to_end() {
     let ca = std::fs::read_to_string(data_dir.join("ca.crt")).unwrap();
     let https = Https::new(&ca);
     for name in ["localhost", "127.0.0.1"] {
-        let (status, _) = https
+        let status = https
             .request(&tenant.endpoint, name, "GET", "/readyz", None, None)
             .await
-            .unwrap();
+            .unwrap()
+            .status;
         assert_eq!(status, 200, "{name}");
     }
     // …and not against some other CA.
@@ -263,7 +168,7 @@ async fn local_mode_runs_isolated_instances_end_to_end() {
         .token;
     let cred =
         serde_json::json!({"name": "crm", "kind": "api_key", "secret": {"key": "sk-test-123"}});
-    let (status, _) = https
+    let status = https
         .request(
             &tenant.endpoint,
             "localhost",
@@ -273,7 +178,8 @@ async fn local_mode_runs_isolated_instances_end_to_end() {
             Some(&cred),
         )
         .await
-        .unwrap();
+        .unwrap()
+        .status;
     assert_eq!(status, 201);
     let now = jiff::Timestamp::now();
     let old = now
@@ -284,7 +190,7 @@ async fn local_mode_runs_isolated_instances_end_to_end() {
             "workflow_id": wf, "status": "success", "started_at": t.to_string(), "finished_at": t.to_string(), "data": {"n": 1}
         })
     };
-    let (status, old_id) = https
+    let old_id = https
         .request(
             &tenant.endpoint,
             "localhost",
@@ -295,8 +201,9 @@ async fn local_mode_runs_isolated_instances_end_to_end() {
         )
         .await
         .unwrap();
+    let status = old_id.status;
     assert_eq!(status, 201);
-    let (status, new_id) = https
+    let new_id = https
         .request(
             &tenant.endpoint,
             "localhost",
@@ -307,6 +214,7 @@ async fn local_mode_runs_isolated_instances_end_to_end() {
         )
         .await
         .unwrap();
+    let status = new_id.status;
     assert_eq!(status, 201);
 
     // A token for the other tenant is refused by this instance.
@@ -321,7 +229,7 @@ async fn local_mode_runs_isolated_instances_end_to_end() {
         .unwrap()
         .into_inner()
         .token;
-    let (status, _) = https
+    let status = https
         .request(
             &tenant.endpoint,
             "localhost",
@@ -331,7 +239,8 @@ async fn local_mode_runs_isolated_instances_end_to_end() {
             None,
         )
         .await
-        .unwrap();
+        .unwrap()
+        .status;
     assert_eq!(status, 401);
 
     // Retention set to one hour: the runtime picks the new config up live and prunes.
@@ -348,34 +257,36 @@ async fn local_mode_runs_isolated_instances_end_to_end() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let (status, _) = https
+        let status = https
             .request(
                 &tenant.endpoint,
                 "localhost",
                 "GET",
-                &format!("/v1/executions/{}", old_id["id"].as_str().unwrap()),
+                &format!("/v1/executions/{}", old_id.json["id"].as_str().unwrap()),
                 Some(&token),
                 None,
             )
             .await
-            .unwrap();
+            .unwrap()
+            .status;
         if status == 404 {
             break;
         }
         assert!(Instant::now() < deadline, "old execution never pruned");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let (status, _) = https
+    let status = https
         .request(
             &tenant.endpoint,
             "localhost",
             "GET",
-            &format!("/v1/executions/{}", new_id["id"].as_str().unwrap()),
+            &format!("/v1/executions/{}", new_id.json["id"].as_str().unwrap()),
             Some(&token),
             None,
         )
         .await
-        .unwrap();
+        .unwrap()
+        .status;
     assert_eq!(status, 200, "the recent execution stays");
 
     // A runtime that crashes is restarted and comes back Ready.
@@ -482,17 +393,18 @@ async fn local_mode_runs_isolated_instances_end_to_end() {
         Duration::from_secs(60),
     )
     .await;
-    let (status, _) = https
+    let status = https
         .request(
             &tenant.endpoint,
             "localhost",
             "GET",
-            &format!("/v1/executions/{}", new_id["id"].as_str().unwrap()),
+            &format!("/v1/executions/{}", new_id.json["id"].as_str().unwrap()),
             Some(&token),
             None,
         )
         .await
-        .unwrap();
+        .unwrap()
+        .status;
     assert_eq!(status, 200, "data kept across suspension");
     let (ok, out, _) = ctl(&server, &session, &["-o", "json", "audit", "verify"], "");
     assert!(ok, "{out}");
@@ -518,17 +430,18 @@ async fn local_mode_runs_isolated_instances_end_to_end() {
     )
     .await;
     assert_eq!(again.endpoint, tenant.endpoint);
-    let (status, _) = https
+    let status = https
         .request(
             &again.endpoint,
             "localhost",
             "GET",
-            &format!("/v1/executions/{}", new_id["id"].as_str().unwrap()),
+            &format!("/v1/executions/{}", new_id.json["id"].as_str().unwrap()),
             Some(&token),
             None,
         )
         .await
-        .unwrap();
+        .unwrap()
+        .status;
     assert_eq!(status, 200, "data kept across restarts");
 
     // Delete stops the process and destroys the tenant's key and data.
@@ -573,30 +486,13 @@ async fn local_mode_runs_isolated_instances_end_to_end() {
 
 /// The serial of the certificate an endpoint presents.
 async fn served_serial(endpoint: &str, ca_pem: &str) -> String {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(endpoint.trim_start_matches("https://"))
+    let conn = Https::new(ca_pem)
+        .connect(endpoint, "localhost")
         .await
         .unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(name, tcp)
-        .await
-        .unwrap();
-    let (_, conn) = tls.get_ref();
-    let der = conn.peer_certificates().unwrap()[0].clone();
     let pem = format!(
         "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-        data_encoding::BASE64.encode(der.as_ref())
+        data_encoding::BASE64.encode(&conn.peer_cert)
     );
     tenantry_pki::parse_certificate(&pem).unwrap().serial_hex
 }
