@@ -59,4 +59,3 @@ where
         tokio::time::sleep(every).await;
     }
 }
-
