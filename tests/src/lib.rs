@@ -186,6 +186,16 @@ pub fn totp_now(secret_b32: &str) -> String {
     )
 }
 
+/// Runs one named step of a long test, printing its name as it starts and how long it
+/// took (the test's output shows where a failure happened and where the time went).
+pub async fn step<T>(name: &str, step: impl std::future::Future<Output = T>) -> T {
+    eprintln!("--- step: {name}");
+    let start = Instant::now();
+    let out = step.await;
+    eprintln!("--- step: {name}: {:.2?}", start.elapsed());
+    out
+}
+
 /// Waits until the next TOTP step so a fresh code is accepted (each is usable once).
 pub async fn next_step() {
     let now = jiff::Timestamp::now().as_millisecond();

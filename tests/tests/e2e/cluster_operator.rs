@@ -120,16 +120,12 @@ impl Env {
     }
 }
 
+/// One step through [`tenantry_tests::step`] (its name and time printed); an error names
+/// the step.
 async fn step<T>(name: &str, f: impl Future<Output = Result<T>>) -> Result<T> {
-    eprintln!("--- step: {name}");
-    let start = Instant::now();
-    let out = f.await.with_context(|| format!("step {name:?} failed"));
-    eprintln!(
-        "--- step: {name}: {:?} in {:.1} s",
-        out.as_ref().map(|_| "ok"),
-        start.elapsed().as_secs_f64()
-    );
-    out
+    tenantry_tests::step(name, f)
+        .await
+        .with_context(|| format!("step {name:?} failed"))
 }
 
 async fn setup(cluster: Cluster) -> Result<Env> {

@@ -1,6 +1,7 @@
 //! End to end on one machine: the real `tenantry-api dev` binary with its local
 //! provisioner starting real `tenant-runtime` processes, driven over gRPC and HTTPS, and
-//! the admin steps through the real `tenantryctl`.
+//! the admin steps through the real `tenantryctl`. The long test is a sequence of named
+//! steps on one running control plane; each prints its name and how long it took.
 //!
 //! The binaries are the ones `cargo test --workspace` builds next to this test.
 
@@ -8,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use tenantry_proto::v1::mfa_service_client::MfaServiceClient;
 use tenantry_proto::v1::tenant_service_client::TenantServiceClient;
 use tenantry_proto::v1::*;
 use tenantry_test_support::{Https, PASSWORD, free_port};
@@ -61,7 +63,7 @@ impl Dev {
         std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default()
     }
 
-    async fn interrupt(mut self) {
+    async fn interrupt(&mut self) {
         let pid = self.child.id().unwrap();
         std::process::Command::new("kill")
             .args(["-INT", &pid.to_string()])
@@ -90,21 +92,114 @@ fn runtime_pid(data_dir: &Path, tenant_id: &str) -> Option<u32> {
         .ok()
 }
 
+/// `step!(name(args))` awaits one step of the test through [`tenantry_tests::step`], which
+/// prints the function's name and how long it took.
+macro_rules! step {
+    ($step:ident($($arg:expr),* $(,)?)) => {
+        tenantry_tests::step(stringify!($step), $step($($arg),*)).await
+    };
+}
+
+/// One `tenantry-api dev` with two tenants (Ann's and Ben's), through every stage of their
+/// lives, one step after another on the same running control plane.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_mode_runs_isolated_instances_end_to_end() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data_dir = tmp.path().join("data");
-    std::fs::create_dir_all(&data_dir).unwrap();
-    let port = free_port();
-    let server = format!("http://127.0.0.1:{port}");
-    let dev = Dev::start(&data_dir, port).await;
-    let channel = dev.channel().await;
+    let mut local = Local::start().await;
+    let (ann, ben, tenant) = step!(signup_makes_a_ready_instance(&local));
+    let endpoint = tenant.endpoint.as_str();
+    let https = step!(the_certificate_verifies_only_against_the_local_ca(
+        &local, endpoint
+    ));
+    let stored = step!(instance_tokens_store_credentials_and_executions(
+        &local, &https, &ann, endpoint
+    ));
+    step!(tokens_are_bound_to_their_tenant(
+        &local, &https, &ben, endpoint
+    ));
+    step!(retention_changes_reach_the_running_instance(
+        &local, &https, &ann, endpoint, &stored
+    ));
+    step!(a_crashed_runtime_is_restarted(&local, &ann, endpoint));
+    let admin = step!(an_admin_signs_in_through_tenantryctl(&local));
+    step!(suspend_and_resume_through_tenantryctl(
+        &local, &https, &admin, &ann, endpoint, &stored
+    ));
+    step!(restarting_dev_brings_every_tenant_back(
+        &mut local,
+        &https,
+        &[&ann, &ben],
+        endpoint,
+        &stored
+    ));
+    step!(deleting_a_tenant_stops_its_runtime_and_destroys_its_data(
+        &local, &admin, &ben
+    ));
+    local.dev.interrupt().await;
+}
 
-    // Signup → instance Ready with an HTTPS endpoint and a certificate.
-    let (a, ann) = signup_and_login(&channel, "ann@example.com", "annco").await;
-    let (b, ben) = signup_and_login(&channel, "ben@example.com", "benco").await;
+/// What the steps share: a running `tenantry-api dev` and its data directory.
+struct Local {
+    tmp: tempfile::TempDir,
+    data_dir: PathBuf,
+    port: u16,
+    /// The API's address, for `tenantryctl --server`.
+    server: String,
+    dev: Dev,
+    channel: Channel,
+}
+
+impl Local {
+    async fn start() -> Local {
+        let tmp = tempfile::tempdir().unwrap();
+        let data_dir = tmp.path().join("data");
+        std::fs::create_dir_all(&data_dir).unwrap();
+        let port = free_port();
+        let dev = Dev::start(&data_dir, port).await;
+        let channel = dev.channel().await;
+        Local {
+            tmp,
+            data_dir,
+            port,
+            server: format!("http://127.0.0.1:{port}"),
+            dev,
+            channel,
+        }
+    }
+
+    fn runtime_pid(&self, tenant_id: &str) -> Option<u32> {
+        runtime_pid(&self.data_dir, tenant_id)
+    }
+}
+
+/// A signed-up user: their tenant and their session.
+struct Owner {
+    tenant_id: String,
+    session: String,
+}
+
+/// What the instance token stored in Ann's instance: an execution from two hours ago and
+/// one from now.
+struct Stored {
+    /// Ann's instance token.
+    token: String,
+    old_execution: String,
+    new_execution: String,
+}
+
+/// The admin's `tenantryctl` session file and TOTP secret.
+struct Admin {
+    session: PathBuf,
+    totp_secret: String,
+}
+
+/// Signup → instance Ready with an HTTPS endpoint and a certificate. Returns Ann, Ben and
+/// Ann's tenant.
+async fn signup_makes_a_ready_instance(local: &Local) -> (Owner, Owner, Tenant) {
+    let channel = &local.channel;
+    let (a, ann) = signup_and_login(channel, "ann@example.com", "annco").await;
+    let (b, ben) = signup_and_login(channel, "ben@example.com", "benco").await;
     let tenant = wait_for_phase(
-        &channel,
+        channel,
         &ann,
         &a.tenant_id,
         TenantPhase::Ready,
@@ -112,7 +207,7 @@ async fn local_mode_runs_isolated_instances_end_to_end() {
     )
     .await;
     wait_for_phase(
-        &channel,
+        channel,
         &ben,
         &b.tenant_id,
         TenantPhase::Ready,
@@ -131,46 +226,58 @@ async fn local_mode_runs_isolated_instances_end_to_end() {
         "90-day certificate, got {days} days"
     );
     assert!(cert.renewal_time.unwrap().seconds < cert.not_after.unwrap().seconds);
+    let ann = Owner {
+        tenant_id: a.tenant_id,
+        session: ann,
+    };
+    let ben = Owner {
+        tenant_id: b.tenant_id,
+        session: ben,
+    };
+    (ann, ben, tenant)
+}
 
-    // The certificate verifies against the local CA for both of its names.
-    let ca = std::fs::read_to_string(data_dir.join("ca.crt")).unwrap();
+/// The certificate verifies against the local CA for both of its names, and not against
+/// some other CA. Returns a client trusting the local CA.
+async fn the_certificate_verifies_only_against_the_local_ca(
+    local: &Local,
+    endpoint: &str,
+) -> Https {
+    let ca = std::fs::read_to_string(local.data_dir.join("ca.crt")).unwrap();
     let https = Https::new(&ca);
     for name in ["localhost", "127.0.0.1"] {
         let status = https
-            .request(&tenant.endpoint, name, "GET", "/readyz", None, None)
+            .request(endpoint, name, "GET", "/readyz", None, None)
             .await
             .unwrap()
             .status;
         assert_eq!(status, 200, "{name}");
     }
-    // …and not against some other CA.
     let stranger =
         tenantry_pki::CertificateAuthority::generate("someone else", jiff::Timestamp::now())
             .unwrap();
     assert!(
         Https::new(stranger.cert_pem())
-            .request(&tenant.endpoint, "localhost", "GET", "/readyz", None, None)
+            .request(endpoint, "localhost", "GET", "/readyz", None, None)
             .await
             .is_err()
     );
+    https
+}
 
-    // An instance token stores a credential and executions.
-    let token = TenantServiceClient::new(channel.clone())
-        .issue_instance_token(authed(
-            IssueInstanceTokenRequest {
-                tenant_id: a.tenant_id.clone(),
-            },
-            &ann,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+/// An instance token stores a credential and executions.
+async fn instance_tokens_store_credentials_and_executions(
+    local: &Local,
+    https: &Https,
+    ann: &Owner,
+    endpoint: &str,
+) -> Stored {
+    let token = instance_token(local, ann).await;
     let cred =
         serde_json::json!({"name": "crm", "kind": "api_key", "secret": {"key": "sk-test-123"}});
     let status = https
         .request(
-            &tenant.endpoint,
+            endpoint,
             "localhost",
             "POST",
             "/v1/credentials",
@@ -192,7 +299,7 @@ async fn local_mode_runs_isolated_instances_end_to_end() {
     };
     let old_id = https
         .request(
-            &tenant.endpoint,
+            endpoint,
             "localhost",
             "POST",
             "/v1/executions",
@@ -201,11 +308,10 @@ async fn local_mode_runs_isolated_instances_end_to_end() {
         )
         .await
         .unwrap();
-    let status = old_id.status;
-    assert_eq!(status, 201);
+    assert_eq!(old_id.status, 201);
     let new_id = https
         .request(
-            &tenant.endpoint,
+            endpoint,
             "localhost",
             "POST",
             "/v1/executions",
@@ -214,24 +320,25 @@ async fn local_mode_runs_isolated_instances_end_to_end() {
         )
         .await
         .unwrap();
-    let status = new_id.status;
-    assert_eq!(status, 201);
+    assert_eq!(new_id.status, 201);
+    Stored {
+        token,
+        old_execution: old_id.json["id"].as_str().unwrap().to_owned(),
+        new_execution: new_id.json["id"].as_str().unwrap().to_owned(),
+    }
+}
 
-    // A token for the other tenant is refused by this instance.
-    let ben_token = TenantServiceClient::new(channel.clone())
-        .issue_instance_token(authed(
-            IssueInstanceTokenRequest {
-                tenant_id: b.tenant_id.clone(),
-            },
-            &ben,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+/// A token for the other tenant is refused by this instance.
+async fn tokens_are_bound_to_their_tenant(
+    local: &Local,
+    https: &Https,
+    ben: &Owner,
+    endpoint: &str,
+) {
+    let ben_token = instance_token(local, ben).await;
     let status = https
         .request(
-            &tenant.endpoint,
+            endpoint,
             "localhost",
             "GET",
             "/v1/executions",
@@ -242,72 +349,62 @@ async fn local_mode_runs_isolated_instances_end_to_end() {
         .unwrap()
         .status;
     assert_eq!(status, 401);
+}
 
-    // Retention set to one hour: the runtime picks the new config up live and prunes.
-    TenantServiceClient::new(channel.clone())
+/// Retention set to one hour: the runtime picks the new config up live and prunes.
+async fn retention_changes_reach_the_running_instance(
+    local: &Local,
+    https: &Https,
+    ann: &Owner,
+    endpoint: &str,
+    stored: &Stored,
+) {
+    TenantServiceClient::new(local.channel.clone())
         .set_retention_policy(authed(
             SetRetentionPolicyRequest {
-                tenant_id: a.tenant_id.clone(),
+                tenant_id: ann.tenant_id.clone(),
                 max_age_hours: 1,
                 max_count: 100,
             },
-            &ann,
+            &ann.session,
         ))
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let status = https
-            .request(
-                &tenant.endpoint,
-                "localhost",
-                "GET",
-                &format!("/v1/executions/{}", old_id.json["id"].as_str().unwrap()),
-                Some(&token),
-                None,
-            )
-            .await
-            .unwrap()
-            .status;
+        let status = execution_status(https, endpoint, stored, &stored.old_execution).await;
         if status == 404 {
             break;
         }
         assert!(Instant::now() < deadline, "old execution never pruned");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let status = https
-        .request(
-            &tenant.endpoint,
-            "localhost",
-            "GET",
-            &format!("/v1/executions/{}", new_id.json["id"].as_str().unwrap()),
-            Some(&token),
-            None,
-        )
-        .await
-        .unwrap()
-        .status;
+    let status = execution_status(https, endpoint, stored, &stored.new_execution).await;
     assert_eq!(status, 200, "the recent execution stays");
+}
 
-    // A runtime that crashes is restarted and comes back Ready.
-    let pid = runtime_pid(&data_dir, &a.tenant_id).unwrap();
+/// A runtime that crashes is restarted and comes back Ready.
+async fn a_crashed_runtime_is_restarted(local: &Local, ann: &Owner, endpoint: &str) {
+    let pid = local.runtime_pid(&ann.tenant_id).unwrap();
     std::process::Command::new("kill")
         .args(["-KILL", &pid.to_string()])
         .status()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let back = wait_for_phase(
-        &channel,
-        &ann,
-        &a.tenant_id,
+        &local.channel,
+        &ann.session,
+        &ann.tenant_id,
         TenantPhase::Ready,
         Duration::from_secs(60),
     )
     .await;
-    assert_ne!(runtime_pid(&data_dir, &a.tenant_id), Some(pid));
-    assert_eq!(back.endpoint, tenant.endpoint);
+    assert_ne!(local.runtime_pid(&ann.tenant_id), Some(pid));
+    assert_eq!(back.endpoint, endpoint);
+}
 
-    // Admin through tenantryctl: bootstrap, TOTP enrollment, step-up, suspend and resume.
+/// Admin through tenantryctl: bootstrap, login, TOTP enrollment.
+async fn an_admin_signs_in_through_tenantryctl(local: &Local) -> Admin {
     let boot = run_with_stdin(
         std::process::Command::new(bin("tenantry-api"))
             .args([
@@ -316,14 +413,14 @@ async fn local_mode_runs_isolated_instances_end_to_end() {
                 "ops@example.com",
                 "--data-dir",
             ])
-            .arg(&data_dir)
+            .arg(&local.data_dir)
             .args(["--argon2-memory-kib", "1024", "--argon2-iterations", "1"]),
         &format!("{PASSWORD}\n"),
     );
     assert!(boot.status.success());
-    let session = tmp.path().join("ctl-session");
+    let session = local.tmp.path().join("ctl-session");
     let (ok, _, err) = ctl(
-        &server,
+        &local.server,
         &session,
         &["login", "--email", "ops@example.com", "--password-stdin"],
         &format!("{PASSWORD}\n"),
@@ -334,12 +431,12 @@ async fn local_mode_runs_isolated_instances_end_to_end() {
         .as_str()
         .unwrap()
         .to_owned();
-    let enroll = tenantry_proto::v1::mfa_service_client::MfaServiceClient::new(channel.clone())
+    let enroll = MfaServiceClient::new(local.channel.clone())
         .begin_totp_enrollment(authed(BeginTotpEnrollmentRequest {}, &ops_token))
         .await
         .unwrap()
         .into_inner();
-    tenantry_proto::v1::mfa_service_client::MfaServiceClient::new(channel.clone())
+    MfaServiceClient::new(local.channel.clone())
         .confirm_totp_enrollment(authed(
             ConfirmTotpEnrollmentRequest {
                 code: totp_now(&enroll.secret),
@@ -348,28 +445,49 @@ async fn local_mode_runs_isolated_instances_end_to_end() {
         ))
         .await
         .unwrap();
-    let (ok, out, err) = ctl(&server, &session, &["tenants", "suspend", &a.tenant_id], "");
+    Admin {
+        session,
+        totp_secret: enroll.secret,
+    }
+}
+
+/// `tenantryctl tenants suspend` stops the instance; `resume` (with a step-up) brings it
+/// back with its data.
+async fn suspend_and_resume_through_tenantryctl(
+    local: &Local,
+    https: &Https,
+    admin: &Admin,
+    ann: &Owner,
+    endpoint: &str,
+    stored: &Stored,
+) {
+    let (ok, out, err) = ctl(
+        &local.server,
+        &admin.session,
+        &["tenants", "suspend", &ann.tenant_id],
+        "",
+    );
     assert!(ok, "suspend: {err}");
     assert!(
         out.contains("Suspended") || out.contains("suspended"),
         "{out}"
     );
     wait_for_phase(
-        &channel,
-        &ann,
-        &a.tenant_id,
+        &local.channel,
+        &ann.session,
+        &ann.tenant_id,
         TenantPhase::Suspended,
         Duration::from_secs(30),
     )
     .await;
     let deadline = Instant::now() + Duration::from_secs(15);
-    while runtime_pid(&data_dir, &a.tenant_id).is_some_and(pid_alive) {
+    while local.runtime_pid(&ann.tenant_id).is_some_and(pid_alive) {
         assert!(Instant::now() < deadline, "suspended runtime still running");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
         https
-            .request(&tenant.endpoint, "localhost", "GET", "/readyz", None, None)
+            .request(endpoint, "localhost", "GET", "/readyz", None, None)
             .await
             .is_err(),
         "suspended instance must not serve"
@@ -377,92 +495,90 @@ async fn local_mode_runs_isolated_instances_end_to_end() {
     // Past the step-up window is covered in the API suite; here a fresh code is asked for
     // on the next admin call only if needed.
     next_step().await;
-    let code = totp_now(&enroll.secret);
+    let code = totp_now(&admin.totp_secret);
     let (ok, _, err) = ctl(
-        &server,
-        &session,
-        &["--totp-code", &code, "tenants", "resume", &a.tenant_id],
+        &local.server,
+        &admin.session,
+        &["--totp-code", &code, "tenants", "resume", &ann.tenant_id],
         "",
     );
     assert!(ok, "resume: {err}");
     wait_for_phase(
-        &channel,
-        &ann,
-        &a.tenant_id,
+        &local.channel,
+        &ann.session,
+        &ann.tenant_id,
         TenantPhase::Ready,
         Duration::from_secs(60),
     )
     .await;
-    let status = https
-        .request(
-            &tenant.endpoint,
-            "localhost",
-            "GET",
-            &format!("/v1/executions/{}", new_id.json["id"].as_str().unwrap()),
-            Some(&token),
-            None,
-        )
-        .await
-        .unwrap()
-        .status;
+    let status = execution_status(https, endpoint, stored, &stored.new_execution).await;
     assert_eq!(status, 200, "data kept across suspension");
-    let (ok, out, _) = ctl(&server, &session, &["-o", "json", "audit", "verify"], "");
+    let (ok, out, _) = ctl(
+        &local.server,
+        &admin.session,
+        &["-o", "json", "audit", "verify"],
+        "",
+    );
     assert!(ok, "{out}");
+}
 
-    // Restarting dev brings every tenant back; Ctrl-C leaves no runtime behind.
-    let pids: Vec<u32> = [&a.tenant_id, &b.tenant_id]
+/// Restarting dev brings every tenant back; Ctrl-C leaves no runtime behind.
+async fn restarting_dev_brings_every_tenant_back(
+    local: &mut Local,
+    https: &Https,
+    owners: &[&Owner],
+    endpoint: &str,
+    stored: &Stored,
+) {
+    let pids: Vec<u32> = owners
         .iter()
-        .filter_map(|t| runtime_pid(&data_dir, t))
+        .filter_map(|o| local.runtime_pid(&o.tenant_id))
         .collect();
     assert_eq!(pids.len(), 2);
-    dev.interrupt().await;
+    local.dev.interrupt().await;
     for pid in &pids {
         assert!(!pid_alive(*pid), "runtime {pid} left running after Ctrl-C");
     }
-    let dev = Dev::start(&data_dir, port).await;
-    let channel = dev.channel().await;
+    local.dev = Dev::start(&local.data_dir, local.port).await;
+    local.channel = local.dev.channel().await;
+    let ann = owners[0];
     let again = wait_for_phase(
-        &channel,
-        &ann,
-        &a.tenant_id,
+        &local.channel,
+        &ann.session,
+        &ann.tenant_id,
         TenantPhase::Ready,
         Duration::from_secs(60),
     )
     .await;
-    assert_eq!(again.endpoint, tenant.endpoint);
-    let status = https
-        .request(
-            &again.endpoint,
-            "localhost",
-            "GET",
-            &format!("/v1/executions/{}", new_id.json["id"].as_str().unwrap()),
-            Some(&token),
-            None,
-        )
-        .await
-        .unwrap()
-        .status;
+    assert_eq!(again.endpoint, endpoint);
+    let status = execution_status(https, &again.endpoint, stored, &stored.new_execution).await;
     assert_eq!(status, 200, "data kept across restarts");
+}
 
-    // Delete stops the process and destroys the tenant's key and data.
+/// Delete stops the process and destroys the tenant's key and data.
+async fn deleting_a_tenant_stops_its_runtime_and_destroys_its_data(
+    local: &Local,
+    admin: &Admin,
+    ben: &Owner,
+) {
     next_step().await;
-    let code = totp_now(&enroll.secret);
-    let pid = runtime_pid(&data_dir, &b.tenant_id).unwrap();
+    let code = totp_now(&admin.totp_secret);
+    let pid = local.runtime_pid(&ben.tenant_id).unwrap();
     let (ok, _, err) = ctl(
-        &server,
-        &session,
+        &local.server,
+        &admin.session,
         &[
             "--totp-code",
             &code,
             "tenants",
             "delete",
-            &b.tenant_id,
+            &ben.tenant_id,
             "--yes",
         ],
         "",
     );
     assert!(ok, "delete: {err}");
-    let tenant_dir = data_dir.join("tenants").join(&b.tenant_id);
+    let tenant_dir = local.data_dir.join("tenants").join(&ben.tenant_id);
     let deadline = Instant::now() + Duration::from_secs(30);
     while tenant_dir.exists() || pid_alive(pid) {
         assert!(
@@ -471,17 +587,47 @@ async fn local_mode_runs_isolated_instances_end_to_end() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let gone = TenantServiceClient::new(channel.clone())
+    let gone = TenantServiceClient::new(local.channel.clone())
         .get_tenant(authed(
             GetTenantRequest {
-                tenant_id: b.tenant_id.clone(),
+                tenant_id: ben.tenant_id.clone(),
             },
-            &ben,
+            &ben.session,
         ))
         .await
         .unwrap_err();
     assert_eq!(gone.code(), tonic::Code::NotFound);
-    dev.interrupt().await;
+}
+
+/// An instance token for the owner's tenant, issued by the API.
+async fn instance_token(local: &Local, owner: &Owner) -> String {
+    TenantServiceClient::new(local.channel.clone())
+        .issue_instance_token(authed(
+            IssueInstanceTokenRequest {
+                tenant_id: owner.tenant_id.clone(),
+            },
+            &owner.session,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .token
+}
+
+/// The status of `GET /v1/executions/{id}` on `endpoint`, with the stored instance token.
+async fn execution_status(https: &Https, endpoint: &str, stored: &Stored, id: &str) -> u16 {
+    https
+        .request(
+            endpoint,
+            "localhost",
+            "GET",
+            &format!("/v1/executions/{id}"),
+            Some(&stored.token),
+            None,
+        )
+        .await
+        .unwrap()
+        .status
 }
 
 /// The serial of the certificate an endpoint presents.
@@ -504,7 +650,7 @@ async fn local_certificates_are_renewed_in_place_without_a_restart() {
     std::fs::create_dir_all(&data_dir).unwrap();
     let port = free_port();
     // A 30-second certificate is renewed after 20 seconds (two thirds of its life).
-    let dev = Dev::start_with(&data_dir, port, &["--local-cert-validity", "30s"]).await;
+    let mut dev = Dev::start_with(&data_dir, port, &["--local-cert-validity", "30s"]).await;
     let channel = dev.channel().await;
     let (a, cat) = signup_and_login(&channel, "cat@example.com", "catco").await;
     let first = wait_for_phase(
