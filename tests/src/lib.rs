@@ -25,7 +25,7 @@ pub fn bin(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(
         path.is_file(),
-        "{} is missing: build the workspace first (`cargo test --workspace` does)",
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`)",
         path.display()
     );
     path

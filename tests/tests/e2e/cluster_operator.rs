@@ -16,7 +16,9 @@
 //! 4. a Tenant this operator cannot read and one whose spec fails its checks get a
 //!    condition and an Event, and block nobody;
 //! 5. two replicas: one reconciles; SIGKILL the leader and the other takes over within the
-//!    lease duration and converges everything, leaving no orphaned namespace.
+//!    lease duration; then a rolling update (a third replica waits, SIGTERM the leader, which
+//!    releases the Lease, so the waiting one takes over within a renew period); the last
+//!    leader converges everything, leaving no orphaned namespace.
 //!
 //! The runtime image need not be pullable and the cluster needs no nodes: `RuntimeReady`
 //! only has to be reported.
@@ -810,6 +812,59 @@ async fn two_replicas(env: &Env, mut a: OperatorProcess) -> Result<()> {
     )
     .await?;
     ensure!(b.running(), "the new leader runs");
+
+    // A rolling update: a new replica waits while the leader gets SIGTERM. The leader
+    // releases the Lease on its way out, so the new one takes over at its next attempt
+    // (a renew period) instead of waiting out the lease duration, and acts on changes.
+    let mut c = env.start("e2e-c")?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (stopped, clean) = b.terminate()?;
+    ensure!(
+        clean && stopped < Duration::from_secs(5),
+        "the leader stopped in {stopped:?}"
+    );
+    let handed_over = Instant::now();
+    let lease = leases.get(names::DEFAULT_LEASE_NAME).await?;
+    let spec = lease.spec.unwrap_or_default();
+    ensure!(
+        spec.holder_identity.as_deref() != Some("e2e-b"),
+        "the stopped leader still holds the Lease: {spec:?}"
+    );
+    eventually(
+        "the waiting replica to take over",
+        Duration::from_secs(60),
+        || async {
+            let holder = leases
+                .get(names::DEFAULT_LEASE_NAME)
+                .await?
+                .spec
+                .and_then(|s| s.holder_identity);
+            Ok((holder.as_deref() == Some("e2e-c")).then_some(()))
+        },
+    )
+    .await?;
+    let took = handed_over.elapsed();
+    eprintln!(
+        "hand-over after SIGTERM: leader stopped in {:.3} s, new leader after {:.1} s (lease {LEASE_SECONDS} s)",
+        stopped.as_secs_f64(),
+        took.as_secs_f64()
+    );
+    ensure!(
+        took < Duration::from_secs(u64::from(LEASE_SECONDS)),
+        "hand-over after SIGTERM waited out the lease: {took:?}"
+    );
+    env.cluster
+        .create_tenant("e2e-f3", tenant_spec(false))
+        .await?;
+    env.converged(
+        &[
+            ("e2e-f1".into(), true),
+            ("e2e-f2".into(), true),
+            ("e2e-f3".into(), false),
+        ],
+        Duration::from_secs(120),
+    )
+    .await?;
     env.cluster
         .delete_tenants("e2e-", Duration::from_secs(180))
         .await?;
@@ -825,10 +880,10 @@ async fn two_replicas(env: &Env, mut a: OperatorProcess) -> Result<()> {
         tenant_namespaces.is_empty(),
         "orphaned namespaces: {tenant_namespaces:?}"
     );
-    let (took, clean) = b.terminate()?;
+    let (took, clean) = c.terminate()?;
     ensure!(
         clean && took < Duration::from_secs(5),
-        "the second replica stopped in {took:?}"
+        "the last replica stopped in {took:?}"
     );
     Ok(())
 }
