@@ -11,8 +11,13 @@
   (the files the Rust RBAC test reads), every pod template meets Pod Security
   "restricted", every object carries the app.kubernetes.io labels, and the chart's
   defaults match the operator's.
+- Every rule in charts/tenantry/rbac/*.yaml has a `# why:` comment directly above it, and
+  the table between the rbac-table markers in docs/security.md is exactly what
+  `--rbac-table` generates from the rendered roles and those reasons.
 
 `--requirements` prints the pinned packages for `pip install` (see .ci/run).
+`--rbac-table` prints that table (Markdown); `--write-rbac-table` writes it into
+docs/security.md between the markers.
 `--render-rbac NAMESPACE` prints the chart's ServiceAccounts, Roles, ClusterRoles and their
 bindings, rendered for release "tenantry" in NAMESPACE with ci/values-minimal.yaml (the
 real-cluster tests apply them, so the real authorizer checks the chart's rules).
@@ -57,6 +62,34 @@ KUBE_SRC = ROOT / "kube" / "src"
 
 RELEASE = "tenantry"
 NAMESPACE = "tenantry-system"
+
+SECURITY_DOC = ROOT / "docs" / "security.md"
+TABLE_BEGIN = "<!-- rbac-table:begin -->"
+TABLE_END = "<!-- rbac-table:end -->"
+REGENERATE = "python3 .ci/chart_check.py --write-rbac-table"
+WHY = "# why:"
+
+# Cluster-scoped built-in resources (by API group) that a rule might name; every other
+# built-in resource is namespaced. The chart's CRDs say their own scope.
+CLUSTER_SCOPED = {
+    ("", "namespaces"),
+    ("", "nodes"),
+    ("", "persistentvolumes"),
+    ("admissionregistration.k8s.io", "mutatingwebhookconfigurations"),
+    ("admissionregistration.k8s.io", "validatingwebhookconfigurations"),
+    ("apiextensions.k8s.io", "customresourcedefinitions"),
+    ("apiregistration.k8s.io", "apiservices"),
+    ("certificates.k8s.io", "certificatesigningrequests"),
+    ("networking.k8s.io", "ingressclasses"),
+    ("node.k8s.io", "runtimeclasses"),
+    ("rbac.authorization.k8s.io", "clusterrolebindings"),
+    ("rbac.authorization.k8s.io", "clusterroles"),
+    ("scheduling.k8s.io", "priorityclasses"),
+    ("storage.k8s.io", "csidrivers"),
+    ("storage.k8s.io", "csinodes"),
+    ("storage.k8s.io", "storageclasses"),
+    ("storage.k8s.io", "volumeattachments"),
+}
 
 STANDARD_LABELS = [
     "app.kubernetes.io/name",
@@ -260,15 +293,69 @@ def check_restricted(obj: dict) -> list[str]:
     return problems
 
 
+RULE_FILES = ("operator-cluster-rules", "operator-namespace-rules", "api-cluster-rules")
+
+
 def load_rule_files(yaml: Any) -> dict[str, list]:
     rules = {}
-    for name in ("operator-cluster-rules", "operator-namespace-rules", "api-cluster-rules"):
+    for name in RULE_FILES:
         path = RBAC / f"{name}.yaml"
         text = path.read_text()
         if "{{" in text:
             raise SystemExit(f"{path}: must be plain YAML, without templating")
         rules[name] = yaml.safe_load(text)
     return rules
+
+
+def rule_summary(rule: dict) -> str:
+    groups = ",".join(g or "core" for g in rule.get("apiGroups") or [])
+    return f"{groups} {','.join(rule.get('resources') or [])} [{','.join(rule.get('verbs') or [])}]"
+
+
+def rule_reasons(name: str, text: str, file_rules: list) -> tuple[list[str], list[str]]:
+    """The reason of each rule of a rule file, in order, from the `# why:` comment directly
+    above it (continued on the comment lines that follow it, up to the rule); and the
+    problems: a rule without a reason, a `# why:` that sits above no rule, a file whose
+    rules are not written one per `- ` item at column 0."""
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("- ")]
+    if not isinstance(file_rules, list) or len(starts) != len(file_rules):
+        return [], [f"{name}.yaml: write each rule as a block item starting with '- ' at column 0, so its `# why:` comment can be found"]
+    reasons, problems, attached = [], [], set()
+    for n, (start, rule) in enumerate(zip(starts, file_rules)):
+        block = []
+        i = start - 1
+        while i >= 0 and lines[i].startswith("#"):
+            block.insert(0, i)
+            i -= 1
+        whys = [i for i in block if lines[i].startswith(WHY)]
+        attached.update(whys)
+        if len(whys) > 1:
+            problems.append(f"{name}.yaml line {start + 1}: rule {n} ({rule_summary(rule)}) has {len(whys)} `# why:` comments; keep one")
+        if not whys:
+            problems.append(f"{name}.yaml line {start + 1}: rule {n} ({rule_summary(rule)}) has no `# why:` comment directly above it")
+            reasons.append("")
+            continue
+        first = whys[-1]
+        words = [lines[first][len(WHY):].strip()]
+        words += [lines[i].lstrip("#").strip() for i in range(first + 1, start)]
+        reason = " ".join(w for w in words if w)
+        if not reason:
+            problems.append(f"{name}.yaml line {first + 1}: the `# why:` of rule {n} ({rule_summary(rule)}) is empty")
+        reasons.append(reason)
+    for i, line in enumerate(lines):
+        if line.startswith(WHY) and i not in attached:
+            problems.append(f"{name}.yaml line {i + 1}: `# why:` is not directly above a rule")
+    return reasons, problems
+
+
+def load_reasons(rules: dict[str, list]) -> tuple[dict[str, list[str]], list[str]]:
+    reasons, problems = {}, []
+    for name in RULE_FILES:
+        file_reasons, file_problems = rule_reasons(name, (RBAC / f"{name}.yaml").read_text(), rules.get(name))
+        reasons[name] = file_reasons
+        problems += file_problems
+    return reasons, problems
 
 
 def check_rule_files(rules: dict[str, list]) -> list[str]:
@@ -488,6 +575,145 @@ def check_defaults(values: dict, defaults: dict, rules: dict[str, list]) -> list
 
 
 # ---------------------------------------------------------------------------------------
+# The RBAC table of docs/security.md
+
+
+def cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def rbac_table(objs: list[dict], rules: dict[str, list], reasons: dict[str, list[str]], crd_docs: list[dict]) -> tuple[str, list[str]]:
+    """The Markdown table of what each program may do, from the rendered chart: program
+    (the image of the Deployment that runs as the ServiceAccount), ServiceAccount, the
+    bound roles' rules, and each rule's reason from its rule file."""
+    problems = []
+    cluster_scoped = set(CLUSTER_SCOPED) | {
+        (d["spec"]["group"], d["spec"]["names"]["plural"]) for d in crd_docs if d["spec"].get("scope") == "Cluster"
+    }
+    programs = {}
+    for d in (o for o in objs if o["kind"] == "Deployment"):
+        spec = d["spec"]["template"]["spec"]
+        image = spec["containers"][0]["image"]
+        programs[spec.get("serviceAccountName")] = image.split("@")[0].rsplit("/", 1)[-1].split(":")[0]
+    roles = {(o["kind"], o["metadata"]["name"]): o for o in objs if o["kind"] in ("ClusterRole", "Role")}
+    bindings = sorted(
+        (o for o in objs if o["kind"] in ("ClusterRoleBinding", "RoleBinding")),
+        key=lambda b: (b["kind"] != "ClusterRoleBinding", b["metadata"]["name"]),
+    )
+    granted = []
+    for b in bindings:
+        for s in b.get("subjects") or []:
+            if s.get("kind") == "ServiceAccount":
+                granted.append((s["name"], b))
+    granted.sort(key=lambda g: (programs.get(g[0], ""), g[0]))
+    release_prefix = f"{RELEASE}-"
+
+    rows = [
+        "| Program (ServiceAccount) | Scope | API group | Resources | Verbs | Why |",
+        "|---|---|---|---|---|---|",
+    ]
+    for account, b in granted:
+        ref = b["roleRef"]
+        role = roles.get((ref["kind"], ref["name"]))
+        if role is None:
+            problems.append(f"{kind_name(b)}: roleRef {ref['kind']}/{ref['name']} is not rendered")
+            continue
+        source = next((name for name in RULE_FILES if rules.get(name) == role.get("rules")), None)
+        if source is None:
+            problems.append(f"{kind_name(role)}: its rules are none of rbac/*.yaml, so they have no reasons")
+            continue
+        sa = f"<release>-{account[len(release_prefix):]}" if account.startswith(release_prefix) else account
+        program = f"`{programs[account]}` (`{sa}`)" if account in programs else f"no Deployment (`{sa}`)"
+        for rule, reason in zip(role["rules"], reasons.get(source) or [""] * len(role["rules"])):
+            if b["kind"] == "RoleBinding":
+                scope = "release namespace"
+            else:
+                scopes = {
+                    "cluster" if (g, r.split("/")[0]) in cluster_scoped else "every namespace"
+                    for g in rule["apiGroups"]
+                    for r in rule["resources"]
+                }
+                scope = " and ".join(sorted(scopes))
+            groups = ", ".join(f"`{g}`" if g else "core" for g in rule["apiGroups"])
+            resources = ", ".join(f"`{r}`" for r in rule["resources"])
+            if rule.get("resourceNames"):
+                resources += " named " + ", ".join(f"`{n}`" for n in rule["resourceNames"])
+            verbs = ", ".join(rule["verbs"])
+            rows.append(f"| {program} | {scope} | {groups} | {resources} | {verbs} | {cell(reason) or '**no reason given**'} |")
+    return "\n".join(rows) + "\n", problems
+
+
+def chart_rbac_table(helm: Any, yaml: Any) -> tuple[str, list[str]]:
+    """The table for release "tenantry" in "tenantry-system" with ci/values-minimal.yaml,
+    and the problems met making it (a rule without a reason among them)."""
+    with helm.Chart.load(str(CHART)) as chart:
+        crd_docs = [d for c in chart.crds for d in yaml.safe_load_all(c["data"]) if d]
+    values = helm.values_from_yaml((CI_VALUES / "values-minimal.yaml").read_text())
+    objs = [o for _, o in objects_of(yaml, render(helm, values, RELEASE, NAMESPACE))]
+    rules = load_rule_files(yaml)
+    reasons, problems = load_reasons(rules)
+    table, table_problems = rbac_table(objs, rules, reasons, crd_docs)
+    return table, problems + table_problems
+
+
+def split_doc(text: str) -> tuple[str, str, str] | None:
+    """docs/security.md as (before and including the begin marker, the table, the end
+    marker and after), or None when the markers are missing or out of order."""
+    lines = text.splitlines(keepends=True)
+    begins = [i for i, line in enumerate(lines) if line.strip() == TABLE_BEGIN]
+    ends = [i for i, line in enumerate(lines) if line.strip() == TABLE_END]
+    if len(begins) != 1 or len(ends) != 1 or begins[0] > ends[0]:
+        return None
+    b, e = begins[0], ends[0]
+    return "".join(lines[: b + 1]), "".join(lines[b + 1 : e]), "".join(lines[e:])
+
+
+def check_doc_table(table: str) -> list[str]:
+    doc = SECURITY_DOC.relative_to(ROOT)
+    parts = split_doc(SECURITY_DOC.read_text())
+    if parts is None:
+        return [f"{doc} needs exactly one line {TABLE_BEGIN} followed by one line {TABLE_END}; then run: {REGENERATE}"]
+    have, want = parts[1].strip().splitlines(), table.strip().splitlines()
+    if have == want:
+        return []
+    at = next((i for i, (h, w) in enumerate(zip(have, want)) if h != w), min(len(have), len(want)))
+    return [
+        f"{doc}: the RBAC table differs from charts/tenantry/rbac/*.yaml as the chart renders them "
+        f"(first at table line {at + 1}); regenerate it with: {REGENERATE}",
+        f"  in the doc:  {have[at] if at < len(have) else '(nothing)'}",
+        f"  generated:   {want[at] if at < len(want) else '(nothing)'}",
+    ]
+
+
+def table_mode(write: bool) -> int:
+    try:
+        import helm_python as helm
+        import yaml
+    except ImportError as e:
+        print(f"chart_check: {e}; install: python3 -m pip install {' '.join(REQUIREMENTS)}", file=sys.stderr)
+        return 1
+    table, problems = chart_rbac_table(helm, yaml)
+    if problems:
+        print("chart_check: cannot make the RBAC table:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return 1
+    if not write:
+        print(table, end="")
+        return 0
+    text = SECURITY_DOC.read_text()
+    parts = split_doc(text)
+    if parts is None:
+        print(f"chart_check: {SECURITY_DOC}: add one line {TABLE_BEGIN} and, below it, one line {TABLE_END} where the table goes", file=sys.stderr)
+        return 1
+    updated = parts[0] + table + parts[2]
+    if updated == text:
+        print(f"{SECURITY_DOC.relative_to(ROOT)}: the RBAC table is up to date")
+    else:
+        SECURITY_DOC.write_text(updated)
+        print(f"{SECURITY_DOC.relative_to(ROOT)}: wrote the RBAC table ({len(table.splitlines()) - 2} rules)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
 
 
 RBAC_KINDS = {"ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
@@ -512,6 +738,8 @@ def main() -> int:
         return 0
     if len(sys.argv) == 3 and sys.argv[1] == "--render-rbac":
         return render_rbac(sys.argv[2])
+    if sys.argv[1:] in (["--rbac-table"], ["--write-rbac-table"]):
+        return table_mode(write=sys.argv[1] == "--write-rbac-table")
     if sys.argv[1:]:
         print(__doc__)
         return 2
@@ -552,6 +780,7 @@ def main() -> int:
 
     print("\n== rule files and defaults")
     report.check("rbac/*.yaml are well-formed least-privilege PolicyRules", check_rule_files(rules))
+    report.check("every rule in rbac/*.yaml has a `# why:` reason directly above it", load_reasons(rules)[1])
     report.check("defaults match operator/src/config.rs and kube/src/names.rs", check_defaults(defaults, op_defaults, rules))
 
     def validate(what: str, obj: dict) -> None:
@@ -609,6 +838,18 @@ def main() -> int:
         names = [(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) for o in objs]
         if len(set(names)) != len(names):
             report.fail(f"{what}: object names", f"duplicates in {kinds}")
+
+    print("\n== RBAC table in docs/security.md")
+    try:
+        table, problems = chart_rbac_table(helm, yaml)
+    except helm.HelmError as e:
+        report.fail("RBAC table: render", first_lines(e, 10))
+    else:
+        # A rule without a reason is already reported above; here only the table counts.
+        report.check(
+            f"docs/security.md's RBAC table is what `{REGENERATE}` writes",
+            [p for p in problems if "# why:" not in p] + check_doc_table(table),
+        )
 
     # Bad values: each must be refused by render (= install) and by lint, naming the key.
     print("\n== bad values are refused")
