@@ -17,7 +17,10 @@
 //! `TENANTRY_BENCH_TENANTS` (default 1000), `TENANTRY_BENCH_IDLE_SECONDS` (default 300),
 //! `TENANTRY_E2E_OPERATOR_BIN` (default `target/release/tenantry-operator`). It skips,
 //! saying why, without `KUBECONFIG`. It deletes what it made at the end (minutes, at
-//! 2 × 1000 namespaces); a disposable cluster can be reset instead.
+//! 2 × 1000 namespaces); a disposable cluster can be reset instead. Every Tenant (and
+//! every bound run) gets a ClusterIP Service, so the cluster's
+//! `--service-cluster-ip-range` must hold 2 × N addresses and some: a /20 or wider for the
+//! default N (a /24 fails with "range is full").
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
