@@ -328,6 +328,7 @@ async fn tenants(api: &Api, command: TenantsCommand, out: Printer) -> Result<()>
                             .list_tenants(ListTenantsRequest {
                                 page_size,
                                 page_token: page_token.clone(),
+                                ..Default::default()
                             })
                             .await
                     })
@@ -515,6 +516,7 @@ async fn audit(api: &Api, command: AuditCommand, out: Printer) -> Result<()> {
                                 // `want` is at most `page_size`.
                                 page_size: u32::try_from(want).unwrap_or(page_size),
                                 page_token: page_token.clone(),
+                                ..Default::default()
                             })
                             .await
                     })
@@ -574,6 +576,7 @@ async fn admins(api: &Api, command: AdminsCommand, out: Printer) -> Result<()> {
                 c.admin()
                     .grant_admin(GrantAdminRequest {
                         user_id: user_id.clone(),
+                        ..Default::default()
                     })
                     .await
             })
@@ -585,6 +588,7 @@ async fn admins(api: &Api, command: AdminsCommand, out: Printer) -> Result<()> {
                 c.admin()
                     .revoke_admin(RevokeAdminRequest {
                         user_id: user_id.clone(),
+                        ..Default::default()
                     })
                     .await
             })
