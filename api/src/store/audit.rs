@@ -119,7 +119,7 @@ impl Store {
             // substr, not LIKE: exact and case-sensitive on both backends, no escaping.
             let len = i64::try_from(prefix.chars().count()).unwrap_or(i64::MAX);
             clause(&mut args, Arg::Int(len), &|n| {
-                format!(" AND substr(action, 1, ${n})")
+                format!(" AND substr(action, 1, CAST(${n} AS INTEGER))")
             });
             clause(&mut args, Arg::Text(prefix.clone()), &|n| {
                 format!(" = ${n}")
