@@ -328,7 +328,6 @@ async fn tenants(api: &Api, command: TenantsCommand, out: Printer) -> Result<()>
                             .list_tenants(ListTenantsRequest {
                                 page_size,
                                 page_token: page_token.clone(),
-                                ..Default::default()
                             })
                             .await
                     })

@@ -230,6 +230,19 @@ fn item_from_row(row: &AnyRow) -> Result<ReviewItemRow> {
     })
 }
 
+/// Serializes the writes that change who holds a role (PostgreSQL; SQLite's `BEGIN
+/// IMMEDIATE` already does), so that two concurrent revocations cannot both see the other
+/// admin and leave none, and two decisions cannot both miss closing their review. Taken
+/// first in the transaction, before any row lock, so it cannot deadlock with them.
+async fn lock_access(conn: &mut AnyConnection, backend: Backend) -> Result<()> {
+    if backend == Backend::Postgres {
+        sqlx::query("SELECT pg_advisory_xact_lock(7355608203)")
+            .execute(conn)
+            .await?;
+    }
+    Ok(())
+}
+
 /// Admins who may act right now: an unexpired `admin` grant, and not deactivated.
 async fn active_admins(conn: &mut AnyConnection, now_ms: i64) -> Result<i64> {
     Ok(sqlx::query_scalar(
@@ -391,6 +404,7 @@ impl Store {
     pub async fn grant_role(&self, g: &NewGrant, actor: &Actor) -> Result<GrantOutcome> {
         let now = g.now_ms;
         self.commit_audited(NO_AUDITS, now, async |tx| {
+            lock_access(tx, self.backend).await?;
             let user = sqlx::query(
                 "SELECT CASE WHEN totp_secret_sealed IS NULL THEN 0 ELSE 1 END AS mfa, \
                  deactivated_at_ms FROM users WHERE id = $1",
@@ -487,6 +501,7 @@ impl Store {
         now_ms: i64,
     ) -> Result<()> {
         self.commit_audited(NO_AUDITS, now_ms, async |tx| {
+            lock_access(tx, self.backend).await?;
             let exists: Option<String> = sqlx::query_scalar("SELECT id FROM users WHERE id = $1")
                 .bind(user_id)
                 .fetch_optional(&mut *tx)
@@ -582,6 +597,7 @@ impl Store {
         now_ms: i64,
     ) -> Result<Deactivated> {
         self.commit_audited(NO_AUDITS, now_ms, async |tx| {
+            lock_access(tx, self.backend).await?;
             let state: Option<Option<i64>> =
                 sqlx::query_scalar("SELECT deactivated_at_ms FROM users WHERE id = $1")
                     .bind(user_id)
@@ -640,6 +656,7 @@ impl Store {
     /// Lets a deactivated user log in again; their roles stay removed.
     pub async fn reactivate_user(&self, user_id: &str, actor: &Actor, now_ms: i64) -> Result<()> {
         self.commit_audited(NO_AUDITS, now_ms, async |tx| {
+            lock_access(tx, self.backend).await?;
             let state: Option<Option<i64>> =
                 sqlx::query_scalar("SELECT deactivated_at_ms FROM users WHERE id = $1")
                     .bind(user_id)
@@ -901,6 +918,7 @@ impl Store {
     pub async fn decide_item(&self, d: &ItemDecision, actor: &Actor) -> Result<()> {
         let now = d.now_ms;
         self.commit_audited(NO_AUDITS, now, async |tx| {
+            lock_access(tx, self.backend).await?;
             let closed: Option<Option<i64>> =
                 sqlx::query_scalar("SELECT closed_at_ms FROM access_reviews WHERE id = $1")
                     .bind(&d.review_id)
@@ -925,6 +943,22 @@ impl Store {
                 None => return Err(Error::NotFound("access review item")),
                 Some("") => {}
                 Some(_) => return Err(Error::FailedPrecondition("this item is decided already")),
+            }
+            let claimed = sqlx::query(
+                "UPDATE access_review_items SET decision = $1, decided_by = $2, decided_at_ms = $3, note = $4 \
+                 WHERE review_id = $5 AND user_id = $6 AND role = $7 AND decision = ''",
+            )
+            .bind(d.decision.as_str())
+            .bind(&actor.user_id)
+            .bind(now)
+            .bind(&d.note)
+            .bind(&d.review_id)
+            .bind(&d.user_id)
+            .bind(d.role.as_str())
+            .execute(&mut *tx)
+            .await?;
+            if claimed.rows_affected() != 1 {
+                return Err(Error::FailedPrecondition("this item is decided already"));
             }
             let mut sessions = 0;
             match d.decision {
@@ -955,19 +989,6 @@ impl Store {
                     sessions = end_sessions(tx, &d.user_id).await?;
                 }
             }
-            sqlx::query(
-                "UPDATE access_review_items SET decision = $1, decided_by = $2, decided_at_ms = $3, note = $4 \
-                 WHERE review_id = $5 AND user_id = $6 AND role = $7",
-            )
-            .bind(d.decision.as_str())
-            .bind(&actor.user_id)
-            .bind(now)
-            .bind(&d.note)
-            .bind(&d.review_id)
-            .bind(&d.user_id)
-            .bind(d.role.as_str())
-            .execute(&mut *tx)
-            .await?;
             let mut pairs = vec![
                 ("user_id", d.user_id.clone().into()),
                 ("role", d.role.as_str().into()),
@@ -1017,6 +1038,7 @@ impl Store {
     pub async fn close_due_review(&self, review_id: &str, now_ms: i64) -> Result<bool> {
         let server = Actor::server();
         self.commit_audited(NO_AUDITS, now_ms, async |tx| {
+            lock_access(tx, self.backend).await?;
             // Claims the review: of two sweeps, the second finds it closed.
             let claimed = sqlx::query(
                 "UPDATE access_reviews SET closed_at_ms = $1 \
