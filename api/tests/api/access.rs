@@ -231,8 +231,8 @@ async fn a_grant_works_until_the_second_it_expires_and_its_expiry_is_audited_onc
     s.stop().await;
 }
 
-/// The root admin's TOTP secret, kept by the test in the database directory's name space:
-/// `admin_session` returns it once, so tests that need it again store it here.
+/// The TOTP secret of the root admin of server `s` (from [`root_session`]), for tests
+/// that log root in again after moving the clock past its sessions.
 async fn root_secret(s: &TestServer) -> String {
     ROOT_SECRETS
         .lock()
@@ -1660,4 +1660,39 @@ async fn existing_admins_become_grants_that_expire_ninety_days_after_the_migrati
     assert!(user.is_active());
     assert!(user.last_login_at_ms.is_none());
     store.close().await;
+}
+
+#[tokio::test]
+async fn the_server_sweeps_when_it_starts() {
+    let db = Database::new().await;
+    let s = TestServer::start(&db).await;
+    let (root_id, _) = root_session(&s).await;
+    s.stop().await;
+    // The next start is past the bootstrap grant's 90 days: the access loop's first pass
+    // (at start, before its first one-minute wait) records the expiry without any call.
+    let later = tenantry_api::clock::ManualClock::new(T0_MS + 91 * DAY_MS);
+    let s = TestServer::start_with(&db, Options::default(), later).await;
+    let mut expired = 0;
+    for _ in 0..200 {
+        let rows = s.state.store.list_audit(0, 1_000).await.unwrap();
+        expired = rows
+            .iter()
+            .filter(|r| r.entry.action == "admin.role.expired" && r.entry.target == root_id)
+            .count();
+        if expired > 0 {
+            break;
+        }
+        // Waiting for the loop's start-up pass, not for a due time: the clock is manual.
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(expired, 1);
+    assert!(
+        s.state
+            .store
+            .grants_of(&root_id, s.now_ms())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    s.stop().await;
 }
