@@ -146,15 +146,39 @@ fn decode_cursor(token: &str) -> Result<Option<(i64, String)>> {
     Ok(Some((ms, id.to_owned())))
 }
 
-fn decode_audit_cursor(token: &str) -> Result<i64> {
+/// Where a page of audit events starts: after `after`, and no further than `through`, the
+/// head of the log when the first page was read (`None` for the first page). Every list
+/// call appends an audit event of its own; without the bound, a listing one event a page
+/// would never reach its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AuditCursor {
+    after: i64,
+    through: Option<i64>,
+}
+
+fn encode_audit_cursor(after: u64, through: i64) -> String {
+    format!("{after}.{through}")
+}
+
+fn decode_audit_cursor(token: &str) -> Result<AuditCursor> {
     if token.is_empty() {
-        return Ok(0);
+        return Ok(AuditCursor {
+            after: 0,
+            through: None,
+        });
     }
-    token
-        .parse::<i64>()
-        .ok()
-        .filter(|n| *n >= 0)
-        .ok_or_else(|| Error::invalid("page_token", "not a token this server issued"))
+    let number = |s: &str| s.parse::<i64>().ok().filter(|n| *n >= 0);
+    let (after, through) = token.split_once('.').unzip();
+    match (after.and_then(number), through.and_then(number)) {
+        (Some(after), Some(through)) if after <= through => Ok(AuditCursor {
+            after,
+            through: Some(through),
+        }),
+        _ => Err(Error::invalid(
+            "page_token",
+            "not a token this server issued",
+        )),
+    }
 }
 
 fn tenant_id(raw: &str) -> Result<&str> {
@@ -372,9 +396,15 @@ impl AdminService for Admin {
             .await?;
         let req = request.into_inner();
         let limit = page_size(req.page_size, DEFAULT_AUDIT_PAGE, MAX_AUDIT_PAGE)?;
-        let after = decode_audit_cursor(&req.page_token)?;
-        let filter = audit_filter(&req)?;
+        let cursor = decode_audit_cursor(&req.page_token)?;
+        let after = cursor.after;
+        let mut filter = audit_filter(&req)?;
         let st = &self.state;
+        let through = match cursor.through {
+            Some(through) => through,
+            None => st.store.audit_head_sequence().await?,
+        };
+        filter.through_sequence = Some(through);
         let rows = st
             .store
             .list_audit_filtered(&filter, after, limit + 1)
@@ -396,7 +426,7 @@ impl AdminService for Admin {
             })
             .collect();
         let next_page_token = match events.last() {
-            Some(last) if more => last.sequence.to_string(),
+            Some(last) if more => encode_audit_cursor(last.sequence, through),
             _ => String::new(),
         };
         st.audit(admin.record(
@@ -758,6 +788,7 @@ fn audit_filter(req: &ListAuditEventsRequest) -> Result<AuditFilter> {
         action_prefix: text("action_prefix", &req.action_prefix)?,
         actor_user_id: text("actor_user_id", &req.actor_user_id)?,
         target: text("target", &req.target)?,
+        through_sequence: None,
     })
 }
 
@@ -878,7 +909,17 @@ mod tests {
         assert_eq!(decode_tenant_cursor("").unwrap(), None);
         assert!(decode_tenant_cursor("!!").is_err());
         assert!(decode_tenant_cursor(&URL_SAFE_NO_PAD.encode("x:y")).is_err());
-        assert_eq!(decode_audit_cursor("17").unwrap(), 17);
-        assert!(decode_audit_cursor("-1").is_err());
+        let cursor = decode_audit_cursor(&encode_audit_cursor(17, 40)).unwrap();
+        assert_eq!(
+            cursor,
+            AuditCursor {
+                after: 17,
+                through: Some(40)
+            }
+        );
+        assert_eq!(decode_audit_cursor("").unwrap().through, None);
+        for bad in ["17", "-1.4", "4.-1", "5.4", "a.b", "1.2.3"] {
+            assert!(decode_audit_cursor(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -38,6 +38,9 @@ pub struct AuditFilter {
     pub actor_user_id: Option<String>,
     /// About this target, exactly.
     pub target: Option<String>,
+    /// At or before this sequence: the head when a listing began, so that a listing ends
+    /// even though every page adds an audit event of its own.
+    pub through_sequence: Option<i64>,
 }
 
 /// A stored audit row.
@@ -88,6 +91,15 @@ impl Store {
         rows.iter().map(audit_from_row).collect()
     }
 
+    /// Sequence of the newest audit event (0 when there is none).
+    pub async fn audit_head_sequence(&self) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT sequence FROM audit_head WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
     /// A page of audit rows after `after_sequence` that match `filter`, in sequence order
     /// (so the last row's sequence is the next page's cursor, filter or not).
     pub async fn list_audit_filtered(
@@ -133,6 +145,11 @@ impl Store {
         if let Some(target) = &filter.target {
             clause(&mut args, Arg::Text(target.clone()), &|n| {
                 format!(" AND target = ${n}")
+            });
+        }
+        if let Some(through) = filter.through_sequence {
+            clause(&mut args, Arg::Int(through), &|n| {
+                format!(" AND sequence <= ${n}")
             });
         }
         clause(&mut args, Arg::Int(i64::from(limit)), &|n| {

@@ -1696,3 +1696,64 @@ async fn the_server_sweeps_when_it_starts() {
     );
     s.stop().await;
 }
+
+/// Every list call writes an audit event of its own: a listing one event a page must still
+/// end, holding exactly the events up to the head when its first page was read.
+#[tokio::test]
+async fn an_audit_listing_is_a_snapshot_that_ends_at_any_page_size() {
+    let db = Database::new().await;
+    let s = TestServer::start(&db).await;
+    s.signup("snap@example.com", "snapco").await;
+    let (_, root) = root_session(&s).await;
+    let before = all_audit_events(&s, &root).await;
+    let head = before.last().unwrap().sequence;
+
+    let mut got = Vec::new();
+    let mut page_token = String::new();
+    for _ in 0..1_000 {
+        let page = s
+            .admin()
+            .list_audit_events(authed(
+                ListAuditEventsRequest {
+                    page_size: 1,
+                    page_token: page_token.clone(),
+                    ..Default::default()
+                },
+                &root,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.events.len() <= 1);
+        got.extend(page.events.iter().map(|e| e.sequence));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    // The first page was read after `all_audit_events` wrote its own event: the snapshot
+    // ends there, one past `head`.
+    assert_eq!(
+        got,
+        (1..=head + 1).collect::<Vec<u64>>(),
+        "one listing, in order"
+    );
+    // What the listing wrote (one event a page) is in the next listing.
+    let after = all_audit_events(&s, &root).await;
+    assert!(after.last().unwrap().sequence >= head + 1 + got.len() as u64);
+
+    for bad in ["17", "5.4", "x"] {
+        let status = s
+            .admin()
+            .list_audit_events(authed(
+                ListAuditEventsRequest {
+                    page_token: bad.into(),
+                    ..Default::default()
+                },
+                &root,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{bad}");
+    }
+}
