@@ -22,6 +22,26 @@ pub enum Error {
     /// The call needs the admin role.
     #[error("permission denied: this command needs the admin role")]
     AdminRoleRequired,
+    /// The call needs the admin role and the caller holds only the read-only auditor role.
+    #[error(
+        "permission denied: the auditor role is read-only (users list, tenants list, audit list|export|verify, access-review list|show); this command needs the admin role"
+    )]
+    AuditorReadOnly,
+    /// A role for a user without a second factor.
+    #[error(
+        "refused: the user has no second factor enrolled; they must run `tenantryctl mfa enroll` before they can be given a role"
+    )]
+    MfaNotEnrolled,
+    /// A reviewer deciding their own grant.
+    #[error(
+        "permission denied: nobody may decide their own grant (separation of duties); another admin must keep or revoke it"
+    )]
+    SelfReview,
+    /// The change would leave no active admin.
+    #[error(
+        "refused: this is the last active admin; grant the admin role to another user (with a second factor) first"
+    )]
+    LastAdmin,
     /// The saved session belongs to another server.
     #[error(
         "the saved session is for {saved}, not {wanted}; run `tenantryctl login --server {wanted}`"
@@ -147,11 +167,37 @@ impl From<Status> for Error {
         match (status.code(), reason(&status).as_str()) {
             (Code::Unauthenticated, "SESSION_INVALID") => return Error::SessionInvalid,
             (Code::Unauthenticated, "MISSING_CREDENTIALS") => return Error::NotLoggedIn,
-            (Code::PermissionDenied, "ADMIN_ROLE_REQUIRED") => return Error::AdminRoleRequired,
+            (Code::PermissionDenied, "ADMIN_ROLE_REQUIRED") => {
+                return if names_auditor(&status) {
+                    Error::AuditorReadOnly
+                } else {
+                    Error::AdminRoleRequired
+                };
+            }
+            (Code::PermissionDenied | Code::FailedPrecondition, "MFA_NOT_ENROLLED") => {
+                return Error::MfaNotEnrolled;
+            }
+            (Code::PermissionDenied | Code::FailedPrecondition, "SELF_REVIEW") => {
+                return Error::SelfReview;
+            }
+            (Code::PermissionDenied | Code::FailedPrecondition, "LAST_ADMIN") => {
+                return Error::LastAdmin;
+            }
             _ => {}
         }
         Error::Rpc(describe(&status))
     }
+}
+
+/// True when a refusal says the caller holds the auditor role (in the `ErrorInfo`
+/// metadata, or the message).
+fn names_auditor(status: &Status) -> bool {
+    let in_metadata = status.get_error_details().error_info().is_some_and(|info| {
+        info.metadata
+            .values()
+            .any(|v| v.eq_ignore_ascii_case("auditor"))
+    });
+    in_metadata || status.message().to_ascii_lowercase().contains("auditor")
 }
 
 /// One line for a status: its message (or its code when the message is empty) and the
@@ -238,6 +284,28 @@ mod tests {
         );
         let e = Error::from(with_reason(Code::PermissionDenied, "ADMIN_ROLE_REQUIRED"));
         assert!(e.to_string().contains("admin role"));
+    }
+
+    #[test]
+    fn access_control_reasons_get_hints() {
+        let e = Error::from(with_reason(Code::FailedPrecondition, "MFA_NOT_ENROLLED"));
+        assert!(e.to_string().contains("tenantryctl mfa enroll"), "{e}");
+        let e = Error::from(with_reason(Code::PermissionDenied, "SELF_REVIEW"));
+        assert!(e.to_string().contains("their own grant"), "{e}");
+        let e = Error::from(with_reason(Code::FailedPrecondition, "LAST_ADMIN"));
+        assert!(e.to_string().contains("last active admin"), "{e}");
+        let st = Status::with_error_details(
+            Code::PermissionDenied,
+            "this call needs the admin role",
+            ErrorDetails::with_error_info(
+                "ADMIN_ROLE_REQUIRED",
+                "tenantry.dev",
+                HashMap::from([("role".to_owned(), "auditor".to_owned())]),
+            ),
+        );
+        assert!(matches!(Error::from(st), Error::AuditorReadOnly));
+        let e = Error::from(with_reason(Code::PermissionDenied, "ADMIN_ROLE_REQUIRED"));
+        assert!(matches!(e, Error::AdminRoleRequired));
     }
 
     #[test]
