@@ -37,6 +37,11 @@ pub enum Error {
         "permission denied: nobody may decide their own grant (separation of duties); another admin must keep or revoke it"
     )]
     SelfReview,
+    /// A caller granting a role to themselves.
+    #[error(
+        "permission denied: nobody may grant a role to themselves (separation of duties); ask another admin"
+    )]
+    SelfGrant,
     /// The change would leave no active admin.
     #[error(
         "refused: this is the last active admin; grant the admin role to another user (with a second factor) first"
@@ -180,6 +185,9 @@ impl From<Status> for Error {
             (Code::PermissionDenied | Code::FailedPrecondition, "SELF_REVIEW") => {
                 return Error::SelfReview;
             }
+            (Code::PermissionDenied | Code::FailedPrecondition, "SELF_GRANT") => {
+                return Error::SelfGrant;
+            }
             (Code::PermissionDenied | Code::FailedPrecondition, "LAST_ADMIN") => {
                 return Error::LastAdmin;
             }
@@ -292,6 +300,8 @@ mod tests {
         assert!(e.to_string().contains("tenantryctl mfa enroll"), "{e}");
         let e = Error::from(with_reason(Code::PermissionDenied, "SELF_REVIEW"));
         assert!(e.to_string().contains("their own grant"), "{e}");
+        let e = Error::from(with_reason(Code::PermissionDenied, "SELF_GRANT"));
+        assert!(e.to_string().contains("to themselves"), "{e}");
         let e = Error::from(with_reason(Code::FailedPrecondition, "LAST_ADMIN"));
         assert!(e.to_string().contains("last active admin"), "{e}");
         let st = Status::with_error_details(
