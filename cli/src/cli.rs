@@ -197,8 +197,9 @@ pub enum AuditCommand {
         /// What each line is.
         #[arg(long, env = "TENANTRY_EXPORT_FORMAT", value_enum, default_value_t = ExportFormat::Jsonl)]
         format: ExportFormat,
-        /// Events fetched per request (1 to 1000).
-        #[arg(long, env = "TENANTRY_PAGE_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        /// Events fetched per request (2 to 1000). Each request adds one audit event of its
+        /// own, so pages of one would never reach the end of the log.
+        #[arg(long, env = "TENANTRY_PAGE_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(2..=1000))]
         page_size: u32,
     },
     /// Recompute the hash chain; exits 1 naming the first bad row when it does not match.
@@ -517,6 +518,10 @@ mod tests {
             "0",
         ])
         .unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        // An export in pages of one would chase its own audit events forever.
+        let err = Cli::try_parse_from(["tenantryctl", "audit", "export", "--page-size", "1"])
+            .unwrap_err();
         assert_eq!(err.exit_code(), 2);
     }
 
