@@ -172,13 +172,8 @@ impl From<Status> for Error {
         match (status.code(), reason(&status).as_str()) {
             (Code::Unauthenticated, "SESSION_INVALID") => return Error::SessionInvalid,
             (Code::Unauthenticated, "MISSING_CREDENTIALS") => return Error::NotLoggedIn,
-            (Code::PermissionDenied, "ADMIN_ROLE_REQUIRED") => {
-                return if names_auditor(&status) {
-                    Error::AuditorReadOnly
-                } else {
-                    Error::AdminRoleRequired
-                };
-            }
+            // `Api::call` tells an auditor apart (it asks `WhoAmI`).
+            (Code::PermissionDenied, "ADMIN_ROLE_REQUIRED") => return Error::AdminRoleRequired,
             (Code::PermissionDenied | Code::FailedPrecondition, "MFA_NOT_ENROLLED") => {
                 return Error::MfaNotEnrolled;
             }
@@ -195,17 +190,6 @@ impl From<Status> for Error {
         }
         Error::Rpc(describe(&status))
     }
-}
-
-/// True when a refusal says the caller holds the auditor role (in the `ErrorInfo`
-/// metadata, or the message).
-fn names_auditor(status: &Status) -> bool {
-    let in_metadata = status.get_error_details().error_info().is_some_and(|info| {
-        info.metadata
-            .values()
-            .any(|v| v.eq_ignore_ascii_case("auditor"))
-    });
-    in_metadata || status.message().to_ascii_lowercase().contains("auditor")
 }
 
 /// One line for a status: its message (or its code when the message is empty) and the
@@ -304,16 +288,6 @@ mod tests {
         assert!(e.to_string().contains("to themselves"), "{e}");
         let e = Error::from(with_reason(Code::FailedPrecondition, "LAST_ADMIN"));
         assert!(e.to_string().contains("last active admin"), "{e}");
-        let st = Status::with_error_details(
-            Code::PermissionDenied,
-            "this call needs the admin role",
-            ErrorDetails::with_error_info(
-                "ADMIN_ROLE_REQUIRED",
-                "tenantry.dev",
-                HashMap::from([("role".to_owned(), "auditor".to_owned())]),
-            ),
-        );
-        assert!(matches!(Error::from(st), Error::AuditorReadOnly));
         let e = Error::from(with_reason(Code::PermissionDenied, "ADMIN_ROLE_REQUIRED"));
         assert!(matches!(e, Error::AdminRoleRequired));
     }
