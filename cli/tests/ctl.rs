@@ -1417,6 +1417,22 @@ async fn admins_grant_roles_that_expire_and_a_new_role_opens_a_review() {
     assert_eq!(out["role"], "auditor");
     assert_eq!(out["granted"], false);
     assert!(out.get("admin").is_none(), "{out}");
+    // The new admin role is revoked through the review it opened.
+    let run = ctl
+        .run(&["access-review", "revoke", &review_id, &bob_id], "")
+        .await
+        .ok();
+    assert!(
+        run.stdout
+            .starts_with("revoked admin from bob@example.com; their sessions were ended\n"),
+        "{run:?}"
+    );
+    let row = run.stdout.lines().find(|l| l.starts_with(&bob_id)).unwrap();
+    assert!(
+        row.contains(" admin ") && row.contains(" revoke "),
+        "{run:?}"
+    );
+    // Revoking a role no longer held is harmless.
     let run = ctl.run(&["admins", "revoke", &bob_id], "").await.ok();
     assert!(
         run.stdout
@@ -1629,19 +1645,28 @@ async fn access_reviews_are_started_listed_shown_and_decided() {
     // Another admin decides root's grant; the last decision closes the review.
     let ada = Ctl::new(&s);
     login_with_totp(&s, &ada, "ada@example.com", &ada_secret).await;
-    ada.run(
-        &[
-            "access-review",
-            "keep",
-            &id,
-            &root_id,
-            "--note",
-            "bootstrap admin",
-        ],
-        "",
-    )
-    .await
-    .ok();
+    let item = ada
+        .run(
+            &[
+                "access-review",
+                "keep",
+                &id,
+                &root_id,
+                "--note",
+                "bootstrap admin",
+                "-o",
+                "json",
+            ],
+            "",
+        )
+        .await
+        .ok()
+        .json();
+    assert_eq!(item["decision"], "keep");
+    assert_eq!(item["role"], "admin");
+    assert_eq!(item["user_id"], root_id.as_str());
+    assert_eq!(item["decided_by_user_id"], ada_id.as_str());
+    assert_eq!(item["note"], "bootstrap admin");
     let shown = ctl
         .run(&["access-review", "show", &id, "-o", "json"], "")
         .await
@@ -1683,6 +1708,34 @@ async fn undecided_review_items_are_revoked_at_the_due_time() {
         .ok()
         .json();
     let review_id = out["review_id"].as_str().unwrap().to_owned();
+    // A manual review, due later, as a table: every grant is an item.
+    let run = ctl
+        .run(&["access-review", "start", "--due-in-days", "30"], "")
+        .await
+        .ok();
+    let fields: Vec<(String, String)> = run
+        .stdout
+        .lines()
+        .map(|l| {
+            let (k, v) = l.split_once("  ").unwrap();
+            (k.to_owned(), v.trim().to_owned())
+        })
+        .collect();
+    let field = |name: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .unwrap_or_else(|| panic!("no {name}: {run:?}"))
+            .1
+            .clone()
+    };
+    assert_eq!(field("TRIGGER"), "manual");
+    assert_eq!(field("STATE"), "open");
+    assert_eq!(field("STARTED BY"), root_id);
+    assert_eq!(field("ITEMS"), "2");
+    assert_eq!(field("UNDECIDED"), "2");
+    assert_eq!(field("CLOSED"), "-");
+    assert!(field("DUE").starts_with("2026-01-31T"), "{run:?}");
 
     // The role-change review is due within 7 days; nobody decides it.
     s.advance(Duration::from_secs(7 * 24 * 3600 + 60));
