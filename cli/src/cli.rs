@@ -184,8 +184,9 @@ pub enum AuditCommand {
         /// At most this many events [default: all].
         #[arg(long, env = "TENANTRY_LIMIT", value_parser = clap::value_parser!(u64).range(1..))]
         limit: Option<u64>,
-        /// Events fetched per request (1 to 1000).
-        #[arg(long, env = "TENANTRY_PAGE_SIZE", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        /// Events fetched per request (2 to 1000). Each request adds one audit event of its
+        /// own, so pages of one would never reach the end of the log.
+        #[arg(long, env = "TENANTRY_PAGE_SIZE", default_value_t = 200, value_parser = clap::value_parser!(u32).range(2..=1000))]
         page_size: u32,
     },
     /// Stream every matching event to stdout, oldest first, one JSON object per line
@@ -519,10 +520,12 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(err.exit_code(), 2);
-        // An export in pages of one would chase its own audit events forever.
-        let err = Cli::try_parse_from(["tenantryctl", "audit", "export", "--page-size", "1"])
-            .unwrap_err();
-        assert_eq!(err.exit_code(), 2);
+        // Pages of one would chase their own audit events forever.
+        for command in ["list", "export"] {
+            let err = Cli::try_parse_from(["tenantryctl", "audit", command, "--page-size", "1"])
+                .unwrap_err();
+            assert_eq!(err.exit_code(), 2);
+        }
     }
 
     #[test]
