@@ -9,12 +9,11 @@ use std::task::{Context, Poll};
 use futures::future::BoxFuture;
 use secrecy::{ExposeSecret, SecretString};
 
+use crate::access::{Access, HeldRole, Role};
 use crate::crypto::hash_secret;
 use crate::error::{AuthFailure, DenyReason, Error, Result};
 use crate::state::AppState;
 
-/// Role name of administrators.
-pub const ROLE_ADMIN: &str = "admin";
 /// Role every user has.
 pub const ROLE_USER: &str = "user";
 
@@ -25,8 +24,9 @@ pub struct Caller {
     pub user_id: String,
     /// The user's email.
     pub email: String,
-    /// Admin role.
-    pub is_admin: bool,
+    /// Platform role grants as of this request, expired ones included: whether a grant
+    /// works is decided against the clock at each check ([`require_role`]).
+    pub roles: Vec<HeldRole>,
     /// The user has confirmed TOTP.
     pub mfa_enrolled: bool,
     /// SHA-256 of the session token (identifies the session; not a secret by itself).
@@ -74,10 +74,31 @@ pub fn caller<T>(req: &tonic::Request<T>) -> Result<Caller> {
     }
 }
 
-/// Checks the admin gate: the role AND a second factor on this session within the
-/// step-up window.
-pub fn require_admin(state: &AppState, caller: &Caller) -> Result<()> {
-    if !caller.is_admin {
+impl Caller {
+    /// The roles whose grant works at `now_ms`.
+    pub fn live_roles(&self, now_ms: i64) -> impl Iterator<Item = Role> + '_ {
+        self.roles
+            .iter()
+            .filter(move |r| r.live_at(now_ms))
+            .map(|r| r.role)
+    }
+
+    /// Grants that have reached their expiry (to be recorded as expired).
+    pub fn expired_roles(&self, now_ms: i64) -> impl Iterator<Item = HeldRole> + '_ {
+        self.roles
+            .iter()
+            .filter(move |r| !r.live_at(now_ms))
+            .copied()
+    }
+}
+
+/// Checks the admin gate: a live grant of a role that allows `access` (`admin` for
+/// changes, `admin` or `auditor` for reads) AND a second factor on this session within the
+/// step-up window. Expiry is checked against the clock now, so a grant stops working at
+/// its expiry without anything else happening.
+pub fn require_role(state: &AppState, caller: &Caller, access: Access) -> Result<()> {
+    let now = state.now_ms();
+    if !caller.live_roles(now).any(|r| access.allows(r)) {
         return Err(Error::PermissionDenied(DenyReason::AdminRoleRequired));
     }
     let Some(verified) = caller.mfa_verified_at_ms else {
@@ -118,7 +139,7 @@ pub async fn resolve(state: &AppState, token: &SecretString) -> Authn {
     Authn::Session(Caller {
         user_id: session.user_id,
         email: session.email,
-        is_admin: session.is_admin,
+        roles: session.roles,
         mfa_enrolled: session.mfa_enrolled,
         session_hash: session.token_hash,
         mfa_verified_at_ms: session.mfa_verified_at_ms,

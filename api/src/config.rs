@@ -156,6 +156,14 @@ pub struct ServeArgs {
     /// Lifetime of the local provisioner's instance certificates (renewed at two thirds).
     #[arg(long, env = "TENANTRY_LOCAL_CERT_VALIDITY", default_value = "90days", value_parser = humantime::parse_duration)]
     pub local_cert_validity: Duration,
+    /// The longest a role grant may last, in days (`GrantAdmin.expires_in_days` and the
+    /// KEEP decision of an access review); 1 to 3650.
+    #[arg(long, env = "TENANTRY_MAX_GRANT_DAYS", default_value_t = crate::access::DEFAULT_GRANT_DAYS, value_parser = clap::value_parser!(u32).range(1..=3650))]
+    pub max_grant_days: u32,
+    /// A scheduled access review starts this long after the last manual or scheduled one
+    /// (`90d`, `30days`); `0s` turns scheduled reviews off.
+    #[arg(long, env = "TENANTRY_ACCESS_REVIEW_INTERVAL", default_value = "90days", value_parser = humantime::parse_duration)]
+    pub access_review_interval: Duration,
 }
 
 /// Which provisioner runs tenant instances.
@@ -176,6 +184,14 @@ impl ServeArgs {
             idle_timeout: self.session_idle_timeout,
             absolute_timeout: self.session_absolute_timeout,
             admin_mfa_max_age: self.admin_mfa_max_age,
+        }
+    }
+
+    /// The grant and review policy these flags describe.
+    pub fn access_policy(&self) -> crate::access::AccessPolicy {
+        crate::access::AccessPolicy {
+            max_grant_days: self.max_grant_days,
+            review_interval: self.access_review_interval,
         }
     }
 }
@@ -239,6 +255,38 @@ mod tests {
         assert_eq!(args.session_absolute_timeout, Duration::from_secs(43_200));
         assert_eq!(args.admin_mfa_max_age, Duration::from_secs(900));
         assert_eq!(args.db.hash_params(), HashParams::default());
+        assert_eq!(args.max_grant_days, 90);
+        assert_eq!(
+            args.access_review_interval,
+            Duration::from_secs(90 * 86_400)
+        );
+    }
+
+    #[test]
+    fn access_flags_parse_days_and_bound_grants() {
+        let cli = Cli::try_parse_from([
+            "tenantry-api",
+            "serve",
+            "--max-grant-days",
+            "30",
+            "--access-review-interval",
+            "90d",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(args.access_policy().max_grant_days, 30);
+        assert_eq!(
+            args.access_review_interval,
+            Duration::from_secs(90 * 86_400)
+        );
+        for bad in ["0", "3651", "many"] {
+            assert!(
+                Cli::try_parse_from(["tenantry-api", "serve", "--max-grant-days", bad]).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

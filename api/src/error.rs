@@ -26,6 +26,10 @@ pub enum DenyReason {
     MfaTooOld,
     /// Only the tenant's owner may do this.
     OwnerRequired,
+    /// Nobody decides an access review item about their own grant.
+    SelfReview,
+    /// Nobody grants a role to themselves.
+    SelfGrant,
 }
 
 impl DenyReason {
@@ -36,12 +40,18 @@ impl DenyReason {
             DenyReason::MfaRequired => "MFA_REQUIRED",
             DenyReason::MfaTooOld => "MFA_TOO_OLD",
             DenyReason::OwnerRequired => "OWNER_REQUIRED",
+            DenyReason::SelfReview => "SELF_REVIEW",
+            DenyReason::SelfGrant => "SELF_GRANT",
         }
     }
 
     fn message(self) -> &'static str {
         match self {
             DenyReason::AdminRoleRequired => "this call needs the admin role",
+            DenyReason::SelfReview => {
+                "nobody decides a review item about their own grant; ask another admin"
+            }
+            DenyReason::SelfGrant => "nobody grants a role to themselves; ask another admin",
             DenyReason::MfaRequired => {
                 "this call needs a verified second factor (MfaService.VerifyMfa)"
             }
@@ -49,6 +59,26 @@ impl DenyReason {
                 "the second factor is too old; verify it again (MfaService.VerifyMfa)"
             }
             DenyReason::OwnerRequired => "only the tenant's owner may do this",
+        }
+    }
+}
+
+/// Why a call does not fit the current state, for the clients that must tell the cases
+/// apart (answered `FAILED_PRECONDITION` with an `ErrorInfo`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreconditionReason {
+    /// A role is only granted to a user with a confirmed second factor.
+    MfaNotEnrolled,
+    /// The change would leave no active admin.
+    LastAdmin,
+}
+
+impl PreconditionReason {
+    /// The `ErrorInfo.reason` clients match on.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PreconditionReason::MfaNotEnrolled => "MFA_NOT_ENROLLED",
+            PreconditionReason::LastAdmin => "LAST_ADMIN",
         }
     }
 }
@@ -124,6 +154,14 @@ pub enum Error {
     /// The call is not valid in the current state.
     #[error("{0}")]
     FailedPrecondition(&'static str),
+    /// The call is not valid in the current state, for a reason clients match on.
+    #[error("{message}")]
+    Precondition {
+        /// The `ErrorInfo.reason`.
+        reason: PreconditionReason,
+        /// Safe to show.
+        message: &'static str,
+    },
     /// Locked out or rate limited.
     #[error("{what}; retry in {}s", retry_after.as_secs().max(1))]
     ResourceExhausted {
@@ -270,6 +308,11 @@ impl From<Error> for Status {
                 ErrorDetails::with_bad_request_violation(field, message),
             ),
             Error::FailedPrecondition(msg) => Status::failed_precondition(msg),
+            Error::Precondition { reason, message } => Status::with_error_details(
+                Code::FailedPrecondition,
+                message,
+                ErrorDetails::with_error_info(reason.as_str(), ERROR_DOMAIN, HashMap::new()),
+            ),
             e @ Error::ResourceExhausted { retry_after, .. } => Status::with_error_details(
                 Code::ResourceExhausted,
                 e.to_string(),

@@ -4,6 +4,7 @@
 //! `main.rs` parses [`config::Cli`] and calls [`server::run`]; tests build the state with
 //! their own clock through [`server::build_state`] and [`server::serve`].
 
+pub mod access;
 pub mod audit;
 pub mod auth;
 pub mod clock;

@@ -113,6 +113,65 @@ CREATE TRIGGER audit_events_no_truncate BEFORE TRUNCATE ON audit_events
     FOR EACH STATEMENT EXECUTE FUNCTION tenantry_audit_append_only();
 "#;
 
+/// Roles with an expiry, access reviews, and the user fields an access review needs. The
+/// old `users.is_admin` flag becomes an `admin` grant that expires 90 days after the
+/// migration runs (granted by nobody, like the bootstrap admin), then the flag is dropped.
+/// `$now` is the backend's "now" in Unix milliseconds.
+macro_rules! v3_roles_and_reviews {
+    ($now:literal) => {
+        concat!(
+            r#"
+CREATE TABLE role_grants (
+    user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    role TEXT NOT NULL,
+    granted_by TEXT NOT NULL DEFAULT '',
+    granted_at_ms BIGINT NOT NULL,
+    expires_at_ms BIGINT NOT NULL,
+    PRIMARY KEY (user_id, role)
+);
+CREATE INDEX role_grants_expiry ON role_grants (expires_at_ms);
+INSERT INTO role_grants (user_id, role, granted_by, granted_at_ms, expires_at_ms)
+    SELECT id, 'admin', '', "#,
+            $now,
+            ", ",
+            $now,
+            r#" + 7776000000 FROM users WHERE is_admin <> 0;
+ALTER TABLE users DROP COLUMN is_admin;
+ALTER TABLE users ADD COLUMN last_login_at_ms BIGINT;
+ALTER TABLE users ADD COLUMN deactivated_at_ms BIGINT;
+ALTER TABLE users ADD COLUMN deactivation_reason TEXT NOT NULL DEFAULT '';
+CREATE INDEX users_created ON users (created_at_ms, id);
+CREATE TABLE access_reviews (
+    id TEXT PRIMARY KEY,
+    trigger_kind TEXT NOT NULL,
+    started_by TEXT NOT NULL DEFAULT '',
+    started_at_ms BIGINT NOT NULL,
+    due_at_ms BIGINT NOT NULL,
+    closed_at_ms BIGINT
+);
+CREATE INDEX access_reviews_started ON access_reviews (started_at_ms, id);
+CREATE INDEX access_reviews_due ON access_reviews (closed_at_ms, due_at_ms);
+CREATE TABLE access_review_items (
+    review_id TEXT NOT NULL REFERENCES access_reviews(id) ON DELETE CASCADE,
+    user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    role TEXT NOT NULL,
+    granted_by TEXT NOT NULL DEFAULT '',
+    granted_at_ms BIGINT NOT NULL,
+    expires_at_ms BIGINT NOT NULL,
+    decision TEXT NOT NULL DEFAULT '',
+    decided_by TEXT NOT NULL DEFAULT '',
+    decided_at_ms BIGINT,
+    note TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (review_id, user_id, role)
+);
+CREATE INDEX audit_events_at ON audit_events (at_ms);
+CREATE INDEX audit_events_actor ON audit_events (actor_user_id, sequence);
+CREATE INDEX audit_events_target ON audit_events (target, sequence);
+"#
+        )
+    };
+}
+
 /// Every migration, in order.
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -126,6 +185,12 @@ pub const MIGRATIONS: &[Migration] = &[
         description: "audit log is append-only",
         sqlite: V2_SQLITE_APPEND_ONLY,
         postgres: V2_POSTGRES_APPEND_ONLY,
+    },
+    Migration {
+        version: 3,
+        description: "role grants with expiry (from users.is_admin), access reviews, user status and last login",
+        sqlite: v3_roles_and_reviews!("CAST((julianday('now') - 2440587.5) * 86400000 AS BIGINT)"),
+        postgres: v3_roles_and_reviews!("CAST(EXTRACT(EPOCH FROM now()) * 1000 AS BIGINT)"),
     },
 ];
 

@@ -236,6 +236,7 @@ pub async fn build_state_with(
         token_signer,
         instance_token_ttl: args.instance_token_ttl,
         provisioner,
+        access: args.access_policy(),
     })))
 }
 
@@ -392,6 +393,26 @@ async fn purge_loop(state: Arc<AppState>) {
     }
 }
 
+/// Expires grants, closes due access reviews and starts scheduled ones: at start, then
+/// every [`crate::access::SWEEP_INTERVAL`].
+async fn access_loop(state: Arc<AppState>) {
+    loop {
+        match crate::access::sweep(&state).await {
+            Ok(report) if report != crate::access::SweepReport::default() => {
+                tracing::info!(
+                    grants_expired = report.grants_expired,
+                    reviews_closed = report.reviews_closed,
+                    scheduled_review = report.scheduled_review.as_deref().unwrap_or(""),
+                    "access sweep"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "access sweep failed; retrying next interval"),
+        }
+        tokio::time::sleep(crate::access::SWEEP_INTERVAL).await;
+    }
+}
+
 /// Serves the API on `listener` until `shutdown` resolves, then drains in-flight calls.
 pub async fn serve(
     state: Arc<AppState>,
@@ -412,6 +433,7 @@ pub async fn serve(
     ));
     loops.spawn(until(stop.clone(), reconcile_loop(Arc::clone(&state))));
     loops.spawn(until(stop.clone(), purge_loop(Arc::clone(&state))));
+    loops.spawn(until(stop.clone(), access_loop(Arc::clone(&state))));
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tenantry_proto::v1::FILE_DESCRIPTOR_SET)
@@ -473,12 +495,14 @@ pub enum Bootstrap {
         /// Its id.
         user_id: String,
     },
-    /// An existing user was made admin (their password is unchanged).
+    /// An existing user was given a fresh admin grant (their password is unchanged; a
+    /// deactivated user is reactivated). This is also how an operator recovers when the
+    /// last admin grant expired or an access review revoked it.
     Promoted {
         /// Its id.
         user_id: String,
     },
-    /// The user was an admin already.
+    /// The user held an unexpired admin grant already (left as it is).
     AlreadyAdmin {
         /// Its id.
         user_id: String,
@@ -486,7 +510,9 @@ pub enum Bootstrap {
 }
 
 /// Creates the first admin with `password`, or grants admin to the existing user with
-/// this email. Audited as `admin.bootstrap`.
+/// this email; the grant lasts [`crate::access::DEFAULT_GRANT_DAYS`] and is made by
+/// nobody. Audited as `admin.bootstrap`. It needs database access, not an admin: the
+/// recovery path when no admin is left (expired grants, a review that failed closed).
 pub async fn bootstrap_admin(
     db: &DatabaseArgs,
     email: &str,
@@ -513,12 +539,18 @@ pub async fn bootstrap_admin(
             ("how", how.into()),
         ]),
     };
+    let until = now.saturating_add(crate::access::days_ms(crate::access::DEFAULT_GRANT_DAYS));
     let outcome = if let Some(user) = store.user_by_email(&email).await? {
-        if user.is_admin {
+        let is_admin = store
+            .grants_of(&user.id, now)
+            .await?
+            .iter()
+            .any(|g| g.role == crate::access::Role::Admin);
+        if is_admin && user.is_active() {
             Bootstrap::AlreadyAdmin { user_id: user.id }
         } else {
             store
-                .set_admin(&user.id, true, &record(&user.id, "promoted"), now)
+                .bootstrap_existing_admin(&user.id, until, &record(&user.id, "promoted"), now)
                 .await?;
             Bootstrap::Promoted { user_id: user.id }
         }
@@ -530,11 +562,11 @@ pub async fn bootstrap_admin(
         let hash = hasher.hash(password)?;
         let user_id = uuid::Uuid::new_v4().to_string();
         if !store
-            .create_user(
+            .create_admin(
                 &user_id,
                 &email,
                 &hash,
-                true,
+                until,
                 now,
                 &record(&user_id, "created"),
             )

@@ -3,6 +3,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use secrecy::SecretString;
@@ -10,6 +11,7 @@ use tenantry_proto::token::TokenSigner;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
+use crate::access::AccessPolicy;
 use crate::clock::{Clock, duration_ms};
 use crate::crypto::MasterKey;
 use crate::error::{Error, Result};
@@ -70,6 +72,11 @@ pub struct AppState {
     pub instance_token_ttl: Duration,
     /// Runs tenant instances.
     pub provisioner: Arc<dyn Provisioner>,
+    /// Grant lifetimes and the access review schedule.
+    pub access: AccessPolicy,
+    /// Password verifications run (real or dummy), for tests that check a failure path
+    /// did the same work as another.
+    password_checks: AtomicU64,
     /// Bounds concurrent argon2 runs to the cores (each holds 19 MiB or more).
     hashing_slots: Semaphore,
     /// Every background task a request started (provisioning), so that shutdown waits
@@ -107,6 +114,8 @@ pub struct StateParts {
     pub instance_token_ttl: Duration,
     /// Runs tenant instances.
     pub provisioner: Arc<dyn Provisioner>,
+    /// Grant lifetimes and the access review schedule.
+    pub access: AccessPolicy,
 }
 
 impl AppState {
@@ -124,6 +133,8 @@ impl AppState {
             token_signer: p.token_signer,
             instance_token_ttl: p.instance_token_ttl,
             provisioner: p.provisioner,
+            access: p.access,
+            password_checks: AtomicU64::new(0),
             hashing_slots: Semaphore::new(cores),
             tasks: TaskTracker::new(),
         }
@@ -157,11 +168,17 @@ impl AppState {
         password: SecretString,
         stored: Option<String>,
     ) -> Result<bool> {
+        self.password_checks.fetch_add(1, Ordering::Relaxed);
         self.hashing(move |h| match stored {
             Some(stored) => h.verify(&password, &stored),
             None => h.verify_dummy(&password).map(|()| false),
         })
         .await
+    }
+
+    /// How many password verifications ([`Self::verify_password`]) have run.
+    pub fn password_checks(&self) -> u64 {
+        self.password_checks.load(Ordering::Relaxed)
     }
 
     /// Takes a rate-limit token for `source`.

@@ -3,7 +3,7 @@
 
 use secrecy::ExposeSecret as _;
 use tenantry_client::{Client, Credentials};
-use tenantry_proto::v1::{VerifyMfaRequest, VerifyMfaResponse, verify_mfa_request};
+use tenantry_proto::v1::{VerifyMfaRequest, VerifyMfaResponse, WhoAmIRequest, verify_mfa_request};
 use tonic::transport::Channel;
 use tonic::{Response, Status};
 
@@ -50,6 +50,31 @@ impl Api {
     /// Runs `rpc`; when the server wants a (fresh) second factor, verifies one and runs it
     /// once more. Any other failure, or a second refusal, is the error.
     pub async fn call<T, F>(&self, rpc: F) -> Result<T>
+    where
+        F: AsyncFn(&Client) -> Result<Response<T>, Status>,
+    {
+        match self.call_once_stepped_up(rpc).await {
+            Err(Error::AdminRoleRequired) if self.holds_auditor().await => {
+                Err(Error::AuditorReadOnly)
+            }
+            result => result,
+        }
+    }
+
+    /// True when the caller holds the auditor role (and not admin): a refusal for the admin
+    /// role then says that the auditor role is read-only.
+    async fn holds_auditor(&self) -> bool {
+        self.client
+            .accounts()
+            .who_am_i(WhoAmIRequest {})
+            .await
+            .is_ok_and(|me| {
+                let roles = &me.get_ref().roles;
+                roles.iter().any(|r| r == "auditor") && !roles.iter().any(|r| r == "admin")
+            })
+    }
+
+    async fn call_once_stepped_up<T, F>(&self, rpc: F) -> Result<T>
     where
         F: AsyncFn(&Client) -> Result<Response<T>, Status>,
     {

@@ -8,12 +8,15 @@ use tenantry_client::{Client, Credentials, Trust};
 use tenantry_proto::v1::*;
 
 use crate::cli::{
-    AdminsCommand, AuditCommand, Cli, Command, DEFAULT_SERVER, Format, GlobalArgs, LoginArgs,
-    MfaCommand, RetentionCommand, SessionsCommand, TenantsCommand,
+    AccessReviewCommand, AdminsCommand, AuditCommand, AuditFilter, Cli, Command, DEFAULT_SERVER,
+    ExportFormat, Format, GlobalArgs, LoginArgs, MfaCommand, RetentionCommand, Role, RoleFilter,
+    SessionsCommand, StatusFilter, TenantsCommand, UsersCommand,
 };
 use crate::client::{Api, FactorSource};
 use crate::error::{Error, Result};
-use crate::output::{self, AUDIT_HEADERS, TENANT_HEADERS};
+use crate::output::{
+    self, AUDIT_HEADERS, REVIEW_HEADERS, REVIEW_ITEM_HEADERS, TENANT_HEADERS, USER_HEADERS,
+};
 use crate::prompt;
 use crate::session::{self, Session};
 
@@ -38,6 +41,8 @@ pub async fn run(cli: Cli, xdg_config_home: Option<PathBuf>, home: Option<PathBu
                 Command::Audit(c) => audit(&api, c, out).await,
                 Command::Admins(c) => admins(&api, c, out).await,
                 Command::Sessions(c) => sessions(&api, c, out).await,
+                Command::Users(c) => users(&api, c, out).await,
+                Command::AccessReview(c) => access_review(&api, c, out).await,
                 // Handled above; they do not need a saved session.
                 Command::Login(_) | Command::Logout => Ok(()),
             }
@@ -500,7 +505,12 @@ async fn retention(api: &Api, command: RetentionCommand, out: Printer) -> Result
 
 async fn audit(api: &Api, command: AuditCommand, out: Printer) -> Result<()> {
     match command {
-        AuditCommand::List { limit, page_size } => {
+        AuditCommand::List {
+            filter,
+            limit,
+            page_size,
+        } => {
+            check_time_range(&filter)?;
             let mut events: Vec<AuditEvent> = Vec::new();
             let mut page_token = String::new();
             loop {
@@ -511,11 +521,12 @@ async fn audit(api: &Api, command: AuditCommand, out: Printer) -> Result<()> {
                 let page = api
                     .call(async |c: &Client| {
                         c.admin()
-                            .list_audit_events(ListAuditEventsRequest {
+                            .list_audit_events(audit_request(
+                                &filter,
                                 // `want` is at most `page_size`.
-                                page_size: u32::try_from(want).unwrap_or(page_size),
-                                page_token: page_token.clone(),
-                            })
+                                u32::try_from(want).unwrap_or(page_size),
+                                &page_token,
+                            ))
                             .await
                     })
                     .await?;
@@ -539,6 +550,11 @@ async fn audit(api: &Api, command: AuditCommand, out: Printer) -> Result<()> {
                 || Value::Array(events.iter().map(output::audit_json).collect()),
             );
         }
+        AuditCommand::Export {
+            filter,
+            format: ExportFormat::Jsonl,
+            page_size,
+        } => audit_export(api, &filter, page_size).await?,
         AuditCommand::Verify => {
             let resp = api
                 .call(async |c: &Client| c.admin().verify_audit_log(VerifyAuditLogRequest {}).await)
@@ -567,45 +583,94 @@ async fn audit(api: &Api, command: AuditCommand, out: Printer) -> Result<()> {
     Ok(())
 }
 
+/// The protobuf value of a role flag.
+fn role_value(role: Role) -> i32 {
+    match role {
+        Role::Admin => AdminRole::Admin as i32,
+        Role::Auditor => AdminRole::Auditor as i32,
+    }
+}
+
 async fn admins(api: &Api, command: AdminsCommand, out: Printer) -> Result<()> {
-    let (user_id, admin) = match command {
-        AdminsCommand::Grant { user_id } => {
-            api.call(async |c: &Client| {
-                c.admin()
-                    .grant_admin(GrantAdminRequest {
-                        user_id: user_id.clone(),
-                    })
-                    .await
-            })
-            .await?;
-            (user_id, true)
+    match command {
+        AdminsCommand::Grant {
+            user_id,
+            role,
+            expires_in_days,
+        } => {
+            let resp = api
+                .call(async |c: &Client| {
+                    c.admin()
+                        .grant_admin(GrantAdminRequest {
+                            user_id: user_id.clone(),
+                            role: role_value(role),
+                            expires_in_days: expires_in_days.unwrap_or(0),
+                        })
+                        .await
+                })
+                .await?;
+            let grant = resp.grant.unwrap_or_default();
+            let role_name = output::role_name(role_value(role));
+            out.emit(
+                || {
+                    let mut text = format!(
+                        "granted {role_name} to {} until {} (their sessions were ended)\n",
+                        output::sanitize(&user_id),
+                        output::timestamp_cell(grant.expires_at.as_ref()),
+                    );
+                    if !resp.review_id.is_empty() {
+                        text.push_str(&format!(
+                            "opened access review {} for this new role (see `tenantryctl access-review show {}`)\n",
+                            output::sanitize(&resp.review_id),
+                            output::sanitize(&resp.review_id),
+                        ));
+                    }
+                    text
+                },
+                || {
+                    let mut v = json!({
+                        "user_id": user_id,
+                        "role": role_name,
+                        "granted": true,
+                        "grant": output::role_grant_json(&grant),
+                        "review_id": (!resp.review_id.is_empty()).then_some(&resp.review_id),
+                    });
+                    // Kept from before roles: scripts read `admin` after `admins grant`.
+                    if role == Role::Admin {
+                        v["admin"] = Value::Bool(true);
+                    }
+                    v
+                },
+            );
         }
-        AdminsCommand::Revoke { user_id } => {
+        AdminsCommand::Revoke { user_id, role } => {
             api.call(async |c: &Client| {
                 c.admin()
                     .revoke_admin(RevokeAdminRequest {
                         user_id: user_id.clone(),
+                        role: role_value(role),
                     })
                     .await
             })
             .await?;
-            (user_id, false)
+            let role_name = output::role_name(role_value(role));
+            out.emit(
+                || {
+                    format!(
+                        "revoked {role_name} from {} (their sessions were ended)\n",
+                        output::sanitize(&user_id)
+                    )
+                },
+                || {
+                    let mut v = json!({ "user_id": user_id, "role": role_name, "granted": false });
+                    if role == Role::Admin {
+                        v["admin"] = Value::Bool(false);
+                    }
+                    v
+                },
+            );
         }
-    };
-    out.emit(
-        || {
-            let verb = if admin {
-                "granted admin to"
-            } else {
-                "revoked admin from"
-            };
-            format!(
-                "{verb} {} (their sessions were ended)\n",
-                output::sanitize(&user_id)
-            )
-        },
-        || json!({ "user_id": user_id, "admin": admin }),
-    );
+    }
     Ok(())
 }
 
@@ -629,6 +694,403 @@ async fn sessions(api: &Api, command: SessionsCommand, out: Printer) -> Result<(
             )
         },
         || json!({ "user_id": user_id, "revoked": resp.revoked }),
+    );
+    Ok(())
+}
+
+/// A protobuf timestamp for a time flag.
+fn proto_time(t: jiff::Timestamp) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: t.as_second(),
+        nanos: t.subsec_nanosecond(),
+    }
+}
+
+/// `--since` must come before `--until`.
+fn check_time_range(filter: &AuditFilter) -> Result<()> {
+    if let (Some(since), Some(until)) = (filter.since, filter.until)
+        && since >= until
+    {
+        return Err(Error::Usage(format!(
+            "--since ({since}) must be before --until ({until})"
+        )));
+    }
+    Ok(())
+}
+
+/// One page of audit events matching `filter`.
+fn audit_request(filter: &AuditFilter, page_size: u32, page_token: &str) -> ListAuditEventsRequest {
+    ListAuditEventsRequest {
+        page_size,
+        page_token: page_token.to_owned(),
+        since: filter.since.map(proto_time),
+        until: filter.until.map(proto_time),
+        action_prefix: filter.action_prefix.clone().unwrap_or_default(),
+        actor_user_id: filter.actor.clone().unwrap_or_default(),
+        target: filter.target.clone().unwrap_or_default(),
+    }
+}
+
+/// `audit export`: every matching event as JSON Lines on stdout, written and flushed page
+/// by page so a SIEM shipper sees events while later pages are fetched.
+async fn audit_export(api: &Api, filter: &AuditFilter, page_size: u32) -> Result<()> {
+    use std::io::Write as _;
+    check_time_range(filter)?;
+    let mut page_token = String::new();
+    loop {
+        let page = api
+            .call(async |c: &Client| {
+                c.admin()
+                    .list_audit_events(audit_request(filter, page_size, &page_token))
+                    .await
+            })
+            .await?;
+        let mut chunk = String::new();
+        for event in &page.events {
+            chunk.push_str(&output::audit_jsonl(event));
+        }
+        // The lock is not held across the next request.
+        let mut stdout = std::io::stdout().lock();
+        stdout
+            .write_all(chunk.as_bytes())
+            .and_then(|()| stdout.flush())
+            .map_err(Error::io("writing the export to stdout"))?;
+        drop(stdout);
+        if page.next_page_token.is_empty() || page.next_page_token == page_token {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    Ok(())
+}
+
+/// The server's user filter from `users list` flags: space-separated `key=value` terms.
+fn user_filter(
+    raw: Option<&str>,
+    status: Option<StatusFilter>,
+    role: Option<RoleFilter>,
+    email: Option<&str>,
+) -> Result<String> {
+    let mut terms: Vec<String> = raw
+        .map(|r| r.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default();
+    if let Some(email) = email {
+        if email.is_empty() || email.chars().any(char::is_whitespace) {
+            return Err(Error::Usage(
+                "--email must be non-empty text without spaces".into(),
+            ));
+        }
+        terms.push(format!("email={email}"));
+    }
+    if let Some(status) = status {
+        terms.push(
+            match status {
+                StatusFilter::Active => "status=active",
+                StatusFilter::Deactivated => "status=deactivated",
+            }
+            .to_owned(),
+        );
+    }
+    if let Some(role) = role {
+        terms.push(
+            match role {
+                RoleFilter::Admin => "role=admin",
+                RoleFilter::Auditor => "role=auditor",
+                RoleFilter::None => "role=none",
+            }
+            .to_owned(),
+        );
+    }
+    Ok(terms.join(" "))
+}
+
+async fn users(api: &Api, command: UsersCommand, out: Printer) -> Result<()> {
+    match command {
+        UsersCommand::List {
+            filter,
+            status,
+            role,
+            email,
+            page_size,
+            all,
+        } => {
+            let filter = user_filter(filter.as_deref(), status, role, email.as_deref())?;
+            let mut users = Vec::new();
+            let mut page_token = String::new();
+            let mut more = false;
+            loop {
+                let page = api
+                    .call(async |c: &Client| {
+                        c.admin()
+                            .list_users(ListUsersRequest {
+                                page_size,
+                                page_token: page_token.clone(),
+                                filter: filter.clone(),
+                            })
+                            .await
+                    })
+                    .await?;
+                users.extend(page.users);
+                if page.next_page_token.is_empty() || page.next_page_token == page_token {
+                    break;
+                }
+                if !all {
+                    more = true;
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            out.emit(
+                || {
+                    let rows: Vec<_> = users.iter().map(output::user_row).collect();
+                    output::table(&USER_HEADERS, &rows)
+                },
+                || Value::Array(users.iter().map(output::user_json).collect()),
+            );
+            if more {
+                eprintln!(
+                    "note: more users than the {} shown; pass --all for every page",
+                    users.len()
+                );
+            }
+        }
+        UsersCommand::Deactivate {
+            user_id,
+            reason,
+            yes,
+        } => {
+            if reason.trim().is_empty() {
+                return Err(Error::Usage(
+                    "--reason must say why the user is deactivated".into(),
+                ));
+            }
+            if !yes
+                && !prompt::confirm(&format!(
+                    "Deactivate user {}? This ends every session, removes every role and refuses further logins.",
+                    output::sanitize(&user_id)
+                ))?
+            {
+                return Err(Error::Aborted);
+            }
+            let resp = api
+                .call(async |c: &Client| {
+                    c.admin()
+                        .deactivate_user(DeactivateUserRequest {
+                            user_id: user_id.clone(),
+                            reason: reason.clone(),
+                        })
+                        .await
+                })
+                .await?;
+            let user = resp.user.unwrap_or_default();
+            out.emit(
+                || {
+                    format!(
+                        "deactivated {} ({}): {} session(s) ended, every role removed, logins refused\n{}",
+                        output::sanitize(&user.email),
+                        output::sanitize(&user_id),
+                        resp.sessions_revoked,
+                        output::user_fields(&user),
+                    )
+                },
+                || {
+                    json!({
+                        "user": output::user_json(&user),
+                        "sessions_revoked": resp.sessions_revoked,
+                    })
+                },
+            );
+        }
+        UsersCommand::Reactivate { user_id } => {
+            let resp = api
+                .call(async |c: &Client| {
+                    c.admin()
+                        .reactivate_user(ReactivateUserRequest {
+                            user_id: user_id.clone(),
+                        })
+                        .await
+                })
+                .await?;
+            let user = resp.user.unwrap_or_default();
+            out.emit(
+                || {
+                    format!(
+                        "reactivated {} ({}): they may log in again; no role was restored\n{}",
+                        output::sanitize(&user.email),
+                        output::sanitize(&user_id),
+                        output::user_fields(&user),
+                    )
+                },
+                || output::user_json(&user),
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn access_review(api: &Api, command: AccessReviewCommand, out: Printer) -> Result<()> {
+    match command {
+        AccessReviewCommand::Start { due_in_days } => {
+            let resp = api
+                .call(async |c: &Client| {
+                    c.admin()
+                        .start_access_review(StartAccessReviewRequest {
+                            due_in_days: due_in_days.unwrap_or(0),
+                        })
+                        .await
+                })
+                .await?;
+            let review = resp.review.unwrap_or_default();
+            out.emit(
+                || output::review_fields(&review),
+                || output::review_json(&review),
+            );
+        }
+        AccessReviewCommand::List { page_size } => {
+            let mut reviews = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = api
+                    .call(async |c: &Client| {
+                        c.admin()
+                            .list_access_reviews(ListAccessReviewsRequest {
+                                page_size,
+                                page_token: page_token.clone(),
+                            })
+                            .await
+                    })
+                    .await?;
+                reviews.extend(page.reviews);
+                if page.next_page_token.is_empty() || page.next_page_token == page_token {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            out.emit(
+                || {
+                    let rows: Vec<_> = reviews.iter().map(output::review_row).collect();
+                    output::table(&REVIEW_HEADERS, &rows)
+                },
+                || Value::Array(reviews.iter().map(output::review_json).collect()),
+            );
+        }
+        AccessReviewCommand::Show { review_id } => {
+            let resp = api
+                .call(async |c: &Client| {
+                    c.admin()
+                        .list_access_review_items(ListAccessReviewItemsRequest {
+                            review_id: review_id.clone(),
+                        })
+                        .await
+                })
+                .await?;
+            let review = resp.review.unwrap_or_default();
+            out.emit(
+                || {
+                    let rows: Vec<_> = resp.items.iter().map(output::review_item_row).collect();
+                    format!(
+                        "{}\n{}",
+                        output::review_fields(&review),
+                        output::table(&REVIEW_ITEM_HEADERS, &rows)
+                    )
+                },
+                || {
+                    json!({
+                        "review": output::review_json(&review),
+                        "items": resp.items.iter().map(output::review_item_json).collect::<Vec<_>>(),
+                    })
+                },
+            );
+        }
+        AccessReviewCommand::Keep {
+            review_id,
+            user_id,
+            role,
+            expires_in_days,
+            note,
+        } => {
+            let decision = Decision {
+                review_id,
+                user_id,
+                role,
+                keep: true,
+                expires_in_days: expires_in_days.unwrap_or(0),
+                note,
+            };
+            decide(api, decision, out).await?;
+        }
+        AccessReviewCommand::Revoke {
+            review_id,
+            user_id,
+            role,
+            note,
+        } => {
+            let decision = Decision {
+                review_id,
+                user_id,
+                role,
+                keep: false,
+                expires_in_days: 0,
+                note,
+            };
+            decide(api, decision, out).await?;
+        }
+    }
+    Ok(())
+}
+
+/// What `access-review keep|revoke` asks for.
+struct Decision {
+    review_id: String,
+    user_id: String,
+    role: Role,
+    keep: bool,
+    expires_in_days: u32,
+    note: String,
+}
+
+async fn decide(api: &Api, d: Decision, out: Printer) -> Result<()> {
+    let decision = if d.keep {
+        AccessReviewDecision::Keep
+    } else {
+        AccessReviewDecision::Revoke
+    };
+    let resp = api
+        .call(async |c: &Client| {
+            c.admin()
+                .decide_access_review_item(DecideAccessReviewItemRequest {
+                    review_id: d.review_id.clone(),
+                    user_id: d.user_id.clone(),
+                    role: role_value(d.role),
+                    decision: decision as i32,
+                    note: d.note.clone(),
+                    expires_in_days: d.expires_in_days,
+                })
+                .await
+        })
+        .await?;
+    let item = resp.item.unwrap_or_default();
+    out.emit(
+        || {
+            let what = if d.keep {
+                format!(
+                    "kept {} of {}; the grant is extended\n",
+                    output::role_name(item.role),
+                    output::sanitize(&item.email),
+                )
+            } else {
+                format!(
+                    "revoked {} from {}; their sessions were ended\n",
+                    output::role_name(item.role),
+                    output::sanitize(&item.email),
+                )
+            };
+            format!(
+                "{what}{}",
+                output::table(&REVIEW_ITEM_HEADERS, &[output::review_item_row(&item)])
+            )
+        },
+        || output::review_item_json(&item),
     );
     Ok(())
 }

@@ -22,6 +22,31 @@ pub enum Error {
     /// The call needs the admin role.
     #[error("permission denied: this command needs the admin role")]
     AdminRoleRequired,
+    /// The call needs the admin role and the caller holds only the read-only auditor role.
+    #[error(
+        "permission denied: the auditor role is read-only (users list, tenants list, audit list|export|verify, access-review list|show); this command needs the admin role"
+    )]
+    AuditorReadOnly,
+    /// A role for a user without a second factor.
+    #[error(
+        "refused: the user has no second factor enrolled; they must run `tenantryctl mfa enroll` before they can be given a role"
+    )]
+    MfaNotEnrolled,
+    /// A reviewer deciding their own grant.
+    #[error(
+        "permission denied: nobody may decide their own grant (separation of duties); another admin must keep or revoke it"
+    )]
+    SelfReview,
+    /// A caller granting a role to themselves.
+    #[error(
+        "permission denied: nobody may grant a role to themselves (separation of duties); ask another admin"
+    )]
+    SelfGrant,
+    /// The change would leave no active admin.
+    #[error(
+        "refused: this is the last active admin; grant the admin role to another user (with a second factor) first"
+    )]
+    LastAdmin,
     /// The saved session belongs to another server.
     #[error(
         "the saved session is for {saved}, not {wanted}; run `tenantryctl login --server {wanted}`"
@@ -147,7 +172,20 @@ impl From<Status> for Error {
         match (status.code(), reason(&status).as_str()) {
             (Code::Unauthenticated, "SESSION_INVALID") => return Error::SessionInvalid,
             (Code::Unauthenticated, "MISSING_CREDENTIALS") => return Error::NotLoggedIn,
+            // `Api::call` tells an auditor apart (it asks `WhoAmI`).
             (Code::PermissionDenied, "ADMIN_ROLE_REQUIRED") => return Error::AdminRoleRequired,
+            (Code::PermissionDenied | Code::FailedPrecondition, "MFA_NOT_ENROLLED") => {
+                return Error::MfaNotEnrolled;
+            }
+            (Code::PermissionDenied | Code::FailedPrecondition, "SELF_REVIEW") => {
+                return Error::SelfReview;
+            }
+            (Code::PermissionDenied | Code::FailedPrecondition, "SELF_GRANT") => {
+                return Error::SelfGrant;
+            }
+            (Code::PermissionDenied | Code::FailedPrecondition, "LAST_ADMIN") => {
+                return Error::LastAdmin;
+            }
             _ => {}
         }
         Error::Rpc(describe(&status))
@@ -238,6 +276,20 @@ mod tests {
         );
         let e = Error::from(with_reason(Code::PermissionDenied, "ADMIN_ROLE_REQUIRED"));
         assert!(e.to_string().contains("admin role"));
+    }
+
+    #[test]
+    fn access_control_reasons_get_hints() {
+        let e = Error::from(with_reason(Code::FailedPrecondition, "MFA_NOT_ENROLLED"));
+        assert!(e.to_string().contains("tenantryctl mfa enroll"), "{e}");
+        let e = Error::from(with_reason(Code::PermissionDenied, "SELF_REVIEW"));
+        assert!(e.to_string().contains("their own grant"), "{e}");
+        let e = Error::from(with_reason(Code::PermissionDenied, "SELF_GRANT"));
+        assert!(e.to_string().contains("to themselves"), "{e}");
+        let e = Error::from(with_reason(Code::FailedPrecondition, "LAST_ADMIN"));
+        assert!(e.to_string().contains("last active admin"), "{e}");
+        let e = Error::from(with_reason(Code::PermissionDenied, "ADMIN_ROLE_REQUIRED"));
+        assert!(matches!(e, Error::AdminRoleRequired));
     }
 
     #[test]

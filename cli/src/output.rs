@@ -2,7 +2,10 @@
 //! from protobuf messages to strings and `serde_json::Value`s; `commands` does the printing.
 
 use serde_json::{Value, json};
-use tenantry_proto::v1::{AuditEvent, Plan, RetentionPolicy, Tenant, TenantPhase};
+use tenantry_proto::v1::{
+    AccessReview, AccessReviewDecision, AccessReviewItem, AccessReviewTrigger, AdminRole,
+    AuditEvent, Plan, RetentionPolicy, RoleGrant, Tenant, TenantPhase, User, UserStatus,
+};
 
 /// Columns with a header row, padded to the widest cell, separated by two spaces.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
@@ -260,6 +263,262 @@ pub fn audit_json(e: &AuditEvent) -> Value {
     })
 }
 
+/// One audit event as one line of JSON (JSON Lines), with its final newline.
+pub fn audit_jsonl(e: &AuditEvent) -> String {
+    // Serializing a `Value` cannot fail (its map keys are strings).
+    let mut line = serde_json::to_string(&audit_json(e)).unwrap_or_default();
+    line.push('\n');
+    line
+}
+
+/// A role as the CLI flags name it (`admin`, `auditor`).
+pub fn role_name(role: i32) -> &'static str {
+    match AdminRole::try_from(role) {
+        Ok(AdminRole::Admin) => "admin",
+        Ok(AdminRole::Auditor) => "auditor",
+        Ok(AdminRole::Unspecified) | Err(_) => "unknown",
+    }
+}
+
+/// A user's status (`active`, `deactivated`).
+pub fn user_status_name(status: i32) -> &'static str {
+    match UserStatus::try_from(status) {
+        Ok(UserStatus::Active) => "active",
+        Ok(UserStatus::Deactivated) => "deactivated",
+        Ok(UserStatus::Unspecified) | Err(_) => "unknown",
+    }
+}
+
+/// Why a review started (`manual`, `scheduled`, `role_change`).
+pub fn trigger_name(trigger: i32) -> &'static str {
+    match AccessReviewTrigger::try_from(trigger) {
+        Ok(AccessReviewTrigger::Manual) => "manual",
+        Ok(AccessReviewTrigger::Scheduled) => "scheduled",
+        Ok(AccessReviewTrigger::RoleChange) => "role_change",
+        Ok(AccessReviewTrigger::Unspecified) | Err(_) => "unknown",
+    }
+}
+
+/// A review item's decision (`undecided`, `keep`, `revoke`, `expired`).
+pub fn decision_name(decision: i32) -> &'static str {
+    match AccessReviewDecision::try_from(decision) {
+        Ok(AccessReviewDecision::Unspecified) => "undecided",
+        Ok(AccessReviewDecision::Keep) => "keep",
+        Ok(AccessReviewDecision::Revoke) => "revoke",
+        Ok(AccessReviewDecision::Expired) => "expired",
+        Err(_) => "unknown",
+    }
+}
+
+/// `yes` or `no`.
+fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.to_owned()
+}
+
+/// A user's roles for a table cell: `admin until <time>, auditor until <time>`, or `-`.
+pub fn roles_cell(roles: &[RoleGrant]) -> String {
+    if roles.is_empty() {
+        return "-".to_owned();
+    }
+    roles
+        .iter()
+        .map(|g| {
+            format!(
+                "{} until {}",
+                role_name(g.role),
+                timestamp_cell(g.expires_at.as_ref())
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A role grant as JSON.
+pub fn role_grant_json(g: &RoleGrant) -> Value {
+    json!({
+        "role": role_name(g.role),
+        "granted_by_user_id": g.granted_by_user_id,
+        "granted_at": timestamp(g.granted_at.as_ref()),
+        "expires_at": timestamp(g.expires_at.as_ref()),
+    })
+}
+
+/// Column headers of [`user_row`].
+pub const USER_HEADERS: [&str; 7] = [
+    "ID",
+    "EMAIL",
+    "STATUS",
+    "ROLES",
+    "MFA",
+    "CREATED",
+    "LAST LOGIN",
+];
+
+/// One user as a table row.
+pub fn user_row(u: &User) -> Vec<String> {
+    vec![
+        u.user_id.clone(),
+        u.email.clone(),
+        user_status_name(u.status).to_owned(),
+        roles_cell(&u.roles),
+        yes_no(u.mfa_enrolled),
+        timestamp_cell(u.created_at.as_ref()),
+        timestamp_cell(u.last_login_at.as_ref()),
+    ]
+}
+
+/// One user, every field, as `NAME  value` lines.
+pub fn user_fields(u: &User) -> String {
+    fields(&[
+        ("ID", u.user_id.clone()),
+        ("EMAIL", u.email.clone()),
+        ("STATUS", user_status_name(u.status).to_owned()),
+        ("ROLES", roles_cell(&u.roles)),
+        ("MFA", yes_no(u.mfa_enrolled)),
+        ("CREATED", timestamp_cell(u.created_at.as_ref())),
+        ("LAST LOGIN", timestamp_cell(u.last_login_at.as_ref())),
+        ("DEACTIVATED", timestamp_cell(u.deactivated_at.as_ref())),
+        ("REASON", or_dash(&u.deactivation_reason)),
+    ])
+}
+
+/// One user as JSON, every field.
+pub fn user_json(u: &User) -> Value {
+    json!({
+        "user_id": u.user_id,
+        "email": u.email,
+        "status": user_status_name(u.status),
+        "roles": u.roles.iter().map(role_grant_json).collect::<Vec<_>>(),
+        "mfa_enrolled": u.mfa_enrolled,
+        "created_at": timestamp(u.created_at.as_ref()),
+        "last_login_at": timestamp(u.last_login_at.as_ref()),
+        "deactivated_at": timestamp(u.deactivated_at.as_ref()),
+        "deactivation_reason": u.deactivation_reason,
+    })
+}
+
+/// `open` or `closed`.
+fn review_state(r: &AccessReview) -> &'static str {
+    if r.closed_at.is_some() {
+        "closed"
+    } else {
+        "open"
+    }
+}
+
+/// Column headers of [`review_row`].
+pub const REVIEW_HEADERS: [&str; 11] = [
+    "ID",
+    "TRIGGER",
+    "STATE",
+    "STARTED",
+    "DUE",
+    "CLOSED",
+    "ITEMS",
+    "KEPT",
+    "REVOKED",
+    "EXPIRED",
+    "UNDECIDED",
+];
+
+/// One access review as a table row.
+pub fn review_row(r: &AccessReview) -> Vec<String> {
+    vec![
+        r.review_id.clone(),
+        trigger_name(r.trigger).to_owned(),
+        review_state(r).to_owned(),
+        timestamp_cell(r.started_at.as_ref()),
+        timestamp_cell(r.due_at.as_ref()),
+        timestamp_cell(r.closed_at.as_ref()),
+        r.items.to_string(),
+        r.kept.to_string(),
+        r.revoked.to_string(),
+        r.expired.to_string(),
+        r.undecided.to_string(),
+    ]
+}
+
+/// One access review, every field, as `NAME  value` lines.
+pub fn review_fields(r: &AccessReview) -> String {
+    fields(&[
+        ("REVIEW", r.review_id.clone()),
+        ("TRIGGER", trigger_name(r.trigger).to_owned()),
+        ("STATE", review_state(r).to_owned()),
+        ("STARTED BY", or_dash(&r.started_by_user_id)),
+        ("STARTED", timestamp_cell(r.started_at.as_ref())),
+        ("DUE", timestamp_cell(r.due_at.as_ref())),
+        ("CLOSED", timestamp_cell(r.closed_at.as_ref())),
+        ("ITEMS", r.items.to_string()),
+        ("KEPT", r.kept.to_string()),
+        ("REVOKED", r.revoked.to_string()),
+        ("EXPIRED", r.expired.to_string()),
+        ("UNDECIDED", r.undecided.to_string()),
+    ])
+}
+
+/// One access review as JSON.
+pub fn review_json(r: &AccessReview) -> Value {
+    json!({
+        "review_id": r.review_id,
+        "trigger": trigger_name(r.trigger),
+        "state": review_state(r),
+        "started_by_user_id": r.started_by_user_id,
+        "started_at": timestamp(r.started_at.as_ref()),
+        "due_at": timestamp(r.due_at.as_ref()),
+        "closed_at": timestamp(r.closed_at.as_ref()),
+        "items": r.items,
+        "kept": r.kept,
+        "revoked": r.revoked,
+        "expired": r.expired,
+        "undecided": r.undecided,
+    })
+}
+
+/// Column headers of [`review_item_row`].
+pub const REVIEW_ITEM_HEADERS: [&str; 9] = [
+    "USER ID",
+    "EMAIL",
+    "ROLE",
+    "GRANTED BY",
+    "EXPIRES",
+    "DECISION",
+    "DECIDED BY",
+    "DECIDED",
+    "NOTE",
+];
+
+/// One access review item as a table row.
+pub fn review_item_row(i: &AccessReviewItem) -> Vec<String> {
+    vec![
+        i.user_id.clone(),
+        i.email.clone(),
+        role_name(i.role).to_owned(),
+        or_dash(&i.granted_by_user_id),
+        timestamp_cell(i.expires_at.as_ref()),
+        decision_name(i.decision).to_owned(),
+        or_dash(&i.decided_by_user_id),
+        timestamp_cell(i.decided_at.as_ref()),
+        or_dash(&i.note),
+    ]
+}
+
+/// One access review item as JSON.
+pub fn review_item_json(i: &AccessReviewItem) -> Value {
+    json!({
+        "review_id": i.review_id,
+        "user_id": i.user_id,
+        "email": i.email,
+        "role": role_name(i.role),
+        "granted_by_user_id": i.granted_by_user_id,
+        "granted_at": timestamp(i.granted_at.as_ref()),
+        "expires_at": timestamp(i.expires_at.as_ref()),
+        "decision": decision_name(i.decision),
+        "decided_by_user_id": i.decided_by_user_id,
+        "decided_at": timestamp(i.decided_at.as_ref()),
+        "note": i.note,
+    })
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
@@ -312,6 +571,79 @@ mod tests {
         assert_eq!(phase_name(99), "Unknown");
         assert_eq!(plan_name(Plan::Unspecified as i32), "free");
         assert_eq!(plan_name(Plan::Enterprise as i32), "enterprise");
+    }
+
+    #[test]
+    fn access_enums_are_lowercase_words() {
+        assert_eq!(role_name(AdminRole::Admin as i32), "admin");
+        assert_eq!(role_name(AdminRole::Auditor as i32), "auditor");
+        assert_eq!(user_status_name(UserStatus::Active as i32), "active");
+        assert_eq!(
+            user_status_name(UserStatus::Deactivated as i32),
+            "deactivated"
+        );
+        assert_eq!(trigger_name(AccessReviewTrigger::Manual as i32), "manual");
+        assert_eq!(
+            trigger_name(AccessReviewTrigger::Scheduled as i32),
+            "scheduled"
+        );
+        assert_eq!(
+            trigger_name(AccessReviewTrigger::RoleChange as i32),
+            "role_change"
+        );
+        assert_eq!(
+            decision_name(AccessReviewDecision::Unspecified as i32),
+            "undecided"
+        );
+        assert_eq!(decision_name(AccessReviewDecision::Keep as i32), "keep");
+        assert_eq!(decision_name(AccessReviewDecision::Revoke as i32), "revoke");
+        assert_eq!(
+            decision_name(AccessReviewDecision::Expired as i32),
+            "expired"
+        );
+        assert_eq!(role_name(42), "unknown");
+    }
+
+    #[test]
+    fn roles_show_their_expiry() {
+        let grant = RoleGrant {
+            role: AdminRole::Auditor as i32,
+            expires_at: Some(prost_types::Timestamp {
+                seconds: 1_767_225_600,
+                nanos: 0,
+            }),
+            ..RoleGrant::default()
+        };
+        assert_eq!(roles_cell(&[]), "-");
+        assert_eq!(
+            roles_cell(std::slice::from_ref(&grant)),
+            "auditor until 2026-01-01T00:00:00Z"
+        );
+        let u = User {
+            roles: vec![grant],
+            ..User::default()
+        };
+        assert_eq!(
+            user_json(&u)["roles"][0]["expires_at"],
+            "2026-01-01T00:00:00Z"
+        );
+        assert_eq!(user_json(&u)["last_login_at"], Value::Null);
+    }
+
+    #[test]
+    fn jsonl_is_one_line_per_event() {
+        let e = AuditEvent {
+            sequence: 7,
+            action: "a\nb".into(),
+            detail_json: "{\"k\":\"v\"}".into(),
+            ..AuditEvent::default()
+        };
+        let line = audit_jsonl(&e);
+        assert!(line.ends_with('\n'));
+        assert_eq!(line.matches('\n').count(), 1, "{line}");
+        let v: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["sequence"], 7);
+        assert_eq!(v["detail"]["k"], "v");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use tenantry_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::auth::{ROLE_ADMIN, ROLE_USER, caller, source_of, source_text};
+use crate::auth::{ROLE_USER, caller, source_of, source_text};
 use crate::clock::{duration_ms, to_timestamp};
 use crate::crypto::{hash_secret, new_session_token};
 use crate::error::{AuthFailure, Error, Result};
@@ -161,22 +161,34 @@ impl Accounts {
             });
         }
         let stored = user.password_hash.clone();
-        if !st
+        // The hash is verified for a deactivated user too, and the failure takes the very
+        // path of a wrong password (counting towards the lockout, same answer): neither
+        // the answer nor the time it takes tells that the account is shut out.
+        let matches = st
             .verify_password(password.clone(), Some(stored.clone()))
-            .await?
-        {
-            return Err(self.wrong_password(&attempt, &user).await);
+            .await?;
+        if !user.is_active() {
+            return Err(self.wrong_password(&attempt, &user, "deactivated").await);
+        }
+        if !matches {
+            return Err(self.wrong_password(&attempt, &user, "wrong_password").await);
         }
         self.open_session(&attempt, &user, password, &stored).await
     }
 
     /// Counts a wrong password (locking the account at the threshold) and says why the
-    /// login failed.
-    async fn wrong_password(&self, attempt: &Attempt<'_>, user: &UserRow) -> Error {
+    /// login failed; `reason` goes to the audit row only (`wrong_password`, or
+    /// `deactivated` for a shut-out user, whose failure counts the same).
+    async fn wrong_password(
+        &self,
+        attempt: &Attempt<'_>,
+        user: &UserRow,
+        reason: &'static str,
+    ) -> Error {
         let st = &self.state;
         let now = st.now_ms();
         let (next, locked) = user.login_lock.after_failure(now);
-        let mut audits = vec![attempt.failed("wrong_password", user.id.clone())];
+        let mut audits = vec![attempt.failed(reason, user.id.clone())];
         if locked {
             audits.push(AuditRecord {
                 action: actions::LOGIN_LOCKED,
@@ -319,9 +331,10 @@ impl AccountService for Accounts {
     ) -> Result<Response<WhoAmIResponse>, Status> {
         let who = caller(&request)?;
         let mut roles = vec![ROLE_USER.to_owned()];
-        if who.is_admin {
-            roles.push(ROLE_ADMIN.to_owned());
-        }
+        roles.extend(
+            who.live_roles(self.state.now_ms())
+                .map(|r| r.as_str().to_owned()),
+        );
         Ok(Response::new(WhoAmIResponse {
             user_id: who.user_id,
             email: who.email,

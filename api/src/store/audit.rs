@@ -4,7 +4,7 @@
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
-use super::{Store, Write};
+use super::{Arg, Store, Write, bind_all};
 use crate::audit::{self, AuditEntry, ChainVerifier};
 use crate::error::Result;
 
@@ -23,6 +23,24 @@ pub struct AuditRecord {
     pub source: String,
     /// Extra non-secret JSON.
     pub detail_json: String,
+}
+
+/// Which audit rows `ListAuditEvents` wants; every field set must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    /// At or after this time (Unix ms).
+    pub since_ms: Option<i64>,
+    /// Before this time (Unix ms).
+    pub until_ms: Option<i64>,
+    /// The action starts with this.
+    pub action_prefix: Option<String>,
+    /// By this user.
+    pub actor_user_id: Option<String>,
+    /// About this target, exactly.
+    pub target: Option<String>,
+    /// At or before this sequence: the head when a listing began, so that a listing ends
+    /// even though every page adds an audit event of its own.
+    pub through_sequence: Option<i64>,
 }
 
 /// A stored audit row.
@@ -70,6 +88,75 @@ impl Store {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
+        rows.iter().map(audit_from_row).collect()
+    }
+
+    /// Sequence of the newest audit event (0 when there is none).
+    pub async fn audit_head_sequence(&self) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT sequence FROM audit_head WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// A page of audit rows after `after_sequence` that match `filter`, in sequence order
+    /// (so the last row's sequence is the next page's cursor, filter or not).
+    pub async fn list_audit_filtered(
+        &self,
+        filter: &AuditFilter,
+        after_sequence: i64,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>> {
+        let mut args = vec![Arg::Int(after_sequence)];
+        let mut sql = String::from(
+            "SELECT sequence, at_ms, action, actor_user_id, target, outcome, source, detail_json, prev_hash, hash \
+             FROM audit_events WHERE sequence > $1",
+        );
+        let mut clause = |args: &mut Vec<Arg>, arg: Arg, text: &dyn Fn(usize) -> String| {
+            args.push(arg);
+            sql.push_str(&text(args.len()));
+        };
+        if let Some(since) = filter.since_ms {
+            clause(&mut args, Arg::Int(since), &|n| {
+                format!(" AND at_ms >= ${n}")
+            });
+        }
+        if let Some(until) = filter.until_ms {
+            clause(&mut args, Arg::Int(until), &|n| {
+                format!(" AND at_ms < ${n}")
+            });
+        }
+        if let Some(prefix) = &filter.action_prefix {
+            // substr, not LIKE: exact and case-sensitive on both backends, no escaping.
+            let len = i64::try_from(prefix.chars().count()).unwrap_or(i64::MAX);
+            clause(&mut args, Arg::Int(len), &|n| {
+                format!(" AND substr(action, 1, CAST(${n} AS INTEGER))")
+            });
+            clause(&mut args, Arg::Text(prefix.clone()), &|n| {
+                format!(" = ${n}")
+            });
+        }
+        if let Some(actor) = &filter.actor_user_id {
+            clause(&mut args, Arg::Text(actor.clone()), &|n| {
+                format!(" AND actor_user_id = ${n}")
+            });
+        }
+        if let Some(target) = &filter.target {
+            clause(&mut args, Arg::Text(target.clone()), &|n| {
+                format!(" AND target = ${n}")
+            });
+        }
+        if let Some(through) = filter.through_sequence {
+            clause(&mut args, Arg::Int(through), &|n| {
+                format!(" AND sequence <= ${n}")
+            });
+        }
+        clause(&mut args, Arg::Int(i64::from(limit)), &|n| {
+            format!(" ORDER BY sequence LIMIT ${n}")
+        });
+        let query = bind_all(sql, args);
+        let rows = query.fetch_all(&self.pool).await?;
         rows.iter().map(audit_from_row).collect()
     }
 

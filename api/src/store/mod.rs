@@ -5,6 +5,7 @@
 //! Write transactions on SQLite start with `BEGIN IMMEDIATE` so that concurrent writers
 //! queue on the busy timeout instead of failing when a read lock cannot be upgraded.
 
+mod access;
 mod audit;
 mod mfa;
 mod sessions;
@@ -20,7 +21,11 @@ use sqlx::{AnyConnection, AnyPool, Transaction};
 use crate::error::{Error, Result};
 use crate::migrations::MIGRATIONS;
 
-pub use audit::{AuditRecord, AuditRow};
+pub use access::{
+    Deactivated, GrantOutcome, GrantRow, ItemDecision, NewGrant, ReviewItemRow, ReviewRow,
+    UserWithRoles,
+};
+pub use audit::{AuditFilter, AuditRecord, AuditRow};
 pub use sessions::SessionRow;
 pub use tenants::{TenantRow, TenantStatus};
 pub use users::{Factor, NewSignup, SignupOutcome, UserRow};
@@ -79,6 +84,25 @@ type AnyQuery = sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments>;
 
 fn dyn_sql(sql: String) -> sqlx::AssertSqlSafe<String> {
     sqlx::AssertSqlSafe(sql)
+}
+
+/// A bind value of a query built at run time.
+enum Arg {
+    Text(String),
+    Int(i64),
+}
+
+/// A query whose text was built at run time (placeholders only, never values), with its
+/// binds in placeholder order.
+fn bind_all(sql: String, args: Vec<Arg>) -> AnyQuery {
+    let mut query = sqlx::query(dyn_sql(sql));
+    for arg in args {
+        query = match arg {
+            Arg::Text(t) => query.bind(t),
+            Arg::Int(n) => query.bind(n),
+        };
+    }
+    query
 }
 
 impl Store {

@@ -5,6 +5,7 @@ use sqlx::Row;
 
 use super::audit::AuditRecord;
 use super::{Backend, Store, Write};
+use crate::access::{HeldRole, Role};
 use crate::error::{Error, Result};
 
 /// A live session joined with its user.
@@ -16,8 +17,8 @@ pub struct SessionRow {
     pub user_id: String,
     /// The user's email.
     pub email: String,
-    /// The user's admin role.
-    pub is_admin: bool,
+    /// The user's role grants, expired ones included (the caller compares with now).
+    pub roles: Vec<HeldRole>,
     /// The user has a confirmed TOTP secret.
     pub mfa_enrolled: bool,
     /// Last use.
@@ -30,17 +31,39 @@ pub struct SessionRow {
     pub tenant_ids: Vec<String>,
 }
 
-const SESSION_SQL_SQLITE: &str = "SELECT s.token_hash, s.user_id, u.email, u.is_admin, \
+// A deactivated user has no sessions; the join refuses one anyway, should one survive.
+const SESSION_SQL_SQLITE: &str = "SELECT s.token_hash, s.user_id, u.email, \
     CASE WHEN u.totp_secret_sealed IS NULL THEN 0 ELSE 1 END AS mfa_enrolled, \
     s.last_seen_ms, s.expires_at_ms, s.mfa_verified_at_ms, \
-    (SELECT group_concat(m.tenant_id, ',') FROM memberships m WHERE m.user_id = s.user_id) AS tenant_ids \
-    FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.token_hash = $1";
+    (SELECT group_concat(m.tenant_id, ',') FROM memberships m WHERE m.user_id = s.user_id) AS tenant_ids, \
+    (SELECT group_concat(g.role || ':' || g.expires_at_ms, ',') FROM role_grants g WHERE g.user_id = s.user_id) AS roles \
+    FROM sessions s JOIN users u ON u.id = s.user_id \
+    WHERE s.token_hash = $1 AND u.deactivated_at_ms IS NULL";
 
-const SESSION_SQL_POSTGRES: &str = "SELECT s.token_hash, s.user_id, u.email, u.is_admin, \
+const SESSION_SQL_POSTGRES: &str = "SELECT s.token_hash, s.user_id, u.email, \
     CASE WHEN u.totp_secret_sealed IS NULL THEN 0 ELSE 1 END::BIGINT AS mfa_enrolled, \
     s.last_seen_ms, s.expires_at_ms, s.mfa_verified_at_ms, \
-    (SELECT string_agg(m.tenant_id, ',') FROM memberships m WHERE m.user_id = s.user_id) AS tenant_ids \
-    FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.token_hash = $1";
+    (SELECT string_agg(m.tenant_id, ',') FROM memberships m WHERE m.user_id = s.user_id) AS tenant_ids, \
+    (SELECT string_agg(g.role || ':' || g.expires_at_ms::TEXT, ',') FROM role_grants g WHERE g.user_id = s.user_id) AS roles \
+    FROM sessions s JOIN users u ON u.id = s.user_id \
+    WHERE s.token_hash = $1 AND u.deactivated_at_ms IS NULL";
+
+/// Reads `role:expires_at_ms,…`; a role this version does not know grants nothing.
+fn parse_roles(text: Option<String>) -> Vec<HeldRole> {
+    let mut roles: Vec<HeldRole> = text
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|pair| {
+            let (role, ms) = pair.split_once(':')?;
+            Some(HeldRole {
+                role: Role::parse(role)?,
+                expires_at_ms: ms.parse().ok()?,
+            })
+        })
+        .collect();
+    roles.sort_by_key(|r| r.role);
+    roles
+}
 
 impl Store {
     /// Resets password-failure counters, optionally stores a rehashed password, creates the
@@ -59,10 +82,11 @@ impl Store {
         self.commit_audited([audit], now_ms, async |tx| {
             sqlx::query(
                 "UPDATE users SET login_failures = 0, login_lockouts = 0, login_locked_until_ms = 0, \
-                 password_hash = COALESCE($1, password_hash) WHERE id = $2",
+                 password_hash = COALESCE($1, password_hash), last_login_at_ms = $3 WHERE id = $2",
             )
             .bind(new_hash)
             .bind(user_id)
+            .bind(now_ms)
             .execute(&mut *tx)
             .await?;
             sqlx::query(
@@ -105,7 +129,7 @@ impl Store {
             token_hash: row.try_get("token_hash")?,
             user_id: row.try_get("user_id")?,
             email: row.try_get("email")?,
-            is_admin: row.try_get::<i64, _>("is_admin")? != 0,
+            roles: parse_roles(row.try_get("roles")?),
             mfa_enrolled: row.try_get::<i64, _>("mfa_enrolled")? != 0,
             last_seen_ms: row.try_get("last_seen_ms")?,
             expires_at_ms: row.try_get("expires_at_ms")?,

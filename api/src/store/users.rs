@@ -1,5 +1,5 @@
-//! Users: signup, the bootstrap admin, lookups, password and MFA failure counters, the
-//! password itself and the admin role.
+//! Users: signup, the bootstrap admin, lookups, password and MFA failure counters and the
+//! password itself. Roles and user status changes are in `access`.
 
 use sqlx::Row;
 use sqlx::any::AnyRow;
@@ -8,7 +8,7 @@ use tenantry_proto::retention::{Plan, RetentionPolicy};
 
 use super::audit::AuditRecord;
 use super::{Store, Write, dyn_sql, rollback_if_taken};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::lockout::LockState;
 
 /// A user row.
@@ -20,8 +20,6 @@ pub struct UserRow {
     pub email: String,
     /// PHC string.
     pub password_hash: String,
-    /// Admin role.
-    pub is_admin: bool,
     /// Password failures.
     pub login_lock: LockState,
     /// Second-factor failures.
@@ -32,6 +30,26 @@ pub struct UserRow {
     pub totp_pending_sealed: Option<String>,
     /// Last accepted TOTP step.
     pub totp_last_step: i64,
+    /// Signup (or bootstrap) time.
+    pub created_at_ms: i64,
+    /// Last successful login.
+    pub last_login_at_ms: Option<i64>,
+    /// When the user was deactivated; `None` while active.
+    pub deactivated_at_ms: Option<i64>,
+    /// Why; empty while active.
+    pub deactivation_reason: String,
+}
+
+impl UserRow {
+    /// True when the user has a confirmed second factor.
+    pub fn mfa_enrolled(&self) -> bool {
+        self.totp_secret_sealed.is_some()
+    }
+
+    /// True when the user may log in.
+    pub fn is_active(&self) -> bool {
+        self.deactivated_at_ms.is_none()
+    }
 }
 
 impl std::fmt::Debug for UserRow {
@@ -39,7 +57,7 @@ impl std::fmt::Debug for UserRow {
         f.debug_struct("UserRow")
             .field("id", &self.id)
             .field("email", &self.email)
-            .field("is_admin", &self.is_admin)
+            .field("deactivated_at_ms", &self.deactivated_at_ms)
             .finish_non_exhaustive()
     }
 }
@@ -87,16 +105,16 @@ pub enum SignupOutcome {
     TenantNameTaken,
 }
 
-const USER_COLUMNS: &str = "id, email, password_hash, is_admin, login_failures, login_lockouts, \
+pub(super) const USER_COLUMNS: &str = "id, email, password_hash, login_failures, login_lockouts, \
     login_locked_until_ms, mfa_failures, mfa_lockouts, mfa_locked_until_ms, totp_secret_sealed, \
-    totp_pending_sealed, totp_last_step";
+    totp_pending_sealed, totp_last_step, created_at_ms, last_login_at_ms, deactivated_at_ms, \
+    deactivation_reason";
 
-fn user_from_row(row: &AnyRow) -> Result<UserRow> {
+pub(super) fn user_from_row(row: &AnyRow) -> Result<UserRow> {
     Ok(UserRow {
         id: row.try_get("id")?,
         email: row.try_get("email")?,
         password_hash: row.try_get("password_hash")?,
-        is_admin: row.try_get::<i64, _>("is_admin")? != 0,
         login_lock: LockState {
             failures: row.try_get("login_failures")?,
             lockouts: row.try_get("login_lockouts")?,
@@ -110,6 +128,10 @@ fn user_from_row(row: &AnyRow) -> Result<UserRow> {
         totp_secret_sealed: row.try_get("totp_secret_sealed")?,
         totp_pending_sealed: row.try_get("totp_pending_sealed")?,
         totp_last_step: row.try_get("totp_last_step")?,
+        created_at_ms: row.try_get("created_at_ms")?,
+        last_login_at_ms: row.try_get("last_login_at_ms")?,
+        deactivated_at_ms: row.try_get("deactivated_at_ms")?,
+        deactivation_reason: row.try_get("deactivation_reason")?,
     })
 }
 
@@ -159,32 +181,59 @@ impl Store {
         .await
     }
 
-    /// Creates a user without a tenant (bootstrap of the first admin); `Ok(false)` when the
-    /// email is taken.
-    pub async fn create_user(
+    /// Creates a user without a tenant holding the `admin` role until `admin_until_ms`
+    /// (bootstrap of the first admin); `Ok(false)` when the email is taken.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create_admin(
         &self,
         id: &str,
         email: &str,
         password_hash: &str,
-        is_admin: bool,
+        admin_until_ms: i64,
         now_ms: i64,
         audit: &AuditRecord,
     ) -> Result<bool> {
         self.commit_audited([audit], now_ms, async |tx| {
             let res = sqlx::query(
-                "INSERT INTO users (id, email, password_hash, is_admin, created_at_ms) VALUES ($1, $2, $3, $4, $5)",
+                "INSERT INTO users (id, email, password_hash, created_at_ms) VALUES ($1, $2, $3, $4)",
             )
             .bind(id)
             .bind(email)
             .bind(password_hash)
-            .bind(i64::from(is_admin))
             .bind(now_ms)
             .execute(&mut *tx)
             .await;
-            match res {
-                Ok(_) => Ok(Write::Commit(true)),
-                Err(e) => rollback_if_taken(e, false),
+            if let Err(e) = res {
+                return rollback_if_taken(e, false);
             }
+            bootstrap_grant(tx, id, admin_until_ms, now_ms).await?;
+            Ok(Write::Commit(true))
+        })
+        .await
+    }
+
+    /// Bootstrap of an existing user: an `admin` grant until `admin_until_ms` (granted by
+    /// nobody), and the user reactivated if they were deactivated. Ends their sessions.
+    pub async fn bootstrap_existing_admin(
+        &self,
+        user_id: &str,
+        admin_until_ms: i64,
+        audit: &AuditRecord,
+        now_ms: i64,
+    ) -> Result<()> {
+        self.commit_audited([audit], now_ms, async |tx| {
+            sqlx::query(
+                "UPDATE users SET deactivated_at_ms = NULL, deactivation_reason = '' WHERE id = $1",
+            )
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+            bootstrap_grant(tx, user_id, admin_until_ms, now_ms).await?;
+            sqlx::query("DELETE FROM sessions WHERE user_id = $1")
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+            Ok(Write::Commit(()))
         })
         .await
     }
@@ -263,40 +312,25 @@ impl Store {
         })
         .await
     }
+}
 
-    /// Sets the admin role and ends the user's sessions. Refuses (returns `Ok(false)`) to
-    /// remove the last admin. `Err(NotFound)` for an unknown user.
-    pub async fn set_admin(
-        &self,
-        user_id: &str,
-        admin: bool,
-        audit: &AuditRecord,
-        now_ms: i64,
-    ) -> Result<bool> {
-        self.commit_audited([audit], now_ms, async |tx| {
-            let updated = sqlx::query("UPDATE users SET is_admin = $1 WHERE id = $2")
-                .bind(i64::from(admin))
-                .bind(user_id)
-                .execute(&mut *tx)
-                .await?;
-            if updated.rows_affected() == 0 {
-                return Err(Error::NotFound("user"));
-            }
-            if !admin {
-                let admins: i64 =
-                    sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE is_admin = 1")
-                        .fetch_one(&mut *tx)
-                        .await?;
-                if admins == 0 {
-                    return Ok(Write::Rollback(false));
-                }
-            }
-            sqlx::query("DELETE FROM sessions WHERE user_id = $1")
-                .bind(user_id)
-                .execute(&mut *tx)
-                .await?;
-            Ok(Write::Commit(true))
-        })
-        .await
-    }
+/// Writes (or renews) an `admin` grant made by nobody: the bootstrap path.
+async fn bootstrap_grant(
+    conn: &mut sqlx::AnyConnection,
+    user_id: &str,
+    until_ms: i64,
+    now_ms: i64,
+) -> Result<()> {
+    super::access::retire_expired(conn, user_id, crate::access::Role::Admin, now_ms).await?;
+    sqlx::query(
+        "INSERT INTO role_grants (user_id, role, granted_by, granted_at_ms, expires_at_ms) \
+         VALUES ($1, 'admin', '', $2, $3) ON CONFLICT (user_id, role) DO UPDATE SET \
+         granted_by = '', granted_at_ms = excluded.granted_at_ms, expires_at_ms = excluded.expires_at_ms",
+    )
+    .bind(user_id)
+    .bind(now_ms)
+    .bind(until_ms)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }

@@ -476,10 +476,13 @@ async fn role_changes_and_revocation_end_sessions() {
     }
 
     let sam = s.login("sam@example.com").await;
+    // A role goes only to a user with a second factor (access.rs tests the refusal).
+    s.enroll(&sam).await;
     s.admin()
         .grant_admin(authed(
             GrantAdminRequest {
                 user_id: user_id.clone(),
+                ..Default::default()
             },
             &admin,
         ))
@@ -502,6 +505,7 @@ async fn role_changes_and_revocation_end_sessions() {
         .revoke_admin(authed(
             RevokeAdminRequest {
                 user_id: user_id.clone(),
+                ..Default::default()
             },
             &admin,
         ))
@@ -515,16 +519,24 @@ async fn role_changes_and_revocation_end_sessions() {
     // The last admin stays.
     let st = expect_code(
         s.admin()
-            .revoke_admin(authed(RevokeAdminRequest { user_id: root_id }, &admin))
+            .revoke_admin(authed(
+                RevokeAdminRequest {
+                    user_id: root_id,
+                    ..Default::default()
+                },
+                &admin,
+            ))
             .await,
         Code::FailedPrecondition,
     );
     assert!(st.message().contains("last admin"));
+    assert_eq!(reason(&st), "LAST_ADMIN");
     expect_code(
         s.admin()
             .grant_admin(authed(
                 GrantAdminRequest {
                     user_id: uuid::Uuid::new_v4().to_string(),
+                    ..Default::default()
                 },
                 &admin,
             ))

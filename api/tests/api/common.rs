@@ -400,6 +400,7 @@ pub async fn all_audit_events(server: &TestServer, token: &str) -> Vec<AuditEven
                 ListAuditEventsRequest {
                     page_size: 50,
                     page_token: page_token.clone(),
+                    ..Default::default()
                 },
                 token,
             ))

@@ -6,6 +6,7 @@
 #[allow(dead_code)]
 mod common;
 
+mod access;
 mod accounts;
 mod admin;
 mod kubernetes;
