@@ -864,6 +864,8 @@ def main() -> int:
         ("unknown top-level key", set_path(minimal, "operatorr", {}), "operatorr"),
         ("bad duration api.sessionIdleTimeout=30 minutes", set_path(minimal, "api.sessionIdleTimeout", "30 minutes"), "/api/sessionIdleTimeout"),
         ("api.instanceTokenTtl above 15m", set_path(minimal, "api.instanceTokenTtl", "16m"), "/api/instanceTokenTtl"),
+        ("api.maxGrantDays of 0", set_path(minimal, "api.maxGrantDays", 0), "/api/maxGrantDays"),
+        ("api.accessReviewInterval not a duration", set_path(minimal, "api.accessReviewInterval", "quarterly"), "/api/accessReviewInterval"),
         ("api.tls.enabled without a secretName", set_path(minimal, "api.tls.enabled", True), "/api/tls/secretName"),
         ("image.pullPolicy not an enum value", set_path(minimal, "image.pullPolicy", "Sometimes"), "/image/pullPolicy"),
         ("bad CIDR in operator.blockedEgressCidrs", set_path(minimal, "operator.blockedEgressCidrs", ["10.0.0.0"]), "/operator/blockedEgressCidrs"),
