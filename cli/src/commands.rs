@@ -324,25 +324,21 @@ async fn mfa_enroll(api: &Api, out: Printer) -> Result<()> {
 async fn tenants(api: &Api, command: TenantsCommand, out: Printer) -> Result<()> {
     match command {
         TenantsCommand::List { page_size } => {
-            let mut all = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = api
-                    .call(async |c: &Client| {
+            let all = all_pages(
+                async |page_token: &str| {
+                    api.call(async |c: &Client| {
                         c.admin()
                             .list_tenants(ListTenantsRequest {
                                 page_size,
-                                page_token: page_token.clone(),
+                                page_token: page_token.to_owned(),
                             })
                             .await
                     })
-                    .await?;
-                all.extend(page.tenants);
-                if page.next_page_token.is_empty() || page.next_page_token == page_token {
-                    break;
-                }
-                page_token = page.next_page_token;
-            }
+                    .await
+                },
+                |page: ListTenantsResponse| page.tenants,
+            )
+            .await?;
             out.emit(
                 || {
                     let rows: Vec<_> = all.iter().map(output::tenant_row).collect();
@@ -512,35 +508,32 @@ async fn audit(api: &Api, command: AuditCommand, out: Printer) -> Result<()> {
         } => {
             check_time_range(&filter)?;
             let mut events: Vec<AuditEvent> = Vec::new();
-            let mut page_token = String::new();
-            loop {
+            // How many the next page should hold: at most `page_size`.
+            let want = |have: usize| {
                 let want = limit.map_or(u64::from(page_size), |l| {
-                    l.saturating_sub(events.len() as u64)
-                        .min(u64::from(page_size))
+                    l.saturating_sub(have as u64).min(u64::from(page_size))
                 });
-                let page = api
-                    .call(async |c: &Client| {
+                u32::try_from(want).unwrap_or(page_size)
+            };
+            let have = std::cell::Cell::new(0);
+            each_page(
+                async |page_token: &str| {
+                    api.call(async |c: &Client| {
                         c.admin()
-                            .list_audit_events(audit_request(
-                                &filter,
-                                // `want` is at most `page_size`.
-                                u32::try_from(want).unwrap_or(page_size),
-                                &page_token,
-                            ))
+                            .list_audit_events(audit_request(&filter, want(have.get()), page_token))
                             .await
                     })
-                    .await?;
-                events.extend(page.events);
-                if let Some(l) = limit
-                    && events.len() as u64 >= l
-                {
-                    events.truncate(usize::try_from(l).unwrap_or(usize::MAX));
-                    break;
-                }
-                if page.next_page_token.is_empty() || page.next_page_token == page_token {
-                    break;
-                }
-                page_token = page.next_page_token;
+                    .await
+                },
+                |page: ListAuditEventsResponse, _| {
+                    events.extend(page.events);
+                    have.set(events.len());
+                    Ok(limit.is_none_or(|l| (events.len() as u64) < l))
+                },
+            )
+            .await?;
+            if let Some(l) = limit {
+                events.truncate(usize::try_from(l).unwrap_or(usize::MAX));
             }
             out.emit(
                 || {
@@ -736,32 +729,30 @@ fn audit_request(filter: &AuditFilter, page_size: u32, page_token: &str) -> List
 async fn audit_export(api: &Api, filter: &AuditFilter, page_size: u32) -> Result<()> {
     use std::io::Write as _;
     check_time_range(filter)?;
-    let mut page_token = String::new();
-    loop {
-        let page = api
-            .call(async |c: &Client| {
+    each_page(
+        async |page_token: &str| {
+            api.call(async |c: &Client| {
                 c.admin()
-                    .list_audit_events(audit_request(filter, page_size, &page_token))
+                    .list_audit_events(audit_request(filter, page_size, page_token))
                     .await
             })
-            .await?;
-        let mut chunk = String::new();
-        for event in &page.events {
-            chunk.push_str(&output::audit_jsonl(event));
-        }
-        // The lock is not held across the next request.
-        let mut stdout = std::io::stdout().lock();
-        stdout
-            .write_all(chunk.as_bytes())
-            .and_then(|()| stdout.flush())
-            .map_err(Error::io("writing the export to stdout"))?;
-        drop(stdout);
-        if page.next_page_token.is_empty() || page.next_page_token == page_token {
-            break;
-        }
-        page_token = page.next_page_token;
-    }
-    Ok(())
+            .await
+        },
+        |page: ListAuditEventsResponse, _| {
+            let mut chunk = String::new();
+            for event in &page.events {
+                chunk.push_str(&output::audit_jsonl(event));
+            }
+            // The lock is not held across the next request.
+            let mut stdout = std::io::stdout().lock();
+            stdout
+                .write_all(chunk.as_bytes())
+                .and_then(|()| stdout.flush())
+                .map_err(Error::io("writing the export to stdout"))?;
+            Ok(true)
+        },
+    )
+    .await
 }
 
 /// The server's user filter from `users list` flags: space-separated `key=value` terms.
@@ -816,30 +807,27 @@ async fn users(api: &Api, command: UsersCommand, out: Printer) -> Result<()> {
         } => {
             let filter = user_filter(filter.as_deref(), status, role, email.as_deref())?;
             let mut users = Vec::new();
-            let mut page_token = String::new();
             let mut more = false;
-            loop {
-                let page = api
-                    .call(async |c: &Client| {
+            each_page(
+                async |page_token: &str| {
+                    api.call(async |c: &Client| {
                         c.admin()
                             .list_users(ListUsersRequest {
                                 page_size,
-                                page_token: page_token.clone(),
+                                page_token: page_token.to_owned(),
                                 filter: filter.clone(),
                             })
                             .await
                     })
-                    .await?;
-                users.extend(page.users);
-                if page.next_page_token.is_empty() || page.next_page_token == page_token {
-                    break;
-                }
-                if !all {
-                    more = true;
-                    break;
-                }
-                page_token = page.next_page_token;
-            }
+                    .await
+                },
+                |page: ListUsersResponse, last| {
+                    users.extend(page.users);
+                    more = !last && !all;
+                    Ok(all)
+                },
+            )
+            .await?;
             out.emit(
                 || {
                     let rows: Vec<_> = users.iter().map(output::user_row).collect();
@@ -947,25 +935,21 @@ async fn access_review(api: &Api, command: AccessReviewCommand, out: Printer) ->
             );
         }
         AccessReviewCommand::List { page_size } => {
-            let mut reviews = Vec::new();
-            let mut page_token = String::new();
-            loop {
-                let page = api
-                    .call(async |c: &Client| {
+            let reviews = all_pages(
+                async |page_token: &str| {
+                    api.call(async |c: &Client| {
                         c.admin()
                             .list_access_reviews(ListAccessReviewsRequest {
                                 page_size,
-                                page_token: page_token.clone(),
+                                page_token: page_token.to_owned(),
                             })
                             .await
                     })
-                    .await?;
-                reviews.extend(page.reviews);
-                if page.next_page_token.is_empty() || page.next_page_token == page_token {
-                    break;
-                }
-                page_token = page.next_page_token;
-            }
+                    .await
+                },
+                |page: ListAccessReviewsResponse| page.reviews,
+            )
+            .await?;
             out.emit(
                 || {
                     let rows: Vec<_> = reviews.iter().map(output::review_row).collect();
@@ -1093,4 +1077,61 @@ async fn decide(api: &Api, d: Decision, out: Printer) -> Result<()> {
         || output::review_item_json(&item),
     );
     Ok(())
+}
+
+/// A response that is one page of a listing.
+trait Page {
+    /// The token of the next page; empty on the last.
+    fn next_page_token(&mut self) -> &mut String;
+}
+
+macro_rules! page {
+    ($($response:ty),* $(,)?) => {
+        $(impl Page for $response {
+            fn next_page_token(&mut self) -> &mut String {
+                &mut self.next_page_token
+            }
+        })*
+    };
+}
+
+page!(
+    ListTenantsResponse,
+    ListAuditEventsResponse,
+    ListUsersResponse,
+    ListAccessReviewsResponse,
+);
+
+/// Every item of a listing: `items` takes them out of each page.
+async fn all_pages<P: Page, T>(
+    fetch: impl AsyncFnMut(&str) -> Result<P>,
+    items: fn(P) -> Vec<T>,
+) -> Result<Vec<T>> {
+    let mut all = Vec::new();
+    each_page(fetch, |page, _| {
+        all.extend(items(page));
+        Ok(true)
+    })
+    .await?;
+    Ok(all)
+}
+
+/// Reads a listing page by page: `fetch` gets each page token in turn (empty first) and
+/// `take` each page with whether it is the last, answering whether to go on. Stops at the
+/// last page, or when the server hands back the token it was given (a server that would
+/// otherwise keep this loop going forever).
+async fn each_page<P: Page>(
+    mut fetch: impl AsyncFnMut(&str) -> Result<P>,
+    mut take: impl FnMut(P, bool) -> Result<bool>,
+) -> Result<()> {
+    let mut token = String::new();
+    loop {
+        let mut page = fetch(&token).await?;
+        let next = std::mem::take(page.next_page_token());
+        let last = next.is_empty() || next == token;
+        if !take(page, last)? || last {
+            return Ok(());
+        }
+        token = next;
+    }
 }
