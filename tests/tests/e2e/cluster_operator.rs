@@ -117,6 +117,49 @@ impl Env {
         Ok(())
     }
 
+    /// Waits until each Tenant in `tenants` runs `replicas` replicas and reports `phase`.
+    async fn scaled_to(&self, tenants: &[&str], replicas: i32, phase: &str) -> Result<()> {
+        for name in tenants {
+            eventually(
+                &format!("{name} at {replicas} replicas, {phase}"),
+                Duration::from_secs(60),
+                || async {
+                    let now = self
+                        .in_tenant::<Deployment>(name)
+                        .get(names::DEPLOYMENT)
+                        .await?
+                        .spec
+                        .and_then(|s| s.replicas);
+                    let at = self.tenant(name).await?.status.and_then(|s| s.phase);
+                    Ok(
+                        (now == Some(replicas) && at.map(|p| p.as_str()) == Some(phase))
+                            .then_some(()),
+                    )
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until `identity` holds the operator's Lease.
+    async fn leader_is(&self, identity: &str) -> Result<()> {
+        let leases: Api<Lease> = Api::namespaced(self.cluster.client.clone(), NS);
+        eventually(
+            &format!("{identity} to hold the Lease"),
+            Duration::from_secs(60),
+            || async {
+                let holder = leases
+                    .get(names::DEFAULT_LEASE_NAME)
+                    .await?
+                    .spec
+                    .and_then(|s| s.holder_identity);
+                Ok((holder.as_deref() == Some(identity)).then_some(()))
+            },
+        )
+        .await
+    }
+
     fn start(&self, identity: &str) -> Result<OperatorProcess> {
         OperatorProcess::start(&self.options, identity)
     }
@@ -515,47 +558,9 @@ async fn lifecycle(env: &Env) -> Result<()> {
         Ok::<_, anyhow::Error>(())
     };
     set_suspended(true).await?;
-    for name in names {
-        eventually(
-            &format!("{name} to be suspended"),
-            Duration::from_secs(60),
-            || async {
-                let replicas = env
-                    .in_tenant::<Deployment>(name)
-                    .get(names::DEPLOYMENT)
-                    .await?
-                    .spec
-                    .and_then(|s| s.replicas);
-                let phase = env.tenant(name).await?.status.and_then(|s| s.phase);
-                Ok(
-                    (replicas == Some(0) && phase.map(|p| p.as_str()) == Some("Suspended"))
-                        .then_some(()),
-                )
-            },
-        )
-        .await?;
-    }
+    env.scaled_to(&names, 0, "Suspended").await?;
     set_suspended(false).await?;
-    for name in names {
-        eventually(
-            &format!("{name} to resume"),
-            Duration::from_secs(60),
-            || async {
-                let replicas = env
-                    .in_tenant::<Deployment>(name)
-                    .get(names::DEPLOYMENT)
-                    .await?
-                    .spec
-                    .and_then(|s| s.replicas);
-                let phase = env.tenant(name).await?.status.and_then(|s| s.phase);
-                Ok(
-                    (replicas == Some(1) && phase.map(|p| p.as_str()) == Some("Provisioning"))
-                        .then_some(()),
-                )
-            },
-        )
-        .await?;
-    }
+    env.scaled_to(&names, 1, "Provisioning").await?;
 
     // Renewal: a new serial and a new key, by the requeue at the renewal time.
     for name in names {
@@ -783,20 +788,7 @@ async fn two_replicas(env: &Env, mut a: OperatorProcess) -> Result<()> {
     env.cluster
         .create_tenant("e2e-f2", tenant_spec(true))
         .await?;
-    let leases: Api<Lease> = Api::namespaced(env.cluster.client.clone(), NS);
-    eventually(
-        "the second replica to take over",
-        Duration::from_secs(60),
-        || async {
-            let holder = leases
-                .get(names::DEFAULT_LEASE_NAME)
-                .await?
-                .spec
-                .and_then(|s| s.holder_identity);
-            Ok((holder.as_deref() == Some("e2e-b")).then_some(()))
-        },
-    )
-    .await?;
+    env.leader_is("e2e-b").await?;
     let took = killed.elapsed();
     eprintln!(
         "take-over after SIGKILL: {:.1} s (lease {LEASE_SECONDS} s)",
@@ -824,25 +816,15 @@ async fn two_replicas(env: &Env, mut a: OperatorProcess) -> Result<()> {
         "the leader stopped in {stopped:?}"
     );
     let handed_over = Instant::now();
-    let lease = leases.get(names::DEFAULT_LEASE_NAME).await?;
+    let lease = Api::<Lease>::namespaced(env.cluster.client.clone(), NS)
+        .get(names::DEFAULT_LEASE_NAME)
+        .await?;
     let spec = lease.spec.unwrap_or_default();
     ensure!(
         spec.holder_identity.as_deref() != Some("e2e-b"),
         "the stopped leader still holds the Lease: {spec:?}"
     );
-    eventually(
-        "the waiting replica to take over",
-        Duration::from_secs(60),
-        || async {
-            let holder = leases
-                .get(names::DEFAULT_LEASE_NAME)
-                .await?
-                .spec
-                .and_then(|s| s.holder_identity);
-            Ok((holder.as_deref() == Some("e2e-c")).then_some(()))
-        },
-    )
-    .await?;
+    env.leader_is("e2e-c").await?;
     let took = handed_over.elapsed();
     eprintln!(
         "hand-over after SIGTERM: leader stopped in {:.3} s, new leader after {:.1} s (lease {LEASE_SECONDS} s)",
