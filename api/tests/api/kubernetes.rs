@@ -128,9 +128,14 @@ async fn signup_applies_a_tenant_and_status_comes_from_the_watch() {
             "tls": {"dnsNames": ["acme.tenants.example.com"]}
         })
     );
+    // The watch delivers the new Tenant, still without a status, shortly after the
+    // apply; until then GetTenant answers from the row signup wrote.
+    eventually("the watch reports the Tenant without a status", || async {
+        get_tenant(&s, &token, &tenant_id).await.message == "waiting for the operator"
+    })
+    .await;
     let before = get_tenant(&s, &token, &tenant_id).await;
     assert_eq!(before.phase(), TenantPhase::Provisioning);
-    assert_eq!(before.message, "waiting for the operator");
 
     // The operator reports Ready: the API learns it from its watch, and answering
     // GetTenant reads nothing from the cluster.
