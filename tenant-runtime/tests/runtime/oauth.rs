@@ -550,9 +550,10 @@ async fn failed_refreshes_back_off_then_recover() {
         .collect();
     assert!(times.len() >= 4, "{state}");
     let gaps: Vec<f64> = times[..4].windows(2).map(|w| w[1] - w[0]).collect();
-    // 1 s, 2 s, 4 s plus up to a tenth, plus the request time.
+    // 1 s, 2 s, 4 s plus up to a tenth, plus the request time (and slack for a busy
+    // machine: what matters is that each wait is at least its base and they double).
     for (gap, base) in gaps.iter().zip([1.0, 2.0, 4.0]) {
-        assert!(*gap >= base && *gap < base * 1.1 + 0.5, "gaps {gaps:?}");
+        assert!(*gap >= base && *gap < base * 1.1 + 1.5, "gaps {gaps:?}");
     }
     println!(
         "oauth2: backoff after 3 failed refreshes: {:?} s (schedule 1, 2, 4 s + up to 10%)",
