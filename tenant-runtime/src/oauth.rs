@@ -288,7 +288,8 @@ impl OAuth {
 
     /// Completes an authorization: uses up `state` (which must be this caller's, from the
     /// same token, and not expired), exchanges `code` with its PKCE verifier, and stores
-    /// the tokens sealed. Returns the credential id.
+    /// the tokens sealed; tokens it replaces are revoked at the provider. Returns the
+    /// credential id.
     pub async fn complete(&self, caller: &Caller, code: &str, state: &str) -> Result<String> {
         let now = self.clock.now();
         let Some((id, verifier)) = self
@@ -347,6 +348,11 @@ impl OAuth {
             "oauth2 grant connected"
         );
         self.wake.notify_one();
+        // Connecting again replaces a grant: the one replaced is revoked at the provider,
+        // so no second live grant is left behind there.
+        if let Some(previous) = grant.tokens {
+            self.revoke_tokens(&id, s, &secret, previous).await;
+        }
         Ok(id)
     }
 

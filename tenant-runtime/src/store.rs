@@ -1321,6 +1321,188 @@ mod tests {
         assert!(store.count_boundary(4).await.unwrap().is_none());
     }
 
+    fn oauth2_credential() -> NewCredential {
+        serde_json::from_value(serde_json::json!({
+            "name": "crm", "kind": "oauth2", "secret": {"client_secret": "cs"},
+            "oauth2": {"authorization_url": "https://a.test/auth", "token_url": "https://a.test/token",
+                       "client_id": "c", "scopes": ["s"], "redirect_url": "https://app.test/cb"},
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_authorization_state_works_once_for_its_caller_until_it_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), sealer("acme")).await.unwrap();
+        let id = store
+            .insert_credential(&oauth2_credential(), ts(100))
+            .await
+            .unwrap()
+            .id;
+        let verifier = SecretString::from("verifier-1");
+        for (hash, expires) in [("h1", 200), ("h2", 150)] {
+            let pending = PendingAuthorization {
+                state_hash: hash,
+                credential_id: &id,
+                subject: "alice",
+                token_id: "jti-1",
+                verifier: &verifier,
+                expires_at: ts(expires),
+            };
+            store.insert_oauth2_state(&pending, ts(100)).await.unwrap();
+        }
+        // Another token of the same subject, or another subject: nothing, and left alone.
+        assert!(
+            store
+                .take_oauth2_state("h1", "alice", "jti-2", ts(120))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            store
+                .take_oauth2_state("h1", "bob", "jti-1", ts(120))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let (cred, v) = store
+            .take_oauth2_state("h1", "alice", "jti-1", ts(120))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (cred.as_str(), v.expose_secret()),
+            (id.as_str(), "verifier-1")
+        );
+        assert!(
+            store
+                .take_oauth2_state("h1", "alice", "jti-1", ts(121))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // Expired.
+        assert!(
+            store
+                .take_oauth2_state("h2", "alice", "jti-1", ts(150))
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn token_writes_are_guarded_by_version_and_uses_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), sealer("acme")).await.unwrap();
+        let id = store
+            .insert_credential(&oauth2_credential(), ts(100))
+            .await
+            .unwrap()
+            .id;
+        assert_eq!(
+            store
+                .take_access_token(&id, ts(100))
+                .await
+                .unwrap()
+                .unwrap_err(),
+            GrantUnavailable::NotConnected
+        );
+        let tokens = |a: &str| GrantTokens {
+            access: SecretString::from(a),
+            refresh: Some(SecretString::from("r")),
+        };
+        let write = |version, a: &'static str, connected| {
+            let store = store.clone();
+            let id = id.clone();
+            async move {
+                store
+                    .update_grant_tokens(
+                        &id,
+                        version,
+                        &tokens(a),
+                        Some(ts(200)),
+                        Some(ts(160)),
+                        connected,
+                        ts(100),
+                    )
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(write(0, "a1", true).await, Written::Yes);
+        // A refresh that read version 0 lost the race: nothing written.
+        assert_eq!(write(0, "stale", false).await, Written::Stale);
+        assert_eq!(write(1, "a2", false).await, Written::Yes);
+        let (token, uses) = store
+            .take_access_token(&id, ts(150))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((token.expose_secret(), uses), ("a2", 1));
+        assert_eq!(
+            store
+                .take_access_token(&id, ts(150))
+                .await
+                .unwrap()
+                .unwrap()
+                .1,
+            2
+        );
+        assert_eq!(
+            store
+                .take_access_token(&id, ts(200))
+                .await
+                .unwrap()
+                .unwrap_err(),
+            GrantUnavailable::Expired
+        );
+        assert_eq!(
+            store.due_refreshes(ts(159)).await.unwrap(),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            store.due_refreshes(ts(160)).await.unwrap(),
+            vec![id.clone()]
+        );
+        let listed = store.list_credentials().await.unwrap();
+        let status = listed[0].oauth2.as_ref().unwrap();
+        assert_eq!(
+            (status.state, status.refreshes, status.access_token_uses),
+            (GrantState::Connected, 1, 2)
+        );
+        assert_eq!(
+            store.mark_needs_reauthorization(&id, 1).await.unwrap(),
+            Written::Stale
+        );
+        assert_eq!(
+            store.mark_needs_reauthorization(&id, 2).await.unwrap(),
+            Written::Yes
+        );
+        assert_eq!(store.next_refresh().await.unwrap(), None);
+        assert_eq!(
+            store
+                .take_access_token(&id, ts(150))
+                .await
+                .unwrap()
+                .unwrap_err(),
+            GrantUnavailable::NeedsReauthorization
+        );
+        let deleted = store.delete_credential(&id).await.unwrap().unwrap();
+        let grant = deleted.grant.unwrap();
+        assert_eq!(grant.client_secret.expose_secret(), "cs");
+        assert!(grant.tokens.is_none());
+        assert_eq!(
+            store
+                .take_access_token(&id, ts(150))
+                .await
+                .unwrap()
+                .unwrap_err(),
+            GrantUnavailable::NotFound
+        );
+    }
+
     #[tokio::test]
     async fn moved_ciphertext_and_other_tenant_fail_to_decrypt() {
         let dir = tempfile::tempdir().unwrap();

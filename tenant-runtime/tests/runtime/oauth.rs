@@ -506,6 +506,29 @@ async fn invalid_grant_needs_reauthorization_and_is_not_retried() {
     let again = connect(&app, &server, &id).await;
     assert_eq!(again["oauth2"]["state"], "connected");
     assert_eq!(again["oauth2"]["refreshes"], 0);
+    // Connecting once more replaces that grant, which is revoked at the provider: every
+    // token issued before the new grant is revoked, the last one held by an explicit
+    // revocation request (not by rotation).
+    connect(&app, &server, &id).await;
+    let state = server.state().await;
+    let tokens = state["tokens"].as_array().unwrap();
+    let newest_grant = tokens
+        .iter()
+        .rposition(|t| t["grant_type"] == "authorization_code")
+        .unwrap();
+    assert!(
+        tokens[..newest_grant].iter().all(|t| t["revoked"] == true),
+        "{state}"
+    );
+    let replaced = &tokens[newest_grant - 1]["refresh_token"];
+    assert!(
+        state["revocations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| &r["token"] == replaced),
+        "{state}"
+    );
     // A grant that is deleted after its tokens were dropped has nothing to revoke...
     // but this one is connected again, so the provider is asked.
     let deleted = app
