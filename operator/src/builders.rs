@@ -28,7 +28,7 @@ use kube::{Resource, ResourceExt};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use tenantry_proto::retention::RetentionPolicy;
-use tenantry_proto::runtime_config::{RuntimeConfig, TlsFiles};
+use tenantry_proto::runtime_config::{OAuth2Config, RuntimeConfig, TlsFiles};
 
 use crate::config::Settings;
 use crate::error::{Error, Result};
@@ -488,6 +488,8 @@ pub fn runtime_config(owner: &Owner<'_>) -> RuntimeConfig {
             max_age_hours: r.max_age_hours,
             max_count: r.max_count,
         },
+        // The Tenant resource has no OAuth 2 provider list yet: no provider is allowed.
+        oauth2: OAuth2Config::default(),
     }
 }
 
@@ -1052,6 +1054,7 @@ pub(crate) mod tests {
                     max_age_hours: 48,
                     max_count: 500
                 },
+                oauth2: OAuth2Config::default(),
             }
         );
         assert_eq!(read.validate(), Ok(()));

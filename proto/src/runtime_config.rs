@@ -12,6 +12,9 @@
 //! data_key_file: /keys/data.key        # exactly 32 random bytes, raw
 //! token_public_key_file: /keys/token.pub  # Ed25519, SPKI PEM
 //! retention: { max_age_hours: 336, max_count: 10000 }
+//! oauth2:                              # optional; without it no OAuth 2 credential can be made
+//!   allowed_hosts: [accounts.example.com, "*.example.org", "auth.example.net:8443"]
+//!   ca_file: /etc/tenantry/provider-ca.pem   # optional: trusted besides the system's roots
 //! ```
 //!
 //! Unknown keys are refused, so a typo fails loudly instead of silently keeping a
@@ -43,6 +46,102 @@ pub struct RuntimeConfig {
     pub token_public_key_file: PathBuf,
     /// How long execution data is kept.
     pub retention: RetentionPolicy,
+    /// Which OAuth 2 providers this instance may call. Absent means none; omitted when
+    /// serialized while empty, so configs written before it existed stay byte-identical.
+    #[serde(default, skip_serializing_if = "OAuth2Config::is_empty")]
+    pub oauth2: OAuth2Config,
+}
+
+/// The OAuth 2 section: the hosts a credential's endpoints may name, and an optional extra
+/// CA for them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuth2Config {
+    /// Provider hosts: `host`, `host:port`, or `*.domain` (any subdomain of `domain`,
+    /// not `domain` itself). Lowercase DNS names or IP addresses; without a port any port
+    /// matches.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// PEM certificates trusted for provider connections besides the system's roots (a
+    /// provider behind a private CA, or a test server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl OAuth2Config {
+    /// True when nothing is set (the section is then left out of the file).
+    pub fn is_empty(&self) -> bool {
+        self.allowed_hosts.is_empty() && self.ca_file.is_none()
+    }
+
+    /// Whether `host` (as in a URL: lowercase, IPv6 in brackets) on `port` is allowed.
+    pub fn allows(&self, host: &str, port: u16) -> bool {
+        self.allowed_hosts
+            .iter()
+            .any(|entry| host_entry_matches(entry, host, port))
+    }
+}
+
+/// Splits an allow-list entry into its host pattern and optional port.
+fn split_entry(entry: &str) -> (&str, Option<&str>) {
+    // `[::1]:443`, `[::1]`, `host:443`, `host`; a bare IPv6 address has several colons.
+    if let Some(rest) = entry.strip_prefix('[') {
+        return match rest.split_once(']') {
+            Some((ip, tail)) => (
+                &entry[..ip.len() + 2],
+                tail.strip_prefix(':').filter(|p| !p.is_empty()),
+            ),
+            None => (entry, None),
+        };
+    }
+    match entry.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => (host, Some(port)),
+        _ => (entry, None),
+    }
+}
+
+fn host_entry_matches(entry: &str, host: &str, port: u16) -> bool {
+    let (pattern, entry_port) = split_entry(entry);
+    if let Some(p) = entry_port
+        && p.parse::<u16>().ok() != Some(port)
+    {
+        return false;
+    }
+    match pattern.strip_prefix("*.") {
+        Some(domain) => host
+            .strip_suffix(domain)
+            .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
+        None => pattern == host,
+    }
+}
+
+/// Why an `oauth2.allowed_hosts` entry is refused, or `None` when it is fine.
+fn host_entry_problem(entry: &str) -> Option<&'static str> {
+    let (pattern, port) = split_entry(entry);
+    if port.is_some_and(|p| p.parse::<u16>().map_or(true, |p| p == 0)) {
+        return Some("port must be 1 to 65535");
+    }
+    if pattern.starts_with('[') {
+        let ip = &pattern[1..pattern.len().saturating_sub(1)];
+        return ip
+            .parse::<std::net::Ipv6Addr>()
+            .is_err()
+            .then_some("not an IPv6 address in brackets");
+    }
+    let name = pattern.strip_prefix("*.").unwrap_or(pattern);
+    let labels_ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    (!labels_ok).then_some(
+        "must be a lowercase DNS name or IP address, optionally `*.`-prefixed and with `:port`",
+    )
 }
 
 /// The TLS files (PEM): the certificate chain (leaf first) and its private key.
@@ -64,6 +163,14 @@ pub enum RuntimeConfigError {
     /// The retention policy is out of bounds.
     #[error("retention: {0}")]
     Retention(#[source] RetentionError),
+    /// An `oauth2.allowed_hosts` entry is not a host pattern.
+    #[error("oauth2.allowed_hosts entry {entry:?}: {problem}")]
+    AllowedHost {
+        /// The entry as written.
+        entry: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
 }
 
 impl RuntimeConfig {
@@ -75,7 +182,10 @@ impl RuntimeConfig {
             &mut self.data_dir,
             &mut self.data_key_file,
             &mut self.token_public_key_file,
-        ] {
+        ]
+        .into_iter()
+        .chain(self.oauth2.ca_file.as_mut())
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -92,6 +202,17 @@ impl RuntimeConfig {
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
         if !valid {
             return Err(RuntimeConfigError::TenantId);
+        }
+        if let Some((entry, problem)) = self
+            .oauth2
+            .allowed_hosts
+            .iter()
+            .find_map(|e| host_entry_problem(e).map(|p| (e, p)))
+        {
+            return Err(RuntimeConfigError::AllowedHost {
+                entry: entry.clone(),
+                problem,
+            });
         }
         self.retention
             .validate(HARD_CAP_MAX_AGE_HOURS)
@@ -128,6 +249,9 @@ impl RuntimeConfig {
         if self.token_public_key_file != new.token_public_key_file {
             changed.push("token_public_key_file");
         }
+        if self.oauth2 != new.oauth2 {
+            changed.push("oauth2");
+        }
         changed
     }
 }
@@ -152,6 +276,7 @@ mod tests {
                 max_age_hours: 48,
                 max_count: 100,
             },
+            oauth2: OAuth2Config::default(),
         }
     }
 
@@ -183,6 +308,82 @@ mod tests {
         typo.as_object_mut().unwrap().remove("data_dir");
         let err = serde_json::from_value::<RuntimeConfig>(typo).unwrap_err();
         assert!(err.to_string().contains("data_directory"), "{err}");
+    }
+
+    #[test]
+    fn oauth2_section_is_optional_and_left_out_while_empty() {
+        let mut json = serde_json::to_value(config()).unwrap();
+        assert!(json.get("oauth2").is_none());
+        json["oauth2"] =
+            serde_json::json!({"allowed_hosts": ["auth.example.com"], "ca_file": "ca.pem"});
+        let mut c: RuntimeConfig = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(c.oauth2.allowed_hosts, ["auth.example.com"]);
+        c.resolve_paths(Path::new("/etc/tenantry"));
+        assert_eq!(
+            c.oauth2.ca_file.as_deref(),
+            Some(Path::new("/etc/tenantry/ca.pem"))
+        );
+        json["oauth2"]["allowed_host"] = serde_json::json!([]);
+        let err = serde_json::from_value::<RuntimeConfig>(json).unwrap_err();
+        assert!(err.to_string().contains("allowed_host"), "{err}");
+    }
+
+    #[test]
+    fn allowed_hosts_match_exactly_by_subdomain_wildcard_and_port() {
+        let oauth2 = OAuth2Config {
+            allowed_hosts: vec![
+                "auth.example.com".into(),
+                "*.example.org".into(),
+                "localhost:8443".into(),
+                "[::1]:9000".into(),
+                "10.0.0.1".into(),
+            ],
+            ca_file: None,
+        };
+        assert!(oauth2.allows("auth.example.com", 443));
+        assert!(oauth2.allows("auth.example.com", 8443));
+        assert!(!oauth2.allows("evil-auth.example.com", 443));
+        assert!(!oauth2.allows("auth.example.com.evil.net", 443));
+        assert!(oauth2.allows("login.example.org", 443));
+        assert!(oauth2.allows("a.b.example.org", 443));
+        assert!(!oauth2.allows("example.org", 443));
+        assert!(!oauth2.allows("badexample.org", 443));
+        assert!(oauth2.allows("localhost", 8443));
+        assert!(!oauth2.allows("localhost", 443));
+        assert!(oauth2.allows("[::1]", 9000));
+        assert!(!oauth2.allows("[::1]", 443));
+        assert!(oauth2.allows("10.0.0.1", 1));
+        assert!(!OAuth2Config::default().allows("auth.example.com", 443));
+    }
+
+    #[test]
+    fn bad_allowed_hosts_are_refused() {
+        for bad in [
+            "Auth.Example.com",
+            "",
+            "*.",
+            "a..b",
+            "host:0",
+            "host:x",
+            "[zz]",
+            "https://a.b",
+            "-a.b",
+        ] {
+            let mut c = config();
+            c.oauth2.allowed_hosts = vec![bad.into()];
+            assert!(
+                matches!(c.validate(), Err(RuntimeConfigError::AllowedHost { .. })),
+                "{bad:?} accepted"
+            );
+        }
+        let mut c = config();
+        c.oauth2.allowed_hosts = vec![
+            "a.b".into(),
+            "*.c.d:443".into(),
+            "[::1]".into(),
+            "127.0.0.1:8443".into(),
+        ];
+        assert_eq!(c.validate(), Ok(()));
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The HTTP API: `/healthz`, `/readyz`, `/metrics`, and the token-protected JSON API under
-//! `/v1` (executions and credentials).
+//! `/v1` (executions, credentials, and connecting OAuth 2 grants).
 //!
 //! Every error is a JSON body `{"error": "<code>", "message": "<text>"}`. Request bodies
 //! must be `application/json`, within the size limit (413 past it), and match the
@@ -24,7 +24,8 @@ use crate::auth::{Caller, TokenCheck, require_token};
 use crate::clock::Clock;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
-use crate::store::{Cursor, NewCredential, NewExecution, Store};
+use crate::oauth::OAuth;
+use crate::store::{CredentialKind, Cursor, NewCredential, NewExecution, Store};
 use crate::tls::CertResolver;
 
 /// Largest page of executions.
@@ -45,6 +46,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The serving certificate (readiness checks its files).
     pub certs: Arc<CertResolver>,
+    /// OAuth 2 grants.
+    pub oauth: Arc<OAuth>,
 }
 
 /// A request body type, and whether a parse error may quote its content.
@@ -62,7 +65,7 @@ impl RequestBody for NewExecution {
 
 impl RequestBody for NewCredential {
     const HOLDS_SECRET: bool = true;
-    const SHAPE: &'static str = "{name, kind: \"api_key\"|\"oauth2\", secret: {…}}";
+    const SHAPE: &'static str = "{name, kind: \"api_key\"|\"oauth2\", secret: {…}, oauth2?: {…}}";
 }
 
 /// A JSON request body with this API's errors (see the module docs).
@@ -148,6 +151,11 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
             post(create_credential).get(list_credentials),
         )
         .route("/v1/credentials/{id}", delete(delete_credential))
+        .route(
+            "/v1/credentials/{id}/oauth2/authorize",
+            post(authorize_credential),
+        )
+        .route("/v1/oauth2/callback", get(oauth2_callback))
         .route_layer(middleware::from_fn_with_state(
             state.tokens.clone(),
             require_token,
@@ -325,12 +333,42 @@ async fn delete_execution(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The secret of an `oauth2` credential.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClientSecret {
+    #[allow(dead_code)] // Only its shape is checked here; the store keeps the JSON.
+    client_secret: String,
+}
+
 async fn create_credential(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     JsonBody(new): JsonBody<NewCredential>,
 ) -> Result<Response, ApiError> {
     check_text("name", &new.name, 200)?;
+    match (new.kind, &new.oauth2) {
+        (CredentialKind::ApiKey, Some(_)) => {
+            return Err(ApiError::bad_request(
+                "oauth2 settings are only for kind \"oauth2\"",
+            ));
+        }
+        (CredentialKind::OAuth2, None) => {
+            return Err(ApiError::bad_request(
+                "kind \"oauth2\" needs oauth2: {authorization_url, token_url, revocation_url?, client_id, scopes, redirect_url}",
+            ));
+        }
+        (CredentialKind::OAuth2, Some(settings)) => {
+            // Never quote the secret: the parse error of a string field could.
+            if serde_json::from_str::<ClientSecret>(new.secret.expose_json()).is_err() {
+                return Err(ApiError::bad_request(
+                    "the secret of an oauth2 credential must be {\"client_secret\": string}",
+                ));
+            }
+            state.oauth.check_settings(settings)?;
+        }
+        (CredentialKind::ApiKey, None) => {}
+    }
     let meta = state
         .store
         .insert_credential(&new, state.clock.now())
@@ -344,17 +382,101 @@ async fn list_credentials(State(state): State<AppState>) -> Result<Response, Api
     Ok(Json(json!({"items": items})).into_response())
 }
 
+/// Deletes a credential at once; an OAuth 2 grant is then revoked at the provider too,
+/// and the answer (200, not 204) says how that went.
 async fn delete_credential(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     path: Result<Path<String>, PathRejection>,
-) -> Result<StatusCode, ApiError> {
+) -> Result<Response, ApiError> {
     let id = path_id(path)?;
-    if !state.store.delete_credential(&id).await? {
+    let Some(deleted) = state.store.delete_credential(&id).await? else {
         return Err(ApiError::not_found("credential"));
+    };
+    tracing::info!(subject = %caller.subject, credential = %id, kind = deleted.kind.as_str(), "credential deleted");
+    match deleted.grant {
+        None => Ok(StatusCode::NO_CONTENT.into_response()),
+        Some(grant) => {
+            let revocation = state.oauth.revoke(&id, grant).await;
+            Ok(Json(json!({"id": id, "provider_revocation": revocation})).into_response())
+        }
     }
-    tracing::info!(subject = %caller.subject, credential = %id, "credential deleted");
-    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn authorize_credential(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let id = path_id(path)?;
+    match state.oauth.authorize(&id, &caller).await? {
+        Some(authorization) => {
+            tracing::info!(subject = %caller.subject, credential = %id, "oauth2 authorization started");
+            Ok(Json(authorization).into_response())
+        }
+        None => match state.store.credential_kind(&id).await? {
+            Some(_) => Err(ApiError::bad_request(
+                "credential is not of kind \"oauth2\"",
+            )),
+            None => Err(ApiError::not_found("credential")),
+        },
+    }
+}
+
+/// Query of `GET /v1/oauth2/callback`: the provider's redirect parameters, forwarded.
+/// Other parameters a provider adds (`scope`, `iss`, …) are ignored.
+#[derive(Deserialize)]
+struct CallbackParams {
+    state: Option<String>,
+    code: Option<String>,
+    error: Option<String>,
+}
+
+async fn oauth2_callback(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    query: Result<Query<CallbackParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) = query.map_err(|_| ApiError::bad_request("invalid callback parameters"))?;
+    let Some(state_param) = params.state.filter(|s| !s.is_empty()) else {
+        return Err(ApiError::bad_request("state is required"));
+    };
+    let code = match (params.code.filter(|c| !c.is_empty()), params.error) {
+        (Some(code), None) => code,
+        (_, Some(error)) => {
+            // The user declined (or the provider failed): the state is used up all the same.
+            let _ = state
+                .store
+                .take_oauth2_state(
+                    &crate::oauth::state_hash(&state_param),
+                    &caller.subject,
+                    &caller.token_id,
+                    state.clock.now(),
+                )
+                .await?;
+            let code: String = error
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .take(64)
+                .collect();
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "authorization_denied",
+                format!("the provider answered {code}"),
+            ));
+        }
+        (None, None) => return Err(ApiError::bad_request("code is required")),
+    };
+    let id = state.oauth.complete(&caller, &code, &state_param).await?;
+    tracing::info!(subject = %caller.subject, credential = %id, "oauth2 authorization completed");
+    let meta = state
+        .store
+        .list_credentials()
+        .await?
+        .into_iter()
+        .find(|c| c.id == id)
+        .ok_or_else(|| ApiError::not_found("credential"))?;
+    Ok(Json(meta).into_response())
 }
 
 #[cfg(test)]

@@ -66,6 +66,10 @@ pub enum Table {
     Executions,
     /// Credential secrets.
     Credentials,
+    /// OAuth 2 grants' access and refresh tokens.
+    OAuth2Grants,
+    /// PKCE verifiers of authorizations in progress.
+    OAuth2States,
 }
 
 impl Table {
@@ -74,6 +78,8 @@ impl Table {
         match self {
             Table::Executions => "executions",
             Table::Credentials => "credentials",
+            Table::OAuth2Grants => "oauth2_grants",
+            Table::OAuth2States => "oauth2_states",
         }
     }
 }

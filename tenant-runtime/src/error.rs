@@ -112,6 +112,50 @@ pub enum Error {
     /// Accepting connections failed.
     #[error("listener: {0}")]
     Listener(#[source] std::io::Error),
+    /// The CA file for OAuth 2 providers could not be used.
+    #[error("oauth2.ca_file {}: {message}", path.display())]
+    ProviderCa {
+        /// The CA file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// An OAuth 2 endpoint is not an `https` URL on a host of `oauth2.allowed_hosts`.
+    #[error("{what} {reason}")]
+    EndpointRefused {
+        /// Which endpoint (`token_url`, …).
+        what: &'static str,
+        /// Why (names the host, never a query string).
+        reason: String,
+    },
+    /// The `state` of an authorization callback is unknown, used, expired, or another
+    /// caller's.
+    #[error("unknown, used or expired state")]
+    InvalidState,
+    /// The provider answered a request with an OAuth 2 error (`invalid_grant`, …).
+    #[error("provider refused the {step}: {code}")]
+    ProviderRefused {
+        /// The request (`code exchange`, `refresh`, `revocation`).
+        step: &'static str,
+        /// The OAuth 2 error code it sent (sanitized: letters, digits, `_`).
+        code: String,
+    },
+    /// A provider could not be reached or gave no usable answer.
+    #[error("provider {step} failed: {reason}")]
+    ProviderUnavailable {
+        /// The request.
+        step: &'static str,
+        /// Why (network, TLS, status, redirect, unreadable response; never a body).
+        reason: String,
+    },
+    /// An execution asked for the access token of a grant that has none to give.
+    #[error("oauth2 credential {id}: {reason}")]
+    GrantUnavailable {
+        /// The credential id.
+        id: String,
+        /// Why.
+        reason: crate::store::GrantUnavailable,
+    },
 }
 
 impl From<sqlx::Error> for Error {
@@ -177,6 +221,33 @@ impl IntoResponse for ApiError {
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
+        // What the caller can act on is said; these messages hold no secret (see the
+        // variants).
+        match &e {
+            Error::EndpointRefused { .. } => {
+                return ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "endpoint_not_allowed",
+                    e.to_string(),
+                );
+            }
+            Error::InvalidState => {
+                return ApiError::new(StatusCode::BAD_REQUEST, "invalid_state", e.to_string());
+            }
+            Error::ProviderRefused { .. } => {
+                tracing::warn!(error = %e, "provider refused");
+                return ApiError::new(StatusCode::BAD_REQUEST, "provider_refused", e.to_string());
+            }
+            Error::ProviderUnavailable { .. } => {
+                tracing::warn!(error = %e, "provider unavailable");
+                return ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "provider_unavailable",
+                    e.to_string(),
+                );
+            }
+            _ => {}
+        }
         // The cause is logged (errors never carry secret values); the client gets a
         // generic message.
         tracing::error!(error = %e, "request failed");

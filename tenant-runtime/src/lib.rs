@@ -1,5 +1,6 @@
 //! The per-tenant runtime: serves one tenant's instance over HTTPS, stores its data
-//! encrypted, and enforces its retention policy.
+//! encrypted, enforces its retention policy, and keeps its OAuth 2 grants' access tokens
+//! current.
 //!
 //! [`run`] is the whole program given a loaded config, a bound listener and a shutdown
 //! future; `main.rs` only parses flags, starts tracing and binds the listener, so tests
@@ -7,8 +8,9 @@
 //!
 //! Modules: [`config`] (the config file), [`crypto`] (record encryption), [`store`]
 //! (SQLite), [`retention`] (the pruner), [`tls`] (certificate serving and rotation),
-//! [`auth`] (bearer tokens), [`api`] (HTTP routes), [`metrics`], [`reload`] (live config
-//! and file reload) and [`server`] (the TLS accept loop).
+//! [`auth`] (bearer tokens), [`api`] (HTTP routes), [`oauth`] (OAuth 2 grants and their
+//! refresher), [`provider`] (HTTPS to OAuth 2 providers), [`metrics`], [`reload`] (live
+//! config and file reload) and [`server`] (the TLS accept loop).
 
 pub mod api;
 pub mod auth;
@@ -17,6 +19,8 @@ pub mod config;
 pub mod crypto;
 pub mod error;
 pub mod metrics;
+pub mod oauth;
+pub mod provider;
 pub mod reload;
 pub mod retention;
 pub mod server;
@@ -36,6 +40,8 @@ use crate::api::AppState;
 use crate::auth::TokenCheck;
 use crate::crypto::{DataKey, Sealer};
 use crate::metrics::Metrics;
+use crate::oauth::OAuth;
+use crate::provider::Provider;
 use crate::reload::{Reloader, load_verifier};
 use crate::store::Store;
 use crate::tls::CertResolver;
@@ -62,6 +68,7 @@ pub async fn run(
     let verifier = Arc::new(RwLock::new(Arc::new(load_verifier(
         &config.token_public_key_file,
     )?)));
+    let provider = Provider::new(&config.oauth2)?;
     let metrics = Arc::new(Metrics::new());
     metrics
         .stored_executions
@@ -79,6 +86,13 @@ pub async fn run(
         metrics.clone(),
         stop_rx.clone(),
     ));
+    let oauth = Arc::new(OAuth::new(
+        store.clone(),
+        provider,
+        clock.clone(),
+        metrics.clone(),
+    ));
+    let refresher = tokio::spawn(oauth.clone().run_refresher(stop_rx.clone()));
     let reloader = Reloader {
         config_path: run_config.config_path.clone(),
         config: config.clone(),
@@ -99,6 +113,7 @@ pub async fn run(
         clock: clock.clone(),
         metrics,
         certs,
+        oauth,
     };
     let router = api::router(state, run_config.max_body_bytes);
     tracing::info!(
@@ -109,7 +124,7 @@ pub async fn run(
     server::serve(listener, tls_config, router, shutdown).await;
 
     stop_tx.send_replace(true);
-    for task in [pruner, reloader] {
+    for task in [pruner, reloader, refresher] {
         if let Err(e) = task.await {
             tracing::error!(error = %e, "background task failed");
         }

@@ -2,7 +2,7 @@
 //!
 //! `/metrics` needs no token: scrapers do not hold short-lived tenant tokens, and what it
 //! exposes is aggregate counts only (requests by route and status, pruned and stored
-//! execution counts) with no ids, names, payloads or secrets. Network policy limits who
+//! execution counts, OAuth 2 connects, refreshes and revocations by result) with no ids, names, payloads or secrets. Network policy limits who
 //! can reach the runtime port at all.
 
 use prometheus_client::encoding::text::encode;
@@ -30,6 +30,12 @@ pub struct Metrics {
     pub stored_executions: Gauge,
     /// Serving certificates loaded after start (rotations).
     pub certificate_reloads: Counter,
+    /// OAuth 2 authorizations completed.
+    pub oauth2_connects: Counter,
+    /// OAuth 2 refreshes, by result (`ok`, `failed`, `invalid_grant`).
+    pub oauth2_refreshes: Family<Vec<(&'static str, &'static str)>, Counter>,
+    /// Revocations at the provider on delete, by result (`confirmed`, `failed`).
+    pub oauth2_revocations: Family<Vec<(&'static str, &'static str)>, Counter>,
 }
 
 impl Default for Metrics {
@@ -74,8 +80,29 @@ impl Metrics {
             "Serving certificates loaded after start",
             certificate_reloads.clone(),
         );
+        let oauth2_connects = Counter::default();
+        registry.register(
+            "oauth2_connects",
+            "OAuth 2 authorizations completed",
+            oauth2_connects.clone(),
+        );
+        let oauth2_refreshes = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
+        registry.register(
+            "oauth2_refreshes",
+            "OAuth 2 access-token refreshes by result",
+            oauth2_refreshes.clone(),
+        );
+        let oauth2_revocations = Family::<Vec<(&'static str, &'static str)>, Counter>::default();
+        registry.register(
+            "oauth2_revocations",
+            "Revocations at the provider when a grant is deleted, by result",
+            oauth2_revocations.clone(),
+        );
         Metrics {
             registry,
+            oauth2_connects,
+            oauth2_refreshes,
+            oauth2_revocations,
             requests,
             pruned,
             prune_runs,
@@ -94,6 +121,20 @@ impl Metrics {
         // deleted. Setting it from a count instead would race with requests in flight.
         self.stored_executions
             .dec_by(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Counts one OAuth 2 refresh with `result`.
+    pub fn add_refresh(&self, result: &'static str) {
+        self.oauth2_refreshes
+            .get_or_create(&vec![("result", result)])
+            .inc();
+    }
+
+    /// Counts one revocation at a provider with `result`.
+    pub fn add_revocation(&self, result: &'static str) {
+        self.oauth2_revocations
+            .get_or_create(&vec![("result", result)])
+            .inc();
     }
 
     /// The OpenMetrics text exposition.

@@ -4,7 +4,9 @@
 //!
 //! Payloads and secrets are sealed with [`Sealer`] before they reach SQL; only what
 //! queries need is stored in the clear: ids, times, workflow id, status, credential name
-//! and kind. Times are Unix microseconds.
+//! and kind, and an OAuth 2 grant's provider settings (endpoints, client id, scopes,
+//! redirect URL), state and counts. Its access and refresh tokens and the PKCE verifiers
+//! of authorizations in progress are sealed. Times are Unix microseconds.
 
 use std::fmt;
 use std::path::Path;
@@ -26,7 +28,7 @@ use crate::error::{Error, Result};
 /// The database file's name inside the data directory.
 pub const DB_FILE: &str = "runtime.db";
 
-const SCHEMA: [&str; 5] = [
+const SCHEMA: [&str; 9] = [
     "CREATE TABLE IF NOT EXISTS executions (
         id TEXT PRIMARY KEY NOT NULL,
         workflow_id TEXT NOT NULL,
@@ -47,6 +49,34 @@ const SCHEMA: [&str; 5] = [
         secret BLOB NOT NULL
     )",
     "CREATE INDEX IF NOT EXISTS credentials_by_creation ON credentials (created_at, id)",
+    // One row per `oauth2` credential. `tokens` is sealed and NULL unless connected;
+    // `token_version` grows with every token write, so a refresh that raced with a
+    // reconnect or a delete cannot overwrite newer tokens.
+    "CREATE TABLE IF NOT EXISTS oauth2_grants (
+        credential_id TEXT PRIMARY KEY NOT NULL REFERENCES credentials (id) ON DELETE CASCADE,
+        settings TEXT NOT NULL,
+        state TEXT NOT NULL,
+        tokens BLOB,
+        token_version INTEGER NOT NULL DEFAULT 0,
+        access_expires_at INTEGER,
+        refresh_at INTEGER,
+        refresh_failures INTEGER NOT NULL DEFAULT 0,
+        refreshes INTEGER NOT NULL DEFAULT 0,
+        token_uses INTEGER NOT NULL DEFAULT 0,
+        connected_at INTEGER
+    )",
+    "CREATE INDEX IF NOT EXISTS oauth2_grants_by_refresh ON oauth2_grants (refresh_at)",
+    // Authorizations in progress: the SHA-256 of `state`, who may complete it, and the
+    // sealed PKCE verifier. A row is deleted when it is used, so a `state` works once.
+    "CREATE TABLE IF NOT EXISTS oauth2_states (
+        state_hash TEXT PRIMARY KEY NOT NULL,
+        credential_id TEXT NOT NULL REFERENCES credentials (id) ON DELETE CASCADE,
+        subject TEXT NOT NULL,
+        token_id TEXT NOT NULL,
+        verifier BLOB NOT NULL,
+        expires_at INTEGER NOT NULL
+    )",
+    "CREATE INDEX IF NOT EXISTS oauth2_states_by_expiry ON oauth2_states (expires_at)",
 ];
 
 /// The database, and the sealer for this tenant's records.
@@ -221,8 +251,170 @@ pub struct NewCredential {
     pub name: String,
     /// What it is.
     pub kind: CredentialKind,
-    /// The secret (a JSON object); stored encrypted, never returned by the HTTP API.
+    /// The secret (a JSON object); stored encrypted, never returned by the HTTP API. For
+    /// `oauth2`, `{"client_secret": "…"}`.
     pub secret: SecretJson,
+    /// The provider settings; required for `oauth2`, refused for other kinds.
+    #[serde(default)]
+    pub oauth2: Option<OAuth2Settings>,
+}
+
+/// The provider settings of an `oauth2` credential (none of them secret).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuth2Settings {
+    /// The provider's authorization endpoint (the user's browser goes there).
+    pub authorization_url: String,
+    /// The provider's token endpoint (the runtime calls it).
+    pub token_url: String,
+    /// The provider's RFC 7009 revocation endpoint, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revocation_url: Option<String>,
+    /// The client id registered at the provider.
+    pub client_id: String,
+    /// The scopes asked for.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Where the provider sends the user back with the code (registered at the provider).
+    pub redirect_url: String,
+}
+
+/// Where an OAuth 2 grant stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantState {
+    /// No tokens yet: the authorization flow has not been completed.
+    NotConnected,
+    /// Tokens held and refreshed.
+    Connected,
+    /// The provider refused the refresh token (`invalid_grant`); the tokens are gone and
+    /// the user must authorize again.
+    NeedsReauthorization,
+}
+
+impl GrantState {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantState::NotConnected => "not_connected",
+            GrantState::Connected => "connected",
+            GrantState::NeedsReauthorization => "needs_reauthorization",
+        }
+    }
+
+    fn parse(s: &str) -> Option<GrantState> {
+        match s {
+            "not_connected" => Some(GrantState::NotConnected),
+            "connected" => Some(GrantState::Connected),
+            "needs_reauthorization" => Some(GrantState::NeedsReauthorization),
+            _ => None,
+        }
+    }
+}
+
+/// What may be shown about an OAuth 2 grant: its settings, state and counts, never a
+/// token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct GrantStatus {
+    /// The provider settings.
+    #[serde(flatten)]
+    pub settings: OAuth2Settings,
+    /// Where it stands.
+    pub state: GrantState,
+    /// When the access token held now expires (`None` when none is held, or the provider
+    /// gave no lifetime).
+    pub access_token_expires_at: Option<Timestamp>,
+    /// When the last authorization completed.
+    pub connected_at: Option<Timestamp>,
+    /// Successful refreshes since then.
+    pub refreshes: i64,
+    /// Access tokens handed to executions (the audit count).
+    pub access_token_uses: i64,
+}
+
+/// A grant's access and refresh tokens; sealed as one record, never printed.
+pub struct GrantTokens {
+    /// The current access token.
+    pub access: SecretString,
+    /// The refresh token, when the provider gave one.
+    pub refresh: Option<SecretString>,
+}
+
+impl fmt::Debug for GrantTokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("GrantTokens([REDACTED])")
+    }
+}
+
+/// The wire form of [`GrantTokens`] inside the sealed record.
+#[derive(Serialize, Deserialize)]
+struct TokensRecord<T> {
+    access_token: T,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    refresh_token: Option<T>,
+}
+
+/// An OAuth 2 grant as the refresher and the flows need it.
+#[derive(Debug)]
+pub struct Grant {
+    /// The credential's id.
+    pub credential_id: String,
+    /// The provider settings.
+    pub settings: OAuth2Settings,
+    /// Where it stands.
+    pub state: GrantState,
+    /// The tokens, when connected.
+    pub tokens: Option<GrantTokens>,
+    /// The version of the tokens read (see [`Store::update_grant_tokens`]).
+    pub token_version: i64,
+    /// Consecutive failed refreshes.
+    pub refresh_failures: i64,
+}
+
+/// What deleting a credential removed.
+#[derive(Debug)]
+pub struct DeletedCredential {
+    /// What it was.
+    pub kind: CredentialKind,
+    /// For an OAuth 2 grant: what revoking it at the provider needs.
+    pub grant: Option<DeletedGrant>,
+}
+
+/// The part of a deleted OAuth 2 grant that revocation at the provider needs.
+#[derive(Debug)]
+pub struct DeletedGrant {
+    /// The provider settings.
+    pub settings: OAuth2Settings,
+    /// The client secret.
+    pub client_secret: SecretString,
+    /// The tokens it held, if connected.
+    pub tokens: Option<GrantTokens>,
+}
+
+/// An authorization in progress, as recorded for its callback.
+#[derive(Debug)]
+pub struct PendingAuthorization<'a> {
+    /// Hex SHA-256 of the `state` handed out (the value itself is not kept).
+    pub state_hash: &'a str,
+    /// The credential being connected.
+    pub credential_id: &'a str,
+    /// The caller's subject, who alone may complete it...
+    pub subject: &'a str,
+    /// ... with the same token (its `jti`).
+    pub token_id: &'a str,
+    /// The PKCE verifier (sealed in the store).
+    pub verifier: &'a SecretString,
+    /// When the callback stops accepting it.
+    pub expires_at: Timestamp,
+}
+
+/// The outcome of a token write guarded by a version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Written {
+    /// The row held the expected version and was updated.
+    Yes,
+    /// The row changed or disappeared meanwhile; nothing was written.
+    Stale,
 }
 
 /// What may be shown about a credential: everything but the secret.
@@ -236,6 +428,9 @@ pub struct CredentialMeta {
     pub kind: CredentialKind,
     /// When it was stored.
     pub created_at: Timestamp,
+    /// For `oauth2`: the grant's settings, state and access-token expiry.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oauth2: Option<GrantStatus>,
 }
 
 fn micros(t: Timestamp) -> i64 {
@@ -520,7 +715,8 @@ impl Store {
         Ok(done.rows_affected())
     }
 
-    /// Stores a credential with its secret sealed; returns its metadata.
+    /// Stores a credential with its secret sealed (and, for `oauth2`, its grant, not yet
+    /// connected); returns its metadata.
     pub async fn insert_credential(
         &self,
         new: &NewCredential,
@@ -530,6 +726,7 @@ impl Store {
         let sealed =
             self.sealer
                 .seal(Table::Credentials, &id, new.secret.expose_json().as_bytes())?;
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO credentials (id, name, kind, created_at, secret) VALUES (?, ?, ?, ?, ?)",
         )
@@ -538,11 +735,34 @@ impl Store {
         .bind(new.kind.as_str())
         .bind(micros(now))
         .bind(sealed)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        if let Some(settings) = &new.oauth2 {
+            let settings_json = serde_json::to_string(settings).map_err(|_| Error::Corrupt {
+                table: Table::OAuth2Grants.as_str(),
+                id: id.clone(),
+            })?;
+            sqlx::query(
+                "INSERT INTO oauth2_grants (credential_id, settings, state) VALUES (?, ?, ?)",
+            )
+            .bind(&id)
+            .bind(settings_json)
+            .bind(GrantState::NotConnected.as_str())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
         // Report the time as stored (microsecond precision), as a later listing will.
         let created_at = from_micros(Table::Credentials.as_str(), &id, micros(now))?;
         Ok(CredentialMeta {
+            oauth2: new.oauth2.clone().map(|settings| GrantStatus {
+                settings,
+                state: GrantState::NotConnected,
+                access_token_expires_at: None,
+                connected_at: None,
+                refreshes: 0,
+                access_token_uses: 0,
+            }),
             id,
             name: new.name.clone(),
             kind: new.kind,
@@ -550,11 +770,14 @@ impl Store {
         })
     }
 
-    /// Every credential's metadata (never a secret), newest first.
+    /// Every credential's metadata (never a secret or a token), newest first.
     pub async fn list_credentials(&self) -> Result<Vec<CredentialMeta>> {
         const T: &str = "credentials";
         let rows = sqlx::query(
-            "SELECT id, name, kind, created_at FROM credentials ORDER BY created_at DESC, id DESC",
+            "SELECT c.id, c.name, c.kind, c.created_at, g.settings, g.state,
+                    g.access_expires_at, g.connected_at, g.refreshes, g.token_uses
+             FROM credentials c LEFT JOIN oauth2_grants g ON g.credential_id = c.id
+             ORDER BY c.created_at DESC, c.id DESC",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -562,13 +785,36 @@ impl Store {
             .map(|row| {
                 let id: String = row.try_get("id")?;
                 let kind: String = row.try_get("kind")?;
+                let corrupt = || Error::Corrupt {
+                    table: T,
+                    id: id.clone(),
+                };
+                let settings: Option<String> = row.try_get("settings")?;
+                let oauth2 = match settings {
+                    None => None,
+                    Some(text) => {
+                        let state: String = row.try_get("state")?;
+                        let expires: Option<i64> = row.try_get("access_expires_at")?;
+                        let connected: Option<i64> = row.try_get("connected_at")?;
+                        Some(GrantStatus {
+                            settings: serde_json::from_str(&text).map_err(|_| corrupt())?,
+                            state: GrantState::parse(&state).ok_or_else(corrupt)?,
+                            access_token_expires_at: expires
+                                .map(|us| from_micros(T, &id, us))
+                                .transpose()?,
+                            connected_at: connected
+                                .map(|us| from_micros(T, &id, us))
+                                .transpose()?,
+                            refreshes: row.try_get("refreshes")?,
+                            access_token_uses: row.try_get("token_uses")?,
+                        })
+                    }
+                };
                 Ok(CredentialMeta {
-                    kind: CredentialKind::parse(&kind).ok_or_else(|| Error::Corrupt {
-                        table: T,
-                        id: id.clone(),
-                    })?,
+                    kind: CredentialKind::parse(&kind).ok_or_else(corrupt)?,
                     name: row.try_get("name")?,
                     created_at: from_micros(T, &id, row.try_get("created_at")?)?,
+                    oauth2,
                     id,
                 })
             })
@@ -584,21 +830,397 @@ impl Store {
             .await?;
         let Some(row) = row else { return Ok(None) };
         let sealed: Vec<u8> = row.try_get(0)?;
-        let plaintext = self.sealer.open(Table::Credentials, id, &sealed)?;
+        self.open_secret(id, &sealed).map(Some)
+    }
+
+    fn open_secret(&self, id: &str, sealed: &[u8]) -> Result<SecretString> {
+        let plaintext = self.sealer.open(Table::Credentials, id, sealed)?;
         let text = std::str::from_utf8(&plaintext).map_err(|_| Error::Corrupt {
             table: "credentials",
             id: id.to_owned(),
         })?;
-        Ok(Some(SecretString::from(text)))
+        Ok(SecretString::from(text))
     }
 
-    /// Deletes credential `id`; `false` if there was none.
-    pub async fn delete_credential(&self, id: &str) -> Result<bool> {
-        let done = sqlx::query("DELETE FROM credentials WHERE id = ?")
+    /// The `client_secret` of an `oauth2` credential's secret object.
+    fn open_client_secret(&self, id: &str, sealed: &[u8]) -> Result<SecretString> {
+        #[derive(Deserialize)]
+        struct ClientSecret {
+            client_secret: String,
+        }
+        let json = self.open_secret(id, sealed)?;
+        let parsed: ClientSecret =
+            serde_json::from_str(json.expose_secret()).map_err(|_| Error::Corrupt {
+                table: "credentials",
+                id: id.to_owned(),
+            })?;
+        Ok(SecretString::from(parsed.client_secret))
+    }
+
+    fn seal_tokens(&self, id: &str, tokens: &GrantTokens) -> Result<Vec<u8>> {
+        let record = TokensRecord {
+            access_token: tokens.access.expose_secret(),
+            refresh_token: tokens.refresh.as_ref().map(|r| r.expose_secret()),
+        };
+        let plaintext =
+            Zeroizing::new(serde_json::to_vec(&record).map_err(|_| Error::Encrypt {
+                table: Table::OAuth2Grants.as_str(),
+            })?);
+        self.sealer.seal(Table::OAuth2Grants, id, &plaintext)
+    }
+
+    fn open_tokens(&self, id: &str, sealed: &[u8]) -> Result<GrantTokens> {
+        let plaintext = self.sealer.open(Table::OAuth2Grants, id, sealed)?;
+        let record: TokensRecord<String> =
+            serde_json::from_slice(&plaintext).map_err(|_| Error::Corrupt {
+                table: Table::OAuth2Grants.as_str(),
+                id: id.to_owned(),
+            })?;
+        Ok(GrantTokens {
+            access: SecretString::from(record.access_token),
+            refresh: record.refresh_token.map(SecretString::from),
+        })
+    }
+
+    fn grant_from_row(&self, row: &SqliteRow) -> Result<Grant> {
+        const T: &str = "oauth2_grants";
+        let id: String = row.try_get("credential_id")?;
+        let corrupt = || Error::Corrupt {
+            table: T,
+            id: id.clone(),
+        };
+        let settings: String = row.try_get("settings")?;
+        let state: String = row.try_get("state")?;
+        let sealed: Option<Vec<u8>> = row.try_get("tokens")?;
+        Ok(Grant {
+            settings: serde_json::from_str(&settings).map_err(|_| corrupt())?,
+            state: GrantState::parse(&state).ok_or_else(corrupt)?,
+            tokens: sealed.map(|s| self.open_tokens(&id, &s)).transpose()?,
+            token_version: row.try_get("token_version")?,
+            refresh_failures: row.try_get("refresh_failures")?,
+            credential_id: id,
+        })
+    }
+
+    /// The OAuth 2 grant of credential `id`, with its `client_secret`; `None` if there is
+    /// no such credential or it is not an `oauth2` one.
+    pub async fn grant(&self, id: &str) -> Result<Option<(Grant, SecretString)>> {
+        let row = sqlx::query(
+            "SELECT g.credential_id, g.settings, g.state, g.tokens, g.token_version,
+                    g.refresh_failures, c.secret
+             FROM oauth2_grants g JOIN credentials c ON c.id = g.credential_id
+             WHERE g.credential_id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let sealed: Vec<u8> = row.try_get("secret")?;
+        Ok(Some((
+            self.grant_from_row(&row)?,
+            self.open_client_secret(id, &sealed)?,
+        )))
+    }
+
+    /// The kind of credential `id`; `None` if there is none.
+    pub async fn credential_kind(&self, id: &str) -> Result<Option<CredentialKind>> {
+        let row = sqlx::query("SELECT kind FROM credentials WHERE id = ?")
             .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            let kind: String = r.try_get(0)?;
+            CredentialKind::parse(&kind).ok_or_else(|| Error::Corrupt {
+                table: "credentials",
+                id: id.to_owned(),
+            })
+        })
+        .transpose()
+    }
+
+    /// Records an authorization in progress; expired ones are dropped on the way.
+    pub async fn insert_oauth2_state(
+        &self,
+        new: &PendingAuthorization<'_>,
+        now: Timestamp,
+    ) -> Result<()> {
+        let sealed = self.sealer.seal(
+            Table::OAuth2States,
+            new.state_hash,
+            new.verifier.expose_secret().as_bytes(),
+        )?;
+        sqlx::query("DELETE FROM oauth2_states WHERE expires_at <= ?")
+            .bind(micros(now))
             .execute(&self.pool)
             .await?;
-        Ok(done.rows_affected() > 0)
+        sqlx::query(
+            "INSERT INTO oauth2_states (state_hash, credential_id, subject, token_id, verifier, expires_at)
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(new.state_hash)
+        .bind(new.credential_id)
+        .bind(new.subject)
+        .bind(new.token_id)
+        .bind(sealed)
+        .bind(micros(new.expires_at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Uses up the authorization in progress `state_hash` if it is bound to this caller
+    /// and not expired: deletes it and returns its credential id and PKCE verifier.
+    /// `None` when there is no such state for this caller (unknown, used, expired, or
+    /// someone else's: that one is left for its owner).
+    pub async fn take_oauth2_state(
+        &self,
+        state_hash: &str,
+        subject: &str,
+        token_id: &str,
+        now: Timestamp,
+    ) -> Result<Option<(String, SecretString)>> {
+        let row = sqlx::query(
+            "DELETE FROM oauth2_states
+             WHERE state_hash = ? AND subject = ? AND token_id = ? AND expires_at > ?
+             RETURNING credential_id, verifier",
+        )
+        .bind(state_hash)
+        .bind(subject)
+        .bind(token_id)
+        .bind(micros(now))
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let credential_id: String = row.try_get(0)?;
+        let sealed: Vec<u8> = row.try_get(1)?;
+        let plaintext = self.sealer.open(Table::OAuth2States, state_hash, &sealed)?;
+        let verifier = std::str::from_utf8(&plaintext).map_err(|_| Error::Corrupt {
+            table: Table::OAuth2States.as_str(),
+            id: state_hash.to_owned(),
+        })?;
+        Ok(Some((credential_id, SecretString::from(verifier))))
+    }
+
+    /// Writes new tokens for grant `id` if its tokens are still at `expected_version`:
+    /// state `connected`, the access token's expiry, the next refresh time, failures
+    /// reset. `connected` says whether this completes an authorization (refresh count
+    /// reset, `connected_at` set) or is a refresh (refresh count + 1).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn update_grant_tokens(
+        &self,
+        id: &str,
+        expected_version: i64,
+        tokens: &GrantTokens,
+        access_expires_at: Option<Timestamp>,
+        refresh_at: Option<Timestamp>,
+        connected: bool,
+        now: Timestamp,
+    ) -> Result<Written> {
+        let sealed = self.seal_tokens(id, tokens)?;
+        let done = sqlx::query(
+            "UPDATE oauth2_grants SET
+                state = 'connected', tokens = ?, token_version = token_version + 1,
+                access_expires_at = ?, refresh_at = ?, refresh_failures = 0,
+                refreshes = CASE WHEN ? THEN 0 ELSE refreshes + 1 END,
+                connected_at = CASE WHEN ? THEN ? ELSE connected_at END
+             WHERE credential_id = ? AND token_version = ?",
+        )
+        .bind(sealed)
+        .bind(access_expires_at.map(micros))
+        .bind(refresh_at.map(micros))
+        .bind(connected)
+        .bind(connected)
+        .bind(micros(now))
+        .bind(id)
+        .bind(expected_version)
+        .execute(&self.pool)
+        .await?;
+        Ok(if done.rows_affected() > 0 {
+            Written::Yes
+        } else {
+            Written::Stale
+        })
+    }
+
+    /// Records a failed refresh of grant `id` (tokens at `expected_version`): one more
+    /// failure, next try at `retry_at`.
+    pub async fn record_refresh_failure(
+        &self,
+        id: &str,
+        expected_version: i64,
+        retry_at: Timestamp,
+    ) -> Result<Written> {
+        let done = sqlx::query(
+            "UPDATE oauth2_grants SET refresh_failures = refresh_failures + 1, refresh_at = ?
+             WHERE credential_id = ? AND token_version = ?",
+        )
+        .bind(micros(retry_at))
+        .bind(id)
+        .bind(expected_version)
+        .execute(&self.pool)
+        .await?;
+        Ok(if done.rows_affected() > 0 {
+            Written::Yes
+        } else {
+            Written::Stale
+        })
+    }
+
+    /// Marks grant `id` (tokens at `expected_version`) `needs_reauthorization`: its
+    /// tokens are deleted (overwritten, with `secure_delete`) and it is not refreshed
+    /// again until the user authorizes anew.
+    pub async fn mark_needs_reauthorization(
+        &self,
+        id: &str,
+        expected_version: i64,
+    ) -> Result<Written> {
+        let done = sqlx::query(
+            "UPDATE oauth2_grants SET state = 'needs_reauthorization', tokens = NULL,
+                token_version = token_version + 1, access_expires_at = NULL, refresh_at = NULL
+             WHERE credential_id = ? AND token_version = ?",
+        )
+        .bind(id)
+        .bind(expected_version)
+        .execute(&self.pool)
+        .await?;
+        Ok(if done.rows_affected() > 0 {
+            Written::Yes
+        } else {
+            Written::Stale
+        })
+    }
+
+    /// The earliest scheduled refresh of a connected grant.
+    pub async fn next_refresh(&self) -> Result<Option<Timestamp>> {
+        let us: Option<i64> =
+            sqlx::query("SELECT min(refresh_at) FROM oauth2_grants WHERE state = 'connected'")
+                .fetch_one(&self.pool)
+                .await?
+                .try_get(0)?;
+        us.map(|us| from_micros("oauth2_grants", "min(refresh_at)", us))
+            .transpose()
+    }
+
+    /// Ids of the connected grants whose refresh is due at `now`, earliest first.
+    pub async fn due_refreshes(&self, now: Timestamp) -> Result<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT credential_id FROM oauth2_grants
+             WHERE state = 'connected' AND refresh_at <= ? ORDER BY refresh_at",
+        )
+        .bind(micros(now))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| r.try_get(0).map_err(Error::from))
+            .collect()
+    }
+
+    /// The current access token of grant `id` for an execution, counting the use (the
+    /// audit count shown as `access_token_uses`). `Err(state)` names why there is none:
+    /// no such grant, not connected, needs reauthorization, or expired.
+    pub async fn take_access_token(
+        &self,
+        id: &str,
+        now: Timestamp,
+    ) -> Result<Result<(SecretString, i64), GrantUnavailable>> {
+        let row = sqlx::query(
+            "UPDATE oauth2_grants SET token_uses = token_uses + 1
+             WHERE credential_id = ? AND state = 'connected' AND tokens IS NOT NULL
+               AND (access_expires_at IS NULL OR access_expires_at > ?)
+             RETURNING tokens, token_uses",
+        )
+        .bind(id)
+        .bind(micros(now))
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(row) = row {
+            let sealed: Vec<u8> = row.try_get(0)?;
+            let uses: i64 = row.try_get(1)?;
+            return Ok(Ok((self.open_tokens(id, &sealed)?.access, uses)));
+        }
+        let state: Option<String> =
+            sqlx::query("SELECT state FROM oauth2_grants WHERE credential_id = ?")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?
+                .map(|r| r.try_get(0))
+                .transpose()?;
+        Ok(Err(match state.as_deref().and_then(GrantState::parse) {
+            None => GrantUnavailable::NotFound,
+            Some(GrantState::NotConnected) => GrantUnavailable::NotConnected,
+            Some(GrantState::NeedsReauthorization) => GrantUnavailable::NeedsReauthorization,
+            Some(GrantState::Connected) => GrantUnavailable::Expired,
+        }))
+    }
+
+    /// Deletes credential `id` at once (with its grant and authorizations in progress;
+    /// `secure_delete` overwrites them) and returns what it was, so an OAuth 2 grant can
+    /// then be revoked at the provider; `None` if there was none.
+    pub async fn delete_credential(&self, id: &str) -> Result<Option<DeletedCredential>> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query("SELECT kind, secret FROM credentials WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let kind: String = row.try_get(0)?;
+        let kind = CredentialKind::parse(&kind).ok_or_else(|| Error::Corrupt {
+            table: "credentials",
+            id: id.to_owned(),
+        })?;
+        let sealed_secret: Vec<u8> = row.try_get(1)?;
+        let grant_row = sqlx::query(
+            "SELECT credential_id, settings, state, tokens, token_version, refresh_failures
+             FROM oauth2_grants WHERE credential_id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        for statement in [
+            "DELETE FROM oauth2_states WHERE credential_id = ?",
+            "DELETE FROM oauth2_grants WHERE credential_id = ?",
+            "DELETE FROM credentials WHERE id = ?",
+        ] {
+            sqlx::query(statement).bind(id).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        // Decrypted after the commit: a record that fails to open is still deleted.
+        let grant = match grant_row {
+            None => None,
+            Some(row) => {
+                let grant = self.grant_from_row(&row)?;
+                Some(DeletedGrant {
+                    settings: grant.settings,
+                    client_secret: self.open_client_secret(id, &sealed_secret)?,
+                    tokens: grant.tokens,
+                })
+            }
+        };
+        Ok(Some(DeletedCredential { kind, grant }))
+    }
+}
+
+/// Why an execution gets no access token from a grant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrantUnavailable {
+    /// No `oauth2` credential has this id.
+    NotFound,
+    /// The authorization flow has not been completed.
+    NotConnected,
+    /// The provider refused the refresh token; the user must authorize again.
+    NeedsReauthorization,
+    /// The access token expired and has not been refreshed (yet).
+    Expired,
+}
+
+impl fmt::Display for GrantUnavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            GrantUnavailable::NotFound => "no such oauth2 credential",
+            GrantUnavailable::NotConnected => "the grant is not connected",
+            GrantUnavailable::NeedsReauthorization => "the grant needs reauthorization",
+            GrantUnavailable::Expired => "the access token has expired",
+        })
     }
 }
 
@@ -697,6 +1319,188 @@ mod tests {
             .collect();
         assert_eq!(starts, vec![2009, 2008, 2007, 2006]);
         assert!(store.count_boundary(4).await.unwrap().is_none());
+    }
+
+    fn oauth2_credential() -> NewCredential {
+        serde_json::from_value(serde_json::json!({
+            "name": "crm", "kind": "oauth2", "secret": {"client_secret": "cs"},
+            "oauth2": {"authorization_url": "https://a.test/auth", "token_url": "https://a.test/token",
+                       "client_id": "c", "scopes": ["s"], "redirect_url": "https://app.test/cb"},
+        }))
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_authorization_state_works_once_for_its_caller_until_it_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), sealer("acme")).await.unwrap();
+        let id = store
+            .insert_credential(&oauth2_credential(), ts(100))
+            .await
+            .unwrap()
+            .id;
+        let verifier = SecretString::from("verifier-1");
+        for (hash, expires) in [("h1", 200), ("h2", 150)] {
+            let pending = PendingAuthorization {
+                state_hash: hash,
+                credential_id: &id,
+                subject: "alice",
+                token_id: "jti-1",
+                verifier: &verifier,
+                expires_at: ts(expires),
+            };
+            store.insert_oauth2_state(&pending, ts(100)).await.unwrap();
+        }
+        // Another token of the same subject, or another subject: nothing, and left alone.
+        assert!(
+            store
+                .take_oauth2_state("h1", "alice", "jti-2", ts(120))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            store
+                .take_oauth2_state("h1", "bob", "jti-1", ts(120))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let (cred, v) = store
+            .take_oauth2_state("h1", "alice", "jti-1", ts(120))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (cred.as_str(), v.expose_secret()),
+            (id.as_str(), "verifier-1")
+        );
+        assert!(
+            store
+                .take_oauth2_state("h1", "alice", "jti-1", ts(121))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        // Expired.
+        assert!(
+            store
+                .take_oauth2_state("h2", "alice", "jti-1", ts(150))
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn token_writes_are_guarded_by_version_and_uses_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), sealer("acme")).await.unwrap();
+        let id = store
+            .insert_credential(&oauth2_credential(), ts(100))
+            .await
+            .unwrap()
+            .id;
+        assert_eq!(
+            store
+                .take_access_token(&id, ts(100))
+                .await
+                .unwrap()
+                .unwrap_err(),
+            GrantUnavailable::NotConnected
+        );
+        let tokens = |a: &str| GrantTokens {
+            access: SecretString::from(a),
+            refresh: Some(SecretString::from("r")),
+        };
+        let write = |version, a: &'static str, connected| {
+            let store = store.clone();
+            let id = id.clone();
+            async move {
+                store
+                    .update_grant_tokens(
+                        &id,
+                        version,
+                        &tokens(a),
+                        Some(ts(200)),
+                        Some(ts(160)),
+                        connected,
+                        ts(100),
+                    )
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(write(0, "a1", true).await, Written::Yes);
+        // A refresh that read version 0 lost the race: nothing written.
+        assert_eq!(write(0, "stale", false).await, Written::Stale);
+        assert_eq!(write(1, "a2", false).await, Written::Yes);
+        let (token, uses) = store
+            .take_access_token(&id, ts(150))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((token.expose_secret(), uses), ("a2", 1));
+        assert_eq!(
+            store
+                .take_access_token(&id, ts(150))
+                .await
+                .unwrap()
+                .unwrap()
+                .1,
+            2
+        );
+        assert_eq!(
+            store
+                .take_access_token(&id, ts(200))
+                .await
+                .unwrap()
+                .unwrap_err(),
+            GrantUnavailable::Expired
+        );
+        assert_eq!(
+            store.due_refreshes(ts(159)).await.unwrap(),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            store.due_refreshes(ts(160)).await.unwrap(),
+            vec![id.clone()]
+        );
+        let listed = store.list_credentials().await.unwrap();
+        let status = listed[0].oauth2.as_ref().unwrap();
+        assert_eq!(
+            (status.state, status.refreshes, status.access_token_uses),
+            (GrantState::Connected, 1, 2)
+        );
+        assert_eq!(
+            store.mark_needs_reauthorization(&id, 1).await.unwrap(),
+            Written::Stale
+        );
+        assert_eq!(
+            store.mark_needs_reauthorization(&id, 2).await.unwrap(),
+            Written::Yes
+        );
+        assert_eq!(store.next_refresh().await.unwrap(), None);
+        assert_eq!(
+            store
+                .take_access_token(&id, ts(150))
+                .await
+                .unwrap()
+                .unwrap_err(),
+            GrantUnavailable::NeedsReauthorization
+        );
+        let deleted = store.delete_credential(&id).await.unwrap().unwrap();
+        let grant = deleted.grant.unwrap();
+        assert_eq!(grant.client_secret.expose_secret(), "cs");
+        assert!(grant.tokens.is_none());
+        assert_eq!(
+            store
+                .take_access_token(&id, ts(150))
+                .await
+                .unwrap()
+                .unwrap_err(),
+            GrantUnavailable::NotFound
+        );
     }
 
     #[tokio::test]

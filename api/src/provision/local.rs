@@ -34,7 +34,7 @@ use crate::crypto::random_bytes;
 use crate::error::{Error, Result};
 use crate::store::{Store, TenantStatus};
 use tenantry_proto::phase::TenantPhase;
-use tenantry_proto::runtime_config::{RuntimeConfig, TlsFiles};
+use tenantry_proto::runtime_config::{OAuth2Config, RuntimeConfig, TlsFiles};
 
 /// The local CA's certificate, for clients to trust (`<data-dir>/ca.crt`).
 pub const CA_CERT_FILE: &str = "ca.crt";
@@ -116,6 +116,8 @@ pub fn runtime_config(
         data_key_file: dir.join("data.key"),
         token_public_key_file: token_public_key.to_owned(),
         retention: spec.retention,
+        // Tenants have no OAuth 2 provider list yet: no provider is allowed.
+        oauth2: OAuth2Config::default(),
     }
 }
 

@@ -161,6 +161,7 @@ async fn credentials_list_metadata_never_secrets() {
     assert_eq!(created.status, 201, "{}", created.text);
     let id = created.json["id"].as_str().unwrap().to_owned();
     assert!(!created.text.contains("sk-live"));
+    // An oauth2 credential needs its provider settings (see the oauth module's tests).
     let oauth = app
         .call(
             "POST",
@@ -168,7 +169,24 @@ async fn credentials_list_metadata_never_secrets() {
             Some(json!({"name": "google", "kind": "oauth2", "secret": {"client_secret": "cs-XYZ", "refresh_token": "rt"}})),
         )
         .await;
-    assert_eq!(oauth.status, 201, "{}", oauth.text);
+    assert_eq!(oauth.status, 400, "{}", oauth.text);
+    assert!(
+        oauth.json["message"]
+            .as_str()
+            .unwrap()
+            .contains("needs oauth2")
+    );
+    assert!(!oauth.text.contains("cs-XYZ"));
+    let other = app
+        .call(
+            "POST",
+            "/v1/credentials",
+            Some(
+                json!({"name": "google", "kind": "api_key", "secret": {"client_secret": "cs-XYZ"}}),
+            ),
+        )
+        .await;
+    assert_eq!(other.status, 201, "{}", other.text);
 
     let list = app.call("GET", "/v1/credentials", None).await;
     assert_eq!(list.status, 200);

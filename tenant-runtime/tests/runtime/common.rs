@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
@@ -16,6 +17,8 @@ use tokio::task::JoinHandle;
 
 pub struct Options {
     pub tenant: String,
+    /// Appended to the config file as is (e.g. an `oauth2:` section).
+    pub extra_config: String,
     pub retention: RetentionPolicy,
     pub max_body_bytes: usize,
     pub prune_interval: Duration,
@@ -26,6 +29,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             tenant: "acme".into(),
+            extra_config: String::new(),
             retention: RetentionPolicy::default(),
             max_body_bytes: 64 * 1024,
             prune_interval: Duration::from_secs(3600),
@@ -64,11 +68,11 @@ pub fn new_leaf(ca: &CertifiedIssuer<'static, KeyPair>) -> (String, String, Vec<
     (cert.pem(), key.serialize_pem(), cert.der().to_vec())
 }
 
-pub fn write_config(path: &Path, tenant: &str, retention: RetentionPolicy) {
+pub fn write_config(path: &Path, tenant: &str, retention: RetentionPolicy, extra: &str) {
     let yaml = format!(
         "tenant_id: {tenant}\nlisten: 127.0.0.1:0\ntls: {{cert_file: tls/tls.crt, key_file: tls/tls.key}}\n\
          data_dir: data\ndata_key_file: keys/data.key\ntoken_public_key_file: keys/token.pub\n\
-         retention: {{max_age_hours: {}, max_count: {}}}\n",
+         retention: {{max_age_hours: {}, max_count: {}}}\n{extra}",
         retention.max_age_hours, retention.max_count
     );
     // Write then rename, as a ConfigMap update does, so the poller never sees half a file.
@@ -101,7 +105,12 @@ pub fn prepare(options: &Options) -> Prepared {
     let signer = TokenSigner::generate().unwrap();
     std::fs::write(root.join("keys/token.pub"), signer.public_key_pem()).unwrap();
     let config_path = root.join("runtime.yaml");
-    write_config(&config_path, &options.tenant, options.retention);
+    write_config(
+        &config_path,
+        &options.tenant,
+        options.retention,
+        &options.extra_config,
+    );
     Prepared {
         dir,
         ca,
@@ -165,10 +174,15 @@ impl Instance {
 
     /// A valid token for this tenant.
     pub fn token(&self) -> String {
+        self.token_for("user-1")
+    }
+
+    /// A valid token for this tenant with `subject` (each call a new token id).
+    pub fn token_for(&self, subject: &str) -> String {
         self.signer
             .issue(
                 &self.tenant,
-                "user-1",
+                subject,
                 jiff::Timestamp::now(),
                 Duration::from_secs(300),
             )
@@ -185,7 +199,7 @@ impl Instance {
     }
 
     pub fn set_retention(&self, retention: RetentionPolicy) {
-        write_config(&self.config_path, &self.tenant, retention);
+        write_config(&self.config_path, &self.tenant, retention, "");
     }
 
     /// A new HTTPS connection, checked against the CA for `localhost`.
@@ -293,6 +307,44 @@ pub fn read_tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     }
     out.sort();
     out
+}
+
+/// Every log line of this test binary, at TRACE, from the first call on: the global
+/// subscriber writes here, so the runtime's every thread (and every test running
+/// meanwhile) logs into it. Tests check it for needles of their own.
+pub fn log_capture() -> &'static Captured {
+    static CAPTURE: OnceLock<Captured> = OnceLock::new();
+    CAPTURE.get_or_init(|| {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        tracing_subscriber::fmt()
+            .with_env_filter("trace")
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .init();
+        captured
+    })
+}
+
+/// A shared, growing log buffer.
+#[derive(Clone, Default)]
+pub struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Captured {
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {

@@ -1,39 +1,17 @@
-//! "Credentials are never logged": with every log line captured at DEBUG, a session that
+//! "Credentials are never logged": with every log line captured at TRACE, a session that
 //! stores, lists and deletes credentials and executions, and sends malformed bodies and
 //! tokens, never writes a secret, a payload or a token to the log.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use serde_json::json;
 
-use crate::common::Instance;
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use crate::common::{Instance, log_capture};
 
 #[tokio::test]
 async fn no_secret_payload_or_token_reaches_the_log() {
-    let captured = Captured::default();
-    let writer = captured.clone();
     // The global subscriber, so the runtime's every thread logs here. It also catches the
     // other tests of this binary that run meanwhile: that only adds lines, and the needles
     // checked below belong to this test alone.
-    tracing_subscriber::fmt()
-        .with_env_filter("debug")
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .init();
+    let captured = log_capture();
 
     let app = Instance::start().await;
     let token = app.token();
@@ -124,7 +102,7 @@ async fn no_secret_payload_or_token_reaches_the_log() {
     );
     app.stop().await.unwrap();
 
-    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let log = captured.text();
     // The log did record the session (so the absence checks below mean something).
     assert!(log.contains("credential stored"), "{log}");
     assert!(log.contains("token refused"), "{log}");

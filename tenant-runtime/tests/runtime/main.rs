@@ -7,6 +7,7 @@ mod common;
 mod api;
 mod auth;
 mod logs;
+mod oauth;
 mod retention;
 mod storage;
 mod tls;

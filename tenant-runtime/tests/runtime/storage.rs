@@ -33,7 +33,7 @@ async fn database_and_wal_hold_no_plaintext_payload_or_secret() {
         .call(
             "POST",
             "/v1/credentials",
-            Some(json!({"name": "crm", "kind": "oauth2", "secret": {"client_secret": secret_marker}})),
+            Some(json!({"name": "crm", "kind": "api_key", "secret": {"client_secret": secret_marker}})),
         )
         .await;
     assert_eq!(r.status, 201);
