@@ -156,6 +156,16 @@ pub struct ServeArgs {
     /// Lifetime of the local provisioner's instance certificates (renewed at two thirds).
     #[arg(long, env = "TENANTRY_LOCAL_CERT_VALIDITY", default_value = "90days", value_parser = humantime::parse_duration)]
     pub local_cert_validity: Duration,
+    /// Local provisioner: the OAuth 2 provider hosts every instance's credentials may name
+    /// (`host`, `host:port` or `*.domain`, comma-separated; the runtime's
+    /// `oauth2.allowed_hosts`). None by default. On Kubernetes it is the Tenant's
+    /// `spec.oauth2.allowedHosts`.
+    #[arg(long, env = "TENANTRY_LOCAL_OAUTH2_ALLOWED_HOSTS", value_delimiter = ',', value_parser = parse_allowed_host)]
+    pub local_oauth2_allowed_hosts: Vec<String>,
+    /// Local provisioner: PEM certificates the instances trust for OAuth 2 providers besides
+    /// the system's roots (a provider behind a private CA).
+    #[arg(long, env = "TENANTRY_LOCAL_OAUTH2_CA_FILE")]
+    pub local_oauth2_ca_file: Option<PathBuf>,
     /// The longest a role grant may last, in days (`GrantAdmin.expires_in_days` and the
     /// KEEP decision of an access review); 1 to 3650.
     #[arg(long, env = "TENANTRY_MAX_GRANT_DAYS", default_value_t = crate::access::DEFAULT_GRANT_DAYS, value_parser = clap::value_parser!(u32).range(1..=3650))]
@@ -193,6 +203,15 @@ impl ServeArgs {
             max_grant_days: self.max_grant_days,
             review_interval: self.access_review_interval,
         }
+    }
+}
+
+/// An OAuth 2 provider host pattern, as the runtime's config accepts it.
+fn parse_allowed_host(text: &str) -> Result<String, String> {
+    let entry = text.trim();
+    match tenantry_proto::runtime_config::host_entry_problem(entry) {
+        Some(problem) => Err(format!("{entry:?}: {problem}")),
+        None => Ok(entry.to_owned()),
     }
 }
 
@@ -260,6 +279,29 @@ mod tests {
             args.access_review_interval,
             Duration::from_secs(90 * 86_400)
         );
+    }
+
+    #[test]
+    fn local_oauth2_hosts_are_a_validated_list() {
+        let parse = |hosts: &str| {
+            Cli::try_parse_from(["tenantry-api", "dev", "--local-oauth2-allowed-hosts", hosts]).map(
+                |cli| match cli.command {
+                    Command::Dev(args) => args.local_oauth2_allowed_hosts,
+                    _ => unreachable!(),
+                },
+            )
+        };
+        assert_eq!(
+            parse("accounts.example.com,*.example.org,localhost:8443").unwrap(),
+            ["accounts.example.com", "*.example.org", "localhost:8443"]
+        );
+        let err = parse("accounts.example.com,https://evil.example").unwrap_err();
+        assert!(err.to_string().contains("https://evil.example"), "{err}");
+        let cli = Cli::try_parse_from(["tenantry-api", "dev"]).unwrap();
+        let Command::Dev(args) = cli.command else {
+            unreachable!()
+        };
+        assert!(args.local_oauth2_allowed_hosts.is_empty());
     }
 
     #[test]

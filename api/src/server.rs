@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
+use tenantry_proto::runtime_config::OAuth2Config;
 use tenantry_proto::token::TokenSigner;
 use tenantry_proto::v1::account_service_server::AccountServiceServer;
 use tenantry_proto::v1::admin_service_server::AdminServiceServer;
@@ -285,6 +286,15 @@ async fn build_provisioner(
                 token_public_key: std::path::absolute(&token_public_key)
                     .map_err(io_err(format!("resolving {}", token_public_key.display())))?,
                 cert_validity: args.local_cert_validity,
+                oauth2: OAuth2Config {
+                    allowed_hosts: args.local_oauth2_allowed_hosts.clone(),
+                    ca_file: args
+                        .local_oauth2_ca_file
+                        .as_deref()
+                        .map(std::path::absolute)
+                        .transpose()
+                        .map_err(io_err("resolving --local-oauth2-ca-file".to_owned()))?,
+                },
             };
             Ok(Arc::new(LocalProvisioner::new(
                 settings,

@@ -70,6 +70,10 @@ pub struct TenantSpec {
     /// and control plane.
     #[serde(default)]
     pub network: NetworkSpec,
+
+    /// OAuth 2 providers the instance may call for its credentials' grants.
+    #[serde(default, skip_serializing_if = "OAuth2Spec::is_empty")]
+    pub oauth2: OAuth2Spec,
 }
 
 fn plan_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
@@ -223,6 +227,30 @@ pub struct NetworkSpec {
         "message": "tenant namespaces cannot be allowed"
     }]))]
     pub allowed_ingress_namespaces: Vec<String>,
+}
+
+/// The OAuth 2 provider hosts a tenant's credentials may name (the runtime's
+/// `oauth2.allowed_hosts`); none by default, so no credential can make the instance call
+/// an address the platform did not allow. The tenant's NetworkPolicy egress still applies.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OAuth2Spec {
+    /// `host`, `host:port`, `*.domain` (any subdomain) or `[IPv6]:port`: lowercase DNS
+    /// names or IP addresses; without a port any port matches.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 261)))]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.all(h, h.matches('^([*][.])?[a-z0-9]([-a-z0-9.]*[a-z0-9])?(:[0-9]{1,5})?$') || h.matches('^\\[[0-9a-f:.]+\\](:[0-9]{1,5})?$'))",
+        "message": "every entry must be a lowercase host, host:port or *.domain such as accounts.example.com"
+    }]))]
+    pub allowed_hosts: Vec<String>,
+}
+
+impl OAuth2Spec {
+    /// True when no provider is allowed (the field is then left out).
+    pub fn is_empty(&self) -> bool {
+        self.allowed_hosts.is_empty()
+    }
 }
 
 /// Observed state of a tenant.

@@ -28,7 +28,7 @@ use kube::{Resource, ResourceExt};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use tenantry_proto::retention::RetentionPolicy;
-use tenantry_proto::runtime_config::{OAuth2Config, RuntimeConfig, TlsFiles};
+use tenantry_proto::runtime_config::{OAuth2Config, RuntimeConfig, TlsFiles, host_entry_problem};
 
 use crate::config::Settings;
 use crate::error::{Error, Result};
@@ -193,6 +193,13 @@ pub fn check_spec(owner: &Owner<'_>) -> std::result::Result<CheckedSpec, String>
     }
     if let Some(dns) = spec.tls.dns_names.iter().find(|d| !is_dns_name(d)) {
         return Err(format!("spec.tls.dnsNames entry {dns:?} is not a DNS name"));
+    }
+    for host in &spec.oauth2.allowed_hosts {
+        if let Some(problem) = host_entry_problem(host) {
+            return Err(format!(
+                "spec.oauth2.allowedHosts entry {host:?}: {problem}"
+            ));
+        }
     }
     Ok(CheckedSpec {
         cert_validity,
@@ -488,8 +495,10 @@ pub fn runtime_config(owner: &Owner<'_>) -> RuntimeConfig {
             max_age_hours: r.max_age_hours,
             max_count: r.max_count,
         },
-        // The Tenant resource has no OAuth 2 provider list yet: no provider is allowed.
-        oauth2: OAuth2Config::default(),
+        oauth2: OAuth2Config {
+            allowed_hosts: owner.tenant.spec.oauth2.allowed_hosts.clone(),
+            ca_file: None,
+        },
     }
 }
 
@@ -1059,6 +1068,22 @@ pub(crate) mod tests {
         );
         assert_eq!(read.validate(), Ok(()));
         assert_eq!(hash.len(), 64);
+        // The Tenant's OAuth 2 provider hosts become the runtime's allow-list, and a change
+        // restarts the pods (the runtime reads the list at start).
+        let with_oauth2 = tenant(
+            "acme",
+            json!({"owner": "x", "retention": {"maxAgeHours": 48, "maxCount": 500},
+                   "oauth2": {"allowedHosts": ["accounts.example.com", "*.example.org"]}}),
+        );
+        let (oauth2_cm, oauth2_hash) = config_map(&Owner::of(&with_oauth2).unwrap()).unwrap();
+        let read: RuntimeConfig =
+            serde_yaml::from_str(&oauth2_cm.data.unwrap()[names::CONFIG_KEY]).unwrap();
+        assert_eq!(
+            read.oauth2.allowed_hosts,
+            ["accounts.example.com", "*.example.org"]
+        );
+        assert_eq!(read.validate(), Ok(()));
+        assert_ne!(oauth2_hash, hash);
         // Retention is reloaded live: a change rewrites the ConfigMap but keeps the pods.
         let other = tenant("acme", json!({"owner": "x"}));
         let (other_cm, other_hash) = config_map(&Owner::of(&other).unwrap()).unwrap();
@@ -1165,6 +1190,10 @@ pub(crate) mod tests {
             (
                 json!({"owner": "x", "retention": {"maxAgeHours": 9999}}),
                 "retention",
+            ),
+            (
+                json!({"owner": "x", "oauth2": {"allowedHosts": ["accounts.example.com:0"]}}),
+                "spec.oauth2.allowedHosts entry \"accounts.example.com:0\"",
             ),
         ];
         for (spec, needle) in cases {

@@ -116,7 +116,7 @@ fn host_entry_matches(entry: &str, host: &str, port: u16) -> bool {
 }
 
 /// Why an `oauth2.allowed_hosts` entry is refused, or `None` when it is fine.
-fn host_entry_problem(entry: &str) -> Option<&'static str> {
+pub fn host_entry_problem(entry: &str) -> Option<&'static str> {
     let (pattern, port) = split_entry(entry);
     if port.is_some_and(|p| p.parse::<u16>().map_or(true, |p| p == 0)) {
         return Some("port must be 1 to 65535");

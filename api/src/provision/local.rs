@@ -104,6 +104,7 @@ pub fn runtime_config(
     port: u16,
     dir: &Path,
     token_public_key: &Path,
+    oauth2: &OAuth2Config,
 ) -> RuntimeConfig {
     RuntimeConfig {
         tenant_id: spec.id.clone(),
@@ -116,8 +117,7 @@ pub fn runtime_config(
         data_key_file: dir.join("data.key"),
         token_public_key_file: token_public_key.to_owned(),
         retention: spec.retention,
-        // Tenants have no OAuth 2 provider list yet: no provider is allowed.
-        oauth2: OAuth2Config::default(),
+        oauth2: oauth2.clone(),
     }
 }
 
@@ -165,6 +165,8 @@ pub struct LocalSettings {
     pub token_public_key: PathBuf,
     /// Instance certificate lifetime.
     pub cert_validity: Duration,
+    /// The OAuth 2 provider hosts (and extra CA) every local instance allows.
+    pub oauth2: OAuth2Config,
 }
 
 struct Shared {
@@ -316,6 +318,7 @@ impl Shared {
             port,
             dir,
             &self.settings.token_public_key,
+            &self.settings.oauth2,
         ));
         let path = dir.join("config.yaml");
         if std::fs::read_to_string(&path).ok().as_deref() != Some(config.as_str()) {
@@ -836,6 +839,10 @@ mod tests {
             8443,
             Path::new("/d/t-1"),
             Path::new("/d/token-public.pem"),
+            &OAuth2Config {
+                allowed_hosts: vec!["accounts.example.com".into()],
+                ca_file: None,
+            },
         );
         // What the runtime reads back (unknown keys would be refused).
         let read: RuntimeConfig = serde_json::from_str(&render(&config)).unwrap();
@@ -843,6 +850,7 @@ mod tests {
         assert_eq!(read.listen.to_string(), "127.0.0.1:8443");
         assert_eq!(read.tls.key_file, Path::new("/d/t-1/tls.key"));
         assert_eq!(read.retention.max_count, 5);
+        assert_eq!(read.oauth2.allowed_hosts, ["accounts.example.com"]);
         assert_eq!(read.validate(), Ok(()));
     }
 
@@ -888,6 +896,7 @@ mod tests {
             8443,
             dir.path(),
             Path::new("/k.pem"),
+            &OAuth2Config::default(),
         ));
         std::fs::write(dir.path().join("config.yaml"), &before).unwrap();
         move_to_port(dir.path(), 9443).unwrap();
@@ -898,7 +907,8 @@ mod tests {
                 &spec,
                 9443,
                 dir.path(),
-                Path::new("/k.pem")
+                Path::new("/k.pem"),
+                &OAuth2Config::default(),
             ))
         );
         assert_eq!(

@@ -18,7 +18,8 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, ensure};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
-use kube::api::Api;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
 use tenantry_kube::crd::Tenant;
 use tenantry_kube::names;
 use tenantry_proto::v1::admin_service_client::AdminServiceClient;
@@ -194,6 +195,16 @@ async fn scenario(
         .map(|v| v.trim().trim_matches(['\'', '"']));
     assert_eq!(bound_to, Some(ids.tenant_id.as_str()), "{config}");
 
+    // A platform operator allows an OAuth 2 provider on the API's Tenant (a field the API
+    // does not own, so its later applies keep it); the runtime's config follows.
+    tenants
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"oauth2": {"allowedHosts": ["accounts.example.com"]}}})),
+        )
+        .await?;
+
     // The first admin, from the real bootstrap-admin, with a second factor.
     let ops = format!("ops-{name}@example.com");
     let mut boot = vec!["bootstrap-admin", "--email", ops.as_str(), "--data-dir"];
@@ -254,6 +265,22 @@ async fn scenario(
             let suspended = tenants.get(&name).await?.spec.suspended;
             let replicas = deployment_replicas(deployments.get_opt(names::DEPLOYMENT).await?);
             Ok((!suspended && replicas == Some(1)).then_some(()))
+        },
+    )
+    .await?;
+    ensure!(
+        tenants.get(&name).await?.spec.oauth2.allowed_hosts == ["accounts.example.com"],
+        "the API's applies dropped spec.oauth2"
+    );
+    eventually(
+        "the runtime config to allow the OAuth 2 provider",
+        Duration::from_secs(60),
+        || async {
+            let cm = config_maps.get(names::CONFIG_MAP).await?;
+            let config = cm.data.unwrap_or_default().remove(names::CONFIG_KEY);
+            Ok(config
+                .filter(|c| c.contains("accounts.example.com"))
+                .map(|_| ()))
         },
     )
     .await?;

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail, ensure};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -259,6 +259,10 @@ async fn schema_refuses(env: &Env) -> Result<()> {
             json!({"owner": "x", "tls": {"duration": "30m"}}),
             "a certificate shorter than 1h",
         ),
+        (
+            json!({"owner": "x", "oauth2": {"allowedHosts": ["https://evil.example/"]}}),
+            "an OAuth 2 host that is a URL",
+        ),
     ] {
         let raw = json!({"apiVersion": "tenantry.dev/v1alpha1", "kind": "Tenant",
             "metadata": {"name": "e2e-bad"}, "spec": bad});
@@ -361,6 +365,21 @@ async fn children_match_builders(env: &Env, name: &str) -> Result<()> {
         builders::config_map(&owner)?.0,
     )
     .await?;
+    let stored: ConfigMap = Api::namespaced(client.clone(), &ns)
+        .get(names::CONFIG_MAP)
+        .await?;
+    let config: tenantry_proto::runtime_config::RuntimeConfig = serde_yaml::from_str(
+        stored
+            .data
+            .as_ref()
+            .and_then(|d| d.get(names::CONFIG_KEY))
+            .context("the runtime config")?,
+    )?;
+    ensure!(
+        config.oauth2.allowed_hosts == OAUTH2_HOSTS,
+        "{name}: the runtime allows OAuth 2 hosts {:?}",
+        config.oauth2.allowed_hosts
+    );
     let (_, hash) = builders::config_map(&owner)?;
     check(
         Api::namespaced(client.clone(), &ns),
@@ -377,8 +396,13 @@ async fn children_match_builders(env: &Env, name: &str) -> Result<()> {
 
 fn tenant_spec(encrypted: bool) -> Value {
     json!({"owner": "e2e@example.com", "plan": "free",
-           "storage": {"storageClassName": if encrypted { ENCRYPTED } else { PLAIN }, "size": "1024Mi"}})
+           "storage": {"storageClassName": if encrypted { ENCRYPTED } else { PLAIN }, "size": "1024Mi"},
+           "oauth2": {"allowedHosts": OAUTH2_HOSTS}})
 }
+
+/// The OAuth 2 provider hosts every test Tenant allows; the runtime's config must carry
+/// them.
+const OAUTH2_HOSTS: [&str; 2] = ["accounts.example.com", "*.example.org:8443"];
 
 /// Writes one Tenant costs on create: finalizer, Namespace, ServiceAccount, 3
 /// NetworkPolicies, ResourceQuota, LimitRange, data key, TLS Secret, token key Secret,
