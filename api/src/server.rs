@@ -379,7 +379,8 @@ async fn reconcile_loop(state: Arc<AppState>) {
     }
 }
 
-/// Deletes expired sessions every [`SESSION_PURGE_INTERVAL`].
+/// Deletes expired sessions, and the failure counters of unknown emails idle for
+/// [`crate::lockout::UNKNOWN_EMAIL_MEMORY`], every [`SESSION_PURGE_INTERVAL`].
 async fn purge_loop(state: Arc<AppState>) {
     loop {
         tokio::time::sleep(SESSION_PURGE_INTERVAL).await;
@@ -389,6 +390,16 @@ async fn purge_loop(state: Arc<AppState>) {
             Ok(n) if n > 0 => tracing::debug!(sessions = n, "deleted expired sessions"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "could not delete expired sessions"),
+        }
+        let memory = crate::clock::duration_ms(crate::lockout::UNKNOWN_EMAIL_MEMORY);
+        match state
+            .store
+            .purge_unknown_email_failures(now - memory, now)
+            .await
+        {
+            Ok(n) if n > 0 => tracing::debug!(emails = n, "forgot idle unknown-email counters"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not purge unknown-email counters"),
         }
     }
 }
