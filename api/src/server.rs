@@ -82,6 +82,7 @@ pub fn load_master_key(db: &DatabaseArgs) -> Result<MasterKey> {
             ));
         }
     };
+    crate::files::check_key_file(&path)?;
     let text = std::fs::read_to_string(&path)
         .map_err(io_err(format!("reading master key {}", path.display())))?;
     MasterKey::from_base64(&SecretString::from(text))
@@ -186,6 +187,7 @@ pub fn load_token_signer(db: &DatabaseArgs) -> Result<TokenSigner> {
             ));
         }
     };
+    crate::files::check_key_file(&path)?;
     let pem = std::fs::read_to_string(&path).map_err(io_err(format!(
         "reading token signing key {}",
         path.display()
@@ -193,15 +195,13 @@ pub fn load_token_signer(db: &DatabaseArgs) -> Result<TokenSigner> {
     TokenSigner::from_pkcs8_pem(&SecretString::from(pem)).map_err(Error::Token)
 }
 
+/// A SQLite database's directory and files, private before SQLite opens them (see
+/// [`crate::files::private_sqlite_files`]).
 fn ensure_sqlite_dir(url: &str) -> Result<()> {
-    if let Some(dir) = sqlite_path(url)
-        .as_deref()
-        .and_then(Path::parent)
-        .filter(|d| !d.as_os_str().is_empty())
-    {
-        std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    match sqlite_path(url) {
+        Some(db) => crate::files::private_sqlite_files(&db),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Connects to the database (migrating it) and builds the shared state.

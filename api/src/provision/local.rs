@@ -81,6 +81,7 @@ pub fn load_or_create_ca(dir: &Path) -> Result<CertificateAuthority> {
     let cert_path = dir.join(CA_CERT_FILE);
     let key_path = dir.join(CA_KEY_FILE);
     if cert_path.exists() && key_path.exists() {
+        crate::files::check_key_file(&key_path)?;
         let cert = std::fs::read_to_string(&cert_path)
             .map_err(io_err(format!("reading {}", cert_path.display())))?;
         let key = std::fs::read_to_string(&key_path)
@@ -215,6 +216,8 @@ impl LocalProvisioner {
                 settings.runtime_bin.display()
             )));
         }
+        // Every tenant's key, certificate key and data live below it.
+        crate::files::private_dir(&settings.data_dir)?;
         let ca = load_or_create_ca(&settings.data_dir)?;
         let prober = Prober::new(ca.cert_pem()).map_err(Error::Provisioner)?;
         let (shutdown, _) = watch::channel(false);
