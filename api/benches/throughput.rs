@@ -119,6 +119,9 @@ async fn main() {
         let (_, text) = tenantry_api::crypto::MasterKey::generate().unwrap();
         use secrecy::ExposeSecret as _;
         std::fs::write(&key, text.expose_secret()).unwrap();
+        // The API refuses a key file other users can read.
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
     let state =
         tenantry_api::server::build_state(&args, Arc::new(tenantry_api::clock::SystemClock))

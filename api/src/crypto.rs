@@ -119,6 +119,8 @@ pub fn new_session_token() -> Result<SecretString, Error> {
 }
 
 /// Hex SHA-256 of a high-entropy secret; what the database stores instead of the secret.
+/// Also the key of an unknown email's lockout counters, which need no secrecy, only a
+/// fixed size and no copy of whatever was typed as an email.
 pub fn hash_secret(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }

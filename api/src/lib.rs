@@ -11,6 +11,7 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod error;
+pub mod files;
 pub mod lockout;
 pub mod migrations;
 pub mod password;

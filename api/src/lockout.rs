@@ -1,7 +1,10 @@
 //! Brute-force protection: the account lockout policy (pure) and a per-source rate limiter.
 //!
 //! After [`FAILURES_BEFORE_LOCK`] consecutive failures the account is locked for one minute;
-//! each further lock doubles, up to fifteen minutes. A success resets both counters.
+//! each further lock doubles, up to fifteen minutes. A success resets both counters. Logins
+//! with an email that has no account keep the same counters per (hashed) email, so the
+//! lockout answers alike whether an account exists or not; those are forgotten after
+//! [`UNKNOWN_EMAIL_MEMORY`] without a failure.
 //!
 //! The rate limiter is a token bucket of our own rather than `governor`'s keyed limiter:
 //! it reads the API's clock (so tests move time instead of sleeping), it bounds its own
@@ -19,6 +22,9 @@ pub const FAILURES_BEFORE_LOCK: i64 = 5;
 pub const FIRST_LOCK: Duration = Duration::from_secs(60);
 /// The longest lock.
 pub const MAX_LOCK: Duration = Duration::from_secs(15 * 60);
+/// How long the failure counters of an unknown email are kept after its last failure
+/// (when no lock is in force), so guessed emails cannot grow the table without bound.
+pub const UNKNOWN_EMAIL_MEMORY: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// Failure counters of one account for one factor (password or MFA).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

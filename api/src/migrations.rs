@@ -172,6 +172,20 @@ CREATE INDEX audit_events_target ON audit_events (target, sequence);
     };
 }
 
+/// Failure counters of login attempts for emails without an account, keyed by the
+/// SHA-256 of the normalized email, so that unknown emails lock exactly like accounts do
+/// (otherwise the lockout itself tells which emails have an account).
+const V4_UNKNOWN_EMAIL_LOCKOUT: &str = r#"
+CREATE TABLE unknown_email_failures (
+    email_hash TEXT PRIMARY KEY,
+    failures BIGINT NOT NULL DEFAULT 0,
+    lockouts BIGINT NOT NULL DEFAULT 0,
+    locked_until_ms BIGINT NOT NULL DEFAULT 0,
+    updated_at_ms BIGINT NOT NULL
+);
+CREATE INDEX unknown_email_failures_updated ON unknown_email_failures (updated_at_ms);
+"#;
+
 /// Every migration, in order.
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -191,6 +205,12 @@ pub const MIGRATIONS: &[Migration] = &[
         description: "role grants with expiry (from users.is_admin), access reviews, user status and last login",
         sqlite: v3_roles_and_reviews!("CAST((julianday('now') - 2440587.5) * 86400000 AS BIGINT)"),
         postgres: v3_roles_and_reviews!("CAST(EXTRACT(EPOCH FROM now()) * 1000 AS BIGINT)"),
+    },
+    Migration {
+        version: 4,
+        description: "lockout counters for unknown emails",
+        sqlite: V4_UNKNOWN_EMAIL_LOCKOUT,
+        postgres: V4_UNKNOWN_EMAIL_LOCKOUT,
     },
 ];
 

@@ -83,6 +83,7 @@ pub fn load_master_key(db: &DatabaseArgs) -> Result<MasterKey> {
             ));
         }
     };
+    crate::files::check_key_file(&path)?;
     let text = std::fs::read_to_string(&path)
         .map_err(io_err(format!("reading master key {}", path.display())))?;
     MasterKey::from_base64(&SecretString::from(text))
@@ -187,6 +188,7 @@ pub fn load_token_signer(db: &DatabaseArgs) -> Result<TokenSigner> {
             ));
         }
     };
+    crate::files::check_key_file(&path)?;
     let pem = std::fs::read_to_string(&path).map_err(io_err(format!(
         "reading token signing key {}",
         path.display()
@@ -194,15 +196,13 @@ pub fn load_token_signer(db: &DatabaseArgs) -> Result<TokenSigner> {
     TokenSigner::from_pkcs8_pem(&SecretString::from(pem)).map_err(Error::Token)
 }
 
+/// A SQLite database's directory and files, private before SQLite opens them (see
+/// [`crate::files::private_sqlite_files`]).
 fn ensure_sqlite_dir(url: &str) -> Result<()> {
-    if let Some(dir) = sqlite_path(url)
-        .as_deref()
-        .and_then(Path::parent)
-        .filter(|d| !d.as_os_str().is_empty())
-    {
-        std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    match sqlite_path(url) {
+        Some(db) => crate::files::private_sqlite_files(&db),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Connects to the database (migrating it) and builds the shared state.
@@ -389,7 +389,8 @@ async fn reconcile_loop(state: Arc<AppState>) {
     }
 }
 
-/// Deletes expired sessions every [`SESSION_PURGE_INTERVAL`].
+/// Deletes expired sessions, and the failure counters of unknown emails idle for
+/// [`crate::lockout::UNKNOWN_EMAIL_MEMORY`], every [`SESSION_PURGE_INTERVAL`].
 async fn purge_loop(state: Arc<AppState>) {
     loop {
         tokio::time::sleep(SESSION_PURGE_INTERVAL).await;
@@ -399,6 +400,16 @@ async fn purge_loop(state: Arc<AppState>) {
             Ok(n) if n > 0 => tracing::debug!(sessions = n, "deleted expired sessions"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "could not delete expired sessions"),
+        }
+        let memory = crate::clock::duration_ms(crate::lockout::UNKNOWN_EMAIL_MEMORY);
+        match state
+            .store
+            .purge_unknown_email_failures(now - memory, now)
+            .await
+        {
+            Ok(n) if n > 0 => tracing::debug!(emails = n, "forgot idle unknown-email counters"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not purge unknown-email counters"),
         }
     }
 }

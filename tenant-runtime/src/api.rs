@@ -8,7 +8,6 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, FromRequest, MatchedPath, Path, Query, Request, State};
 use axum::middleware::{self, Next};
@@ -19,6 +18,7 @@ use http::{StatusCode, header};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
+use zeroize::Zeroizing;
 
 use crate::auth::{Caller, TokenCheck, require_token};
 use crate::clock::Clock;
@@ -79,7 +79,7 @@ where
 {
     type Rejection = ApiError;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+    async fn from_request(request: Request, _state: &S) -> Result<Self, ApiError> {
         let is_json = request
             .headers()
             .get(header::CONTENT_TYPE)
@@ -93,17 +93,61 @@ where
                 "request body must be application/json",
             ));
         }
-        let bytes = Bytes::from_request(request, state).await.map_err(|r| {
-            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(r.status(), "payload_too_large", "request body is too large")
-            } else {
-                ApiError::new(r.status(), "bad_request", "cannot read request body")
-            }
-        })?;
+        let bytes = read_body(request).await?;
         serde_json::from_slice(&bytes)
             .map(JsonBody)
             .map_err(|e| ApiError::bad_request(body_error(&e, T::HOLDS_SECRET, T::SHAPE)))
     }
+}
+
+/// The whole body (within the [`DefaultBodyLimit`]) in a buffer that is wiped when
+/// dropped, since it may hold a credential's secret. It is sized from `Content-Length`
+/// when given and otherwise grows by moving to a larger wiped buffer, so no copy of the
+/// body is left behind in freed memory by this code.
+async fn read_body(request: Request) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+    use axum::RequestExt as _;
+    use http_body_util::BodyExt as _;
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    // `refuse_oversized` already refused lengths over the limit.
+    let mut buf = Zeroizing::new(Vec::with_capacity(declared));
+    let mut body = request.into_limited_body();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            if is_length_limit(&e) {
+                payload_too_large()
+            } else {
+                ApiError::bad_request("cannot read request body")
+            }
+        })?;
+        if let Ok(data) = frame.into_data() {
+            if buf.capacity() - buf.len() < data.len() {
+                let needed = buf.len() + data.len();
+                let mut bigger = Zeroizing::new(Vec::with_capacity(needed.max(buf.capacity() * 2)));
+                bigger.extend_from_slice(&buf);
+                // The old buffer is wiped as it is dropped here.
+                buf = bigger;
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf)
+}
+
+/// Whether reading the body failed because it went past the size limit.
+fn is_length_limit(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// The 400 message for a body that did not parse.
@@ -167,10 +211,42 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(middleware::from_fn_with_state(
+            max_body_bytes,
+            refuse_oversized,
+        ))
+        .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,
         ))
         .with_state(state)
+}
+
+/// Refuses a request whose `Content-Length` is over `max_body_bytes` before reading any
+/// of its body, so an oversized upload costs neither the bytes up to the limit nor the
+/// time to send them. Bodies without a length are cut off at the limit by
+/// [`DefaultBodyLimit`] as they are read.
+async fn refuse_oversized(
+    State(max_body_bytes): State<usize>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > u64::try_from(max_body_bytes).unwrap_or(u64::MAX)) {
+        return payload_too_large().into_response();
+    }
+    next.run(request).await
+}
+
+fn payload_too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        "request body is too large",
+    )
 }
 
 async fn count_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {

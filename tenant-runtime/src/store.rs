@@ -213,9 +213,9 @@ impl CredentialKind {
     }
 }
 
-/// A credential's secret: a JSON object, kept as its serialized text in a wiped-on-drop
-/// string that `Debug` never shows. Deserializing refuses anything but an object, with
-/// an error that does not repeat the value.
+/// A credential's secret: a JSON object, kept as its text exactly as sent in a
+/// wiped-on-drop string that `Debug` never shows. Deserializing refuses anything but an
+/// object, with an error that does not repeat the value.
 pub struct SecretJson(SecretString);
 
 impl fmt::Debug for SecretJson {
@@ -234,12 +234,17 @@ impl SecretJson {
 impl<'de> Deserialize<'de> for SecretJson {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         use serde::de::Error as _;
-        // serde's own message would quote a wrong-typed value, i.e. the secret.
-        let object = serde_json::Map::<String, serde_json::Value>::deserialize(d)
+        // The raw text goes straight into the wiped-on-drop string: parsing it into a
+        // `serde_json::Value` first would leave the secret's strings in allocations that
+        // are freed without being wiped. serde's own message would quote a wrong-typed
+        // value, i.e. the secret.
+        let raw = Box::<serde_json::value::RawValue>::deserialize(d)
             .map_err(|_| D::Error::custom("secret must be a JSON object"))?;
-        let text = serde_json::to_string(&object)
-            .map_err(|_| D::Error::custom("secret must be a JSON object"))?;
-        Ok(SecretJson(SecretString::from(text)))
+        let text = SecretString::from(String::from(Box::<str>::from(raw)));
+        if !text.expose_secret().starts_with('{') {
+            return Err(D::Error::custom("secret must be a JSON object"));
+        }
+        Ok(SecretJson(text))
     }
 }
 
@@ -1262,6 +1267,29 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    /// The secret is sealed as the very text that was sent (key order, escapes), which
+    /// also shows it never went through a parsed JSON value on the way.
+    #[tokio::test]
+    async fn a_credential_secret_is_stored_exactly_as_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), sealer("acme")).await.unwrap();
+        let secret = r#"{"refresh_token":"r-1", "client_id":"c","access_token":"a \"q\" \u00e9"}"#;
+        let body = format!(r#"{{"name": "crm", "kind": "oauth2", "secret": {secret} }}"#);
+        let new: NewCredential = serde_json::from_str(&body).unwrap();
+        assert_eq!(new.secret.expose_json(), secret);
+        let meta = store.insert_credential(&new, ts(1)).await.unwrap();
+        let stored = store.credential_secret(&meta.id).await.unwrap().unwrap();
+        assert_eq!(stored.expose_secret(), secret);
+        for not_object in [r#""sk-1""#, "[1]", "7", "null"] {
+            let body = format!(r#"{{"name": "n", "kind": "api_key", "secret": {not_object}}}"#);
+            let e = serde_json::from_str::<NewCredential>(&body).unwrap_err();
+            assert!(
+                e.to_string().starts_with("secret must be a JSON object"),
+                "{e}"
+            );
+        }
     }
 
     #[tokio::test]

@@ -7,9 +7,13 @@
 //! tls.crt/.key  the instance certificate from the local CA (renewed at two thirds of life)
 //! data/         the runtime's database
 //! runtime.log   the runtime's output
-//! runtime.pid   the child's pid, to stop a child left over by a crashed API
+//! runtime.pid   the child's pid, to stop a child left over by an older API
 //! port          the loopback port, kept across restarts
 //! ```
+//!
+//! Each child runs with `--exit-on-stdin-close` and a pipe as its standard input whose
+//! write end only this process holds, so the children end with this process however it
+//! ends (SIGKILL included), without any unsafe code such as `PR_SET_PDEATHSIG`.
 //!
 //! A supervisor task per tenant keeps the process in the desired state, restarts it with
 //! backoff when it exits, probes `/readyz` over HTTPS (verifying the certificate against
@@ -81,6 +85,7 @@ pub fn load_or_create_ca(dir: &Path) -> Result<CertificateAuthority> {
     let cert_path = dir.join(CA_CERT_FILE);
     let key_path = dir.join(CA_KEY_FILE);
     if cert_path.exists() && key_path.exists() {
+        crate::files::check_key_file(&key_path)?;
         let cert = std::fs::read_to_string(&cert_path)
             .map_err(io_err(format!("reading {}", cert_path.display())))?;
         let key = std::fs::read_to_string(&key_path)
@@ -219,6 +224,8 @@ impl LocalProvisioner {
                 settings.runtime_bin.display()
             )));
         }
+        // Every tenant's key, certificate key and data live below it.
+        crate::files::private_dir(&settings.data_dir)?;
         let ca = load_or_create_ca(&settings.data_dir)?;
         let prober = Prober::new(ca.cert_pem()).map_err(Error::Provisioner)?;
         let (shutdown, _) = watch::channel(false);
@@ -380,7 +387,9 @@ async fn stop_child(child: &mut tokio::process::Child) {
     let _ = child.kill().await;
 }
 
-/// Stops a runtime left running by an earlier API process that died without cleanup.
+/// Stops a runtime still running for an earlier API process that died without cleanup:
+/// one still draining its connections after its stdin closed, or one started by a version
+/// without `--exit-on-stdin-close`.
 async fn stop_leftover(dir: &Path) {
     let pid_path = dir.join("runtime.pid");
     let Some(pid) = std::fs::read_to_string(&pid_path)
@@ -463,6 +472,9 @@ struct Supervision {
     desired: watch::Receiver<Desired>,
     shutdown: watch::Receiver<bool>,
     child: Option<tokio::process::Child>,
+    /// The write end of the running child's stdin: the child runs only while it is held
+    /// (`--exit-on-stdin-close`). Kept out of the `Child`, whose `wait` closes its stdin.
+    lifeline: Option<tokio::process::ChildStdin>,
     backoff: Duration,
 }
 
@@ -497,6 +509,7 @@ impl Supervision {
         if let Some(mut c) = self.child.take() {
             stop_child(&mut c).await;
         }
+        self.lifeline = None;
     }
 
     async fn suspend(&mut self) {
@@ -516,7 +529,10 @@ impl Supervision {
 
     async fn start(&mut self) {
         match spawn_runtime(&self.shared, &self.dir).await {
-            Ok(c) => self.child = Some(c),
+            Ok((c, lifeline)) => {
+                self.child = Some(c);
+                self.lifeline = lifeline;
+            }
             Err(e) => {
                 self.report(
                     TenantPhase::Degraded,
@@ -549,6 +565,7 @@ impl Supervision {
         match outcome {
             Watch::Exited(exit) => {
                 self.child = None;
+                self.lifeline = None;
                 let _ = std::fs::remove_file(self.dir.join("runtime.pid"));
                 self.backoff = backoff_after(self.backoff, Some(started.elapsed()));
                 let backoff = self.backoff;
@@ -595,6 +612,7 @@ async fn supervise(
         desired,
         shutdown,
         child: None,
+        lifeline: None,
         backoff: FIRST_BACKOFF,
     };
     stop_leftover(&s.dir).await;
@@ -647,7 +665,12 @@ enum Watch {
     Shutdown,
 }
 
-async fn spawn_runtime(shared: &Shared, dir: &Path) -> Result<tokio::process::Child> {
+/// Starts the runtime of `dir`; returns it and the write end of its stdin, which must be
+/// held for as long as the runtime is to run.
+async fn spawn_runtime(
+    shared: &Shared,
+    dir: &Path,
+) -> Result<(tokio::process::Child, Option<tokio::process::ChildStdin>)> {
     let log_path = dir.join("runtime.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -657,10 +680,13 @@ async fn spawn_runtime(shared: &Shared, dir: &Path) -> Result<tokio::process::Ch
     let log_err = log
         .try_clone()
         .map_err(io_err(format!("opening {}", log_path.display())))?;
-    let child = tokio::process::Command::new(&shared.settings.runtime_bin)
+    let mut child = tokio::process::Command::new(&shared.settings.runtime_bin)
         .arg("--config")
         .arg(dir.join("config.yaml"))
-        .stdin(Stdio::null())
+        // The child holds the read end, this process the write end (the lifeline): when
+        // this process ends, even by SIGKILL, the pipe closes and the runtime stops.
+        .arg("--exit-on-stdin-close")
+        .stdin(Stdio::piped())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log_err))
         .kill_on_drop(true)
@@ -672,7 +698,8 @@ async fn spawn_runtime(shared: &Shared, dir: &Path) -> Result<tokio::process::Ch
     if let Some(pid) = child.id() {
         let _ = write_atomic(&dir.join("runtime.pid"), pid.to_string().as_bytes(), 0o600);
     }
-    Ok(child)
+    let lifeline = child.stdin.take();
+    Ok((child, lifeline))
 }
 
 /// Watches a running child: probes readiness, renews the certificate when due, and

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -26,7 +27,7 @@ impl Prober {
     /// A prober trusting the CA certificate(s) in `ca_pem`.
     pub fn new(ca_pem: &str) -> Result<Self, String> {
         let mut roots = rustls::RootCertStore::empty();
-        let certs: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut ca_pem.as_bytes())
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(ca_pem.as_bytes())
             .collect::<Result<_, _>>()
             .map_err(|e| format!("CA certificate: {e}"))?;
         for cert in certs {

@@ -15,6 +15,7 @@ use crate::auth::{ROLE_USER, caller, source_of, source_text};
 use crate::clock::{duration_ms, to_timestamp};
 use crate::crypto::{hash_secret, new_session_token};
 use crate::error::{AuthFailure, Error, Result};
+use crate::lockout::LockState;
 use crate::password::check_policy;
 use crate::provision::TenantSpec;
 use crate::service::{detail, plan_from_proto};
@@ -147,18 +148,11 @@ impl Accounts {
             source: &source,
         };
         let Some(user) = st.store.user_by_email(&email).await? else {
-            // Same cost as a wrong password, so timing does not reveal which emails exist.
-            st.verify_password(password, None).await?;
-            st.audit(attempt.failed("unknown_email", String::new()))
-                .await;
-            return Err(Error::Unauthenticated(AuthFailure::InvalidCredentials));
+            return Err(self.unknown_email(&attempt, password).await);
         };
         if let Some(wait) = user.login_lock.locked_for(st.now_ms()) {
             st.audit(attempt.failed("locked", user.id.clone())).await;
-            return Err(Error::ResourceExhausted {
-                what: "account temporarily locked after repeated failed logins",
-                retry_after: wait,
-            });
+            return Err(locked(wait));
         }
         let stored = user.password_hash.clone();
         // The hash is verified for a deactivated user too, and the failure takes the very
@@ -176,6 +170,40 @@ impl Accounts {
         self.open_session(&attempt, &user, password, &stored).await
     }
 
+    /// A login with an email that has no account answers exactly like a wrong password,
+    /// lockout included: the failures count per email (by its SHA-256) as they would for
+    /// an account, and a full password hash is computed, so neither the answers nor their
+    /// timing tell whether an account exists.
+    async fn unknown_email(&self, attempt: &Attempt<'_>, password: SecretString) -> Error {
+        let st = &self.state;
+        let email_hash = hash_secret(attempt.email);
+        let lock = match st.store.unknown_email_lock(&email_hash).await {
+            Ok(lock) => lock,
+            Err(e) => return e,
+        };
+        if let Some(wait) = lock.locked_for(st.now_ms()) {
+            st.audit(attempt.failed("locked", String::new())).await;
+            return locked(wait);
+        }
+        if let Err(e) = st.verify_password(password, None).await {
+            return e;
+        }
+        let now = st.now_ms();
+        let (next, now_locked) = lock.after_failure(now);
+        let mut audits = vec![attempt.failed("unknown_email", String::new())];
+        if now_locked {
+            audits.push(attempt.locked(next));
+        }
+        match st
+            .store
+            .record_unknown_email_failure(&email_hash, next, &audits, now)
+            .await
+        {
+            Ok(()) => Error::Unauthenticated(AuthFailure::InvalidCredentials),
+            Err(e) => e,
+        }
+    }
+
     /// Counts a wrong password (locking the account at the threshold) and says why the
     /// login failed; `reason` goes to the audit row only (`wrong_password`, or
     /// `deactivated` for a shut-out user, whose failure counts the same).
@@ -191,15 +219,8 @@ impl Accounts {
         let mut audits = vec![attempt.failed(reason, user.id.clone())];
         if locked {
             audits.push(AuditRecord {
-                action: actions::LOGIN_LOCKED,
                 actor_user_id: user.id.clone(),
-                target: attempt.email.to_owned(),
-                success: true,
-                source: attempt.source.to_owned(),
-                detail_json: detail(&[
-                    ("locked_until_ms", next.locked_until_ms.into()),
-                    ("lockouts", next.lockouts.into()),
-                ]),
+                ..attempt.locked(next)
             });
             tracing::warn!(user_id = %user.id, "account locked after repeated failed logins");
         }
@@ -264,7 +285,30 @@ struct Attempt<'a> {
     source: &'a str,
 }
 
+/// The answer to a login while the email is locked (with or without an account).
+fn locked(wait: std::time::Duration) -> Error {
+    Error::ResourceExhausted {
+        what: "account temporarily locked after repeated failed logins",
+        retry_after: wait,
+    }
+}
+
 impl Attempt<'_> {
+    /// The audit row of the failure that locked the email, for `next`, without an actor.
+    fn locked(&self, next: LockState) -> AuditRecord {
+        AuditRecord {
+            action: actions::LOGIN_LOCKED,
+            actor_user_id: String::new(),
+            target: self.email.to_owned(),
+            success: true,
+            source: self.source.to_owned(),
+            detail_json: detail(&[
+                ("locked_until_ms", next.locked_until_ms.into()),
+                ("lockouts", next.lockouts.into()),
+            ]),
+        }
+    }
+
     /// The audit row of a failed attempt.
     fn failed(&self, reason: &'static str, actor: String) -> AuditRecord {
         AuditRecord {

@@ -290,6 +290,68 @@ impl Store {
         .await
     }
 
+    /// The failure counters of logins with an unknown email, by the SHA-256 of the
+    /// normalized email (see [`crate::crypto::hash_secret`]); fresh when there are none.
+    pub async fn unknown_email_lock(&self, email_hash: &str) -> Result<LockState> {
+        let row = sqlx::query(
+            "SELECT failures, lockouts, locked_until_ms FROM unknown_email_failures WHERE email_hash = $1",
+        )
+        .bind(email_hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            None => Ok(LockState::default()),
+            Some(row) => Ok(LockState {
+                failures: row.try_get("failures")?,
+                lockouts: row.try_get("lockouts")?,
+                locked_until_ms: row.try_get("locked_until_ms")?,
+            }),
+        }
+    }
+
+    /// Stores new failure counters for an unknown email, and the audit row(s) for the
+    /// failure: the same bookkeeping as [`Store::record_failure`] for an account.
+    pub async fn record_unknown_email_failure(
+        &self,
+        email_hash: &str,
+        state: LockState,
+        audits: &[AuditRecord],
+        now_ms: i64,
+    ) -> Result<()> {
+        self.commit_audited(audits, now_ms, async |tx| {
+            sqlx::query(
+                "INSERT INTO unknown_email_failures \
+                 (email_hash, failures, lockouts, locked_until_ms, updated_at_ms) \
+                 VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (email_hash) DO UPDATE SET failures = excluded.failures, \
+                 lockouts = excluded.lockouts, locked_until_ms = excluded.locked_until_ms, \
+                 updated_at_ms = excluded.updated_at_ms",
+            )
+            .bind(email_hash)
+            .bind(state.failures)
+            .bind(state.lockouts)
+            .bind(state.locked_until_ms)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+            Ok(Write::Commit(()))
+        })
+        .await
+    }
+
+    /// Forgets the counters of unknown emails with no failure since `before_ms` and no
+    /// lock in force at `now_ms`, so guessed emails cannot grow the table without bound.
+    pub async fn purge_unknown_email_failures(&self, before_ms: i64, now_ms: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM unknown_email_failures WHERE updated_at_ms < $1 AND locked_until_ms <= $2",
+        )
+        .bind(before_ms)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     /// Replaces the password hash and ends every session of the user.
     pub async fn set_password(
         &self,

@@ -187,6 +187,64 @@ async fn wrong_password_and_unknown_email_look_the_same() {
     s.stop().await;
 }
 
+/// Five failures lock an email whether it has an account or not, with the same answer and
+/// the same doubling lock, so the lockout does not tell which emails have an account.
+#[tokio::test]
+async fn unknown_emails_lock_exactly_like_accounts() {
+    let db = Database::new().await;
+    let s = TestServer::start(&db).await;
+    s.signup("gail@example.com", "gailco").await;
+    let attempt = |email: &str| LoginRequest {
+        email: email.into(),
+        password: "wrong-Password-123".into(),
+    };
+    let locked = async |email: &str| {
+        for i in 0..5 {
+            let failed = expect_code(
+                s.accounts().login(attempt(email)).await,
+                Code::Unauthenticated,
+            );
+            assert_eq!(
+                reason(&failed),
+                "INVALID_CREDENTIALS",
+                "{email}, failure {i}"
+            );
+        }
+        expect_code(
+            s.accounts().login(attempt(email)).await,
+            Code::ResourceExhausted,
+        )
+    };
+    // The same email in another spelling is the same email.
+    for (known, unknown) in [
+        ("gail@example.com", "nobody@example.com"),
+        ("gail@example.com", "NoBody@Example.com"),
+    ] {
+        let known = locked(known).await;
+        let unknown = locked(unknown).await;
+        assert_eq!(known.message(), unknown.message());
+        let delay = |e: &tonic::Status| e.get_error_details().retry_info().unwrap().retry_delay;
+        assert_eq!(delay(&known), delay(&unknown));
+        s.advance(Duration::from_secs(15 * 60 + 1));
+    }
+    // The second lock of each doubled the first.
+    let unknown = locked("nobody@example.com").await;
+    assert_eq!(
+        unknown
+            .get_error_details()
+            .retry_info()
+            .unwrap()
+            .retry_delay,
+        Some(Duration::from_secs(240))
+    );
+    // Another unknown email has counters of its own.
+    expect_code(
+        s.accounts().login(attempt("other@example.com")).await,
+        Code::Unauthenticated,
+    );
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn five_failures_lock_the_account_even_for_the_right_password() {
     let db = Database::new().await;

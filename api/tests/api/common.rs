@@ -155,17 +155,31 @@ pub fn serve_args(db: &Database, extra: &[String]) -> ServeArgs {
     args
 }
 
+/// Writes `contents` to a new key file only its owner may read, as the API requires.
+pub fn write_key_file(path: &std::path::Path, contents: &str) {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap()
+        .write_all(contents.as_bytes())
+        .unwrap();
+}
+
 pub fn ensure_master_key(db: &Database) {
     use secrecy::ExposeSecret as _;
     let path = db.dir.path().join("master.key");
     if !path.exists() {
         let (_, text) = tenantry_api::crypto::MasterKey::generate().unwrap();
-        std::fs::write(&path, text.expose_secret()).unwrap();
+        write_key_file(&path, text.expose_secret());
     }
     let path = db.dir.path().join("token-signing.key");
     if !path.exists() {
         let signer = tenantry_proto::token::TokenSigner::generate().unwrap();
-        std::fs::write(&path, signer.to_pkcs8_pem().expose_secret()).unwrap();
+        write_key_file(&path, signer.to_pkcs8_pem().expose_secret());
         std::fs::write(
             db.dir.path().join("token-public.pem"),
             signer.public_key_pem(),

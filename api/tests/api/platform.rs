@@ -351,6 +351,20 @@ async fn the_binary_serves_bootstraps_an_admin_and_stops_on_sigterm() {
     );
     assert_eq!(reason(&st), "MFA_REQUIRED");
 
+    // Only the owner can reach the data: the directory is 0700, the database and its
+    // write-ahead log and shared memory (both exist while the server runs) are 0600.
+    let mode = |p: &str| {
+        std::fs::metadata(dir.path().join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("data"), 0o700);
+    for file in ["tenantry.db", "tenantry.db-wal", "tenantry.db-shm"] {
+        assert_eq!(mode(&format!("data/{file}")), 0o600, "{file}");
+    }
+
     let pid = server.id().unwrap();
     std::process::Command::new("kill")
         .args(["-TERM", &pid.to_string()])
@@ -371,6 +385,27 @@ async fn the_binary_serves_bootstraps_an_admin_and_stops_on_sigterm() {
         .await
         .unwrap();
     assert!(!stderr.contains(PASSWORD) && !stderr.contains(&login.session_token));
+
+    // A key file other users can read stops the start, with the fix in the message.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = std::process::Command::new(bin)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            &db_url,
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("is accessible by other users (mode 644)")
+            && stderr.contains(&format!("chmod 600 {}", key.display())),
+        "{stderr}"
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
 
     // A bad database URL fails at start with a clear message.
     let out = std::process::Command::new(bin)

@@ -361,3 +361,76 @@ async fn malformed_requests_get_json_errors() {
     }
     app.stop().await.unwrap();
 }
+
+/// Writes `head` (and nothing after it) on a new TLS connection and returns what the
+/// server answers within five seconds, up to the end of its headers.
+async fn answer_to_head(app: &Instance, head: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls =
+        tokio_rustls::TlsConnector::from(tenantry_test_support::client_config(&app.ca.pem()))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+    tls.write_all(head).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tls.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "no answer within 5 s; got {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn an_oversized_content_length_is_refused_before_the_body_arrives() {
+    // The test instance limits bodies to 64 KiB; this request announces 100 MiB and sends
+    // none of it, so only the Content-Length can answer it.
+    let app = Instance::start().await;
+    let head = format!(
+        "POST /v1/executions HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        app.token(),
+        100 * 1024 * 1024
+    );
+    let answer = answer_to_head(&app, head.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+
+    // Within the limit, the same request waits for its body as usual: it is the length
+    // that is refused, not the missing body.
+    let head = head.replace(&(100 * 1024 * 1024).to_string(), "64");
+    let waiting = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        answer_to_head(&app, head.as_bytes()),
+    )
+    .await;
+    assert!(waiting.is_err(), "answered without the body: {waiting:?}");
+
+    // A body without a length is still cut off at the limit as it is read.
+    let chunk = vec![b' '; 70 * 1024];
+    let mut chunked = format!(
+        "POST /v1/executions HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {}\r\n\
+         content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n{:x}\r\n",
+        app.token(),
+        chunk.len()
+    )
+    .into_bytes();
+    chunked.extend_from_slice(&chunk);
+    chunked.extend_from_slice(b"\r\n0\r\n\r\n");
+    let answer = answer_to_head(&app, &chunked).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    app.stop().await.unwrap();
+}

@@ -131,6 +131,14 @@ async fn local_mode_runs_isolated_instances_end_to_end() {
         endpoint,
         &stored
     ));
+    step!(a_killed_api_takes_its_runtimes_with_it(
+        &mut local,
+        &https,
+        &[&ann, &ben],
+        endpoint,
+        &stored
+    ));
+    step!(local_state_is_private_to_its_owner(&local));
     step!(deleting_a_tenant_stops_its_runtime_and_destroys_its_data(
         &local, &admin, &ben
     ));
@@ -553,6 +561,88 @@ async fn restarting_dev_brings_every_tenant_back(
     assert_eq!(again.endpoint, endpoint);
     let status = execution_status(https, &again.endpoint, stored, &stored.new_execution).await;
     assert_eq!(status, 200, "data kept across restarts");
+}
+
+/// SIGKILL of `tenantry-api dev` (no cleanup at all) still stops every runtime within
+/// 5 s: each holds the read end of a pipe whose write end died with the API
+/// (`--exit-on-stdin-close`). Nothing is lost, and the next start brings them back.
+async fn a_killed_api_takes_its_runtimes_with_it(
+    local: &mut Local,
+    https: &Https,
+    owners: &[&Owner],
+    endpoint: &str,
+    stored: &Stored,
+) {
+    let pids: Vec<u32> = owners
+        .iter()
+        .filter_map(|o| local.runtime_pid(&o.tenant_id))
+        .collect();
+    assert_eq!(pids.len(), 2);
+    assert!(pids.iter().all(|p| pid_alive(*p)));
+    local.dev.child.start_kill().unwrap();
+    local.dev.child.wait().await.unwrap();
+    let killed = Instant::now();
+    let deadline = killed + Duration::from_secs(5);
+    while pids.iter().any(|p| pid_alive(*p)) {
+        assert!(
+            Instant::now() < deadline,
+            "runtimes still running 5 s after the API was killed: {:?}",
+            pids.iter().filter(|p| pid_alive(**p)).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("    runtimes gone {:?} after the SIGKILL", killed.elapsed());
+
+    local.dev = Dev::start(&local.data_dir, local.port).await;
+    local.channel = local.dev.channel().await;
+    for owner in owners {
+        let back = wait_for_phase(
+            &local.channel,
+            &owner.session,
+            &owner.tenant_id,
+            TenantPhase::Ready,
+            Duration::from_secs(60),
+        )
+        .await;
+        let pid = local.runtime_pid(&owner.tenant_id).unwrap();
+        assert!(
+            pid_alive(pid) && !pids.contains(&pid),
+            "a new runtime for {}",
+            owner.tenant_id
+        );
+        if back.endpoint == endpoint {
+            let status = execution_status(https, endpoint, stored, &stored.new_execution).await;
+            assert_eq!(status, 200, "data kept across the kill");
+        }
+    }
+    // The API's own data survived too: the sessions from before the kill still work.
+    for owner in owners {
+        TenantServiceClient::new(local.channel.clone())
+            .get_tenant(authed(
+                GetTenantRequest {
+                    tenant_id: owner.tenant_id.clone(),
+                },
+                &owner.session,
+            ))
+            .await
+            .unwrap();
+    }
+}
+
+/// Only the owner can read the local state: the data directory (made 0755 by this test,
+/// narrowed at start) is 0700, the database, its WAL and shared-memory files are 0600.
+async fn local_state_is_private_to_its_owner(local: &Local) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&local.data_dir), 0o700);
+    for file in [
+        "tenantry.db",
+        "tenantry.db-wal",
+        "tenantry.db-shm",
+        "master.key",
+    ] {
+        assert_eq!(mode(&local.data_dir.join(file)), 0o600, "{file}");
+    }
 }
 
 /// Delete stops the process and destroys the tenant's key and data.
