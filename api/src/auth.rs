@@ -133,7 +133,7 @@ pub async fn resolve(state: &AppState, token: &SecretString) -> Authn {
     }
     // Read before the database: a change arriving meanwhile keeps this row out of the cache.
     let generation = cache.generation();
-    let session = match state.store.session(&hash).await {
+    let mut session = match state.store.session(&hash).await {
         Ok(Some(s)) => s,
         Ok(None) => return Authn::Invalid(AuthFailure::SessionInvalid),
         Err(e) => {
@@ -141,6 +141,10 @@ pub async fn resolve(state: &AppState, token: &SecretString) -> Authn {
             return Authn::Unavailable;
         }
     };
+    // A use this replica has not written yet counts as much as one in the database.
+    if let Some(used) = cache.unwritten_use(&hash) {
+        session.last_seen_ms = session.last_seen_ms.max(used);
+    }
     if now >= session.expires_at_ms || now - session.last_seen_ms >= idle_ms {
         if let Err(e) = state.store.delete_session(&hash, None, now).await {
             tracing::warn!(error = %e, "could not delete expired session");

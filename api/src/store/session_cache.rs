@@ -81,8 +81,9 @@ pub struct SessionCache {
     trusted_until_ns: AtomicU64,
     needs_heartbeat: AtomicBool,
     base: Instant,
-    /// `last_seen_ms` of sessions dropped from the cache before their use was written.
-    orphans: Mutex<Vec<(String, i64)>>,
+    /// Last uses of sessions dropped from the cache before they were written; kept until
+    /// written, so that a session read again meanwhile is not taken for idle.
+    orphans: Mutex<HashMap<String, i64>>,
 }
 
 impl SessionCache {
@@ -95,7 +96,7 @@ impl SessionCache {
             trusted_until_ns: AtomicU64::new(0),
             needs_heartbeat: AtomicBool::new(heartbeat),
             base: Instant::now(),
-            orphans: Mutex::new(Vec::new()),
+            orphans: Mutex::new(HashMap::new()),
         }
     }
 
@@ -230,8 +231,30 @@ impl SessionCache {
     fn orphan(&self, entry: &CachedSession) {
         let used = entry.last_used_ms();
         if used > entry.persisted_ms.load(Ordering::Relaxed) {
-            let mut orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
-            orphans.push((entry.row.token_hash.clone(), used));
+            self.keep_unwritten(&entry.row.token_hash, used);
+        }
+    }
+
+    /// Remembers a use that is not in the database yet.
+    pub fn keep_unwritten(&self, token_hash: &str, used_ms: i64) {
+        let mut orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = orphans.entry(token_hash.to_owned()).or_insert(used_ms);
+        *slot = (*slot).max(used_ms);
+    }
+
+    /// The latest use of a session dropped from the cache that is not written yet.
+    pub fn unwritten_use(&self, token_hash: &str) -> Option<i64> {
+        let orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
+        orphans.get(token_hash).copied()
+    }
+
+    /// These uses are in the database now.
+    pub fn written(&self, uses: &[(String, i64)]) {
+        let mut orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
+        for (hash, used) in uses {
+            if orphans.get(hash).is_some_and(|o| o <= used) {
+                orphans.remove(hash);
+            }
         }
     }
 
@@ -246,12 +269,13 @@ impl SessionCache {
     }
 
     /// Uses to write: sessions used at least `granularity_ms` after the database's
-    /// `last_seen_ms` (every unwritten use with 0), and every orphan. Marked written here;
-    /// the write itself only ever moves `last_seen_ms` forward.
+    /// `last_seen_ms` (every unwritten use with 0), and every orphan (kept until
+    /// [`Self::written`]). Cached ones are marked written here; the write only ever moves
+    /// `last_seen_ms` forward.
     pub fn take_pending(&self, granularity_ms: i64) -> Vec<(String, i64)> {
-        let mut out = {
-            let mut orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
-            std::mem::take(&mut *orphans)
+        let mut out: Vec<(String, i64)> = {
+            let orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
+            orphans.iter().map(|(h, u)| (h.clone(), *u)).collect()
         };
         let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
         for entry in entries.values() {
@@ -341,6 +365,10 @@ mod tests {
         assert!(cache.take_pending(1_000).is_empty(), "written already");
         entry.touch(2_100);
         cache.forget_all();
-        assert_eq!(cache.take_pending(1_000), vec![("h".to_owned(), 2_100)]);
+        assert_eq!(cache.unwritten_use("h"), Some(2_100), "kept for a re-read");
+        let pending = cache.take_pending(1_000);
+        assert_eq!(pending, vec![("h".to_owned(), 2_100)]);
+        cache.written(&pending);
+        assert_eq!(cache.unwritten_use("h"), None);
     }
 }

@@ -264,7 +264,14 @@ impl Store {
                 args.push(Arg::Text(hash.clone()));
             }
             sql.push(')');
-            bind_all(sql, args).execute(&self.pool).await?;
+            if let Err(e) = bind_all(sql, args).execute(&self.pool).await {
+                // Tried again with the next batch.
+                for (hash, used) in chunk {
+                    self.cache.keep_unwritten(hash, *used);
+                }
+                return Err(e.into());
+            }
+            self.cache.written(chunk);
             written += chunk.len();
         }
         Ok(written)
