@@ -6,17 +6,18 @@
 //! * WhoAmI throughput and p99 latency next to the gRPC health check of the same server at
 //!   the same concurrency — goal: at least 0.5 of the health check's throughput.
 //!
-//! Runs with the default (OWASP) argon2 parameters on SQLite in a temporary directory.
-//! Set `TENANTRY_BENCH_DATABASE_URL` to a PostgreSQL URL to measure on PostgreSQL instead.
+//! The server is the release `tenantry-api serve` binary in a process of its own; the load
+//! comes from real tonic clients in this process, one HTTP/2 connection per client and one
+//! request per connection at a time. Runs with the default (OWASP) argon2 parameters on
+//! SQLite in a temporary directory, then, when `TENANTRY_BENCH_DATABASE_URL` names a
+//! PostgreSQL server, on a fresh database there (dropped at the end).
 //! `cargo bench -p tenantry-api --bench throughput`
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Parser as _;
 use secrecy::SecretString;
-use tenantry_api::config::{Cli, Command};
 use tenantry_api::password::{HashParams, PasswordHasher};
 use tenantry_client::{Client, Credentials, Trust};
 use tenantry_proto::v1::account_service_client::AccountServiceClient;
@@ -60,9 +61,79 @@ where
     (total as f64 / start.elapsed().as_secs_f64(), all)
 }
 
-fn p99(mut lat: Vec<Duration>) -> Duration {
+/// The `q` quantile (0..1) of `lat`, in milliseconds.
+fn quantile_ms(lat: &mut [Duration], q: f64) -> f64 {
     lat.sort();
-    lat[(lat.len() * 99 / 100).min(lat.len() - 1)]
+    let i = ((lat.len() as f64 * q) as usize).min(lat.len() - 1);
+    lat[i].as_secs_f64() * 1e3
+}
+
+/// One connection per client.
+async fn channels(addr: &str, clients: usize) -> Vec<tonic::transport::Channel> {
+    let mut out = Vec::new();
+    for _ in 0..clients {
+        out.push(
+            tenantry_client::connect(addr, Trust::default())
+                .await
+                .unwrap(),
+        );
+    }
+    out
+}
+
+/// The release server in its own process, killed on drop.
+struct Server {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn start_server(url: &str, dir: &std::path::Path) -> Server {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_tenantry-api"))
+        .args(["serve", "--database-url", url])
+        .arg("--master-key-file")
+        .arg(dir.join("master.key"))
+        .arg("--token-signing-key-file")
+        .arg(dir.join("token-signing.key"))
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--rate-limit-per-second", "0"])
+        .env("TENANTRY_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr = format!("http://127.0.0.1:{port}");
+    let start = Instant::now();
+    loop {
+        if let Ok(ch) = tenantry_client::connect(&addr, Trust::default()).await
+            && HealthClient::new(ch)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .is_ok()
+        {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "server did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The session cache starts with the server; give its listener a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Server { child, addr }
 }
 
 /// The argon2-only bound: `total` hashes (or verifications) with `clients` in flight,
@@ -99,59 +170,71 @@ async fn argon2_bound(clients: usize, total: usize, verify: bool) -> f64 {
 #[tokio::main]
 async fn main() {
     let dir = tempfile::tempdir().unwrap();
-    let url = std::env::var("TENANTRY_BENCH_DATABASE_URL")
-        .unwrap_or_else(|_| format!("sqlite://{}/bench.db", dir.path().display()));
-    let key = dir.path().join("master.key");
-    let argv = [
-        "tenantry-api",
-        "serve",
-        "--database-url",
-        &url,
-        "--master-key-file",
-        &key.display().to_string(),
-        "--rate-limit-per-second",
-        "0",
-    ];
-    let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
-        unreachable!()
-    };
-    {
-        let (_, text) = tenantry_api::crypto::MasterKey::generate().unwrap();
-        use secrecy::ExposeSecret as _;
-        std::fs::write(&key, text.expose_secret()).unwrap();
-        // The API refuses a key file other users can read.
-        use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    let state =
-        tenantry_api::server::build_state(&args, Arc::new(tenantry_api::clock::SystemClock))
-            .await
-            .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(tenantry_api::server::serve(
-        state,
-        listener,
-        None,
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    let channel = tenantry_client::connect(&format!("http://{addr}"), Trust::default())
-        .await
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tenantry-api"))
+        .args(["keygen", "--out-dir"])
+        .arg(dir.path())
+        .output()
         .unwrap();
-    let run_id = std::process::id();
-
+    assert!(out.status.success());
     println!(
-        "tenantry-api throughput ({} cores, argon2id m=19456 KiB t=2 p=1, {})",
+        "tenantry-api throughput ({} cores, argon2id m=19456 KiB t=2 p=1, release server in its own process)",
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
-        if url.starts_with("sqlite") {
-            "SQLite"
-        } else {
-            "PostgreSQL"
-        }
     );
+    let sqlite = format!("sqlite://{}/bench.db", dir.path().display());
+    let mut ratios = vec![("SQLite", run(&sqlite, dir.path()).await)];
+    if let Some(base) = std::env::var("TENANTRY_BENCH_DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+    {
+        let name = format!("bench_{}", std::process::id());
+        psql(&base, &format!("CREATE DATABASE {name}"));
+        let (head, _) = base.rsplit_once('/').unwrap();
+        let url = format!("{head}/{name}");
+        ratios.push(("PostgreSQL", run(&url, dir.path()).await));
+        psql(&base, &format!("DROP DATABASE {name} WITH (FORCE)"));
+    }
+    println!();
+    println!(
+        "| clients | {} |",
+        ratios
+            .iter()
+            .map(|(b, _)| format!("{b}: WhoAmI/s ÷ Health/s"))
+            .collect::<Vec<_>>()
+            .join(" | ")
+    );
+    println!("|---|{}", "---|".repeat(ratios.len()));
+    for (i, clients) in CONCURRENCY.iter().enumerate() {
+        let cells: Vec<String> = ratios
+            .iter()
+            .map(|(_, r)| format!("{:.0} ÷ {:.0} = {:.2}", r[i].0, r[i].1, r[i].0 / r[i].1))
+            .collect();
+        println!("| {clients} | {} |", cells.join(" | "));
+    }
+}
+
+fn psql(url: &str, sql: &str) {
+    let out = std::process::Command::new("psql")
+        .args([url, "-qAt", "-c", sql])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Measures one backend; returns (WhoAmI/s, Health/s) per concurrency level.
+async fn run(url: &str, dir: &std::path::Path) -> Vec<(f64, f64)> {
+    let server = start_server(url, dir).await;
+    let backend = if url.starts_with("sqlite") {
+        "SQLite"
+    } else {
+        "PostgreSQL"
+    };
+    let run_id = std::process::id();
+    println!();
+    println!("== {backend}");
     println!(
         "{:<28} {:>10} {:>14} {:>8}",
         "operation", "ops/s", "argon2 bound/s", "ratio"
@@ -161,10 +244,10 @@ async fn main() {
     for &clients in &CONCURRENCY {
         let total = per_level(clients);
         let bound = argon2_bound(clients, total, false).await;
-        let ch = channel.clone();
+        let chs = Arc::new(channels(&server.addr, clients).await);
         let base = user_counter;
         let (rate, _) = drive(clients, total, move |i| {
-            let mut c = AccountServiceClient::new(ch.clone());
+            let mut c = AccountServiceClient::new(chs[i % chs.len()].clone());
             async move {
                 c.signup(SignupRequest {
                     email: format!("bench{run_id}-{}@example.com", base + i),
@@ -189,10 +272,10 @@ async fn main() {
     for &clients in &CONCURRENCY {
         let total = per_level(clients);
         let bound = argon2_bound(clients, total, true).await;
-        let ch = channel.clone();
+        let chs = Arc::new(channels(&server.addr, clients).await);
         let users = user_counter;
         let (rate, _) = drive(clients, total, move |i| {
-            let mut c = AccountServiceClient::new(ch.clone());
+            let mut c = AccountServiceClient::new(chs[i % chs.len()].clone());
             async move {
                 c.login(LoginRequest {
                     email: format!("bench{run_id}-{}@example.com", i % users),
@@ -212,6 +295,9 @@ async fn main() {
         );
     }
 
+    let channel = tenantry_client::connect(&server.addr, Trust::default())
+        .await
+        .unwrap();
     let mut c = AccountServiceClient::new(channel.clone());
     let token = c
         .login(LoginRequest {
@@ -225,14 +311,17 @@ async fn main() {
     let credentials = Credentials::bearer(&SecretString::from(token)).unwrap();
     println!();
     println!(
-        "{:<28} {:>10} {:>10} {:>8}",
-        "operation", "ops/s", "p99 ms", "ratio"
+        "{:<28} {:>10} {:>10} {:>10} {:>8}",
+        "operation", "ops/s", "p50 ms", "p99 ms", "ratio"
     );
+    let mut out = Vec::new();
     for &clients in &CONCURRENCY {
-        let total = 4_000;
-        let ch = channel.clone();
-        let (health_rate, health_lat) = drive(clients, total, move |_| {
-            let mut h = HealthClient::new(ch.clone());
+        let total = 20_000;
+        // One connection per client; each client task owns one and waits for each answer.
+        let chs = Arc::new(channels(&server.addr, clients).await);
+        let health_chs = Arc::clone(&chs);
+        let (health_rate, mut health_lat) = drive_per_client(clients, total, move |k| {
+            let mut h = HealthClient::new(health_chs[k].clone());
             async move {
                 h.check(HealthCheckRequest {
                     service: String::new(),
@@ -242,29 +331,64 @@ async fn main() {
             }
         })
         .await;
-        let authed = Client::new(channel.clone(), credentials.clone());
-        let (who_rate, who_lat) = drive(clients, total, move |_| {
-            let mut c = authed.accounts();
+        let who_chs = Arc::clone(&chs);
+        let creds = credentials.clone();
+        let (who_rate, mut who_lat) = drive_per_client(clients, total, move |k| {
+            let mut c = Client::new(who_chs[k].clone(), creds.clone()).accounts();
             async move {
                 c.who_am_i(WhoAmIRequest {}).await.unwrap();
             }
         })
         .await;
         println!(
-            "{:<28} {:>10.0} {:>10.2} {:>8}",
+            "{:<28} {:>10.0} {:>10.3} {:>10.3} {:>8}",
             format!("health check x{clients}"),
             health_rate,
-            p99(health_lat).as_secs_f64() * 1e3,
+            quantile_ms(&mut health_lat, 0.5),
+            quantile_ms(&mut health_lat, 0.99),
             ""
         );
         println!(
-            "{:<28} {:>10.0} {:>10.2} {:>8.2}",
+            "{:<28} {:>10.0} {:>10.3} {:>10.3} {:>8.2}",
             format!("WhoAmI x{clients}"),
             who_rate,
-            p99(who_lat).as_secs_f64() * 1e3,
+            quantile_ms(&mut who_lat, 0.5),
+            quantile_ms(&mut who_lat, 0.99),
             who_rate / health_rate
         );
+        out.push((who_rate, health_rate));
     }
-    let _ = stop.send(());
-    server.await.unwrap().unwrap();
+    drop(server);
+    out
+}
+
+/// Like [`drive`], but the operation is told which client (0..clients) runs it, so that
+/// each client keeps to its own connection.
+async fn drive_per_client<F, Fut>(clients: usize, total: usize, op: F) -> (f64, Vec<Duration>)
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let op = Arc::new(op);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for k in 0..clients {
+        let op = Arc::clone(&op);
+        let next = Arc::clone(&next);
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
+                let t = Instant::now();
+                op(k).await;
+                lat.push(t.elapsed());
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    (total as f64 / start.elapsed().as_secs_f64(), all)
 }

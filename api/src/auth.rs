@@ -13,6 +13,7 @@ use crate::access::{Access, HeldRole, Role};
 use crate::crypto::hash_secret;
 use crate::error::{AuthFailure, DenyReason, Error, Result};
 use crate::state::AppState;
+use crate::store::SessionRow;
 
 /// Role every user has.
 pub const ROLE_USER: &str = "user";
@@ -113,9 +114,26 @@ pub fn require_role(state: &AppState, caller: &Caller, access: Access) -> Result
 
 /// Resolves a bearer token into a caller, enforcing the idle and absolute timeouts.
 /// Expired sessions are deleted as they are found.
+///
+/// The common case asks no database: the session is in this replica's cache (see
+/// [`crate::store::session_cache`]), whose revocations arrive within a second from every
+/// replica. A session that looks expired to the cache is checked against the database (another
+/// replica may have seen a later use) before it is refused.
 pub async fn resolve(state: &AppState, token: &SecretString) -> Authn {
     let hash = hash_secret(token.expose_secret());
-    let session = match state.store.session(&hash).await {
+    let now = state.now_ms();
+    let idle_ms = crate::clock::duration_ms(state.sessions.idle_timeout);
+    let cache = state.store.session_cache();
+    if let Some(hit) = cache.get(&hash) {
+        if now < hit.row.expires_at_ms && now - hit.last_used_ms() < idle_ms {
+            hit.touch(now);
+            return Authn::Session(caller_of(&hit.row));
+        }
+        cache.remove(&hash);
+    }
+    // Read before the database: a change arriving meanwhile keeps this row out of the cache.
+    let generation = cache.generation();
+    let mut session = match state.store.session(&hash).await {
         Ok(Some(s)) => s,
         Ok(None) => return Authn::Invalid(AuthFailure::SessionInvalid),
         Err(e) => {
@@ -123,29 +141,40 @@ pub async fn resolve(state: &AppState, token: &SecretString) -> Authn {
             return Authn::Unavailable;
         }
     };
-    let now = state.now_ms();
-    let idle_ms = crate::clock::duration_ms(state.sessions.idle_timeout);
+    // A use this replica has not written yet counts as much as one in the database.
+    if let Some(used) = cache.unwritten_use(&hash) {
+        session.last_seen_ms = session.last_seen_ms.max(used);
+    }
     if now >= session.expires_at_ms || now - session.last_seen_ms >= idle_ms {
         if let Err(e) = state.store.delete_session(&hash, None, now).await {
             tracing::warn!(error = %e, "could not delete expired session");
         }
         return Authn::Invalid(AuthFailure::SessionInvalid);
     }
-    if now - session.last_seen_ms >= state.sessions.touch_granularity_ms()
+    let caller = caller_of(&session);
+    let stale = now - session.last_seen_ms >= state.sessions.touch_granularity_ms();
+    // Kept: the use is written with the next batch. Not kept (the cache cannot be trusted
+    // now): written here, as often as the granularity allows.
+    if !cache.insert(generation, session, now)
+        && stale
         && let Err(e) = state.store.touch_session(&hash, now).await
     {
         tracing::warn!(error = %e, "could not record session use");
     }
-    Authn::Session(Caller {
-        user_id: session.user_id,
-        email: session.email,
-        roles: session.roles,
+    Authn::Session(caller)
+}
+
+fn caller_of(session: &SessionRow) -> Caller {
+    Caller {
+        user_id: session.user_id.clone(),
+        email: session.email.clone(),
+        roles: session.roles.clone(),
         mfa_enrolled: session.mfa_enrolled,
-        session_hash: session.token_hash,
+        session_hash: session.token_hash.clone(),
         mfa_verified_at_ms: session.mfa_verified_at_ms,
         expires_at_ms: session.expires_at_ms,
-        tenant_ids: session.tenant_ids,
-    })
+        tenant_ids: session.tenant_ids.clone(),
+    }
 }
 
 /// Parses `Bearer <token>` (scheme case-insensitive); `Err` for any other form.

@@ -186,6 +186,85 @@ CREATE TABLE unknown_email_failures (
 CREATE INDEX unknown_email_failures_updated ON unknown_email_failures (updated_at_ms);
 "#;
 
+/// SQLite: every change that can revoke or alter a cached session (see
+/// `store::session_cache`) leaves the user's id in `auth_changes`, which each replica's cache
+/// reads after its own writes and polls for other processes' writes. `last_seen_ms` and the
+/// failure counters are not such changes and fire nothing.
+const V5_SQLITE_AUTH_CHANGES: &str = r#"
+CREATE TABLE auth_changes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id TEXT NOT NULL,
+    at_ms BIGINT NOT NULL
+);
+CREATE TRIGGER auth_changes_session_delete AFTER DELETE ON sessions
+BEGIN INSERT INTO auth_changes (user_id, at_ms) VALUES (OLD.user_id, CAST((julianday('now') - 2440587.5) * 86400000 AS BIGINT)); END;
+CREATE TRIGGER auth_changes_session_update AFTER UPDATE OF user_id, expires_at_ms, mfa_verified_at_ms ON sessions
+WHEN OLD.user_id IS NOT NEW.user_id OR OLD.expires_at_ms IS NOT NEW.expires_at_ms OR OLD.mfa_verified_at_ms IS NOT NEW.mfa_verified_at_ms
+BEGIN INSERT INTO auth_changes (user_id, at_ms) VALUES (OLD.user_id, CAST((julianday('now') - 2440587.5) * 86400000 AS BIGINT)); END;
+CREATE TRIGGER auth_changes_user_update AFTER UPDATE OF email, password_hash, totp_secret_sealed, deactivated_at_ms ON users
+WHEN OLD.email IS NOT NEW.email OR OLD.password_hash IS NOT NEW.password_hash OR OLD.totp_secret_sealed IS NOT NEW.totp_secret_sealed OR OLD.deactivated_at_ms IS NOT NEW.deactivated_at_ms
+BEGIN INSERT INTO auth_changes (user_id, at_ms) VALUES (OLD.id, CAST((julianday('now') - 2440587.5) * 86400000 AS BIGINT)); END;
+CREATE TRIGGER auth_changes_user_delete AFTER DELETE ON users
+BEGIN INSERT INTO auth_changes (user_id, at_ms) VALUES (OLD.id, CAST((julianday('now') - 2440587.5) * 86400000 AS BIGINT)); END;
+CREATE TRIGGER auth_changes_membership_insert AFTER INSERT ON memberships
+BEGIN INSERT INTO auth_changes (user_id, at_ms) VALUES (NEW.user_id, CAST((julianday('now') - 2440587.5) * 86400000 AS BIGINT)); END;
+CREATE TRIGGER auth_changes_membership_update AFTER UPDATE ON memberships
+BEGIN INSERT INTO auth_changes (user_id, at_ms) VALUES (OLD.user_id, CAST((julianday('now') - 2440587.5) * 86400000 AS BIGINT)); INSERT INTO auth_changes (user_id, at_ms) VALUES (NEW.user_id, CAST((julianday('now') - 2440587.5) * 86400000 AS BIGINT)); END;
+CREATE TRIGGER auth_changes_membership_delete AFTER DELETE ON memberships
+BEGIN INSERT INTO auth_changes (user_id, at_ms) VALUES (OLD.user_id, CAST((julianday('now') - 2440587.5) * 86400000 AS BIGINT)); END;
+CREATE TRIGGER auth_changes_grant_insert AFTER INSERT ON role_grants
+BEGIN INSERT INTO auth_changes (user_id, at_ms) VALUES (NEW.user_id, CAST((julianday('now') - 2440587.5) * 86400000 AS BIGINT)); END;
+CREATE TRIGGER auth_changes_grant_update AFTER UPDATE ON role_grants
+BEGIN INSERT INTO auth_changes (user_id, at_ms) VALUES (OLD.user_id, CAST((julianday('now') - 2440587.5) * 86400000 AS BIGINT)); INSERT INTO auth_changes (user_id, at_ms) VALUES (NEW.user_id, CAST((julianday('now') - 2440587.5) * 86400000 AS BIGINT)); END;
+CREATE TRIGGER auth_changes_grant_delete AFTER DELETE ON role_grants
+BEGIN INSERT INTO auth_changes (user_id, at_ms) VALUES (OLD.user_id, CAST((julianday('now') - 2440587.5) * 86400000 AS BIGINT)); END;
+"#;
+
+/// PostgreSQL: the same changes as [`V5_SQLITE_AUTH_CHANGES`] are sent on the
+/// `tenantry_auth` channel (`u:<user id>`, delivered at commit to every replica's listener)
+/// and collected in the transaction-local setting `tenantry.auth_changed`, which the writing
+/// replica reads before it commits so its own cache forgets them at once. Past 64 KiB the
+/// setting becomes `*` (forget everything) rather than growing without bound.
+const V5_POSTGRES_AUTH_CHANGES: &str = r#"
+CREATE FUNCTION tenantry_auth_changed() RETURNS trigger LANGUAGE plpgsql AS $fn$
+DECLARE
+    uid TEXT;
+    seen TEXT;
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        uid := to_jsonb(OLD) ->> TG_ARGV[0];
+    ELSE
+        uid := to_jsonb(NEW) ->> TG_ARGV[0];
+    END IF;
+    PERFORM pg_notify('tenantry_auth', 'u:' || uid);
+    seen := COALESCE(current_setting('tenantry.auth_changed', true), '');
+    IF seen <> '*' THEN
+        IF length(seen) > 65536 THEN
+            seen := '*';
+        ELSE
+            seen := seen || uid || ',';
+        END IF;
+        PERFORM set_config('tenantry.auth_changed', seen, true);
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+CREATE TRIGGER auth_changes_session_delete AFTER DELETE ON sessions
+    FOR EACH ROW EXECUTE FUNCTION tenantry_auth_changed('user_id');
+CREATE TRIGGER auth_changes_session_update AFTER UPDATE OF user_id, expires_at_ms, mfa_verified_at_ms ON sessions
+    FOR EACH ROW WHEN (OLD.user_id IS DISTINCT FROM NEW.user_id OR OLD.expires_at_ms IS DISTINCT FROM NEW.expires_at_ms OR OLD.mfa_verified_at_ms IS DISTINCT FROM NEW.mfa_verified_at_ms)
+    EXECUTE FUNCTION tenantry_auth_changed('user_id');
+CREATE TRIGGER auth_changes_user_update AFTER UPDATE OF email, password_hash, totp_secret_sealed, deactivated_at_ms ON users
+    FOR EACH ROW WHEN (OLD.email IS DISTINCT FROM NEW.email OR OLD.password_hash IS DISTINCT FROM NEW.password_hash OR OLD.totp_secret_sealed IS DISTINCT FROM NEW.totp_secret_sealed OR OLD.deactivated_at_ms IS DISTINCT FROM NEW.deactivated_at_ms)
+    EXECUTE FUNCTION tenantry_auth_changed('id');
+CREATE TRIGGER auth_changes_user_delete AFTER DELETE ON users
+    FOR EACH ROW EXECUTE FUNCTION tenantry_auth_changed('id');
+CREATE TRIGGER auth_changes_membership AFTER INSERT OR UPDATE OR DELETE ON memberships
+    FOR EACH ROW EXECUTE FUNCTION tenantry_auth_changed('user_id');
+CREATE TRIGGER auth_changes_grant AFTER INSERT OR UPDATE OR DELETE ON role_grants
+    FOR EACH ROW EXECUTE FUNCTION tenantry_auth_changed('user_id');
+"#;
+
 /// Every migration, in order.
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -211,6 +290,12 @@ pub const MIGRATIONS: &[Migration] = &[
         description: "lockout counters for unknown emails",
         sqlite: V4_UNKNOWN_EMAIL_LOCKOUT,
         postgres: V4_UNKNOWN_EMAIL_LOCKOUT,
+    },
+    Migration {
+        version: 5,
+        description: "changes that revoke or alter a session are published to every replica's session cache",
+        sqlite: V5_SQLITE_AUTH_CHANGES,
+        postgres: V5_POSTGRES_AUTH_CHANGES,
     },
 ];
 

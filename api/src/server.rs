@@ -455,6 +455,11 @@ pub async fn serve(
     loops.spawn(until(stop.clone(), reconcile_loop(Arc::clone(&state))));
     loops.spawn(until(stop.clone(), purge_loop(Arc::clone(&state))));
     loops.spawn(until(stop.clone(), access_loop(Arc::clone(&state))));
+    let granularity = state.sessions.touch_granularity_ms();
+    let cache_state = Arc::clone(&state);
+    loops.spawn(until(stop.clone(), async move {
+        cache_state.store.run_session_cache(granularity).await;
+    }));
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tenantry_proto::v1::FILE_DESCRIPTOR_SET)
@@ -491,6 +496,10 @@ pub async fn serve(
         .map_err(Error::Transport);
     stop.cancel();
     while loops.join_next().await.is_some() {}
+    // Uses not yet written would otherwise be lost with the cache.
+    if let Err(e) = state.store.flush_last_seen(0).await {
+        tracing::warn!(error = %e, "could not record session use at shutdown");
+    }
     // Provisioning that requests started may finish; what is still running after
     // TASK_GRACE is dropped with the runtime (the reconcile loop redoes it on the next
     // start).

@@ -8,12 +8,16 @@
 mod access;
 mod audit;
 mod mfa;
+pub mod session_cache;
 mod sessions;
 mod tenants;
 mod users;
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
+
+use secrecy::SecretString;
 
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool, Transaction};
@@ -26,7 +30,7 @@ pub use access::{
     UserWithRoles,
 };
 pub use audit::{AuditFilter, AuditRecord, AuditRow};
-pub use sessions::SessionRow;
+pub use sessions::{AUTH_CHANNEL, LISTENER_APPLICATION_NAME, SessionRow};
 pub use tenants::{TenantRow, TenantStatus};
 pub use users::{Factor, NewSignup, SignupOutcome, UserRow};
 
@@ -59,6 +63,12 @@ impl Backend {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// Sessions of authenticated calls; see [`session_cache`].
+    cache: Arc<session_cache::SessionCache>,
+    /// For the revocation listener's own connection (PostgreSQL).
+    url: Arc<SecretString>,
+    /// The last `auth_changes` row this replica has applied (SQLite).
+    auth_seq: Arc<tokio::sync::Mutex<i64>>,
 }
 
 /// What the change run by [`Store::commit_audited`] decided.
@@ -140,7 +150,15 @@ impl Store {
             .connect_with(options)
             .await
             .map_err(Error::Unavailable)?;
-        let store = Store { pool, backend };
+        let store = Store {
+            pool,
+            backend,
+            cache: Arc::new(session_cache::SessionCache::new(
+                backend == Backend::Postgres,
+            )),
+            url: Arc::new(SecretString::from(url)),
+            auth_seq: Arc::new(tokio::sync::Mutex::new(0)),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -184,7 +202,7 @@ impl Store {
                 for record in audits {
                     audit::append_audit(&mut tx, record, now_ms).await?;
                 }
-                tx.commit().await?;
+                self.commit(tx).await?;
                 Ok(value)
             }
             Write::Rollback(value) => {
@@ -192,6 +210,35 @@ impl Store {
                 Ok(value)
             }
         }
+    }
+
+    /// Commits a write transaction; the sessions it changed leave this replica's cache
+    /// before this returns (other replicas hear of them through the database).
+    async fn commit(&self, mut tx: Transaction<'static, sqlx::Any>) -> Result<()> {
+        if !self.cache.enabled() {
+            tx.commit().await?;
+            return Ok(());
+        }
+        match self.backend {
+            Backend::Postgres => {
+                let changed: Option<String> =
+                    sqlx::query_scalar("SELECT current_setting('tenantry.auth_changed', true)")
+                        .fetch_one(&mut *tx)
+                        .await?;
+                tx.commit().await?;
+                if let Some(list) = changed.filter(|l| !l.is_empty()) {
+                    self.cache.forget_listed(&list);
+                }
+            }
+            Backend::Sqlite => {
+                tx.commit().await?;
+                if let Err(e) = self.apply_auth_changes().await {
+                    tracing::warn!(error = %e, "could not read session changes; emptying the session cache");
+                    self.cache.forget_all();
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn migrate(&self) -> Result<()> {
@@ -253,6 +300,8 @@ impl Store {
         sqlx::raw_sql(dyn_sql(sql.to_owned()))
             .execute(&self.pool)
             .await?;
+        // Whatever it changed, this replica reads it from the database from now on.
+        self.cache.forget_all();
         Ok(())
     }
 }

@@ -1,10 +1,15 @@
 //! Sessions: login, the per-request lookup, logout and revocation, and the purge of expired
 //! sessions.
 
+use std::time::Duration;
+
 use sqlx::Row;
 
 use super::audit::AuditRecord;
-use super::{Backend, Store, Write};
+use super::session_cache::{
+    FLUSH_INTERVAL, HEARTBEAT_INTERVAL, LISTENER_STALE, SQLITE_POLL, SessionCache,
+};
+use super::{Arg, Backend, Store, Write, bind_all};
 use crate::access::{HeldRole, Role};
 use crate::error::{Error, Result};
 
@@ -201,4 +206,228 @@ impl Store {
                 .await?;
         Ok(done.rows_affected())
     }
+}
+
+/// The PostgreSQL channel the revocation triggers notify (migration 5).
+pub const AUTH_CHANNEL: &str = "tenantry_auth";
+/// `application_name` of the revocation listener's connection (operators and tests find
+/// its backend by it).
+pub const LISTENER_APPLICATION_NAME: &str = "tenantry-auth-listener";
+
+impl Store {
+    /// This replica's session cache.
+    pub fn session_cache(&self) -> &SessionCache {
+        &self.cache
+    }
+
+    /// SQLite: forgets the sessions of every `auth_changes` row this replica has not
+    /// applied yet.
+    pub(super) async fn apply_auth_changes(&self) -> Result<()> {
+        let mut last = self.auth_seq.lock().await;
+        let rows: Vec<(i64, String)> =
+            sqlx::query_as("SELECT seq, user_id FROM auth_changes WHERE seq > $1 ORDER BY seq")
+                .bind(*last)
+                .fetch_all(&self.pool)
+                .await?;
+        if let Some((seq, _)) = rows.last() {
+            self.cache
+                .forget_users(rows.iter().map(|(_, user)| user.as_str()));
+            *last = *seq;
+        }
+        Ok(())
+    }
+
+    /// Writes `last_seen_ms` of the sessions used since it was last written (at least
+    /// `granularity_ms` later; every unwritten use with 0), in batches; returns how many.
+    pub async fn flush_last_seen(&self, granularity_ms: i64) -> Result<usize> {
+        let pending = self.cache.take_pending(granularity_ms);
+        let mut written = 0;
+        for chunk in pending.chunks(100) {
+            let mut sql = String::from("UPDATE sessions SET last_seen_ms = ");
+            sql.push_str(match self.backend {
+                Backend::Sqlite => "max(last_seen_ms, CASE token_hash",
+                Backend::Postgres => "GREATEST(last_seen_ms, CASE token_hash",
+            });
+            let mut args = Vec::with_capacity(chunk.len() * 3);
+            for (hash, used) in chunk {
+                let n = args.len();
+                sql.push_str(&format!(" WHEN ${} THEN ${}", n + 1, n + 2));
+                args.push(Arg::Text(hash.clone()));
+                args.push(Arg::Int(*used));
+            }
+            sql.push_str(" ELSE last_seen_ms END) WHERE token_hash IN (");
+            for (i, (hash, _)) in chunk.iter().enumerate() {
+                if i > 0 {
+                    sql.push_str(", ");
+                }
+                sql.push_str(&format!("${}", args.len() + 1));
+                args.push(Arg::Text(hash.clone()));
+            }
+            sql.push(')');
+            if let Err(e) = bind_all(sql, args).execute(&self.pool).await {
+                // Tried again with the next batch.
+                for (hash, used) in chunk {
+                    self.cache.keep_unwritten(hash, *used);
+                }
+                return Err(e.into());
+            }
+            self.cache.written(chunk);
+            written += chunk.len();
+        }
+        Ok(written)
+    }
+
+    /// Runs the session cache until dropped: turns it on, keeps it in step with the
+    /// database (the revocation listener on PostgreSQL, the `auth_changes` poll on SQLite)
+    /// and writes `last_seen_ms` every [`FLUSH_INTERVAL`]. Returns only if the cache cannot
+    /// start (it then stays off and every call reads the database).
+    pub async fn run_session_cache(&self, granularity_ms: i64) {
+        let flush = async {
+            loop {
+                tokio::time::sleep(FLUSH_INTERVAL).await;
+                if let Err(e) = self.flush_last_seen(granularity_ms).await {
+                    tracing::warn!(error = %e, "could not record session use");
+                }
+            }
+        };
+        match self.backend {
+            Backend::Sqlite => {
+                let start: Result<i64> =
+                    sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM auth_changes")
+                        .fetch_one(&self.pool)
+                        .await
+                        .map_err(Error::from);
+                match start {
+                    Ok(seq) => *self.auth_seq.lock().await = seq,
+                    Err(e) => {
+                        tracing::error!(error = %e, "session cache off: cannot read auth_changes");
+                        return;
+                    }
+                }
+                self.cache.enable();
+                tokio::join!(self.poll_auth_changes(), flush);
+            }
+            Backend::Postgres => {
+                self.cache.enable();
+                let nonce = uuid::Uuid::new_v4().simple().to_string();
+                tokio::join!(self.listen(&nonce), self.heartbeat(&nonce), flush);
+            }
+        }
+    }
+
+    async fn poll_auth_changes(&self) {
+        let mut pruned = std::time::Instant::now();
+        loop {
+            tokio::time::sleep(SQLITE_POLL).await;
+            if let Err(e) = self.apply_auth_changes().await {
+                tracing::warn!(error = %e, "could not read session changes; emptying the session cache");
+                self.cache.forget_all();
+            }
+            if pruned.elapsed() >= Duration::from_secs(60) {
+                pruned = std::time::Instant::now();
+                // Every replica has long read rows this old (they poll four times a second).
+                let done = sqlx::query(
+                    "DELETE FROM auth_changes WHERE at_ms < CAST((julianday('now') - 2440587.5) * 86400000 AS BIGINT) - 600000",
+                )
+                .execute(&self.pool)
+                .await;
+                if let Err(e) = done {
+                    tracing::warn!(error = %e, "could not prune auth_changes");
+                }
+            }
+        }
+    }
+
+    /// Sends this replica a heartbeat through PostgreSQL every [`HEARTBEAT_INTERVAL`],
+    /// carrying its send time.
+    async fn heartbeat(&self, nonce: &str) {
+        let channel = heartbeat_channel(nonce);
+        loop {
+            let sent = self.cache.clock_ns();
+            let done = sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(&channel)
+                .bind(sent.to_string())
+                .execute(&self.pool)
+                .await;
+            if let Err(e) = done {
+                tracing::debug!(error = %e, "session cache heartbeat not sent");
+            }
+            tokio::time::sleep(HEARTBEAT_INTERVAL).await;
+        }
+    }
+
+    /// The revocation listener: connects, listens, empties the cache (the resync), then
+    /// applies notifications; on a lost, failed or silent connection it stops trusting the
+    /// cache (calls read the database) and starts over.
+    async fn listen(&self, nonce: &str) {
+        let heartbeat = heartbeat_channel(nonce);
+        loop {
+            let mut listener = match self.connect_listener(&heartbeat).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "session cache: cannot start the revocation listener; sessions are read from the database");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            // Changes made while nobody listened are unknown: start empty.
+            self.cache.forget_all();
+            tracing::info!("session cache: revocation listener connected; cache emptied (resync)");
+            let mut echoed = tokio::time::Instant::now();
+            let reason = loop {
+                let next = tokio::select! {
+                    next = listener.try_recv() => next,
+                    () = tokio::time::sleep_until(echoed + LISTENER_STALE) => {
+                        break "no heartbeat came back".to_owned()
+                    }
+                };
+                match next {
+                    Ok(Some(n)) if n.channel() == heartbeat => {
+                        if let Ok(sent) = n.payload().parse::<u64>() {
+                            self.cache.heartbeat_echoed(sent);
+                            echoed = tokio::time::Instant::now();
+                        }
+                    }
+                    Ok(Some(n)) => match n.payload().strip_prefix("u:") {
+                        Some(user) => self.cache.forget_users([user]),
+                        None => self.cache.forget_all(),
+                    },
+                    Ok(None) => break "connection lost".to_owned(),
+                    Err(e) => break e.to_string(),
+                }
+            };
+            self.cache.distrust();
+            tracing::warn!(
+                reason = %reason,
+                "session cache: revocation listener lost; sessions are read from the database until it reconnects"
+            );
+            drop(listener);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn connect_listener(&self, heartbeat: &str) -> Result<sqlx::postgres::PgListener> {
+        use secrecy::ExposeSecret as _;
+        use std::str::FromStr as _;
+        let options = sqlx::postgres::PgConnectOptions::from_str(self.url.expose_secret())
+            .map_err(|e| Error::Config(format!("invalid database URL: {e}")))?
+            .application_name(LISTENER_APPLICATION_NAME);
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options)
+            .await?;
+        let mut listener = sqlx::postgres::PgListener::connect_with(&pool).await?;
+        // A lost connection is ours to handle (distrust, resync), not to be hidden.
+        listener.eager_reconnect(false);
+        listener.listen_all([AUTH_CHANNEL, heartbeat]).await?;
+        Ok(listener)
+    }
+}
+
+/// The channel only this replica listens on for its heartbeat.
+fn heartbeat_channel(nonce: &str) -> String {
+    format!("tenantry_hb_{nonce}")
 }

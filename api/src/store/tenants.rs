@@ -317,7 +317,7 @@ impl Store {
             .bind(tenant_id)
             .execute(&mut *tx)
             .await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(())
     }
 

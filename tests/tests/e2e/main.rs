@@ -9,3 +9,4 @@ mod cluster_operator;
 mod crate_graph;
 mod local_mode;
 mod readme;
+mod replicas;
