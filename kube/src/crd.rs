@@ -240,7 +240,7 @@ pub struct OAuth2Spec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32), inner(length(min = 1, max = 261)))]
     #[schemars(extend("x-kubernetes-validations" = [{
-        "rule": "self.all(h, h.matches('^([*][.])?[a-z0-9]([-a-z0-9.]*[a-z0-9])?(:[0-9]{1,5})?$') || h.matches('^\\[[0-9a-f:.]+\\](:[0-9]{1,5})?$'))",
+        "rule": "self.all(h, h.matches('^([*][.])?[a-z0-9]([-a-z0-9.]*[a-z0-9])?(:[0-9]{1,5})?$') || h.matches('^\\\\[[0-9a-f:.]+\\\\](:[0-9]{1,5})?$'))",
         "message": "every entry must be a lowercase host, host:port or *.domain such as accounts.example.com"
     }]))]
     pub allowed_hosts: Vec<String>,
