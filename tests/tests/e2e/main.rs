@@ -8,4 +8,5 @@ mod cluster_api;
 mod cluster_operator;
 mod crate_graph;
 mod local_mode;
+mod portal;
 mod readme;
