@@ -235,33 +235,21 @@ impl Api {
         Ok(())
     }
 
-    /// `TenantService.GetTenant` and `GetRetentionPolicy`, side by side.
-    pub async fn tenant(
-        &self,
-        c: &Caller<'_>,
-        tenant_id: &str,
-    ) -> Outcome<(Tenant, GetRetentionPolicyResponse)> {
-        let client = self.client(c)?;
-        let (mut t, mut r) = (client.tenants(), client.tenants());
-        let (tenant, retention) = tokio::join!(
-            t.get_tenant(Self::request(
+    /// `TenantService.GetTenant`: the tenant with its effective retention policy. One call
+    /// per page; the cap an owner may set is the plan's, from the shared plan type.
+    pub async fn tenant(&self, c: &Caller<'_>, tenant_id: &str) -> Outcome<Tenant> {
+        let mut client = self.client(c)?.tenants();
+        client
+            .get_tenant(Self::request(
                 c,
                 GetTenantRequest {
                     tenant_id: tenant_id.to_owned(),
-                }
-            )),
-            r.get_retention_policy(Self::request(
-                c,
-                GetRetentionPolicyRequest {
-                    tenant_id: tenant_id.to_owned(),
-                }
-            )),
-        );
-        let tenant = tenant?
+                },
+            ))
+            .await?
             .into_inner()
             .tenant
-            .ok_or_else(|| Failure::new(Code::NotFound, "tenant not found"))?;
-        Ok((tenant, retention?.into_inner()))
+            .ok_or_else(|| Failure::new(Code::NotFound, "tenant not found"))
     }
 
     /// `TenantService.SetRetentionPolicy`.

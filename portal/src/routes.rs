@@ -11,7 +11,7 @@ use axum::response::{IntoResponse as _, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Form, Router};
 use maud::Markup;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
 use tenantry_proto::retention::Plan;
 use tenantry_proto::v1::{
@@ -247,7 +247,6 @@ async fn signup(
         token: None,
         source: peer.0,
     };
-    use secrecy::ExposeSecret as _;
     let signup = p
         .api
         .signup(
@@ -349,7 +348,6 @@ async fn login(
         Ok(s) => s,
         Err(refused) => return *refused,
     };
-    use secrecy::ExposeSecret as _;
     let login = p
         .api
         .login(
@@ -474,17 +472,17 @@ async fn dashboard(
                 Some(id) => id,
                 None => return page(StatusCode::OK, views::no_tenant(), None),
             },
-            Err(f) => return on_failure(&p, &f, |_| views::no_tenant()),
+            Err(f) => return on_failure(&p, &f, views::unavailable),
         },
     };
     let notice = q.saved.is_some().then_some("Retention saved.");
     match p.api.tenant(&c, &tenant_id).await {
-        Ok((tenant, retention)) => page(
+        Ok(tenant) => page(
             StatusCode::OK,
-            views::dashboard(&s.csrf, &tenant, &retention, None, notice),
+            views::dashboard(&s.csrf, &tenant, None, notice),
             None,
         ),
-        Err(f) => on_failure(&p, &f, |_| views::not_found(true)),
+        Err(f) => on_failure(&p, &f, views::unavailable),
     }
 }
 
@@ -542,15 +540,15 @@ async fn retention(
             None,
         ),
         Err(failure) if failure.signed_out() || failure.code == Code::NotFound => {
-            on_failure(&p, &failure, |_| views::not_found(true))
+            on_failure(&p, &failure, views::unavailable)
         }
         Err(failure) => match p.api.tenant(&c, &f.tenant_id).await {
-            Ok((tenant, retention)) => page(
+            Ok(tenant) => page(
                 failure.http_status(),
-                views::dashboard(&s.csrf, &tenant, &retention, Some(&failure.message), None),
+                views::dashboard(&s.csrf, &tenant, Some(&failure.message), None),
                 None,
             ),
-            Err(f) => on_failure(&p, &f, |_| views::not_found(true)),
+            Err(f) => on_failure(&p, &f, views::unavailable),
         },
     }
 }
@@ -679,7 +677,6 @@ async fn change_password(
         Ok(_) => return redirect("/login", None),
         Err(refused) => return *refused,
     };
-    use secrecy::ExposeSecret as _;
     let c = caller(&s, peer);
     let result = p
         .api

@@ -5,7 +5,7 @@
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 use tenantry_proto::phase::TenantPhase;
 use tenantry_proto::retention::{MAX_MAX_COUNT, Plan};
-use tenantry_proto::v1::{GetRetentionPolicyResponse, Tenant};
+use tenantry_proto::v1::Tenant;
 
 /// The password rules, as the API applies them, shown before submit.
 pub const PASSWORD_RULES: &str = "12 to 256 characters. Common or easily guessed passwords, \
@@ -221,13 +221,7 @@ fn timestamp(t: Option<&prost_types::Timestamp>) -> Option<String> {
 }
 
 /// `/`: the signed-in dashboard of one tenant.
-pub fn dashboard(
-    csrf: &str,
-    tenant: &Tenant,
-    retention: &GetRetentionPolicyResponse,
-    error: Option<&str>,
-    notice: Option<&str>,
-) -> Markup {
+pub fn dashboard(csrf: &str, tenant: &Tenant, error: Option<&str>, notice: Option<&str>) -> Markup {
     let ready = TenantPhase::from_proto(tenant.phase) == Some(TenantPhase::Ready);
     let settling = matches!(
         TenantPhase::from_proto(tenant.phase),
@@ -240,8 +234,9 @@ pub fn dashboard(
         refresh: settling,
         ..Frame::new("Your instance")
     };
-    let policy = retention.policy.unwrap_or_default();
+    let policy = tenant.retention.unwrap_or_default();
     let plan = plan_of(tenant);
+    let cap = plan.max_age_hours_cap();
     layout(
         &frame,
         html! {
@@ -279,11 +274,10 @@ pub fn dashboard(
                 input type="hidden" name="tenant_id" value=(tenant.tenant_id);
                 label for="max_age_hours" { "Delete executions older than (hours)" }
                 input #max_age_hours type="number" name="max_age_hours" required min="1"
-                    max=(retention.max_age_hours_cap) value=(policy.max_age_hours)
+                    max=(cap) value=(policy.max_age_hours)
                     aria-describedby="age-cap" data-testid="retention-max-age-hours";
                 p #age-cap.hint data-testid="retention-max-age-cap" {
-                    "Your plan allows at most " (retention.max_age_hours_cap) " hours ("
-                    (retention.max_age_hours_cap / 24) " days)."
+                    "Your plan allows at most " (cap) " hours (" (cap / 24) " days)."
                 }
                 label for="max_count" { "Keep at most (executions)" }
                 input #max_count type="number" name="max_count" required min="1"
@@ -455,6 +449,25 @@ pub fn refused() -> Markup {
             "This form expired or did not come from this site. Reload the page and try again.",
         ),
         ..Frame::new("Request refused")
+    };
+    layout(&frame, html! { p { a href="/" { "Start again" } } })
+}
+
+/// A page that could not be shown, with the reason.
+pub fn unavailable(message: &str) -> Markup {
+    let frame = Frame {
+        signed_in: true,
+        error: Some(message),
+        ..Frame::new("Your instance")
+    };
+    layout(&frame, html! { p { a href="/" { "Try again" } } })
+}
+
+/// Something failed on the portal's side (the cause is in its log).
+pub fn internal_error() -> Markup {
+    let frame = Frame {
+        error: Some("Something went wrong on our side; try again in a moment."),
+        ..Frame::new("Error")
     };
     layout(&frame, html! { p { a href="/" { "Start again" } } })
 }

@@ -193,7 +193,11 @@ async fn a_person_signs_up_and_uses_the_portal_in_a_real_browser() {
     b.screenshot(&shots.join("account.png")).await;
     sign_out(&b, &dev).await;
     b.screenshot(&shots.join("login.png")).await;
-    sign_in(&b, &dev, email, PASSWORD).await;
+    // By keyboard alone: type the email, Tab to the password, Enter submits.
+    b.goto(&dev.url("/login")).await;
+    let email_field = b.by_testid("login-email").await;
+    b.keys(&email_field, &format!("{email}\u{E004}{PASSWORD}\u{E007}"))
+        .await;
     assert_eq!(b.text_of("tenant-name").await, "dana-co");
 
     // Enroll TOTP from the secret the page shows, next to its QR code.
