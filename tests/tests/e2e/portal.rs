@@ -314,6 +314,17 @@ async fn signup_over_http(http: &Http, dev: &Dev, email: &str, tenant: &str) -> 
     (done.cookie().unwrap(), tenant_id)
 }
 
+/// Erin's signup form with `csrf` as its token.
+fn erin_fields(csrf: &str) -> Vec<(&str, &str)> {
+    vec![
+        ("csrf", csrf),
+        ("email", "erin@example.com"),
+        ("password", PASSWORD),
+        ("tenant", "erin-co"),
+        ("plan", "free"),
+    ]
+}
+
 /// CSRF, cookie flags, headers, tenant isolation and the logs, checked on the wire against
 /// the real binaries, the portal logging at TRACE.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -349,28 +360,26 @@ async fn the_portal_refuses_forged_forms_keeps_tenants_apart_and_logs_no_secrets
     // A POST without this visit's CSRF token is refused and changes nothing.
     let (cookie, csrf) = (page.cookie().unwrap(), page.csrf().unwrap());
     let other = http.get(&dev.url("/signup"), None).await;
-    let fields = |csrf: &'static str| {
-        vec![
-            ("csrf", csrf),
-            ("email", "erin@example.com"),
-            ("password", PASSWORD),
-            ("tenant", "erin-co"),
-            ("plan", "free"),
-        ]
-    };
-    let csrf: &'static str = Box::leak(csrf.into_boxed_str());
-    let other_csrf: &'static str = Box::leak(other.csrf().unwrap().into_boxed_str());
+    let other_csrf = other.csrf().unwrap();
     let signup = dev.url("/signup");
     for (what, cookie, form) in [
-        ("no token", Some(cookie.as_str()), fields("")[1..].to_vec()),
-        ("an empty token", Some(cookie.as_str()), fields("")),
-        ("a wrong token", Some(cookie.as_str()), fields("forged")),
+        (
+            "no token",
+            Some(cookie.as_str()),
+            erin_fields("")[1..].to_vec(),
+        ),
+        ("an empty token", Some(cookie.as_str()), erin_fields("")),
+        (
+            "a wrong token",
+            Some(cookie.as_str()),
+            erin_fields("forged"),
+        ),
         (
             "another visit's token",
             Some(cookie.as_str()),
-            fields(other_csrf),
+            erin_fields(&other_csrf),
         ),
-        ("no cookie", None, fields(csrf)),
+        ("no cookie", None, erin_fields(&csrf)),
     ] {
         let refused = http.post(&signup, cookie, &form).await;
         assert_eq!(refused.status, 403, "{what}: {}", refused.body);
