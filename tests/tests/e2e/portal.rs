@@ -331,6 +331,9 @@ fn erin_fields(csrf: &str) -> Vec<(&str, &str)> {
 async fn the_portal_refuses_forged_forms_keeps_tenants_apart_and_logs_no_secrets() {
     let dev = Dev::start("trace").await;
     let http = Http::default();
+    // dev says where to go.
+    let opened = format!("signup portal: open {} to sign up", dev.portal);
+    assert!(dev.log().contains(&opened), "{}", dev.log());
 
     // Every response: a strict CSP, nosniff, no referrer, no framing, no caching.
     let page = http.get(&dev.url("/signup"), None).await;
