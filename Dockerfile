@@ -3,6 +3,7 @@
 #   docker build --build-arg CRATE=tenantry-api      --build-arg BIN=tenantry-api      -t ghcr.io/tenantry/tenantry-api:0.1.0 .
 #   docker build --build-arg CRATE=tenantry-operator --build-arg BIN=tenantry-operator -t ghcr.io/tenantry/tenantry-operator:0.1.0 .
 #   docker build --build-arg CRATE=tenant-runtime    --build-arg BIN=tenant-runtime    -t ghcr.io/tenantry/tenant-runtime:0.1.0 .
+#   docker build --build-arg CRATE=tenantry-portal   --build-arg BIN=tenantry-portal   -t ghcr.io/tenantry/tenantry-portal:0.1.0 .
 # The program is /usr/local/bin/<BIN> (so `kubectl exec ... -- tenantry-api bootstrap-admin`
 # works) and the entrypoint; it runs as distroless's nonroot user, UID 65532.
 

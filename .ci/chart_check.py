@@ -488,6 +488,12 @@ def check_programs(objs: list[dict], values: dict, operator_defaults: dict) -> l
     if "/var/lib/tenantry" not in mounts:
         problems.append("api data dir /var/lib/tenantry must be a writable volume")
 
+    portal = by_component.get("portal")
+    if values["portal"]["enabled"] != (portal is not None):
+        problems.append(f"a portal Deployment must exist exactly when portal.enabled ({values['portal']['enabled']})")
+    if portal is not None:
+        problems += check_portal(portal, values)
+
     env = env_of(op)
     if (env.get("POD_NAMESPACE") or {}).get("fieldRef", {}).get("fieldPath") != "metadata.namespace":
         problems.append("operator env POD_NAMESPACE must come from metadata.namespace")
@@ -501,6 +507,47 @@ def check_programs(objs: list[dict], values: dict, operator_defaults: dict) -> l
     unknown = set(env) - known
     if unknown:
         problems.append(f"operator env {sorted(unknown)} is read by no flag in operator/src/config.rs")
+    return problems
+
+
+# Every variable tenantry-portal reads (portal/src/config.rs) besides its log filter.
+PORTAL_ENV = {
+    "TENANTRY_PORTAL_LISTEN", "TENANTRY_PORTAL_API", "TENANTRY_PORTAL_API_CA_FILE",
+    "TENANTRY_PORTAL_COOKIE_KEY_FILE", "TENANTRY_PORTAL_PUBLIC_URL",
+    "TENANTRY_PORTAL_TLS_CERT_FILE", "TENANTRY_PORTAL_TLS_KEY_FILE", "TENANTRY_PORTAL_LOG",
+}
+
+
+def check_portal(portal: dict, values: dict) -> list[str]:
+    """The portal: no Kubernetes token, the API's address, its cookie key read-only."""
+    problems = []
+    spec = portal["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    if c.get("command") != ["tenantry-portal"] or c.get("args"):
+        problems.append(f"{kind_name(portal)}: runs {c.get('command')} {c.get('args')}")
+    if spec.get("automountServiceAccountToken") is not False:
+        problems.append(f"{kind_name(portal)}: must not mount a ServiceAccount token (it calls only the API)")
+    env = env_of(portal)
+    names = [e["name"] for e in c.get("env") or []]
+    if len(set(names)) != len(names):
+        problems.append(f"{kind_name(portal)}: duplicate env")
+    unknown = set(env) - PORTAL_ENV
+    if unknown:
+        problems.append(f"portal env {sorted(unknown)} is read by no flag in portal/src/config.rs")
+    tls = values["api"]["tls"]["enabled"]
+    api = env.get("TENANTRY_PORTAL_API", "")
+    if not api.startswith("https://" if tls else "http://") or not api.endswith(f":{values['api']['service']['port']}"):
+        problems.append(f"portal env TENANTRY_PORTAL_API={api!r} does not reach the API Service")
+    if tls != ("TENANTRY_PORTAL_API_CA_FILE" in env):
+        problems.append("portal needs TENANTRY_PORTAL_API_CA_FILE exactly when api.tls.enabled")
+    if env.get("TENANTRY_PORTAL_LISTEN") != "0.0.0.0:8080":
+        problems.append("portal must listen on 0.0.0.0:8080")
+    key = [v for v in spec["volumes"] if v["name"] == "cookie-key"]
+    if not key or key[0]["secret"].get("defaultMode") != 0o400 or key[0]["secret"].get("secretName") != values["portal"]["cookieKey"]["secretName"]:
+        problems.append("portal cookie key must be the cookieKey Secret with defaultMode 0400")
+    mounts = {m["mountPath"]: m for m in c.get("volumeMounts") or []}
+    if not mounts.get("/etc/tenantry/portal", {}).get("readOnly") or env.get("TENANTRY_PORTAL_COOKIE_KEY_FILE") != "/etc/tenantry/portal/cookie.key":
+        problems.append("portal cookie key must be mounted read-only and named by TENANTRY_PORTAL_COOKIE_KEY_FILE")
     return problems
 
 
@@ -524,6 +571,17 @@ def check_network_policies(objs: list[dict]) -> list[str]:
         for rule in p["spec"].get("ingress") or []:
             if not rule.get("from"):
                 problems.append(f"{kind_name(p)}: an ingress rule without 'from' admits everyone")
+    # The portal reaches DNS and the API's pods, nothing else (no ipBlock, no open port).
+    for p in policies:
+        if p["metadata"]["labels"].get("app.kubernetes.io/component") != "portal":
+            continue
+        for rule in p["spec"].get("egress") or []:
+            peers = rule.get("to") or []
+            ports = {(x.get("port"), x.get("protocol")) for x in rule.get("ports") or []}
+            to_api = all((x.get("podSelector") or {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "api" and "namespaceSelector" not in x for x in peers)
+            to_dns = all("namespaceSelector" in x and "podSelector" in x for x in peers)
+            if not peers or not ((to_api and ports == {(50051, "TCP")}) or (to_dns and ports <= {(53, "UDP"), (53, "TCP")})):
+                problems.append(f"{kind_name(p)}: egress {rule} reaches more than DNS and the API")
     return problems
 
 
@@ -870,6 +928,9 @@ def main() -> int:
         ("image.pullPolicy not an enum value", set_path(minimal, "image.pullPolicy", "Sometimes"), "/image/pullPolicy"),
         ("bad CIDR in operator.blockedEgressCidrs", set_path(minimal, "operator.blockedEgressCidrs", ["10.0.0.0"]), "/operator/blockedEgressCidrs"),
         ("upper-case Secret name", set_path(minimal, "api.keys.secretName", "Tenantry_Keys"), "/api/keys/secretName"),
+        ("portal enabled without a cookie key", set_path(minimal, "portal.cookieKey.secretName", ""), "/portal/cookieKey/secretName"),
+        ("bad CIDR in api.trustedProxies", set_path(minimal, "api.trustedProxies", ["10.0.0.1"]), "/api/trustedProxies"),
+        ("portal.publicUrl without a scheme", set_path(minimal, "portal.publicUrl", "signup.example.com"), "/portal/publicUrl"),
     ]
     for what, values, needle in bad:
         try:

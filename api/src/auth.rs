@@ -53,9 +53,13 @@ pub enum Authn {
     Session(Caller),
 }
 
-/// The caller's address, from the connection.
+/// The caller's address: the one [`crate::forwarded::ForwardedLayer`] resolved (a trusted
+/// proxy's `x-forwarded-for`), else the connection's.
 pub fn source_of<T>(req: &tonic::Request<T>) -> Option<IpAddr> {
-    req.remote_addr().map(|a| a.ip())
+    req.extensions()
+        .get::<crate::forwarded::ClientAddr>()
+        .map(|c| c.0)
+        .or_else(|| req.remote_addr().map(|a| a.ip()))
 }
 
 /// The caller's address as audit rows record it (empty when unknown).

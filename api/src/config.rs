@@ -26,8 +26,9 @@ pub enum Command {
     /// Serve the gRPC API.
     Serve(ServeArgs),
     /// Run the whole control plane on this machine: the API on SQLite in `--data-dir`, and
-    /// one `tenant-runtime` process per tenant (the `local` provisioner). No cluster needed.
-    Dev(ServeArgs),
+    /// one `tenant-runtime` process per tenant (the `local` provisioner), and the signup
+    /// portal (`tenantry-portal`) on `--portal-listen`. No cluster needed.
+    Dev(DevArgs),
     /// Create the first admin (or make an existing user admin); reads the password from stdin.
     BootstrapAdmin(BootstrapArgs),
     /// Write new keys for a production install into `--out-dir`: `master.key` and
@@ -174,6 +175,28 @@ pub struct ServeArgs {
     /// (`90d`, `30days`); `0s` turns scheduled reviews off.
     #[arg(long, env = "TENANTRY_ACCESS_REVIEW_INTERVAL", default_value = "90days", value_parser = humantime::parse_duration)]
     pub access_review_interval: Duration,
+    /// Proxies whose `x-forwarded-for` is believed, as CIDRs separated by commas
+    /// (`10.0.0.0/8,fd00::/8`; a bare address is one host): calls through them count
+    /// against the person's address in the rate limit and the audit log. Default: none.
+    #[arg(long, env = "TENANTRY_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<crate::forwarded::Cidr>,
+}
+
+/// `dev`: the flags of `serve`, and the signup portal's.
+#[derive(Debug, Clone, Args)]
+pub struct DevArgs {
+    /// The API's flags.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Address the signup portal listens on.
+    #[arg(long, env = "TENANTRY_PORTAL_LISTEN", default_value = "127.0.0.1:8080")]
+    pub portal_listen: SocketAddr,
+    /// Run without the signup portal.
+    #[arg(long, env = "TENANTRY_NO_PORTAL")]
+    pub no_portal: bool,
+    /// The `tenantry-portal` binary; default: next to this program, else on `PATH`.
+    #[arg(long, env = "TENANTRY_PORTAL_BIN")]
+    pub portal_bin: Option<PathBuf>,
 }
 
 /// Which provisioner runs tenant instances.
@@ -286,7 +309,7 @@ mod tests {
         let parse = |hosts: &str| {
             Cli::try_parse_from(["tenantry-api", "dev", "--local-oauth2-allowed-hosts", hosts]).map(
                 |cli| match cli.command {
-                    Command::Dev(args) => args.local_oauth2_allowed_hosts,
+                    Command::Dev(args) => args.serve.local_oauth2_allowed_hosts,
                     _ => unreachable!(),
                 },
             )
@@ -301,7 +324,7 @@ mod tests {
         let Command::Dev(args) = cli.command else {
             unreachable!()
         };
-        assert!(args.local_oauth2_allowed_hosts.is_empty());
+        assert!(args.serve.local_oauth2_allowed_hosts.is_empty());
     }
 
     #[test]
@@ -375,15 +398,55 @@ mod tests {
             unreachable!()
         };
         assert_eq!(
-            args.db.url().expose_secret(),
+            args.serve.db.url().expose_secret(),
             "sqlite://.tenantry/tenantry.db"
         );
-        let cli = Cli::try_parse_from(["tenantry-api", "dev", "--data-dir", "/tmp/x"]).unwrap();
+        assert_eq!(args.portal_listen.to_string(), "127.0.0.1:8080");
+        assert!(!args.no_portal);
+        let cli = Cli::try_parse_from([
+            "tenantry-api",
+            "dev",
+            "--data-dir",
+            "/tmp/x",
+            "--portal-listen",
+            "127.0.0.1:9090",
+            "--no-portal",
+        ])
+        .unwrap();
         let Command::Dev(args) = cli.command else {
             unreachable!()
         };
-        assert_eq!(args.db.url().expose_secret(), "sqlite:///tmp/x/tenantry.db");
-        assert_eq!(args.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(
+            args.serve.db.url().expose_secret(),
+            "sqlite:///tmp/x/tenantry.db"
+        );
+        assert_eq!(args.serve.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(args.portal_listen.to_string(), "127.0.0.1:9090");
+        assert!(args.no_portal);
+    }
+
+    #[test]
+    fn trusted_proxies_are_cidrs_and_none_by_default() {
+        let cli = Cli::try_parse_from(["tenantry-api", "serve"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            unreachable!()
+        };
+        assert!(args.trusted_proxies.is_empty());
+        let cli = Cli::try_parse_from([
+            "tenantry-api",
+            "serve",
+            "--trusted-proxies",
+            "10.0.0.0/8,127.0.0.1",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(args.trusted_proxies.len(), 2);
+        let e = Cli::try_parse_from(["tenantry-api", "serve", "--trusted-proxies", "10.0.0.1/8"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("10.0.0.0/8"), "{e}");
     }
 
     #[test]

@@ -26,11 +26,17 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("cannot listen on {}", args.listen))?;
             server::run(args, listener, shutdown_signal()).await?;
         }
-        Command::Dev(mut args) => {
+        Command::Dev(dev) => {
+            let mut args = dev.serve.clone();
             args.provisioner = tenantry_api::config::ProvisionerKind::Local;
             let listener = TcpListener::bind(args.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", args.listen))?;
+            let portal = if dev.no_portal {
+                None
+            } else {
+                Some(tenantry_api::dev::start_portal(&dev).await?)
+            };
             let dir =
                 std::path::absolute(&args.db.data_dir).unwrap_or_else(|_| args.db.data_dir.clone());
             eprintln!(
@@ -38,6 +44,9 @@ async fn main() -> anyhow::Result<()> {
                 args.listen,
                 dir.display()
             );
+            if let Some(portal) = &portal {
+                eprintln!("  signup portal: open {} to sign up", portal.url);
+            }
             eprintln!(
                 "  instances trust the local CA at {}",
                 dir.join("ca.crt").display()
@@ -46,7 +55,11 @@ async fn main() -> anyhow::Result<()> {
                 "  create the first admin: tenantry-api bootstrap-admin --data-dir {} --email you@example.com",
                 dir.display()
             );
-            server::run(args, listener, shutdown_signal()).await?;
+            let result = server::run(args, listener, shutdown_signal()).await;
+            if let Some(portal) = portal {
+                portal.stop().await;
+            }
+            result?;
         }
         Command::Keygen(args) => {
             for path in server::keygen(&args.out_dir)? {

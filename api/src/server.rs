@@ -238,6 +238,7 @@ pub async fn build_state_with(
         instance_token_ttl: args.instance_token_ttl,
         provisioner,
         access: args.access_policy(),
+        trusted_proxies: crate::forwarded::TrustedProxies::new(args.trusted_proxies.clone()),
     })))
 }
 
@@ -479,6 +480,9 @@ pub async fn serve(
     let local = listener.local_addr().ok();
     tracing::info!(listen = ?local, "tenantry-api serving");
     let result = builder
+        .layer(crate::forwarded::ForwardedLayer::new(
+            state.trusted_proxies.clone(),
+        ))
         .layer(AuthLayer::new(Arc::clone(&state)))
         .add_service(health)
         .add_service(reflection_v1)

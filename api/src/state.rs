@@ -74,6 +74,8 @@ pub struct AppState {
     pub provisioner: Arc<dyn Provisioner>,
     /// Grant lifetimes and the access review schedule.
     pub access: AccessPolicy,
+    /// Proxies whose `x-forwarded-for` the API believes.
+    pub trusted_proxies: crate::forwarded::TrustedProxies,
     /// Password verifications run (real or dummy), for tests that check a failure path
     /// did the same work as another.
     password_checks: AtomicU64,
@@ -116,6 +118,8 @@ pub struct StateParts {
     pub provisioner: Arc<dyn Provisioner>,
     /// Grant lifetimes and the access review schedule.
     pub access: AccessPolicy,
+    /// Proxies whose `x-forwarded-for` the API believes.
+    pub trusted_proxies: crate::forwarded::TrustedProxies,
 }
 
 impl AppState {
@@ -134,6 +138,7 @@ impl AppState {
             instance_token_ttl: p.instance_token_ttl,
             provisioner: p.provisioner,
             access: p.access,
+            trusted_proxies: p.trusted_proxies,
             password_checks: AtomicU64::new(0),
             hashing_slots: Semaphore::new(cores),
             tasks: TaskTracker::new(),

@@ -15,6 +15,7 @@ use tenantry_test_support::PASSWORD;
 use tonic::Request;
 use tonic::transport::Channel;
 
+pub mod browser;
 pub mod cluster;
 
 /// The workspace binary `name`, built next to the running test.

@@ -7,6 +7,10 @@ Names, labels and shared pieces of every template.
 {{- printf "%s-api" .Release.Name | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{- define "tenantry.portalName" -}}
+{{- printf "%s-portal" .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "tenantry.operatorName" -}}
 {{- printf "%s-operator" .Release.Name | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
@@ -57,6 +61,9 @@ Values the schema already requires; repeated here so that rendering without the 
 {{- $_ := required "api.keys.secretName is required: the Secret holding master.key and token-signing.key" .Values.api.keys.secretName -}}
 {{- if .Values.api.tls.enabled -}}
 {{- $_ := required "api.tls.secretName is required when api.tls.enabled is true" .Values.api.tls.secretName -}}
+{{- end -}}
+{{- if .Values.portal.enabled -}}
+{{- $_ := required "portal.cookieKey.secretName is required when portal.enabled is true: the Secret holding cookie.key" .Values.portal.cookieKey.secretName -}}
 {{- end -}}
 {{- end -}}
 

@@ -32,7 +32,7 @@ impl Dev {
 
     async fn start_with(data_dir: &Path, port: u16, extra: &[&str]) -> Dev {
         let child = tokio::process::Command::new(bin("tenantry-api"))
-            .args(["dev", "--data-dir"])
+            .args(["dev", "--no-portal", "--data-dir"])
             .arg(data_dir)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             // Cheap hashing keeps the test quick; the defaults are tested in the API suite.

@@ -8,5 +8,6 @@ mod cluster_api;
 mod cluster_operator;
 mod crate_graph;
 mod local_mode;
+mod portal;
 mod readme;
 mod replicas;
