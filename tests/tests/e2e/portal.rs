@@ -332,7 +332,12 @@ async fn the_portal_refuses_forged_forms_keeps_tenants_apart_and_logs_no_secrets
     let dev = Dev::start("trace").await;
     let http = Http::default();
     // dev says where to go.
+    // (The portal may answer its health check before dev has printed the line.)
     let opened = format!("signup portal: open {} to sign up", dev.portal);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !dev.log().contains(&opened) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(dev.log().contains(&opened), "{}", dev.log());
 
     // Every response: a strict CSP, nosniff, no referrer, no framing, no caching.
