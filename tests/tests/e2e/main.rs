@@ -7,5 +7,6 @@
 mod cluster_api;
 mod cluster_operator;
 mod crate_graph;
+mod faults;
 mod local_mode;
 mod readme;
