@@ -21,7 +21,9 @@ use ed25519_dalek::{Signer as _, SigningKey};
 use jiff::Timestamp;
 use secrecy::{ExposeSecret as _, SecretBox, SecretString};
 use tenant_runtime::store::{Cursor, NewCredential, NewExecution};
-use tenantry_proto::token::{CLOCK_SKEW_SECS, ISSUER, MAX_TTL_SECS, TokenSigner, TokenVerifier};
+use tenantry_proto::token::{
+    CLOCK_SKEW_SECS, ISSUER, InstanceClaims, MAX_TTL_SECS, TokenError, TokenSigner, TokenVerifier,
+};
 
 /// A target's body: the input bytes in, a panic on a bug.
 pub type Body = fn(&[u8]);
@@ -71,17 +73,35 @@ fn text(bytes: &[u8]) -> Option<&str> {
 /// and claim checks are reached. An accepted token always meets every documented rule,
 /// and no error repeats the token.
 pub fn instance_token(data: &[u8]) {
-    let Some((mode, parts)) = split(data) else {
+    let Some((token, verdict)) = verify_input(data) else {
         return;
     };
-    let (_, Some(verifier)) = fixture_key() else {
-        return;
-    };
+    match verdict {
+        Ok(claims) => {
+            assert_eq!(claims.aud, AUDIENCE);
+            assert_eq!(claims.iss, ISSUER);
+            assert!(!claims.sub.is_empty() && !claims.jti.is_empty());
+            assert!(claims.exp > NOW - CLOCK_SKEW_SECS, "expired token accepted");
+            assert!(claims.iat <= NOW + CLOCK_SKEW_SECS, "future token accepted");
+            assert!((0..=MAX_TTL_SECS).contains(&(claims.exp - claims.iat)));
+        }
+        Err(e) => {
+            // Only a token with a character no refusal's fixed text has can be told
+            // apart from a coincidence ("token is" is in every message).
+            let message = e.to_string();
+            let distinct = token.contains(['.', '_']);
+            assert!(!distinct || !message.contains(&token), "{message}");
+        }
+    }
+}
+
+/// The token an [`instance_token`] input stands for and the verifier's answer to it
+/// (`None` when the input is not one, or the fixture key is unusable).
+pub fn verify_input(data: &[u8]) -> Option<(String, Result<InstanceClaims, TokenError>)> {
+    let (mode, parts) = split(data)?;
+    let verifier = fixture_key().1.as_ref()?;
     let token = if mode % 2 == 0 {
-        let Some(token) = data.get(1..).and_then(text) else {
-            return;
-        };
-        token.to_owned()
+        data.get(1..).and_then(text)?.to_owned()
     } else {
         let header = parts.first().copied().unwrap_or_default();
         let payload = parts.get(1).copied().unwrap_or_default();
@@ -93,23 +113,9 @@ pub fn instance_token(data: &[u8]) {
         token.push_str(&URL_SAFE_NO_PAD.encode(signature.to_bytes()));
         token
     };
-    let Ok(now) = Timestamp::from_second(NOW) else {
-        return;
-    };
-    match verifier.verify(&token, AUDIENCE, now) {
-        Ok(claims) => {
-            assert_eq!(claims.aud, AUDIENCE);
-            assert_eq!(claims.iss, ISSUER);
-            assert!(!claims.sub.is_empty() && !claims.jti.is_empty());
-            assert!(claims.exp > NOW - CLOCK_SKEW_SECS, "expired token accepted");
-            assert!(claims.iat <= NOW + CLOCK_SKEW_SECS, "future token accepted");
-            assert!((0..=MAX_TTL_SECS).contains(&(claims.exp - claims.iat)));
-        }
-        Err(e) => {
-            let message = e.to_string();
-            assert!(token.len() < 8 || !message.contains(&token), "{message}");
-        }
-    }
+    let now = Timestamp::from_second(NOW).ok()?;
+    let verdict = verifier.verify(&token, AUDIENCE, now);
+    Some((token, verdict))
 }
 
 /// The runtime's config file, as YAML (mode byte even) or JSON (odd). An accepted config
@@ -279,8 +285,11 @@ pub fn api_request(data: &[u8]) {
             let identity: Vec<&str> = parts[1..].iter().filter_map(|p| text(p)).collect();
             let password = SecretString::from(first);
             if let Err(e) = tenantry_api::password::check_policy(&password, &identity) {
+                // As for tokens: the policy's fixed texts are lowercase, without '.' or '_'.
                 let message = e.to_string();
-                assert!(first.len() < 4 || !message.contains(first), "{message}");
+                let distinct =
+                    first.contains(|c: char| c == '.' || c == '_' || c.is_ascii_uppercase());
+                assert!(!distinct || !message.contains(first), "{message}");
             }
         }
         4 => {
@@ -360,7 +369,7 @@ pub fn keys(data: &[u8]) {
                     let verifier = TokenVerifier::from_public_key_pem(&signer.public_key_pem());
                     assert!(verifier.is_ok_and(|v| v == signer.verifier()));
                 }
-                Err(e) => assert_quotes_no_line(&e.to_string(), pem),
+                Err(e) => assert_quotes_no_line(&e.to_string(), pem, ""),
             }
         }
         2 => {
@@ -373,7 +382,7 @@ pub fn keys(data: &[u8]) {
             if let Err(e) = tenant_runtime::tls::certified_key(first, second, &provider)
                 && let Some(key) = text(second)
             {
-                assert_quotes_no_line(&e, key);
+                assert_quotes_no_line(&e, key, &String::from_utf8_lossy(first));
             }
         }
         4 => {
@@ -385,7 +394,7 @@ pub fn keys(data: &[u8]) {
                 let _ = tenantry_pki::key_matches(&info, &key_secret);
             }
             if let Err(e) = tenantry_pki::CertificateAuthority::from_pem(cert, &key_secret) {
-                assert_quotes_no_line(&e.to_string(), key);
+                assert_quotes_no_line(&e.to_string(), key, cert);
             }
         }
         5 => {
@@ -393,7 +402,7 @@ pub fn keys(data: &[u8]) {
                 return;
             };
             if let Err(e) = tenantry_api::crypto::MasterKey::from_base64(&SecretString::from(key)) {
-                assert_quotes_no_line(&e.to_string(), key);
+                assert_quotes_no_line(&e.to_string(), key, "");
             }
         }
         _ => {
@@ -411,11 +420,16 @@ pub fn keys(data: &[u8]) {
     }
 }
 
-/// Fails when `message` contains a line of `secret` long enough to matter (PEM armour
-/// lines excepted).
-fn assert_quotes_no_line(message: &str, secret: &str) {
+/// Fails when `message` contains a line of `secret` that is key material: 12 characters
+/// or more with one of base64's `+/=` (which no loader's fixed text has), not PEM armour,
+/// and not also in the input that is not secret (`public`, e.g. the certificate).
+fn assert_quotes_no_line(message: &str, secret: &str, public: &str) {
     for line in secret.lines().map(str::trim) {
-        if line.len() >= 12 && !line.starts_with("-----") {
+        if line.len() >= 12
+            && line.contains(['+', '/', '='])
+            && !line.starts_with("-----")
+            && !public.contains(line)
+        {
             assert!(!message.contains(line), "error quotes the key: {message}");
         }
     }
