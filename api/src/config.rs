@@ -244,7 +244,7 @@ fn parse_secret(text: &str) -> Result<SecretString, std::convert::Infallible> {
 }
 
 /// A DNS domain: dot-separated lowercase labels of letters, digits and inner hyphens.
-fn parse_domain(text: &str) -> Result<String, String> {
+pub fn parse_domain(text: &str) -> Result<String, String> {
     let domain = text.trim_end_matches('.').to_ascii_lowercase();
     let label_ok = |l: &str| {
         (1..=63).contains(&l.len())
@@ -261,7 +261,8 @@ fn parse_domain(text: &str) -> Result<String, String> {
     }
 }
 
-fn parse_token_ttl(text: &str) -> Result<Duration, String> {
+/// An instance token lifetime: a humantime duration from 1 s to 15 min.
+pub fn parse_token_ttl(text: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
     if d < Duration::from_secs(1) || d > Duration::from_secs(15 * 60) {
         return Err("must be between 1s and 15m".into());

@@ -94,10 +94,15 @@ where
             ));
         }
         let bytes = read_body(request).await?;
-        serde_json::from_slice(&bytes)
-            .map(JsonBody)
-            .map_err(|e| ApiError::bad_request(body_error(&e, T::HOLDS_SECRET, T::SHAPE)))
+        parse_body(&bytes).map(JsonBody)
     }
+}
+
+/// Parses a request body already read: 400 with [`body_error`]'s message when it does
+/// not match `T`. Public so the fuzz targets reach it.
+pub fn parse_body<T: RequestBody>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::bad_request(body_error(&e, T::HOLDS_SECRET, T::SHAPE)))
 }
 
 /// The whole body (within the [`DefaultBodyLimit`]) in a buffer that is wiped when
@@ -332,16 +337,27 @@ fn check_text(field: &str, value: &str, max: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn create_execution(
-    State(state): State<AppState>,
-    Extension(caller): Extension<Caller>,
-    JsonBody(new): JsonBody<NewExecution>,
-) -> Result<Response, ApiError> {
+/// The checks on a parsed execution body beyond its shape.
+pub fn check_execution(new: &NewExecution) -> Result<(), ApiError> {
     check_text("workflow_id", &new.workflow_id, 256)?;
     check_text("status", &new.status, 64)?;
     if new.finished_at.is_some_and(|f| f < new.started_at) {
         return Err(ApiError::bad_request("finished_at is before started_at"));
     }
+    Ok(())
+}
+
+/// The checks on a parsed credential body beyond its shape.
+pub fn check_credential(new: &NewCredential) -> Result<(), ApiError> {
+    check_text("name", &new.name, 200)
+}
+
+async fn create_execution(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    JsonBody(new): JsonBody<NewExecution>,
+) -> Result<Response, ApiError> {
+    check_execution(&new)?;
     let id = state.store.insert_execution(&new).await?;
     state.metrics.stored_executions.inc();
     tracing::info!(subject = %caller.subject, execution = %id, "execution stored");
@@ -356,10 +372,10 @@ struct ListParams {
     cursor: Option<String>,
 }
 
-async fn list_executions(
-    State(state): State<AppState>,
+/// The page size and cursor of a listing's query, checked.
+fn page_params(
     query: Result<Query<ListParams>, QueryRejection>,
-) -> Result<Response, ApiError> {
+) -> Result<(u32, Option<Cursor>), ApiError> {
     let Query(params) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let limit = params.limit.unwrap_or(DEFAULT_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
@@ -371,6 +387,20 @@ async fn list_executions(
         None | Some("") => None,
         Some(c) => Some(Cursor::decode(c).ok_or_else(|| ApiError::bad_request("invalid cursor"))?),
     };
+    Ok((limit, cursor))
+}
+
+/// Reads `GET /v1/executions`'s query from a request URI as the handler does: the page
+/// size and cursor, or the 400 the handler answers. Public so the fuzz targets reach it.
+pub fn list_query(uri: &http::Uri) -> Result<(u32, Option<Cursor>), ApiError> {
+    page_params(Query::try_from_uri(uri))
+}
+
+async fn list_executions(
+    State(state): State<AppState>,
+    query: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let (limit, cursor) = page_params(query)?;
     let page = state.store.list_executions(limit, cursor.as_ref()).await?;
     Ok(Json(json!({
         "items": page.items,
@@ -422,7 +452,7 @@ async fn create_credential(
     Extension(caller): Extension<Caller>,
     JsonBody(new): JsonBody<NewCredential>,
 ) -> Result<Response, ApiError> {
-    check_text("name", &new.name, 200)?;
+    check_credential(&new)?;
     match (new.kind, &new.oauth2) {
         (CredentialKind::ApiKey, Some(_)) => {
             return Err(ApiError::bad_request(

@@ -158,6 +158,23 @@ pub enum Error {
     },
 }
 
+/// SQLite's result code for "database or disk is full" (`SQLITE_FULL`).
+const SQLITE_FULL: &str = "13";
+/// `ENOSPC`: no space left on the device.
+const ENOSPC: i32 = 28;
+
+impl Error {
+    /// True when the failure is a full disk (or a full database file): the request can
+    /// succeed once space is freed, so it is answered 507, not 500.
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            Error::Database(sqlx::Error::Database(db)) => db.code().as_deref() == Some(SQLITE_FULL),
+            Error::Database(sqlx::Error::Io(io)) => io.raw_os_error() == Some(ENOSPC),
+            _ => false,
+        }
+    }
+}
+
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
         Error::Database(e)
@@ -180,6 +197,16 @@ impl ApiError {
             code,
             message: message.into(),
         }
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The message the client reads.
+    pub fn message(&self) -> &str {
+        &self.message
     }
 
     /// 400.
@@ -247,6 +274,17 @@ impl From<Error> for ApiError {
                 );
             }
             _ => {}
+        }
+        // A full disk refuses writes (SQLite rolls the transaction back, so nothing is
+        // half-written) while reads go on; the client may retry once space is freed.
+        if e.is_storage_full() {
+            tracing::error!(error = %e, "write refused: storage is full");
+            return ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "insufficient_storage",
+                "the instance's storage is full; nothing was written. Retry once space \
+                 has been freed",
+            );
         }
         // The cause is logged (errors never carry secret values); the client gets a
         // generic message.

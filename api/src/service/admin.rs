@@ -122,16 +122,17 @@ fn encode_tenant_cursor(row: &TenantRow) -> String {
 }
 
 /// A page token for a listing ordered by (time, id).
-fn encode_cursor(ms: i64, id: &str) -> String {
+pub fn encode_cursor(ms: i64, id: &str) -> String {
     URL_SAFE_NO_PAD.encode(format!("{ms}:{id}"))
 }
 
-fn decode_tenant_cursor(token: &str) -> Result<Option<(i64, String)>> {
+/// The position a tenant listing's page token names; `None` for the first page.
+pub fn decode_tenant_cursor(token: &str) -> Result<Option<(i64, String)>> {
     decode_cursor(token)
 }
 
 /// The (time, id) of a page token from [`encode_cursor`]; `None` for the first page.
-fn decode_cursor(token: &str) -> Result<Option<(i64, String)>> {
+pub fn decode_cursor(token: &str) -> Result<Option<(i64, String)>> {
     if token.is_empty() {
         return Ok(None);
     }
@@ -151,16 +152,20 @@ fn decode_cursor(token: &str) -> Result<Option<(i64, String)>> {
 /// call appends an audit event of its own; without the bound, a listing one event a page
 /// would never reach its end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct AuditCursor {
-    after: i64,
-    through: Option<i64>,
+pub struct AuditCursor {
+    /// The last event already returned (0 before the first page).
+    pub after: i64,
+    /// The head of the log when the listing started (`None` on the first page).
+    pub through: Option<i64>,
 }
 
-fn encode_audit_cursor(after: u64, through: i64) -> String {
+/// The page token of an audit listing after event `after`, bounded by `through`.
+pub fn encode_audit_cursor(after: u64, through: i64) -> String {
     format!("{after}.{through}")
 }
 
-fn decode_audit_cursor(token: &str) -> Result<AuditCursor> {
+/// The position an audit listing's page token names.
+pub fn decode_audit_cursor(token: &str) -> Result<AuditCursor> {
     if token.is_empty() {
         return Ok(AuditCursor {
             after: 0,

@@ -6,6 +6,7 @@ mod common;
 
 mod api;
 mod auth;
+mod disk;
 mod logs;
 mod oauth;
 mod retention;

@@ -7,6 +7,7 @@
 mod cluster_api;
 mod cluster_operator;
 mod crate_graph;
+mod faults;
 mod local_mode;
 mod portal;
 mod readme;
