@@ -340,6 +340,18 @@ pub fn durations(data: &[u8]) {
     if let Some(plan) = tenantry_proto::retention::Plan::parse(text) {
         assert_eq!(plan.as_str(), text);
     }
+    // `--trusted-proxies`: an accepted CIDR holds the address it was written with when
+    // that is a bare address, and parses the same way twice.
+    if let Ok(cidr) = text.parse::<tenantry_api::forwarded::Cidr>() {
+        assert_eq!(text.parse::<tenantry_api::forwarded::Cidr>(), Ok(cidr));
+        if let Ok(ip) = text.trim().parse::<std::net::IpAddr>() {
+            assert!(cidr.contains(ip), "{text}");
+        }
+    }
+    // The OAuth 2 provider host patterns of the runtime's config and the Tenant's spec.
+    if tenantry_proto::runtime_config::host_entry_problem(text).is_none() {
+        assert!(!text.contains('/') && !text.contains('@'), "{text}");
+    }
 }
 
 /// The PEM and key loaders. Mode byte % 7: 0 the token public key (SPKI PEM), 1 the token

@@ -87,10 +87,7 @@ fn split_entry(entry: &str) -> (&str, Option<&str>) {
     // `[::1]:443`, `[::1]`, `host:443`, `host`; a bare IPv6 address has several colons.
     if let Some(rest) = entry.strip_prefix('[') {
         return match rest.split_once(']') {
-            Some((ip, tail)) => (
-                &entry[..ip.len() + 2],
-                tail.strip_prefix(':').filter(|p| !p.is_empty()),
-            ),
+            Some((ip, tail)) => (&entry[..ip.len() + 2], tail.strip_prefix(':')),
             None => (entry, None),
         };
     }
@@ -121,11 +118,10 @@ pub fn host_entry_problem(entry: &str) -> Option<&'static str> {
     if port.is_some_and(|p| p.parse::<u16>().map_or(true, |p| p == 0)) {
         return Some("port must be 1 to 65535");
     }
-    if pattern.starts_with('[') {
-        let ip = &pattern[1..pattern.len().saturating_sub(1)];
-        return ip
-            .parse::<std::net::Ipv6Addr>()
-            .is_err()
+    if let Some(bracketed) = pattern.strip_prefix('[') {
+        // `[` alone, or no closing bracket, is no address (found by the fuzzer).
+        let ip = bracketed.strip_suffix(']').unwrap_or(bracketed);
+        return (!bracketed.ends_with(']') || ip.parse::<std::net::Ipv6Addr>().is_err())
             .then_some("not an IPv6 address in brackets");
     }
     let name = pattern.strip_prefix("*.").unwrap_or(pattern);
@@ -340,6 +336,11 @@ mod tests {
             ],
             ca_file: None,
         };
+        // Found by fuzzing: a lone or unclosed bracket is refused, not a panic.
+        for bad in ["[", "[]", "[::1", "[::1]:", "[:0"] {
+            assert!(host_entry_problem(bad).is_some(), "{bad}");
+        }
+        assert_eq!(host_entry_problem("[::1]:9000"), None);
         assert!(oauth2.allows("auth.example.com", 443));
         assert!(oauth2.allows("auth.example.com", 8443));
         assert!(!oauth2.allows("evil-auth.example.com", 443));
