@@ -86,8 +86,14 @@ impl OAuth2Config {
 fn split_entry(entry: &str) -> (&str, Option<&str>) {
     // `[::1]:443`, `[::1]`, `host:443`, `host`; a bare IPv6 address has several colons.
     if let Some(rest) = entry.strip_prefix('[') {
+        // Anything after the bracket but `:port` leaves the whole entry as the pattern,
+        // which no host matches and validation refuses (`[::]/0`, found by fuzzing).
         return match rest.split_once(']') {
-            Some((ip, tail)) => (&entry[..ip.len() + 2], tail.strip_prefix(':')),
+            Some((ip, "")) => (&entry[..ip.len() + 2], None),
+            Some((ip, tail)) => match tail.strip_prefix(':') {
+                Some(port) => (&entry[..ip.len() + 2], Some(port)),
+                None => (entry, None),
+            },
             None => (entry, None),
         };
     }
@@ -337,10 +343,17 @@ mod tests {
             ca_file: None,
         };
         // Found by fuzzing: a lone or unclosed bracket is refused, not a panic.
-        for bad in ["[", "[]", "[::1", "[::1]:", "[:0"] {
+        for bad in ["[", "[]", "[::1", "[::1]:", "[:0", "[::]/0:", "[::1]x"] {
             assert!(host_entry_problem(bad).is_some(), "{bad}");
         }
         assert_eq!(host_entry_problem("[::1]:9000"), None);
+        assert!(
+            !OAuth2Config {
+                allowed_hosts: vec!["[::]/0".into()],
+                ca_file: None,
+            }
+            .allows("[::]", 443)
+        );
         assert!(oauth2.allows("auth.example.com", 443));
         assert!(oauth2.allows("auth.example.com", 8443));
         assert!(!oauth2.allows("evil-auth.example.com", 443));
