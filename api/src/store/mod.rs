@@ -196,11 +196,20 @@ impl Store {
         change: impl AsyncFnOnce(&mut AnyConnection) -> Result<Write<T>>,
     ) -> Result<T> {
         let mut tx = self.begin_write().await?;
-        // On an error, dropping `tx` rolls it back.
-        match change(&mut *tx).await? {
+        // On an error the transaction is rolled back here, before the connection goes back
+        // to the pool: a dropped transaction only queues its ROLLBACK for the connection's
+        // next use, and until then it holds its locks (an idle pool connection kept a
+        // failed audit append's row lock, and a schema drop waited on it for good).
+        let written = match change(&mut *tx).await {
+            Ok(written) => written,
+            Err(e) => return Err(rolled_back(tx, e).await),
+        };
+        match written {
             Write::Commit(value) => {
                 for record in audits {
-                    audit::append_audit(&mut tx, record, now_ms).await?;
+                    if let Err(e) = audit::append_audit(&mut tx, record, now_ms).await {
+                        return Err(rolled_back(tx, e).await);
+                    }
                 }
                 self.commit(tx).await?;
                 Ok(value)
@@ -304,4 +313,13 @@ impl Store {
         self.cache.forget_all();
         Ok(())
     }
+}
+
+/// Rolls `tx` back now and returns `error` (what the caller answers); a failed rollback is
+/// logged, and the connection is then closed by the pool rather than reused.
+async fn rolled_back(tx: Transaction<'static, sqlx::Any>, error: Error) -> Error {
+    if let Err(e) = tx.rollback().await {
+        tracing::warn!(error = %e, "could not roll back a failed write");
+    }
+    error
 }

@@ -80,11 +80,16 @@ impl Database {
 impl Drop for Database {
     fn drop(&mut self) {
         if let Some((base, schema)) = self.pg_schema.take() {
-            // Best effort: a leftover schema only costs disk in the test database.
+            // Best effort: a leftover schema only costs disk in the test database. This
+            // blocks the test's (single) runtime thread, so a pool connection still holding
+            // a lock in the schema could never let go: give up after a while rather than
+            // hang the suite.
             let _ = std::process::Command::new("psql")
                 .args([
                     base.as_str(),
                     "-q",
+                    "-c",
+                    "SET lock_timeout = '10s'",
                     "-c",
                     &format!("DROP SCHEMA IF EXISTS {schema} CASCADE"),
                 ])
