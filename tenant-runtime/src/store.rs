@@ -244,8 +244,49 @@ impl<'de> Deserialize<'de> for SecretJson {
         if !text.expose_secret().starts_with('{') {
             return Err(D::Error::custom("secret must be a JSON object"));
         }
+        // The raw value's check skips what `\u` escapes name; a lone UTF-16 surrogate
+        // would be stored as text no JSON reader accepts later (found by fuzzing).
+        if has_lone_surrogate(text.expose_secret().as_bytes()) {
+            return Err(D::Error::custom(
+                "secret must be valid JSON: a \\u escape names half of a UTF-16 pair",
+            ));
+        }
         Ok(SecretJson(text))
     }
+}
+
+/// Whether JSON text (already known to be well-formed apart from this) has a `\uXXXX`
+/// escape naming a UTF-16 surrogate that is not part of a high-low pair.
+fn has_lone_surrogate(json: &[u8]) -> bool {
+    let unit = |at: usize| -> Option<u16> {
+        let hex = json.get(at..at + 4)?;
+        u16::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()
+    };
+    let mut i = 0;
+    while i < json.len() {
+        if json[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        if json.get(i + 1) != Some(&b'u') {
+            i += 2;
+            continue;
+        }
+        match unit(i + 2) {
+            Some(0xD800..=0xDBFF) => {
+                let low = (json.get(i + 6..i + 8) == Some(b"\\u".as_slice()))
+                    .then(|| unit(i + 8))
+                    .flatten();
+                if !matches!(low, Some(0xDC00..=0xDFFF)) {
+                    return true;
+                }
+                i += 12;
+            }
+            Some(0xDC00..=0xDFFF) => return true,
+            _ => i += 6,
+        }
+    }
+    false
 }
 
 /// A credential to store.
@@ -1234,6 +1275,24 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use super::*;
+
+    #[test]
+    fn a_secret_with_a_lone_surrogate_escape_is_refused() {
+        let parse = |secret: &str| serde_json::from_str::<SecretJson>(secret);
+        for bad in [
+            r#"{"k": "\udeec"}"#,
+            r#"{"k": "\ud83d"}"#,
+            r#"{"k": "\ud83dx"}"#,
+            r#"{"k": "\ud83d\u0041"}"#,
+        ] {
+            let err = parse(bad).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains("UTF-16"), "{bad}: {err}");
+        }
+        for good in [r#"{"k": "\ud83d\ude00"}"#, r#"{"k": "\\udeec \u00e9"}"#] {
+            assert!(parse(good).is_ok(), "{good}");
+        }
+    }
+
     use crate::crypto::DataKey;
 
     fn sealer(tenant: &str) -> Sealer {
