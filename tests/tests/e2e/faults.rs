@@ -837,7 +837,7 @@ async fn an_attack_at_trace_level_leaves_no_secret_in_any_log() {
     let api_log = tmp.path().join("api.log");
     let port = free_port();
     let mut dev = tokio::process::Command::new(bin("tenantry-api"))
-        .args(["dev", "--data-dir"])
+        .args(["dev", "--no-portal", "--data-dir"])
         .arg(&data_dir)
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--argon2-memory-kib", "1024", "--argon2-iterations", "1"])
