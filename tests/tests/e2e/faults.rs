@@ -1065,7 +1065,10 @@ async fn an_attack_at_trace_level_leaves_no_secret_in_any_log() {
     assert!(!r.text.contains(secret_marker), "{}", r.text);
     let mut conn = https.connect(endpoint, "localhost").await.unwrap();
     let huge = format!("{{\"name\":\"{}\"}}", secret_marker.repeat(100_000));
-    let r = conn
+    // The runtime answers 413 from Content-Length and closes without reading the body
+    // (`tenant-runtime/tests/runtime/api.rs` checks the answer): a client still writing the
+    // body may see the answer or only the closed connection.
+    match conn
         .send(
             "POST",
             "/v1/credentials",
@@ -1074,8 +1077,16 @@ async fn an_attack_at_trace_level_leaves_no_secret_in_any_log() {
             huge.into_bytes(),
         )
         .await
-        .unwrap();
-    assert_eq!(r.status, 413, "{}", r.text);
+    {
+        Ok(r) => assert_eq!(r.status, 413, "{}", r.text),
+        Err(e) => {
+            let text = format!("{e:?}");
+            assert!(
+                text.contains("BrokenPipe") || text.contains("ConnectionReset"),
+                "{text}"
+            );
+        }
+    }
 
     // Give the programs a moment to write their last lines, then read every log.
     tokio::time::sleep(Duration::from_millis(500)).await;
