@@ -463,6 +463,17 @@ pub enum Written {
     Stale,
 }
 
+impl Written {
+    /// The outcome of a guarded `UPDATE` that touched `rows` rows.
+    fn from_rows(rows: u64) -> Written {
+        if rows > 0 {
+            Written::Yes
+        } else {
+            Written::Stale
+        }
+    }
+}
+
 /// What may be shown about a credential: everything but the secret.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct CredentialMeta {
@@ -1081,11 +1092,7 @@ impl Store {
         .bind(expected_version)
         .execute(&self.pool)
         .await?;
-        Ok(if done.rows_affected() > 0 {
-            Written::Yes
-        } else {
-            Written::Stale
-        })
+        Ok(Written::from_rows(done.rows_affected()))
     }
 
     /// Records a failed refresh of grant `id` (tokens at `expected_version`): one more
@@ -1105,11 +1112,7 @@ impl Store {
         .bind(expected_version)
         .execute(&self.pool)
         .await?;
-        Ok(if done.rows_affected() > 0 {
-            Written::Yes
-        } else {
-            Written::Stale
-        })
+        Ok(Written::from_rows(done.rows_affected()))
     }
 
     /// Marks grant `id` (tokens at `expected_version`) `needs_reauthorization`: its
@@ -1129,11 +1132,7 @@ impl Store {
         .bind(expected_version)
         .execute(&self.pool)
         .await?;
-        Ok(if done.rows_affected() > 0 {
-            Written::Yes
-        } else {
-            Written::Stale
-        })
+        Ok(Written::from_rows(done.rows_affected()))
     }
 
     /// The earliest scheduled refresh of a connected grant.
