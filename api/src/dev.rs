@@ -18,10 +18,16 @@ pub const PORTAL_COOKIE_KEY_FILE: &str = "portal-cookie.key";
 /// How long the portal has to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How long the portal has to drain its connections at shutdown.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
 /// The running portal; dropping it stops the process.
 #[derive(Debug)]
 pub struct Portal {
     child: tokio::process::Child,
+    /// The write end of the portal's stdin: it runs only while this is held
+    /// (`--exit-on-stdin-close`), so it stops even when this process is killed.
+    lifeline: Option<tokio::process::ChildStdin>,
     /// The URL to open.
     pub url: String,
 }
@@ -105,7 +111,8 @@ pub async fn start_portal(args: &DevArgs) -> Result<Portal> {
         .arg(api_url(serve.listen, serve.tls_cert_file.is_some()))
         .arg("--cookie-key-file")
         .arg(&key)
-        .stdin(Stdio::null())
+        .arg("--exit-on-stdin-close")
+        .stdin(Stdio::piped())
         .kill_on_drop(true);
     if let Some(cert) = &serve.tls_cert_file {
         command.arg("--api-ca-file").arg(cert);
@@ -136,17 +143,26 @@ pub async fn start_portal(args: &DevArgs) -> Result<Portal> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let lifeline = child.stdin.take();
     Ok(Portal {
         child,
+        lifeline,
         url: format!("http://{}", args.portal_listen),
     })
 }
 
 impl Portal {
-    /// Stops the portal and waits for it.
+    /// Stops the portal: closes its stdin so that it drains its connections, and kills it
+    /// if it is still running after [`STOP_GRACE`].
     pub async fn stop(mut self) {
-        let _ = self.child.start_kill();
-        let _ = self.child.wait().await;
+        self.lifeline = None;
+        if tokio::time::timeout(STOP_GRACE, self.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = self.child.start_kill();
+            let _ = self.child.wait().await;
+        }
     }
 }
 

@@ -24,7 +24,7 @@ async fn main() -> anyhow::Result<()> {
             let listener = TcpListener::bind(args.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", args.listen))?;
-            server::run(args, listener, shutdown_signal()).await?;
+            server::run(args, listener, tenantry_process::shutdown_signal()).await?;
         }
         Command::Dev(dev) => {
             let mut args = dev.serve.clone();
@@ -55,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
                 "  create the first admin: tenantry-api bootstrap-admin --data-dir {} --email you@example.com",
                 dir.display()
             );
-            let result = server::run(args, listener, shutdown_signal()).await;
+            let result = server::run(args, listener, tenantry_process::shutdown_signal()).await;
             if let Some(portal) = portal {
                 portal.stop().await;
             }
@@ -96,30 +96,4 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %e, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
-    tracing::info!("shutting down");
 }

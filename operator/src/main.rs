@@ -27,27 +27,6 @@ enum Command {
     Run(Box<RunArgs>),
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -80,9 +59,15 @@ async fn main() -> anyhow::Result<()> {
                 lease_duration: Duration::from_secs(u64::from(args.lease_duration_seconds.max(3))),
                 identity,
             };
-            run(settings, leader, client, admin, shutdown_signal())
-                .await
-                .context("tenantry-operator stopped")?;
+            run(
+                settings,
+                leader,
+                client,
+                admin,
+                tenantry_process::shutdown_signal(),
+            )
+            .await
+            .context("tenantry-operator stopped")?;
             Ok(())
         }
     }

@@ -41,6 +41,11 @@ pub struct Config {
     /// PEM private key of `--tls-cert-file`.
     #[arg(long, env = "TENANTRY_PORTAL_TLS_KEY_FILE", requires = "tls_cert_file")]
     pub tls_key_file: Option<PathBuf>,
+
+    /// Shut down when standard input reaches its end: `tenantry-api dev` holds the other
+    /// end of a pipe, so its portal stops even when it is killed.
+    #[arg(long, env = "TENANTRY_PORTAL_EXIT_ON_STDIN_CLOSE")]
+    pub exit_on_stdin_close: bool,
 }
 
 impl Config {

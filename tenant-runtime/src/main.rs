@@ -53,72 +53,8 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(run_config.config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", run_config.config.listen))?;
-    let parent_gone = if args.exit_on_stdin_close {
-        Some(stdin_closed().context("cannot watch standard input")?)
-    } else {
-        None
-    };
-    let shutdown = async move {
-        match parent_gone {
-            Some(parent_gone) => {
-                tokio::select! {
-                    () = shutdown_signal() => {}
-                    () = parent_gone => {}
-                }
-            }
-            None => shutdown_signal().await,
-        }
-    };
+    let shutdown = tenantry_process::shutdown(args.exit_on_stdin_close)
+        .context("cannot watch standard input")?;
     tenant_runtime::run(run_config, listener, shutdown).await?;
     Ok(())
-}
-
-/// Completes when standard input reaches its end or cannot be read. The read blocks, so
-/// it runs on a thread of its own that the process does not wait for at exit (a blocking
-/// read on tokio's pool would hold up the runtime's shutdown on SIGTERM).
-fn stdin_closed() -> std::io::Result<impl Future<Output = ()>> {
-    use std::io::Read as _;
-    let (closed, on_close) = tokio::sync::oneshot::channel::<()>();
-    std::thread::Builder::new()
-        .name("stdin-watch".into())
-        .spawn(move || {
-            let mut stdin = std::io::stdin().lock();
-            let mut buf = [0u8; 256];
-            loop {
-                match stdin.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(_) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(_) => break,
-                }
-            }
-            let _ = closed.send(());
-        })?;
-    Ok(async move {
-        // An error means the thread is gone without sending: treat it as closed too.
-        let _ = on_close.await;
-        tracing::info!("standard input closed (the parent is gone); shutting down");
-    })
-}
-
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
-    tracing::info!("shutting down");
 }

@@ -71,8 +71,9 @@ fn closure() -> BTreeMap<String, BTreeSet<String>> {
     all
 }
 
-const WORKSPACE: [&str; 11] = [
+const WORKSPACE: [&str; 12] = [
     "tenantry-proto",
+    "tenantry-process",
     "tenantry-kube",
     "tenantry-pki",
     "tenantry-client",
@@ -92,10 +93,16 @@ fn crates_depend_only_in_the_documented_direction() {
     // Features are unified over the workspace in `cargo metadata`, so a crate's optional
     // dependencies enabled by another member show here too: the external crates listed
     // are ones no feature of that crate brings.
-    let rules: [(&str, &[&str], &[&str]); 10] = [
+    let rules: [(&str, &[&str], &[&str]); 11] = [
         ("tenantry-proto", &[], &["kube", "sqlx", "rcgen"]),
         ("tenantry-kube", &["tenantry-proto"], &["sqlx", "rcgen"]),
         ("tenantry-pki", &[], &["kube", "tonic", "sqlx"]),
+        // Signals and the parent's pipe: nothing but tokio and tracing.
+        (
+            "tenantry-process",
+            &[],
+            &["kube", "tonic", "sqlx", "rustls"],
+        ),
         ("tenantry-client", &["tenantry-proto"], &["kube", "sqlx"]),
         (
             "tenantryctl",
@@ -105,22 +112,32 @@ fn crates_depend_only_in_the_documented_direction() {
         // A client of the API like any other: never the database or the cluster.
         (
             "tenantry-portal",
-            &["tenantry-client", "tenantry-proto"],
+            &["tenantry-client", "tenantry-proto", "tenantry-process"],
             &["kube", "sqlx"],
         ),
         (
             "tenantry-api",
-            &["tenantry-proto", "tenantry-kube", "tenantry-pki"],
+            &[
+                "tenantry-proto",
+                "tenantry-kube",
+                "tenantry-pki",
+                "tenantry-process",
+            ],
             &["prometheus-client"],
         ),
         (
             "tenantry-operator",
-            &["tenantry-proto", "tenantry-kube", "tenantry-pki"],
+            &[
+                "tenantry-proto",
+                "tenantry-kube",
+                "tenantry-pki",
+                "tenantry-process",
+            ],
             &["sqlx"],
         ),
         (
             "tenant-runtime",
-            &["tenantry-proto"],
+            &["tenantry-proto", "tenantry-process"],
             &["kube", "k8s-openapi"],
         ),
         // Every suite builds it: no workspace crate, no database, no Kubernetes.

@@ -502,3 +502,30 @@ async fn the_portal_refuses_forged_forms_keeps_tenants_apart_and_logs_no_secrets
         assert!(!log.contains(secret), "the {what} is in the log");
     }
 }
+
+/// SIGKILL of `tenantry-api dev` (no cleanup at all) still stops its portal within 5 s:
+/// the portal holds the read end of a pipe whose write end died with the API
+/// (`--exit-on-stdin-close`), so nothing is left holding the portal's port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_dev_takes_its_portal_with_it() {
+    let mut dev = Dev::start("info").await;
+    let portal = dev.portal.trim_start_matches("http://").to_owned();
+    assert!(tokio::net::TcpStream::connect(&portal).await.is_ok());
+    dev.child.start_kill().unwrap();
+    dev.child.wait().await.unwrap();
+    let killed = Instant::now();
+    while tokio::net::TcpStream::connect(&portal).await.is_ok() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(5),
+            "the portal still listens on {portal} 5 s after dev was killed:\n{}",
+            dev.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("portal gone {:?} after the SIGKILL", killed.elapsed());
+    assert!(
+        dev.log().contains("standard input closed"),
+        "the portal said why it stopped:\n{}",
+        dev.log()
+    );
+}
