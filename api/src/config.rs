@@ -33,8 +33,38 @@ pub enum Command {
     BootstrapAdmin(BootstrapArgs),
     /// Write new keys for a production install into `--out-dir`: `master.key` and
     /// `token-signing.key` (mode 0600, for the API's Secret) and `token-public.pem` (for the
-    /// operator's Secret). Refuses to overwrite existing files.
+    /// operator's Secret); with `--dkim`, the DKIM key `dkim.key` (Ed25519, 0600) instead.
+    /// Refuses to overwrite existing files.
     Keygen(KeygenArgs),
+    /// Print the SPF, DKIM and DMARC TXT records of the mail domain, in zone-file syntax
+    /// (or `--json`).
+    DnsRecords(DnsRecordsArgs),
+}
+
+/// `dns-records`.
+#[derive(Debug, Clone, Args)]
+pub struct DnsRecordsArgs {
+    /// The mail domain (of `--mail-from`).
+    #[arg(long, value_parser = parse_domain)]
+    pub domain: String,
+    /// The DKIM selector.
+    #[arg(long, default_value = "tenantry", value_parser = parse_selector)]
+    pub dkim_selector: String,
+    /// The DKIM private key; its public half goes into the record.
+    #[arg(long)]
+    pub dkim_key_file: PathBuf,
+    /// An SPF `include:` (the relay's SPF domain); repeat or separate with commas.
+    #[arg(long, value_delimiter = ',', value_parser = crate::mail::dns::parse_record_token)]
+    pub spf_include: Vec<String>,
+    /// A DMARC aggregate report address, `mailto:…`; repeat or separate with commas.
+    #[arg(long, value_delimiter = ',', value_parser = crate::mail::dns::parse_rua)]
+    pub dmarc_rua: Vec<String>,
+    /// DMARC policy.
+    #[arg(long, value_enum, default_value_t = crate::mail::dns::DmarcPolicy::Reject)]
+    pub dmarc_policy: crate::mail::dns::DmarcPolicy,
+    /// Print JSON (an array of `{kind, name, type, value}`) instead of zone-file lines.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `keygen`.
@@ -43,6 +73,9 @@ pub struct KeygenArgs {
     /// Directory to write the keys into (created if missing).
     #[arg(long)]
     pub out_dir: PathBuf,
+    /// Write only the DKIM signing key, `dkim.key` (Ed25519, PKCS#8 PEM, 0600).
+    #[arg(long)]
+    pub dkim: bool,
 }
 
 /// Where the database is.
@@ -180,6 +213,106 @@ pub struct ServeArgs {
     /// against the person's address in the rate limit and the audit log. Default: none.
     #[arg(long, env = "TENANTRY_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Vec<crate::forwarded::Cidr>,
+    /// Mail settings.
+    #[command(flatten)]
+    pub mail: MailArgs,
+}
+
+/// Mail: the relay, the sender, DKIM, links, verification and notices.
+#[derive(Debug, Clone, Args)]
+pub struct MailArgs {
+    /// SMTP relay: `smtp://[user@]host[:port]` (STARTTLS required, port 587) or
+    /// `smtps://[user@]host[:port]` (TLS, port 465). Without it mail is written, signed,
+    /// to `<data-dir>/outbox/*.eml`. The password goes in `--smtp-password-file`, never in
+    /// the URL.
+    #[arg(long, env = "TENANTRY_SMTP_URL", value_parser = crate::mail::parse_smtp_url)]
+    pub smtp_url: Option<crate::mail::SmtpTarget>,
+    /// File holding the SMTP password of the URL's user (mode 0600).
+    #[arg(long, env = "TENANTRY_SMTP_PASSWORD_FILE")]
+    pub smtp_password_file: Option<PathBuf>,
+    /// PEM certificates trusted for the relay besides the system's roots (a relay behind a
+    /// private CA).
+    #[arg(long, env = "TENANTRY_SMTP_CA_FILE")]
+    pub smtp_ca_file: Option<PathBuf>,
+    /// The sender, `Name <address>` or an address; its domain signs the mail (DKIM `d=`)
+    /// and carries the SPF, DKIM and DMARC records (`tenantry-api dns-records`). Required
+    /// with `--smtp-url`.
+    #[arg(long, env = "TENANTRY_MAIL_FROM", value_parser = parse_mailbox)]
+    pub mail_from: Option<lettre::message::Mailbox>,
+    /// DKIM selector: the key is published at `<selector>._domainkey.<domain>`.
+    #[arg(long, env = "TENANTRY_DKIM_SELECTOR", default_value = "tenantry", value_parser = parse_selector)]
+    pub dkim_selector: String,
+    /// PKCS#8 PEM DKIM private key (Ed25519 from `tenantry-api keygen --dkim`, or RSA of
+    /// 2048 bits or more). Required with `--smtp-url`; without, `<data-dir>/dkim.key` is
+    /// made on first start.
+    #[arg(long, env = "TENANTRY_DKIM_KEY_FILE")]
+    pub dkim_key_file: Option<PathBuf>,
+    /// The portal's base URL, for the links in mail (`/verify-email?token=…`).
+    #[arg(long, env = "TENANTRY_PUBLIC_URL", default_value = "http://127.0.0.1:8080", value_parser = parse_public_url)]
+    pub public_url: String,
+    /// A tenant's instance is provisioned only once its owner has verified their email
+    /// address (`--require-email-verification=false` provisions at signup).
+    #[arg(long, env = "TENANTRY_REQUIRE_EMAIL_VERIFICATION", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub require_email_verification: bool,
+    /// An owner hears of their instance once it has been Degraded this long (and again
+    /// when it is Ready).
+    #[arg(long, env = "TENANTRY_NOTIFY_DEGRADED_AFTER", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub notify_degraded_after: Duration,
+}
+
+/// The sender of local mail when `--mail-from` is not given.
+pub const DEFAULT_MAIL_FROM: &str = "Tenantry <noreply@tenantry.localhost>";
+
+impl MailArgs {
+    /// The mailer settings; `data_dir` holds the outbox and the default key.
+    pub fn settings(&self, data_dir: &std::path::Path) -> crate::Result<crate::mail::MailSettings> {
+        let from = match (&self.mail_from, &self.smtp_url) {
+            (Some(from), _) => from.clone(),
+            (None, None) => parse_mailbox(DEFAULT_MAIL_FROM).map_err(crate::Error::Config)?,
+            (None, Some(_)) => {
+                return Err(crate::Error::Config(
+                    "--mail-from (TENANTRY_MAIL_FROM) is required with --smtp-url".into(),
+                ));
+            }
+        };
+        Ok(crate::mail::MailSettings {
+            smtp: self.smtp_url.clone(),
+            smtp_password_file: self.smtp_password_file.clone(),
+            smtp_ca_file: self.smtp_ca_file.clone(),
+            from,
+            selector: self.dkim_selector.clone(),
+            dkim_key_file: self.dkim_key_file.clone(),
+            public_url: self.public_url.clone(),
+            data_dir: data_dir.to_path_buf(),
+        })
+    }
+}
+
+/// A sender mailbox.
+pub fn parse_mailbox(text: &str) -> Result<lettre::message::Mailbox, String> {
+    text.trim()
+        .parse::<lettre::message::Mailbox>()
+        .map_err(|_| format!("{text:?} is not a mailbox such as `Tenantry <noreply@example.com>`"))
+}
+
+/// A DKIM selector: one or more DNS labels.
+pub fn parse_selector(text: &str) -> Result<String, String> {
+    parse_domain(text).map_err(|_| format!("{text:?} is not a DKIM selector (DNS labels)"))
+}
+
+/// The portal's base URL: `http://` or `https://`, no query.
+fn parse_public_url(text: &str) -> Result<String, String> {
+    let t = text.trim().trim_end_matches('/');
+    let rest = t
+        .strip_prefix("https://")
+        .or_else(|| t.strip_prefix("http://"))
+        .ok_or_else(|| format!("{text:?} must start with https:// or http://"))?;
+    if rest.is_empty() || rest.contains(['?', '#', ' ', '"', '<', '>']) {
+        return Err(format!(
+            "{text:?} is not a base URL such as https://portal.example.com"
+        ));
+    }
+    Ok(t.to_owned())
 }
 
 /// `dev`: the flags of `serve`, and the signup portal's.
