@@ -500,6 +500,13 @@ impl AccountService for Accounts {
         let source = source_of(&request);
         let st = &self.state;
         st.rate_limit(source)?;
+        if st.store.email_verified_at(&who.user_id).await?.is_some() {
+            return Err(Error::Precondition {
+                reason: crate::error::PreconditionReason::EmailAlreadyVerified,
+                message: "the email address is verified already",
+            }
+            .into());
+        }
         let now = st.now_ms();
         let hour = 3_600_000;
         let recent = st

@@ -30,6 +30,15 @@ fn free_port() -> u16 {
 /// A CA and a `localhost` certificate from it, for the SMTP server; returns (ca, cert, key).
 fn smtp_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     use secrecy::ExposeSecret as _;
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("smtp.pem"),
+        dir.join("smtp.key"),
+    );
+    // Made once per test: the API trusts the CA it read at its start.
+    if paths.2.exists() {
+        return paths;
+    }
     let now = jiff::Timestamp::now();
     let ca = tenantry_pki::CertificateAuthority::generate("mail test CA", now).unwrap();
     let leaf = ca
@@ -40,11 +49,6 @@ fn smtp_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
             now,
         })
         .unwrap();
-    let paths = (
-        dir.join("ca.pem"),
-        dir.join("smtp.pem"),
-        dir.join("smtp.key"),
-    );
     std::fs::write(&paths.0, ca.cert_pem()).unwrap();
     std::fs::write(&paths.1, &leaf.cert_pem).unwrap();
     std::fs::write(&paths.2, leaf.key_pem.expose_secret()).unwrap();
@@ -59,6 +63,7 @@ struct SmtpServer {
 
 impl SmtpServer {
     fn start(dir: &Path, port: u16) -> SmtpServer {
+        write_password(dir);
         let (_, cert, key) = smtp_certificates(dir);
         let out = dir.join("received");
         std::fs::create_dir_all(&out).unwrap();
@@ -173,7 +178,7 @@ fn dkimpy_verifies(message: &Path, record: &(String, String)) -> bool {
         .unwrap();
     let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     assert!(
-        said == "pass" || said == "fail",
+        (said == "pass") == out.status.success() && (said == "pass" || said.starts_with("fail")),
         "dkim_verify.py: {said} {}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -745,7 +750,13 @@ async fn dns_records_parse_back_into_valid_spf_dmarc_and_the_signing_key() {
         let domain = term
             .strip_prefix("include:")
             .expect("only include mechanisms");
-        assert!(tenantry_api::config::parse_domain(domain).is_ok(), "{term}");
+        // Host names as SPF has them: labels of letters, digits, '-' and '_'.
+        assert!(
+            domain.split('.').all(|l| !l.is_empty()
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')),
+            "{term}"
+        );
     }
     let dmarc = &records[&format!("_dmarc.{DOMAIN}")];
     let tags: std::collections::HashMap<&str, &str> = dmarc
