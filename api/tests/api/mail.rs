@@ -808,3 +808,122 @@ async fn dns_records_parse_back_into_valid_spf_dmarc_and_the_signing_key() {
     assert!(out.stdout.is_empty());
     assert!(String::from_utf8_lossy(&out.stderr).contains("mailto:"));
 }
+
+/// Reads `<data-dir>/outbox` (mail without `--smtp-url`), decoded.
+fn outbox_of(db: &Database) -> Vec<String> {
+    tenantry_test_support::read_mail(&db.dir.path().join("outbox"))
+}
+
+fn with_subject<'a>(mails: &'a [String], subject: &str) -> Vec<&'a String> {
+    mails
+        .iter()
+        .filter(|m| header(m, "Subject") == Some(subject))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_granted_and_a_revoked_role_are_told_to_the_user() {
+    let db = Database::new().await;
+    let s = TestServer::start(&db).await;
+    let (_, admin, secret) = s.admin_session("ops@example.com").await;
+    s.step_up(&admin, &secret).await;
+    let (alice_id, _) = s.signup("alice@example.org", "acme").await;
+    let alice = s.login("alice@example.org").await;
+    s.enroll(&alice).await;
+    s.admin()
+        .grant_admin(authed(
+            GrantAdminRequest {
+                user_id: alice_id.clone(),
+                role: AdminRole::Auditor as i32,
+                expires_in_days: 30,
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    s.admin()
+        .revoke_admin(authed(
+            RevokeAdminRequest {
+                user_id: alice_id.clone(),
+                role: AdminRole::Auditor as i32,
+            },
+            &admin,
+        ))
+        .await
+        .unwrap();
+    wait_until(
+        || {
+            let mails = outbox_of(&db);
+            !with_subject(&mails, "Your auditor role was removed").is_empty()
+        },
+        "the revocation notice",
+    )
+    .await;
+    let mails = outbox_of(&db);
+    let granted = with_subject(&mails, "You were granted the auditor role");
+    assert_eq!(granted.len(), 1);
+    assert_eq!(header(granted[0], "To"), Some("alice@example.org"));
+    assert!(granted[0].contains("until 2026-01-31"), "{}", granted[0]);
+    let revoked = with_subject(&mails, "Your auditor role was removed");
+    assert_eq!(header(revoked[0], "To"), Some("alice@example.org"));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_owner_hears_of_an_instance_degraded_for_the_threshold_and_of_its_return() {
+    use tenantry_api::mail::worker::check_health;
+    use tenantry_api::store::TenantStatus;
+    let db = Database::new().await;
+    let s = TestServer::start(&db).await;
+    let (_, tenant_id) = s.signup("alice@example.org", "acme").await;
+    let status = |phase| TenantStatus {
+        phase,
+        endpoint: String::new(),
+        cert_serial: String::new(),
+        cert_not_after_ms: 0,
+        cert_renewal_ms: 0,
+        message: String::new(),
+    };
+    let after = Duration::from_secs(15 * 60);
+    let degraded = "Your instance acme is degraded";
+    let back = "Your instance acme is back";
+    let count = |subject: &str| with_subject(&outbox_of(&db), subject).len();
+    let set = |phase| {
+        let store = s.state.store.clone();
+        let now = s.now_ms();
+        let st = status(phase);
+        let id = tenant_id.clone();
+        async move { store.set_tenant_status(&id, &st, now).await.unwrap() }
+    };
+
+    // Degraded briefly, then Ready again: nobody is told.
+    set(tenantry_proto::phase::TenantPhase::Degraded).await;
+    check_health(&s.state, after).await.unwrap();
+    s.advance(Duration::from_secs(5 * 60));
+    check_health(&s.state, after).await.unwrap();
+    set(tenantry_proto::phase::TenantPhase::Ready).await;
+    check_health(&s.state, after).await.unwrap();
+
+    // Degraded for the threshold: one notice, however often the watcher looks.
+    set(tenantry_proto::phase::TenantPhase::Degraded).await;
+    check_health(&s.state, after).await.unwrap();
+    s.advance(Duration::from_secs(14 * 60));
+    check_health(&s.state, after).await.unwrap();
+    s.advance(Duration::from_secs(61));
+    check_health(&s.state, after).await.unwrap();
+    s.advance(Duration::from_secs(600));
+    check_health(&s.state, after).await.unwrap();
+    wait_until(|| count(degraded) == 1, "the Degraded notice").await;
+
+    // Ready again: the owner hears of it, once.
+    set(tenantry_proto::phase::TenantPhase::Ready).await;
+    check_health(&s.state, after).await.unwrap();
+    check_health(&s.state, after).await.unwrap();
+    wait_until(|| count(back) == 1, "the recovery notice").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(count(degraded), 1);
+    assert_eq!(count(back), 1);
+    let mails = outbox_of(&db);
+    assert!(with_subject(&mails, degraded)[0].contains("for 15 minutes"));
+    s.stop().await;
+}

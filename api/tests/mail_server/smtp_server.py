@@ -13,6 +13,7 @@ import os
 import ssl
 import sys
 import threading
+import warnings
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
@@ -37,6 +38,8 @@ class Save:
 
 
 def main():
+    # aiosmtpd warns about its own use of a deprecated attribute on every AUTH.
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--cert", required=True)
