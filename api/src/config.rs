@@ -603,6 +603,53 @@ mod tests {
     }
 
     #[test]
+    fn mail_flags_default_to_a_verified_local_outbox_and_keep_passwords_out() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["tenantry-api", "serve"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|c| match c.command {
+                Command::Serve(a) => a.mail,
+                _ => unreachable!(),
+            })
+        };
+        let m = parse(&[]).unwrap();
+        assert!(m.require_email_verification);
+        assert_eq!(m.notify_degraded_after, Duration::from_secs(900));
+        assert_eq!(m.dkim_selector, "tenantry");
+        assert_eq!(m.public_url, "http://127.0.0.1:8080");
+        assert!(m.smtp_url.is_none());
+        let settings = m.settings(std::path::Path::new("/d")).unwrap();
+        assert_eq!(settings.from.email.domain(), "tenantry.localhost");
+        for off in [
+            &["--require-email-verification=false"][..],
+            &["--require-email-verification", "false"],
+        ] {
+            assert!(!parse(off).unwrap().require_email_verification);
+        }
+        assert!(
+            parse(&["--require-email-verification"])
+                .unwrap()
+                .require_email_verification
+        );
+        let e = parse(&["--smtp-url", "smtp://u:hunter2@relay.example.com"]).unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        // A relay needs a sender of its own.
+        let m = parse(&["--smtp-url", "smtps://relay.example.com"]).unwrap();
+        let e = m
+            .settings(std::path::Path::new("/d"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--mail-from"), "{e}");
+        for bad in [
+            &["--public-url", "portal.example.com"][..],
+            &["--mail-from", "not an address"],
+            &["--dkim-selector", "bad_selector"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn tls_flags_come_in_pairs() {
         assert!(
             Cli::try_parse_from(["tenantry-api", "serve", "--tls-cert-file", "c.pem"]).is_err()

@@ -664,6 +664,23 @@ mod tests {
     }
 
     #[test]
+    fn keygen_dkim_writes_a_private_ed25519_key_once() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = keygen_dkim(dir.path()).unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let key = crate::mail::load_dkim_key(&path).unwrap();
+        assert_eq!(key.dns_kind(), "ed25519");
+        let before = std::fs::read(&path).unwrap();
+        let err = keygen_dkim(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("never overwrites"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+    }
+
+    #[test]
     fn keygen_writes_usable_keys_once() {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().unwrap();

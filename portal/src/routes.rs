@@ -465,12 +465,6 @@ async fn verify_email(
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct CsrfOnly {
-    #[serde(default)]
-    csrf: String,
-}
-
 /// The banner's `resend-verification` button: a new link by mail.
 async fn resend_verification(
     State(p): Shared,
