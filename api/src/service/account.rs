@@ -55,24 +55,21 @@ pub const RESEND_PER_HOUR: usize = 5;
 pub const AWAITING_VERIFICATION: &str =
     "waiting for the owner to verify their email address (see the link mailed at signup)";
 
-/// A new verification token (256 random bits) and the row and mail that go with it.
-fn new_verification(
-    st: &AppState,
-    now_ms: i64,
-) -> Result<(SecretString, crate::store::NewVerification)> {
+/// A new verification token (256 random bits), as the row (its hash) and the mail (the
+/// token sealed) that go with it; the token itself is kept nowhere else.
+fn new_verification(st: &AppState, now_ms: i64) -> Result<crate::store::NewVerification> {
     let token = new_session_token()?;
     let sealed = st.master_key.seal(
         crate::mail::notice::VERIFY_TOKEN_CONTEXT,
         token.expose_secret().as_bytes(),
     )?;
-    let v = crate::store::NewVerification {
+    Ok(crate::store::NewVerification {
         token_hash: hash_secret(token.expose_secret()),
         expires_at_ms: now_ms.saturating_add(duration_ms(VERIFICATION_TTL)),
         notice: crate::mail::notice::Notice::VerifyEmail {
             token_sealed: sealed,
         },
-    };
-    Ok((token, v))
+    })
 }
 
 /// The service.
@@ -125,7 +122,7 @@ impl Accounts {
         let password_hash = st.hashing(move |h| h.hash(&to_hash)).await?;
         let retention = RetentionPolicy::default();
         let now = st.now_ms();
-        let (_token, verification) = new_verification(st, now)?;
+        let verification = new_verification(st, now)?;
         let (phase, message) = if st.require_email_verification {
             (TenantPhase::Pending, AWAITING_VERIFICATION.to_owned())
         } else {
@@ -447,8 +444,8 @@ impl AccountService for Accounts {
         let st = &self.state;
         st.rate_limit(source)?;
         let source = source_text(source);
-        let token = request.into_inner().token;
-        let token = token.trim();
+        let token = SecretString::from(request.into_inner().token);
+        let token = token.expose_secret().trim();
         if token.is_empty() || token.len() > 128 {
             return Err(
                 Error::invalid("token", "give the token from the verification link").into(),
@@ -467,7 +464,7 @@ impl AccountService for Accounts {
             .store
             .verify_email(&who.user_id, &hash_secret(token), &audit, now)
             .await;
-        let crate::store::Verified::Now(tenants) = match verified {
+        let tenants = match verified {
             Ok(v) => v,
             Err(e) => {
                 let reason = match &e {
@@ -528,7 +525,7 @@ impl AccountService for Accounts {
             }
             .into());
         }
-        let (_token, v) = new_verification(st, now)?;
+        let v = new_verification(st, now)?;
         let audit = AuditRecord {
             action: actions::VERIFICATION_RESENT,
             actor_user_id: who.user_id.clone(),

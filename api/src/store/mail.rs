@@ -38,13 +38,6 @@ pub struct NewVerification {
     pub notice: Notice,
 }
 
-/// What `VerifyEmail` found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verified {
-    /// The address is now verified; these tenants (owned, waiting) now provision.
-    Now(Vec<super::TenantRow>),
-}
-
 /// Queues `notice` for `user_id` on `conn` (inside the caller's transaction). Returns the
 /// row id.
 pub(super) async fn enqueue(
@@ -257,8 +250,8 @@ impl Store {
     }
 
     /// Uses a verification token of `user_id`: marks it used and the address verified, and
-    /// moves the user's waiting tenants to `Provisioning`, with `audit`, in one
-    /// transaction. An unknown token or another user's is `NOT_FOUND`; a used or expired
+    /// moves the user's waiting tenants to `Provisioning` (returned, to be provisioned),
+    /// with `audit`, in one transaction. An unknown token or another user's is `NOT_FOUND`; a used or expired
     /// one is `FAILED_PRECONDITION` with its reason.
     pub async fn verify_email(
         &self,
@@ -266,7 +259,7 @@ impl Store {
         token_hash: &str,
         audit: &AuditRecord,
         now_ms: i64,
-    ) -> Result<Verified> {
+    ) -> Result<Vec<super::TenantRow>> {
         self.commit_audited([audit], now_ms, async |tx| {
             let row = sqlx::query(
                 "SELECT user_id, expires_at_ms, used_at_ms FROM email_verifications WHERE token_hash = $1",
@@ -330,7 +323,7 @@ impl Store {
                 .iter()
                 .map(super::tenants::tenant_from_row)
                 .collect::<Result<Vec<_>>>()?;
-            Ok(Write::Commit(Verified::Now(tenants)))
+            Ok(Write::Commit(tenants))
         })
         .await
     }

@@ -31,7 +31,7 @@ pub use access::{
     UserWithRoles,
 };
 pub use audit::{AuditFilter, AuditRecord, AuditRow};
-pub use mail::{NewVerification, OutboxRow, Verified};
+pub use mail::{NewVerification, OutboxRow};
 pub use sessions::{AUTH_CHANNEL, LISTENER_APPLICATION_NAME, SessionRow};
 pub use tenants::{TenantRow, TenantStatus};
 pub use users::{Factor, NewSignup, SignupOutcome, UserRow};
