@@ -855,8 +855,9 @@ async fn a_granted_and_a_revoked_role_are_told_to_the_user() {
         || {
             let mails = outbox_of(&db);
             !with_subject(&mails, "Your auditor role was removed").is_empty()
+                && !with_subject(&mails, "You were granted the auditor role").is_empty()
         },
-        "the revocation notice",
+        "the grant and revocation notices",
     )
     .await;
     let mails = outbox_of(&db);
