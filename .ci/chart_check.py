@@ -487,6 +487,7 @@ def check_programs(objs: list[dict], values: dict, operator_defaults: dict) -> l
         problems.append("api keys must be mounted read-only at /etc/tenantry/keys")
     if "/var/lib/tenantry" not in mounts:
         problems.append("api data dir /var/lib/tenantry must be a writable volume")
+    problems += check_mail(api, env, mounts, values)
 
     portal = by_component.get("portal")
     if values["portal"]["enabled"] != (portal is not None):
@@ -507,6 +508,41 @@ def check_programs(objs: list[dict], values: dict, operator_defaults: dict) -> l
     unknown = set(env) - known
     if unknown:
         problems.append(f"operator env {sorted(unknown)} is read by no flag in operator/src/config.rs")
+    return problems
+
+
+def check_mail(api: dict, env: dict, mounts: dict, values: dict) -> list[str]:
+    """Mail: with a relay, its settings and the DKIM key (read-only, 0400) from the named
+    Secret; without one, no email verification (nobody could receive the link)."""
+    problems = []
+    mail = values["mail"]
+    if not mail["smtpUrl"]:
+        if env.get("TENANTRY_REQUIRE_EMAIL_VERIFICATION") != "false":
+            problems.append("api without mail.smtpUrl must run with TENANTRY_REQUIRE_EMAIL_VERIFICATION=false")
+        if "TENANTRY_SMTP_URL" in env or "/etc/tenantry/mail" in mounts:
+            problems.append("api without mail.smtpUrl must not get SMTP settings")
+        return problems
+    want = {
+        "TENANTRY_SMTP_URL": mail["smtpUrl"],
+        "TENANTRY_MAIL_FROM": mail["from"],
+        "TENANTRY_DKIM_SELECTOR": mail["dkimSelector"],
+        "TENANTRY_DKIM_KEY_FILE": "/etc/tenantry/mail/dkim.key",
+        "TENANTRY_PUBLIC_URL": mail["publicUrl"],
+        "TENANTRY_NOTIFY_DEGRADED_AFTER": mail["notifyDegradedAfter"],
+    }
+    if "@" in mail["smtpUrl"]:
+        want["TENANTRY_SMTP_PASSWORD_FILE"] = "/etc/tenantry/mail/smtp-password"
+    for k, v in want.items():
+        if env.get(k) != v:
+            problems.append(f"api env {k}={env.get(k)!r}, want {v!r}")
+    if "TENANTRY_REQUIRE_EMAIL_VERIFICATION" in env:
+        problems.append("api with a relay must keep email verification on (the default)")
+    if not mounts.get("/etc/tenantry/mail", {}).get("readOnly"):
+        problems.append("api mail Secret must be mounted read-only at /etc/tenantry/mail")
+    vols = [v for v in api["spec"]["template"]["spec"]["volumes"] if v["name"] == "mail"]
+    secret = vols[0].get("secret", {}) if vols else {}
+    if secret.get("secretName") != mail["existingSecret"] or secret.get("defaultMode") != 0o400:
+        problems.append(f"api mail volume must be Secret {mail['existingSecret']!r} with defaultMode 0400, got {secret}")
     return problems
 
 
@@ -931,6 +967,8 @@ def main() -> int:
         ("portal enabled without a cookie key", set_path(minimal, "portal.cookieKey.secretName", ""), "/portal/cookieKey/secretName"),
         ("bad CIDR in api.trustedProxies", set_path(minimal, "api.trustedProxies", ["10.0.0.1"]), "/api/trustedProxies"),
         ("portal.publicUrl without a scheme", set_path(minimal, "portal.publicUrl", "signup.example.com"), "/portal/publicUrl"),
+        ("mail.smtpUrl with a password in it", set_path(minimal, "mail.smtpUrl", "smtp://tenantry:hunter2@relay.example.net"), "/mail/smtpUrl"),
+        ("mail.smtpUrl without TLS", set_path(minimal, "mail.smtpUrl", "http://relay.example.net"), "/mail/smtpUrl"),
     ]
     for what, values, needle in bad:
         try:

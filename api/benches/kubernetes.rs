@@ -35,6 +35,14 @@ async fn seed(store: &Store, n: usize) {
             plan: Plan::Free,
             phase: TenantPhase::Provisioning,
             retention: RetentionPolicy::default(),
+            verification: tenantry_api::store::NewVerification {
+                token_hash: format!("verification-{i}"),
+                expires_at_ms: i64::MAX,
+                notice: tenantry_api::mail::notice::Notice::VerifyEmail {
+                    token_sealed: "not-sealed".into(),
+                },
+            },
+            message: String::new(),
             now_ms: 1_767_225_600_000,
         };
         let audit = AuditRecord {

@@ -30,6 +30,8 @@ pub struct Caller {
     pub roles: Vec<HeldRole>,
     /// The user has confirmed TOTP.
     pub mfa_enrolled: bool,
+    /// The user has verified their email address.
+    pub email_verified: bool,
     /// SHA-256 of the session token (identifies the session; not a secret by itself).
     pub session_hash: String,
     /// When this session verified a second factor.
@@ -174,6 +176,7 @@ fn caller_of(session: &SessionRow) -> Caller {
         email: session.email.clone(),
         roles: session.roles.clone(),
         mfa_enrolled: session.mfa_enrolled,
+        email_verified: session.email_verified,
         session_hash: session.token_hash.clone(),
         mfa_verified_at_ms: session.mfa_verified_at_ms,
         expires_at_ms: session.expires_at_ms,

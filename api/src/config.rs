@@ -33,8 +33,38 @@ pub enum Command {
     BootstrapAdmin(BootstrapArgs),
     /// Write new keys for a production install into `--out-dir`: `master.key` and
     /// `token-signing.key` (mode 0600, for the API's Secret) and `token-public.pem` (for the
-    /// operator's Secret). Refuses to overwrite existing files.
+    /// operator's Secret); with `--dkim`, the DKIM key `dkim.key` (Ed25519, 0600) instead.
+    /// Refuses to overwrite existing files.
     Keygen(KeygenArgs),
+    /// Print the SPF, DKIM and DMARC TXT records of the mail domain, in zone-file syntax
+    /// (or `--json`).
+    DnsRecords(DnsRecordsArgs),
+}
+
+/// `dns-records`.
+#[derive(Debug, Clone, Args)]
+pub struct DnsRecordsArgs {
+    /// The mail domain (of `--mail-from`).
+    #[arg(long, value_parser = parse_domain)]
+    pub domain: String,
+    /// The DKIM selector.
+    #[arg(long, default_value = "tenantry", value_parser = parse_selector)]
+    pub dkim_selector: String,
+    /// The DKIM private key; its public half goes into the record.
+    #[arg(long)]
+    pub dkim_key_file: PathBuf,
+    /// An SPF `include:` (the relay's SPF domain); repeat or separate with commas.
+    #[arg(long, value_delimiter = ',', value_parser = crate::mail::dns::parse_record_token)]
+    pub spf_include: Vec<String>,
+    /// A DMARC aggregate report address, `mailto:…`; repeat or separate with commas.
+    #[arg(long, value_delimiter = ',', value_parser = crate::mail::dns::parse_rua)]
+    pub dmarc_rua: Vec<String>,
+    /// DMARC policy.
+    #[arg(long, value_enum, default_value_t = crate::mail::dns::DmarcPolicy::Reject)]
+    pub dmarc_policy: crate::mail::dns::DmarcPolicy,
+    /// Print JSON (an array of `{kind, name, type, value}`) instead of zone-file lines.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `keygen`.
@@ -43,6 +73,9 @@ pub struct KeygenArgs {
     /// Directory to write the keys into (created if missing).
     #[arg(long)]
     pub out_dir: PathBuf,
+    /// Write only the DKIM signing key, `dkim.key` (Ed25519, PKCS#8 PEM, 0600).
+    #[arg(long)]
+    pub dkim: bool,
 }
 
 /// Where the database is.
@@ -180,6 +213,112 @@ pub struct ServeArgs {
     /// against the person's address in the rate limit and the audit log. Default: none.
     #[arg(long, env = "TENANTRY_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Vec<crate::forwarded::Cidr>,
+    /// Mail settings.
+    #[command(flatten)]
+    pub mail: MailArgs,
+}
+
+/// Mail: the relay, the sender, DKIM, links, verification and notices.
+#[derive(Debug, Clone, Args)]
+pub struct MailArgs {
+    /// SMTP relay: `smtp://[user@]host[:port]` (STARTTLS required, port 587) or
+    /// `smtps://[user@]host[:port]` (TLS, port 465). Without it mail is written, signed,
+    /// to `<data-dir>/outbox/*.eml`. The password goes in `--smtp-password-file`, never in
+    /// the URL (one there is refused without being echoed: the URL is read as a secret).
+    #[arg(long, env = "TENANTRY_SMTP_URL", hide_env_values = true, value_parser = parse_secret)]
+    pub smtp_url: Option<SecretString>,
+    /// File holding the SMTP password of the URL's user (mode 0600).
+    #[arg(long, env = "TENANTRY_SMTP_PASSWORD_FILE")]
+    pub smtp_password_file: Option<PathBuf>,
+    /// PEM certificates trusted for the relay besides the system's roots (a relay behind a
+    /// private CA).
+    #[arg(long, env = "TENANTRY_SMTP_CA_FILE")]
+    pub smtp_ca_file: Option<PathBuf>,
+    /// The sender, `Name <address>` or an address; its domain signs the mail (DKIM `d=`)
+    /// and carries the SPF, DKIM and DMARC records (`tenantry-api dns-records`). Required
+    /// with `--smtp-url`.
+    #[arg(long, env = "TENANTRY_MAIL_FROM", value_parser = parse_mailbox)]
+    pub mail_from: Option<lettre::message::Mailbox>,
+    /// DKIM selector: the key is published at `<selector>._domainkey.<domain>`.
+    #[arg(long, env = "TENANTRY_DKIM_SELECTOR", default_value = "tenantry", value_parser = parse_selector)]
+    pub dkim_selector: String,
+    /// PKCS#8 PEM DKIM private key (Ed25519 from `tenantry-api keygen --dkim`, or RSA of
+    /// 2048 bits or more). Required with `--smtp-url`; without, `<data-dir>/dkim.key` is
+    /// made on first start.
+    #[arg(long, env = "TENANTRY_DKIM_KEY_FILE")]
+    pub dkim_key_file: Option<PathBuf>,
+    /// The portal's base URL, for the links in mail (`/verify-email?token=…`).
+    #[arg(long, env = "TENANTRY_PUBLIC_URL", default_value = "http://127.0.0.1:8080", value_parser = parse_public_url)]
+    pub public_url: String,
+    /// A tenant's instance is provisioned only once its owner has verified their email
+    /// address (`--require-email-verification=false` provisions at signup).
+    #[arg(long, env = "TENANTRY_REQUIRE_EMAIL_VERIFICATION", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub require_email_verification: bool,
+    /// An owner hears of their instance once it has been Degraded this long (and again
+    /// when it is Ready).
+    #[arg(long, env = "TENANTRY_NOTIFY_DEGRADED_AFTER", default_value = "15m", value_parser = humantime::parse_duration)]
+    pub notify_degraded_after: Duration,
+}
+
+/// The sender of local mail when `--mail-from` is not given.
+pub const DEFAULT_MAIL_FROM: &str = "Tenantry <noreply@tenantry.localhost>";
+
+impl MailArgs {
+    /// The mailer settings; `data_dir` holds the outbox and the default key.
+    pub fn settings(&self, data_dir: &std::path::Path) -> crate::Result<crate::mail::MailSettings> {
+        let smtp = self
+            .smtp_url
+            .as_ref()
+            .map(|url| crate::mail::parse_smtp_url(secrecy::ExposeSecret::expose_secret(url)))
+            .transpose()
+            .map_err(|e| crate::Error::Config(format!("--smtp-url: {e}")))?;
+        let from = match (&self.mail_from, &smtp) {
+            (Some(from), _) => from.clone(),
+            (None, None) => parse_mailbox(DEFAULT_MAIL_FROM).map_err(crate::Error::Config)?,
+            (None, Some(_)) => {
+                return Err(crate::Error::Config(
+                    "--mail-from (TENANTRY_MAIL_FROM) is required with --smtp-url".into(),
+                ));
+            }
+        };
+        Ok(crate::mail::MailSettings {
+            smtp,
+            smtp_password_file: self.smtp_password_file.clone(),
+            smtp_ca_file: self.smtp_ca_file.clone(),
+            from,
+            selector: self.dkim_selector.clone(),
+            dkim_key_file: self.dkim_key_file.clone(),
+            public_url: self.public_url.clone(),
+            data_dir: data_dir.to_path_buf(),
+        })
+    }
+}
+
+/// A sender mailbox.
+pub fn parse_mailbox(text: &str) -> Result<lettre::message::Mailbox, String> {
+    text.trim()
+        .parse::<lettre::message::Mailbox>()
+        .map_err(|_| format!("{text:?} is not a mailbox such as `Tenantry <noreply@example.com>`"))
+}
+
+/// A DKIM selector: one or more DNS labels.
+pub fn parse_selector(text: &str) -> Result<String, String> {
+    parse_domain(text).map_err(|_| format!("{text:?} is not a DKIM selector (DNS labels)"))
+}
+
+/// The portal's base URL: `http://` or `https://`, no query.
+fn parse_public_url(text: &str) -> Result<String, String> {
+    let t = text.trim().trim_end_matches('/');
+    let rest = t
+        .strip_prefix("https://")
+        .or_else(|| t.strip_prefix("http://"))
+        .ok_or_else(|| format!("{text:?} must start with https:// or http://"))?;
+    if rest.is_empty() || rest.contains(['?', '#', ' ', '"', '<', '>']) {
+        return Err(format!(
+            "{text:?} is not a base URL such as https://portal.example.com"
+        ));
+    }
+    Ok(t.to_owned())
 }
 
 /// `dev`: the flags of `serve`, and the signup portal's.
@@ -467,6 +606,62 @@ mod tests {
             args.db.url().expose_secret(),
             "postgres://tenantry:hunter2-secret@db/tenantry"
         );
+    }
+
+    #[test]
+    fn mail_flags_default_to_a_verified_local_outbox_and_keep_passwords_out() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["tenantry-api", "serve"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|c| match c.command {
+                Command::Serve(a) => a.mail,
+                _ => unreachable!(),
+            })
+        };
+        let m = parse(&[]).unwrap();
+        assert!(m.require_email_verification);
+        assert_eq!(m.notify_degraded_after, Duration::from_secs(900));
+        assert_eq!(m.dkim_selector, "tenantry");
+        assert_eq!(m.public_url, "http://127.0.0.1:8080");
+        assert!(m.smtp_url.is_none());
+        let settings = m.settings(std::path::Path::new("/d")).unwrap();
+        assert_eq!(settings.from.email.domain(), "tenantry.localhost");
+        for off in [
+            &["--require-email-verification=false"][..],
+            &["--require-email-verification", "false"],
+        ] {
+            assert!(!parse(off).unwrap().require_email_verification);
+        }
+        assert!(
+            parse(&["--require-email-verification"])
+                .unwrap()
+                .require_email_verification
+        );
+        // A password in the URL is refused, and neither the error nor Debug echoes it.
+        let m = parse(&["--smtp-url", "smtp://u:hunter2@relay.example.com"]).unwrap();
+        assert!(!format!("{m:?}").contains("hunter2"));
+        let e = m
+            .settings(std::path::Path::new("/d"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--smtp-password-file") && !e.contains("hunter2"),
+            "{e}"
+        );
+        // A relay needs a sender of its own.
+        let m = parse(&["--smtp-url", "smtps://relay.example.com"]).unwrap();
+        let e = m
+            .settings(std::path::Path::new("/d"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--mail-from"), "{e}");
+        for bad in [
+            &["--public-url", "portal.example.com"][..],
+            &["--mail-from", "not an address"],
+            &["--dkim-selector", "bad_selector"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -71,6 +71,12 @@ pub enum PreconditionReason {
     MfaNotEnrolled,
     /// The change would leave no active admin.
     LastAdmin,
+    /// `VerifyEmail` with a token that was used already.
+    VerificationTokenUsed,
+    /// `VerifyEmail` with a token past its 24 hours.
+    VerificationTokenExpired,
+    /// `ResendVerificationEmail` for an address that is verified.
+    EmailAlreadyVerified,
 }
 
 impl PreconditionReason {
@@ -79,6 +85,9 @@ impl PreconditionReason {
         match self {
             PreconditionReason::MfaNotEnrolled => "MFA_NOT_ENROLLED",
             PreconditionReason::LastAdmin => "LAST_ADMIN",
+            PreconditionReason::VerificationTokenUsed => "VERIFICATION_TOKEN_USED",
+            PreconditionReason::VerificationTokenExpired => "VERIFICATION_TOKEN_EXPIRED",
+            PreconditionReason::EmailAlreadyVerified => "EMAIL_ALREADY_VERIFIED",
         }
     }
 }

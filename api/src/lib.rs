@@ -15,6 +15,7 @@ pub mod error;
 pub mod files;
 pub mod forwarded;
 pub mod lockout;
+pub mod mail;
 pub mod migrations;
 pub mod password;
 pub mod provision;

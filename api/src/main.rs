@@ -29,6 +29,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Dev(dev) => {
             let mut args = dev.serve.clone();
             args.provisioner = tenantry_api::config::ProvisionerKind::Local;
+            // Links in mail lead to this portal unless told otherwise.
+            if args.mail.public_url == "http://127.0.0.1:8080" {
+                args.mail.public_url = format!("http://{}", dev.portal_listen);
+            }
             let listener = TcpListener::bind(args.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -51,6 +55,12 @@ async fn main() -> anyhow::Result<()> {
                 "  instances trust the local CA at {}",
                 dir.join("ca.crt").display()
             );
+            if args.mail.smtp_url.is_none() {
+                eprintln!(
+                    "  mail (DKIM-signed) is written to {}/",
+                    dir.join(tenantry_api::mail::OUTBOX_DIR).display()
+                );
+            }
             eprintln!(
                 "  create the first admin: tenantry-api bootstrap-admin --data-dir {} --email you@example.com",
                 dir.display()
@@ -60,6 +70,31 @@ async fn main() -> anyhow::Result<()> {
                 portal.stop().await;
             }
             result?;
+        }
+        Command::Keygen(args) if args.dkim => {
+            let path = server::keygen_dkim(&args.out_dir)?;
+            println!("wrote {}", path.display());
+            eprintln!(
+                "give it to the API as --dkim-key-file (a Secret in Kubernetes), and publish its public half: tenantry-api dns-records --domain <mail domain> --dkim-key-file {}",
+                path.display()
+            );
+        }
+        Command::DnsRecords(args) => {
+            let key = tenantry_api::mail::load_dkim_key(&args.dkim_key_file)?;
+            let records =
+                tenantry_api::mail::dns::records(&tenantry_api::mail::dns::RecordRequest {
+                    domain: args.domain,
+                    selector: args.dkim_selector,
+                    dkim: key.dns_record(),
+                    spf_include: args.spf_include,
+                    dmarc_rua: args.dmarc_rua,
+                    dmarc_policy: args.dmarc_policy,
+                });
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&records)?);
+            } else {
+                print!("{}", tenantry_api::mail::dns::zone_file(&records));
+            }
         }
         Command::Keygen(args) => {
             for path in server::keygen(&args.out_dir)? {

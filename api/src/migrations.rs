@@ -265,6 +265,47 @@ CREATE TRIGGER auth_changes_grant AFTER INSERT OR UPDATE OR DELETE ON role_grant
     FOR EACH ROW EXECUTE FUNCTION tenantry_auth_changed('user_id');
 "#;
 
+/// Email: verification of the address (tokens stored as SHA-256 only), the transactional
+/// outbox of mail, and the Degraded-instance notices. Users who signed up before
+/// verification existed count as verified from their signup.
+macro_rules! v6_email {
+    ($verified_trigger:literal) => {
+        concat!(
+            r#"
+ALTER TABLE users ADD COLUMN email_verified_at_ms BIGINT;
+UPDATE users SET email_verified_at_ms = created_at_ms;
+CREATE TABLE email_verifications (
+    token_hash TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+    created_at_ms BIGINT NOT NULL,
+    expires_at_ms BIGINT NOT NULL,
+    used_at_ms BIGINT
+);
+CREATE INDEX email_verifications_user ON email_verifications (user_id, created_at_ms);
+CREATE TABLE mail_outbox (
+    id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    notice_json TEXT NOT NULL,
+    created_at_ms BIGINT NOT NULL,
+    attempts BIGINT NOT NULL DEFAULT 0,
+    next_attempt_at_ms BIGINT NOT NULL,
+    claimed_until_ms BIGINT NOT NULL DEFAULT 0,
+    sent_at_ms BIGINT,
+    last_error TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX mail_outbox_due ON mail_outbox (sent_at_ms, next_attempt_at_ms);
+CREATE TABLE tenant_health_notices (
+    tenant_id TEXT PRIMARY KEY REFERENCES tenants(id) ON DELETE CASCADE,
+    degraded_since_ms BIGINT NOT NULL,
+    notified_at_ms BIGINT
+);
+"#,
+            $verified_trigger
+        )
+    };
+}
+
 /// Every migration, in order.
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -296,6 +337,24 @@ pub const MIGRATIONS: &[Migration] = &[
         description: "changes that revoke or alter a session are published to every replica's session cache",
         sqlite: V5_SQLITE_AUTH_CHANGES,
         postgres: V5_POSTGRES_AUTH_CHANGES,
+    },
+    Migration {
+        version: 6,
+        description: "email verification tokens, the mail outbox, Degraded-instance notices",
+        // `WhoAmI.email_verified` comes from the session cache: verifying forgets the
+        // user's cached sessions like the other user changes of migration 5.
+        sqlite: v6_email!(
+            "CREATE TRIGGER auth_changes_user_verified AFTER UPDATE OF email_verified_at_ms ON users
+WHEN OLD.email_verified_at_ms IS NOT NEW.email_verified_at_ms
+BEGIN INSERT INTO auth_changes (user_id, at_ms) VALUES (OLD.id, CAST((julianday('now') - 2440587.5) * 86400000 AS BIGINT)); END;
+"
+        ),
+        postgres: v6_email!(
+            "CREATE TRIGGER auth_changes_user_verified AFTER UPDATE OF email_verified_at_ms ON users
+    FOR EACH ROW WHEN (OLD.email_verified_at_ms IS DISTINCT FROM NEW.email_verified_at_ms)
+    EXECUTE FUNCTION tenantry_auth_changed('id');
+"
+        ),
     },
 ];
 

@@ -99,7 +99,7 @@ fn create_master_key(path: &Path) -> Result<()> {
 }
 
 /// Writes a file that must not exist yet, with `mode`, and syncs it.
-fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+pub(crate) fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt as _;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
@@ -153,6 +153,19 @@ pub fn keygen(dir: &Path) -> Result<Vec<PathBuf>> {
         0o644,
     )?;
     Ok(paths)
+}
+
+/// Writes a new Ed25519 DKIM key, `dkim.key` (0600), into `dir`; refuses to overwrite.
+pub fn keygen_dkim(dir: &Path) -> Result<PathBuf> {
+    let path = dir.join(crate::mail::DEFAULT_DKIM_KEY_FILE);
+    if path.exists() {
+        return Err(Error::Config(format!(
+            "{} exists; keygen never overwrites keys (move it away first)",
+            path.display()
+        )));
+    }
+    crate::mail::create_dkim_key(&path)?;
+    Ok(path)
 }
 
 /// Loads the instance-token signing key from `--token-signing-key-file`, or (SQLite only)
@@ -226,6 +239,9 @@ pub async fn build_state_with(
     let store = Store::connect(url, args.database_max_connections).await?;
     let hasher = PasswordHasher::new(args.db.hash_params())?;
     let provisioner = build_provisioner(args, &store, &clock, kube_client).await?;
+    let mailer = Arc::new(crate::mail::Mailer::new(
+        &args.mail.settings(&args.db.data_dir)?,
+    )?);
     Ok(Arc::new(AppState::new(StateParts {
         store,
         hasher,
@@ -239,6 +255,9 @@ pub async fn build_state_with(
         provisioner,
         access: args.access_policy(),
         trusted_proxies: crate::forwarded::TrustedProxies::new(args.trusted_proxies.clone()),
+        mailer,
+        require_email_verification: args.mail.require_email_verification,
+        notify_degraded_after: args.mail.notify_degraded_after,
     })))
 }
 
@@ -456,6 +475,14 @@ pub async fn serve(
     loops.spawn(until(stop.clone(), reconcile_loop(Arc::clone(&state))));
     loops.spawn(until(stop.clone(), purge_loop(Arc::clone(&state))));
     loops.spawn(until(stop.clone(), access_loop(Arc::clone(&state))));
+    loops.spawn(until(
+        stop.clone(),
+        crate::mail::worker::run(Arc::clone(&state), Arc::clone(&state.mailer)),
+    ));
+    loops.spawn(until(
+        stop.clone(),
+        crate::mail::worker::watch_health(Arc::clone(&state), state.notify_degraded_after),
+    ));
     let granularity = state.sessions.touch_granularity_ms();
     let cache_state = Arc::clone(&state);
     loops.spawn(until(stop.clone(), async move {
@@ -634,6 +661,23 @@ mod tests {
         );
         assert_eq!(sqlite_path("sqlite::memory:"), None);
         assert_eq!(sqlite_path("postgres://x@y/z"), None);
+    }
+
+    #[test]
+    fn keygen_dkim_writes_a_private_ed25519_key_once() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = keygen_dkim(dir.path()).unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let key = crate::mail::load_dkim_key(&path).unwrap();
+        assert_eq!(key.dns_kind(), "ed25519");
+        let before = std::fs::read(&path).unwrap();
+        let err = keygen_dkim(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("never overwrites"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), before);
     }
 
     #[test]

@@ -76,6 +76,12 @@ pub struct AppState {
     pub access: AccessPolicy,
     /// Proxies whose `x-forwarded-for` the API believes.
     pub trusted_proxies: crate::forwarded::TrustedProxies,
+    /// Signs and sends the outbox's mail.
+    pub mailer: Arc<crate::mail::Mailer>,
+    /// Instances wait for their owner's verified address.
+    pub require_email_verification: bool,
+    /// Owners hear of an instance Degraded this long.
+    pub notify_degraded_after: Duration,
     /// Password verifications run (real or dummy), for tests that check a failure path
     /// did the same work as another.
     password_checks: AtomicU64,
@@ -120,6 +126,12 @@ pub struct StateParts {
     pub access: AccessPolicy,
     /// Proxies whose `x-forwarded-for` the API believes.
     pub trusted_proxies: crate::forwarded::TrustedProxies,
+    /// Signs and sends the outbox's mail.
+    pub mailer: Arc<crate::mail::Mailer>,
+    /// Instances wait for their owner's verified address.
+    pub require_email_verification: bool,
+    /// Owners hear of an instance Degraded this long.
+    pub notify_degraded_after: Duration,
 }
 
 impl AppState {
@@ -139,6 +151,9 @@ impl AppState {
             provisioner: p.provisioner,
             access: p.access,
             trusted_proxies: p.trusted_proxies,
+            mailer: p.mailer,
+            require_email_verification: p.require_email_verification,
+            notify_degraded_after: p.notify_degraded_after,
             password_checks: AtomicU64::new(0),
             hashing_slots: Semaphore::new(cores),
             tasks: TaskTracker::new(),

@@ -190,6 +190,24 @@ impl Api {
             .into_inner())
     }
 
+    /// `AccountService.VerifyEmail`.
+    pub async fn verify_email(&self, c: &Caller<'_>, token: String) -> Outcome<()> {
+        let mut client = self.client(c)?.accounts();
+        client
+            .verify_email(Self::request(c, VerifyEmailRequest { token }))
+            .await?;
+        Ok(())
+    }
+
+    /// `AccountService.ResendVerificationEmail`.
+    pub async fn resend_verification(&self, c: &Caller<'_>) -> Outcome<()> {
+        let mut client = self.client(c)?.accounts();
+        client
+            .resend_verification_email(Self::request(c, ResendVerificationEmailRequest {}))
+            .await?;
+        Ok(())
+    }
+
     /// `AccountService.ChangePassword`.
     pub async fn change_password(&self, c: &Caller<'_>, req: ChangePasswordRequest) -> Outcome<()> {
         let mut client = self.client(c)?.accounts();

@@ -57,6 +57,8 @@ pub fn router(portal: Arc<Portal>) -> Router {
         .route("/account", get(account_page))
         .route("/account/password", post(change_password))
         .route("/logout", post(logout))
+        .route("/verify-email", get(verify_email))
+        .route("/verify-email/resend", post(resend_verification))
         .route("/static/portal.css", get(css))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(portal)
@@ -285,7 +287,7 @@ async fn signup(
         // account exists, so the next step is the sign-in page.
         Err(failure) => page(
             failure.http_status(),
-            views::login(&s.csrf, &f.email, Some(&failure.message), None),
+            views::login(&s.csrf, &f.email, Some(&failure.message), None, None),
             None,
         ),
     }
@@ -305,6 +307,8 @@ struct Notices {
     changed: Option<String>,
     saved: Option<String>,
     tenant: Option<String>,
+    verified: Option<String>,
+    resent: Option<String>,
 }
 
 async fn login_page(State(p): Shared, headers: HeaderMap, Query(q): Query<Notices>) -> Response {
@@ -323,7 +327,7 @@ async fn login_page(State(p): Shared, headers: HeaderMap, Query(q): Query<Notice
     };
     page(
         StatusCode::OK,
-        views::login(&s.csrf, "", None, notice),
+        views::login(&s.csrf, "", None, notice, None),
         cookie,
     )
 }
@@ -336,6 +340,9 @@ struct LoginFields {
     email: String,
     #[serde(default)]
     password: SecretString,
+    /// Where to go once signed in: only a verification link (`/verify-email?token=…`).
+    #[serde(default)]
+    next: String,
 }
 
 async fn login(
@@ -366,15 +373,116 @@ async fn login(
             let mfa = l.mfa_required;
             match p.sign_in(l.session_token, mfa, l.expires_at) {
                 Some((_, cookie)) if mfa => redirect("/login/mfa", Some(cookie)),
-                Some((_, cookie)) => redirect("/", Some(cookie)),
+                Some((_, cookie)) => {
+                    redirect(verification_next(&f.next).unwrap_or("/"), Some(cookie))
+                }
                 None => internal(),
             }
         }
         Err(failure) => page(
             failure.http_status(),
-            views::login(&s.csrf, &f.email, Some(&failure.message), None),
+            views::login(
+                &s.csrf,
+                &f.email,
+                Some(&failure.message),
+                None,
+                verification_next(&f.next),
+            ),
             None,
         ),
+    }
+}
+
+/// `next` when it is a verification link of the portal's own, the one place a sign-in
+/// may lead back to (anything else would be an open redirect).
+fn verification_next(next: &str) -> Option<&str> {
+    let token = next.strip_prefix("/verify-email?token=")?;
+    valid_token(token).then_some(next)
+}
+
+/// A verification token as the API makes them: base64url, 256 bits.
+fn valid_token(token: &str) -> bool {
+    !token.is_empty()
+        && token.len() <= 128
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+#[derive(Debug, Deserialize)]
+struct VerifyQuery {
+    #[serde(default)]
+    token: String,
+}
+
+/// `/verify-email?token=…`, the link in the verification mail: verifies the signed-in
+/// user's address, or asks them to sign in first and comes back.
+async fn verify_email(
+    State(p): Shared,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    Query(q): Query<VerifyQuery>,
+) -> Response {
+    let token = q.token.trim();
+    if !valid_token(token) {
+        return page(
+            StatusCode::BAD_REQUEST,
+            views::verify_failed(
+                "This verification link is not valid; copy the whole link from the mail.",
+            ),
+            None,
+        );
+    }
+    let s = match p.visit(&headers) {
+        Some(s) if s.signed_in_token().is_some() => s,
+        Some(s) if s.token.is_some() => return redirect("/login/mfa", None),
+        _ => {
+            let Some((s, cookie)) = p.visit_or_new(&headers) else {
+                return internal();
+            };
+            let next = format!("/verify-email?token={token}");
+            return page(
+                StatusCode::OK,
+                views::login(
+                    &s.csrf,
+                    "",
+                    None,
+                    Some("Sign in to verify your email address."),
+                    Some(&next),
+                ),
+                cookie,
+            );
+        }
+    };
+    match p
+        .api
+        .verify_email(&caller(&s, peer), token.to_owned())
+        .await
+    {
+        Ok(()) => redirect("/?verified=1", None),
+        Err(f) if f.signed_out() => p.signed_out("signed_out"),
+        Err(f) => page(f.http_status(), views::verify_failed(&f.message), None),
+    }
+}
+
+/// The banner's `resend-verification` button: a new link by mail.
+async fn resend_verification(
+    State(p): Shared,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    Form(f): Form<CsrfOnly>,
+) -> Response {
+    let s = match p.checked(&headers, &f.csrf) {
+        Ok(s) => s,
+        Err(refused) => return *refused,
+    };
+    if s.signed_in_token().is_none() {
+        return redirect("/login", None);
+    }
+    match p.api.resend_verification(&caller(&s, peer)).await {
+        Ok(()) => redirect("/?resent=1", None),
+        Err(f) if f.signed_out() => p.signed_out("signed_out"),
+        Err(f) => page(f.http_status(), views::verify_failed(&f.message), None),
     }
 }
 
@@ -465,21 +573,31 @@ async fn dashboard(
         Err(r) => return *r,
     };
     let c = caller(&s, peer);
+    let me = match p.api.whoami(&c).await {
+        Ok(me) => me,
+        Err(f) => return on_failure(&p, &f, views::unavailable),
+    };
+    let unverified = !me.email_verified;
     let tenant_id = match q.tenant {
         Some(id) => id,
-        None => match p.api.whoami(&c).await {
-            Ok(me) => match me.tenant_ids.into_iter().next() {
-                Some(id) => id,
-                None => return page(StatusCode::OK, views::no_tenant(), None),
-            },
-            Err(f) => return on_failure(&p, &f, views::unavailable),
+        None => match me.tenant_ids.into_iter().next() {
+            Some(id) => id,
+            None => return page(StatusCode::OK, views::no_tenant(), None),
         },
     };
-    let notice = q.saved.is_some().then_some("Retention saved.");
+    let notice = if q.saved.is_some() {
+        Some("Retention saved.")
+    } else if q.verified.is_some() {
+        Some("Email address verified.")
+    } else if q.resent.is_some() {
+        Some("A new verification link is on its way.")
+    } else {
+        None
+    };
     match p.api.tenant(&c, &tenant_id).await {
         Ok(tenant) => page(
             StatusCode::OK,
-            views::dashboard(&s.csrf, &tenant, None, notice),
+            views::dashboard(&s.csrf, &tenant, None, notice, unverified),
             None,
         ),
         Err(f) => on_failure(&p, &f, views::unavailable),
@@ -545,7 +663,7 @@ async fn retention(
         Err(failure) => match p.api.tenant(&c, &f.tenant_id).await {
             Ok(tenant) => page(
                 failure.http_status(),
-                views::dashboard(&s.csrf, &tenant, Some(&failure.message), None),
+                views::dashboard(&s.csrf, &tenant, Some(&failure.message), None, false),
                 None,
             ),
             Err(f) => on_failure(&p, &f, views::unavailable),

@@ -141,7 +141,13 @@ pub fn signup(csrf: &str, form: &SignupForm<'_>, error: Option<&str>) -> Markup 
 }
 
 /// `/login`.
-pub fn login(csrf: &str, email: &str, error: Option<&str>, notice: Option<&str>) -> Markup {
+pub fn login(
+    csrf: &str,
+    email: &str,
+    error: Option<&str>,
+    notice: Option<&str>,
+    next: Option<&str>,
+) -> Markup {
     let frame = Frame {
         error,
         notice,
@@ -152,6 +158,9 @@ pub fn login(csrf: &str, email: &str, error: Option<&str>, notice: Option<&str>)
         html! {
             form method="post" action="/login" {
                 (csrf_field(csrf))
+                @if let Some(next) = next {
+                    input type="hidden" name="next" value=(next);
+                }
                 label for="email" { "Email" }
                 input #email type="email" name="email" required autocomplete="username"
                     value=(email) data-testid="login-email";
@@ -221,7 +230,13 @@ fn timestamp(t: Option<&prost_types::Timestamp>) -> Option<String> {
 }
 
 /// `/`: the signed-in dashboard of one tenant.
-pub fn dashboard(csrf: &str, tenant: &Tenant, error: Option<&str>, notice: Option<&str>) -> Markup {
+pub fn dashboard(
+    csrf: &str,
+    tenant: &Tenant,
+    error: Option<&str>,
+    notice: Option<&str>,
+    unverified: bool,
+) -> Markup {
     let ready = TenantPhase::from_proto(tenant.phase) == Some(TenantPhase::Ready);
     let settling = matches!(
         TenantPhase::from_proto(tenant.phase),
@@ -240,6 +255,15 @@ pub fn dashboard(csrf: &str, tenant: &Tenant, error: Option<&str>, notice: Optio
     layout(
         &frame,
         html! {
+            @if unverified {
+                section.banner role="status" data-testid="verify-banner" {
+                    p { "Verify your email address: open the link we mailed you. Your instance is provisioned once your address is verified." }
+                    form method="post" action="/verify-email/resend" {
+                        (csrf_field(csrf))
+                        button type="submit" data-testid="resend-verification" { "Send the link again" }
+                    }
+                }
+            }
             dl.facts {
                 dt { "Tenant" }
                 dd data-testid="tenant-name" { (tenant.name) }
@@ -288,6 +312,24 @@ pub fn dashboard(csrf: &str, tenant: &Tenant, error: Option<&str>, notice: Optio
                 }
                 button type="submit" data-testid="retention-save" { "Save retention" }
             }
+        },
+    )
+}
+
+/// A verification link that did not work (used, expired, not this user's), or a resend
+/// that was refused.
+pub fn verify_failed(message: &str) -> Markup {
+    let frame = Frame {
+        error: Some(message),
+        ..Frame::new("Email verification")
+    };
+    layout(
+        &frame,
+        html! {
+            p data-testid="verify-failed" {
+                "Sign in and use " strong { "Send the link again" } " on your dashboard for a new link."
+            }
+            p { a href="/" { "Back to the dashboard" } }
         },
     )
 }

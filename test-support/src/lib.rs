@@ -59,3 +59,68 @@ where
         tokio::time::sleep(every).await;
     }
 }
+
+/// The mail files (`*.eml`) in `dir`, oldest name first, as text with quoted-printable
+/// parts decoded (a verification link is longer than a 7-bit line, so it travels
+/// quoted-printable); empty when `dir` does not exist yet.
+pub fn read_mail(dir: &std::path::Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut paths: Vec<std::path::PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "eml"))
+        .collect();
+    paths.sort();
+    paths
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .map(|m| decode_quoted_printable(&m))
+        .collect()
+}
+
+/// Quoted-printable decoding (RFC 2045): soft line breaks removed, `=XX` decoded.
+pub fn decode_quoted_printable(text: &str) -> String {
+    let text = text.replace("=\r\n", "");
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'=', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The verification link (`…/verify-email?token=…`) last mailed to `to` among `mails`.
+pub fn verification_link(mails: &[String], to: &str) -> Option<String> {
+    mails
+        .iter()
+        .rev()
+        .filter(|m| {
+            m.lines()
+                .any(|l| l.eq_ignore_ascii_case(&format!("To: {to}")))
+        })
+        .find_map(|m| {
+            let at = m.find("/verify-email?token=")?;
+            let start = m[..at].rfind("http")?;
+            let end = at
+                + "/verify-email?token=".len()
+                + m[at + "/verify-email?token=".len()..]
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+                    .unwrap_or(0);
+            Some(m[start..end].to_owned())
+        })
+}

@@ -163,6 +163,44 @@ pub async fn signup_and_login(
     (ids, token)
 }
 
+/// Verifies `email`'s address the way its owner does: the link from the mail in `outbox`
+/// (dev's `<data-dir>/outbox`), its token sent to `VerifyEmail` on `token`'s session.
+/// Returns the token (a secret that must appear in no log).
+pub async fn verify_from_outbox(
+    channel: &Channel,
+    token: &str,
+    outbox: &std::path::Path,
+    email: &str,
+) -> String {
+    let mut link = None;
+    for _ in 0..300 {
+        link = tenantry_test_support::verification_link(
+            &tenantry_test_support::read_mail(outbox),
+            email,
+        );
+        if link.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let link =
+        link.unwrap_or_else(|| panic!("no verification mail to {email} in {}", outbox.display()));
+    let verification = link
+        .split_once("token=")
+        .map(|(_, t)| t.to_owned())
+        .unwrap_or_default();
+    AccountServiceClient::new(channel.clone())
+        .verify_email(authed(
+            tenantry_proto::v1::VerifyEmailRequest {
+                token: verification.clone(),
+            },
+            token,
+        ))
+        .await
+        .unwrap();
+    verification
+}
+
 /// Logs in with [`PASSWORD`]; returns the session token.
 pub async fn login(channel: &Channel, email: &str) -> String {
     AccountServiceClient::new(channel.clone())

@@ -87,10 +87,21 @@ impl Provisioner for RecordOnly {
 /// How often every tenant is reconciled even without a change.
 pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
 
-/// One pass over every tenant: finish deletions, converge the rest. Errors are logged per
+/// One pass over every tenant: finish deletions, converge the rest (but those waiting for
+/// their owner's email verification). Errors are logged per
 /// tenant so one bad tenant never stops the others.
 pub async fn reconcile_all(store: &Store, provisioner: &Arc<dyn Provisioner>) -> Result<()> {
+    // A tenant whose owner has not verified their address yet gets no instance: it is
+    // provisioned by `VerifyEmail`, and by this loop after that.
+    let waiting: std::collections::HashSet<String> = store
+        .tenants_awaiting_verification()
+        .await?
+        .into_iter()
+        .collect();
     for tenant in store.all_tenants().await? {
+        if waiting.contains(&tenant.id) {
+            continue;
+        }
         if tenant.phase == TenantPhase::Terminating {
             finish_delete(store, provisioner, &tenant.id).await;
         } else if let Err(e) = provisioner.ensure(&TenantSpec::from_row(&tenant)).await {

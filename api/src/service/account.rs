@@ -7,7 +7,8 @@ use tenantry_proto::retention::RetentionPolicy;
 use tenantry_proto::v1::account_service_server::AccountService;
 use tenantry_proto::v1::{
     ChangePasswordRequest, ChangePasswordResponse, LoginRequest, LoginResponse, LogoutRequest,
-    LogoutResponse, SignupRequest, SignupResponse, WhoAmIRequest, WhoAmIResponse,
+    LogoutResponse, ResendVerificationEmailRequest, ResendVerificationEmailResponse, SignupRequest,
+    SignupResponse, VerifyEmailRequest, VerifyEmailResponse, WhoAmIRequest, WhoAmIResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -38,6 +39,37 @@ pub mod actions {
     pub const LOGOUT: &str = "logout";
     /// The password changed.
     pub const PASSWORD_CHANGED: &str = "password.changed";
+    /// An email address was verified (or a verification token refused).
+    pub const EMAIL_VERIFIED: &str = "email.verified";
+    /// A new verification link was mailed.
+    pub const VERIFICATION_RESENT: &str = "email.verification.resent";
+}
+
+/// How long a verification link works.
+pub const VERIFICATION_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+/// `ResendVerificationEmail` at most once this often…
+pub const RESEND_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+/// …and at most this many times an hour (the signup's link included).
+pub const RESEND_PER_HOUR: usize = 5;
+/// `GetTenant`'s message while the instance waits for the owner's address.
+pub const AWAITING_VERIFICATION: &str =
+    "waiting for the owner to verify their email address (see the link mailed at signup)";
+
+/// A new verification token (256 random bits), as the row (its hash) and the mail (the
+/// token sealed) that go with it; the token itself is kept nowhere else.
+fn new_verification(st: &AppState, now_ms: i64) -> Result<crate::store::NewVerification> {
+    let token = new_session_token()?;
+    let sealed = st.master_key.seal(
+        crate::mail::notice::VERIFY_TOKEN_CONTEXT,
+        token.expose_secret().as_bytes(),
+    )?;
+    Ok(crate::store::NewVerification {
+        token_hash: hash_secret(token.expose_secret()),
+        expires_at_ms: now_ms.saturating_add(duration_ms(VERIFICATION_TTL)),
+        notice: crate::mail::notice::Notice::VerifyEmail {
+            token_sealed: sealed,
+        },
+    })
 }
 
 /// The service.
@@ -89,6 +121,13 @@ impl Accounts {
         let to_hash = password.clone();
         let password_hash = st.hashing(move |h| h.hash(&to_hash)).await?;
         let retention = RetentionPolicy::default();
+        let now = st.now_ms();
+        let verification = new_verification(st, now)?;
+        let (phase, message) = if st.require_email_verification {
+            (TenantPhase::Pending, AWAITING_VERIFICATION.to_owned())
+        } else {
+            (TenantPhase::Provisioning, String::new())
+        };
         let signup = NewSignup {
             user_id: uuid::Uuid::new_v4().to_string(),
             email: email.clone(),
@@ -96,9 +135,11 @@ impl Accounts {
             tenant_id: uuid::Uuid::new_v4().to_string(),
             tenant_name: req.tenant_name.clone(),
             plan,
-            phase: TenantPhase::Provisioning,
+            phase,
             retention,
-            now_ms: st.now_ms(),
+            verification,
+            message,
+            now_ms: now,
         };
         let audit = AuditRecord {
             action: actions::SIGNUP,
@@ -114,14 +155,17 @@ impl Accounts {
         };
         match st.store.create_signup(&signup, &audit).await? {
             SignupOutcome::Created => {
-                st.provision(TenantSpec {
-                    id: signup.tenant_id.clone(),
-                    name: signup.tenant_name.clone(),
-                    owner: signup.user_id.clone(),
-                    plan,
-                    suspended: false,
-                    retention,
-                });
+                st.mailer.wakeup.notify_one();
+                if !st.require_email_verification {
+                    st.provision(TenantSpec {
+                        id: signup.tenant_id.clone(),
+                        name: signup.tenant_name.clone(),
+                        owner: signup.user_id.clone(),
+                        plan,
+                        suspended: false,
+                        retention,
+                    });
+                }
                 Ok(SignupResponse {
                     user_id: signup.user_id,
                     tenant_id: signup.tenant_id,
@@ -387,7 +431,114 @@ impl AccountService for Accounts {
             mfa_enrolled: who.mfa_enrolled,
             mfa_verified_at: who.mfa_verified_at_ms.map(to_timestamp),
             session_expires_at: Some(to_timestamp(who.expires_at_ms)),
+            email_verified: who.email_verified,
         }))
+    }
+
+    async fn verify_email(
+        &self,
+        request: Request<VerifyEmailRequest>,
+    ) -> Result<Response<VerifyEmailResponse>, Status> {
+        let who = caller(&request)?;
+        let source = source_of(&request);
+        let st = &self.state;
+        st.rate_limit(source)?;
+        let source = source_text(source);
+        let token = SecretString::from(request.into_inner().token);
+        let token = token.expose_secret().trim();
+        if token.is_empty() || token.len() > 128 {
+            return Err(
+                Error::invalid("token", "give the token from the verification link").into(),
+            );
+        }
+        let now = st.now_ms();
+        let audit = AuditRecord {
+            action: actions::EMAIL_VERIFIED,
+            actor_user_id: who.user_id.clone(),
+            target: who.user_id.clone(),
+            success: true,
+            source: source.clone(),
+            detail_json: String::new(),
+        };
+        let verified = st
+            .store
+            .verify_email(&who.user_id, &hash_secret(token), &audit, now)
+            .await;
+        let tenants = match verified {
+            Ok(v) => v,
+            Err(e) => {
+                let reason = match &e {
+                    Error::NotFound(_) => "unknown_token",
+                    Error::Precondition { reason, .. } => reason.as_str(),
+                    _ => return Err(e.into()),
+                };
+                st.audit(AuditRecord {
+                    success: false,
+                    detail_json: detail(&[("reason", reason.into())]),
+                    ..audit
+                })
+                .await;
+                return Err(e.into());
+            }
+        };
+        for tenant in &tenants {
+            st.provision(TenantSpec::from_row(tenant));
+        }
+        Ok(Response::new(VerifyEmailResponse {
+            provisioning_tenant_ids: tenants.into_iter().map(|t| t.id).collect(),
+        }))
+    }
+
+    async fn resend_verification_email(
+        &self,
+        request: Request<ResendVerificationEmailRequest>,
+    ) -> Result<Response<ResendVerificationEmailResponse>, Status> {
+        let who = caller(&request)?;
+        let source = source_of(&request);
+        let st = &self.state;
+        st.rate_limit(source)?;
+        if st.store.email_verified_at(&who.user_id).await?.is_some() {
+            return Err(Error::Precondition {
+                reason: crate::error::PreconditionReason::EmailAlreadyVerified,
+                message: "the email address is verified already",
+            }
+            .into());
+        }
+        let now = st.now_ms();
+        let hour = 3_600_000;
+        let recent = st
+            .store
+            .recent_verifications(&who.user_id, now - hour)
+            .await?;
+        let interval = duration_ms(RESEND_INTERVAL);
+        let wait_ms = match (recent.first(), recent.len()) {
+            (Some(last), _) if now - last < interval => Some(interval - (now - last)),
+            (Some(_), n) if n >= RESEND_PER_HOUR => recent.last().map(|oldest| oldest + hour - now),
+            _ => None,
+        };
+        if let Some(wait) = wait_ms {
+            return Err(Error::ResourceExhausted {
+                what: "a verification link was mailed recently; wait before asking again",
+                retry_after: std::time::Duration::from_millis(
+                    u64::try_from(wait.max(1000)).unwrap_or(1000),
+                ),
+            }
+            .into());
+        }
+        let v = new_verification(st, now)?;
+        let audit = AuditRecord {
+            action: actions::VERIFICATION_RESENT,
+            actor_user_id: who.user_id.clone(),
+            target: who.user_id.clone(),
+            success: true,
+            source: source_text(source),
+            detail_json: String::new(),
+        };
+        st.store
+            .resend_verification(&who.user_id, &v, &audit, now)
+            .await?;
+        st.mailer.wakeup.notify_one();
+        Ok(Response::new(ResendVerificationEmailResponse {}))
     }
 
     async fn change_password(

@@ -381,7 +381,7 @@ async fn close_review(
     .await
 }
 
-const NO_AUDITS: [&AuditRecord; 0] = [];
+pub(super) const NO_AUDITS: [&AuditRecord; 0] = [];
 
 impl Store {
     /// The unexpired grants of a user.

@@ -239,5 +239,10 @@ pub(super) async fn append_audit(
         .bind(&hash)
         .execute(&mut *conn)
         .await?;
+    // The notice an event causes is queued with the event, in its transaction: recorded
+    // and notified together, or neither.
+    if let Some((user_id, notice)) = crate::mail::notice::notice_for(record) {
+        super::mail::enqueue(conn, &user_id, &notice, now_ms).await?;
+    }
     Ok(())
 }

@@ -7,6 +7,7 @@
 
 mod access;
 mod audit;
+mod mail;
 mod mfa;
 pub mod session_cache;
 mod sessions;
@@ -30,6 +31,7 @@ pub use access::{
     UserWithRoles,
 };
 pub use audit::{AuditFilter, AuditRecord, AuditRow};
+pub use mail::{NewVerification, OutboxRow};
 pub use sessions::{AUTH_CHANNEL, LISTENER_APPLICATION_NAME, SessionRow};
 pub use tenants::{TenantRow, TenantStatus};
 pub use users::{Factor, NewSignup, SignupOutcome, UserRow};

@@ -302,6 +302,7 @@ mod tests {
             email: format!("{user}@example.com"),
             roles: Vec::new(),
             mfa_enrolled: false,
+            email_verified: false,
             last_seen_ms,
             expires_at_ms: i64::MAX,
             mfa_verified_at_ms: None,

@@ -26,6 +26,8 @@ pub struct SessionRow {
     pub roles: Vec<HeldRole>,
     /// The user has a confirmed TOTP secret.
     pub mfa_enrolled: bool,
+    /// The user has verified their email address.
+    pub email_verified: bool,
     /// Last use.
     pub last_seen_ms: i64,
     /// Absolute expiry.
@@ -39,6 +41,7 @@ pub struct SessionRow {
 // A deactivated user has no sessions; the join refuses one anyway, should one survive.
 const SESSION_SQL_SQLITE: &str = "SELECT s.token_hash, s.user_id, u.email, \
     CASE WHEN u.totp_secret_sealed IS NULL THEN 0 ELSE 1 END AS mfa_enrolled, \
+    CASE WHEN u.email_verified_at_ms IS NULL THEN 0 ELSE 1 END AS email_verified, \
     s.last_seen_ms, s.expires_at_ms, s.mfa_verified_at_ms, \
     (SELECT group_concat(m.tenant_id, ',') FROM memberships m WHERE m.user_id = s.user_id) AS tenant_ids, \
     (SELECT group_concat(g.role || ':' || g.expires_at_ms, ',') FROM role_grants g WHERE g.user_id = s.user_id) AS roles \
@@ -47,6 +50,7 @@ const SESSION_SQL_SQLITE: &str = "SELECT s.token_hash, s.user_id, u.email, \
 
 const SESSION_SQL_POSTGRES: &str = "SELECT s.token_hash, s.user_id, u.email, \
     CASE WHEN u.totp_secret_sealed IS NULL THEN 0 ELSE 1 END::BIGINT AS mfa_enrolled, \
+    CASE WHEN u.email_verified_at_ms IS NULL THEN 0 ELSE 1 END::BIGINT AS email_verified, \
     s.last_seen_ms, s.expires_at_ms, s.mfa_verified_at_ms, \
     (SELECT string_agg(m.tenant_id, ',') FROM memberships m WHERE m.user_id = s.user_id) AS tenant_ids, \
     (SELECT string_agg(g.role || ':' || g.expires_at_ms::TEXT, ',') FROM role_grants g WHERE g.user_id = s.user_id) AS roles \
@@ -136,6 +140,7 @@ impl Store {
             email: row.try_get("email")?,
             roles: parse_roles(row.try_get("roles")?),
             mfa_enrolled: row.try_get::<i64, _>("mfa_enrolled")? != 0,
+            email_verified: row.try_get::<i64, _>("email_verified")? != 0,
             last_seen_ms: row.try_get("last_seen_ms")?,
             expires_at_ms: row.try_get("expires_at_ms")?,
             mfa_verified_at_ms: row.try_get("mfa_verified_at_ms")?,

@@ -58,12 +58,12 @@ pub struct TenantStatus {
     pub message: String,
 }
 
-const TENANT_COLUMNS: &str = "id, name, owner_user_id, plan, phase, suspended, \
+pub(super) const TENANT_COLUMNS: &str = "id, name, owner_user_id, plan, phase, suspended, \
     retention_max_age_hours, retention_max_count, endpoint, cert_serial, cert_not_after_ms, \
     cert_renewal_ms, message, created_at_ms";
 
 /// Reads a tenant row; the one place where stored plans, phases and retention become typed.
-fn tenant_from_row(row: &AnyRow) -> Result<TenantRow> {
+pub(super) fn tenant_from_row(row: &AnyRow) -> Result<TenantRow> {
     let id: String = row.try_get("id")?;
     let count = |n: &i64| u32::try_from(*n).ok();
     Ok(TenantRow {

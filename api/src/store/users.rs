@@ -90,6 +90,10 @@ pub struct NewSignup {
     pub phase: TenantPhase,
     /// Initial retention.
     pub retention: RetentionPolicy,
+    /// The first verification token and its mail.
+    pub verification: super::NewVerification,
+    /// Detail for humans while the tenant waits (for verification).
+    pub message: String,
     /// Now.
     pub now_ms: i64,
 }
@@ -154,7 +158,7 @@ impl Store {
             }
             let tenant = sqlx::query(
                 "INSERT INTO tenants (id, name, owner_user_id, plan, phase, retention_max_age_hours, \
-                 retention_max_count, created_at_ms, updated_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
+                 retention_max_count, created_at_ms, updated_at_ms, message) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9)",
             )
             .bind(&s.tenant_id)
             .bind(&s.tenant_name)
@@ -164,6 +168,7 @@ impl Store {
             .bind(i64::from(s.retention.max_age_hours))
             .bind(i64::from(s.retention.max_count))
             .bind(s.now_ms)
+            .bind(&s.message)
             .execute(&mut *tx)
             .await;
             if let Err(e) = tenant {
@@ -176,6 +181,7 @@ impl Store {
             .bind(&s.tenant_id)
             .execute(&mut *tx)
             .await?;
+            super::mail::insert_verification(tx, &s.user_id, &s.verification, s.now_ms).await?;
             Ok(Write::Commit(SignupOutcome::Created))
         })
         .await

@@ -65,6 +65,22 @@ impl Database {
         self.pg_schema.is_none()
     }
 
+    /// Everything the database holds, as bytes: SQLite's files, or PostgreSQL's data of
+    /// this test's schema as `pg_dump` prints it.
+    pub fn raw_contents(&self) -> Vec<u8> {
+        match &self.pg_schema {
+            None => self.raw_sqlite_bytes(),
+            Some((base, schema)) => {
+                let out = std::process::Command::new("pg_dump")
+                    .args(["--data-only", "--schema", schema, base])
+                    .output()
+                    .expect("pg_dump");
+                assert!(out.status.success(), "pg_dump failed: {out:?}");
+                out.stdout
+            }
+        }
+    }
+
     /// Every byte the SQLite database has on disk (main file and WAL).
     pub fn raw_sqlite_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
@@ -152,6 +168,12 @@ pub fn serve_args(db: &Database, extra: &[String]) -> ServeArgs {
         "1".into(),
         "--rate-limit-per-second".into(),
         "0".into(),
+        // Mail (the outbox files, the made DKIM key) stays in the test's directory.
+        "--data-dir".into(),
+        db.dir.path().display().to_string(),
+        // Suites not about email verification provision at signup, as before it existed;
+        // the mail tests turn it back on (a later flag wins).
+        "--require-email-verification=false".into(),
     ];
     argv.extend(extra.iter().cloned());
     let Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {

@@ -11,6 +11,7 @@ mod accounts;
 mod admin;
 mod forwarded;
 mod kubernetes;
+mod mail;
 mod mfa;
 mod platform;
 mod store;

@@ -37,6 +37,14 @@ fn new_signup(n: u32) -> NewSignup {
         plan: Plan::Standard,
         phase: TenantPhase::Provisioning,
         retention: RetentionPolicy::default(),
+        verification: tenantry_api::store::NewVerification {
+            token_hash: format!("verification-{n}"),
+            expires_at_ms: i64::MAX,
+            notice: tenantry_api::mail::notice::Notice::VerifyEmail {
+                token_sealed: "not-sealed".into(),
+            },
+        },
+        message: String::new(),
         now_ms: T0_MS,
     }
 }

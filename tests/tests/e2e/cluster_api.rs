@@ -111,6 +111,8 @@ async fn api_and_operator_on_a_real_api_server() -> Result<()> {
         .args(["serve", "--provisioner", "kubernetes"])
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--tenant-domain", "e2e.example.com"])
+        // Signup makes the Tenant at once here; verification has its own tests.
+        .arg("--require-email-verification=false")
         .arg("--data-dir")
         .arg(&data_dir)
         .args(&key_args)

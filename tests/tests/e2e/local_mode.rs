@@ -15,7 +15,7 @@ use tenantry_proto::v1::*;
 use tenantry_test_support::{Https, PASSWORD, free_port};
 use tenantry_tests::{
     authed, bin, connect, ctl, next_step, run_with_stdin, signup_and_login, totp_now,
-    wait_for_phase,
+    verify_from_outbox, wait_for_phase,
 };
 use tonic::transport::Channel;
 
@@ -206,6 +206,20 @@ async fn signup_makes_a_ready_instance(local: &Local) -> (Owner, Owner, Tenant) 
     let channel = &local.channel;
     let (a, ann) = signup_and_login(channel, "ann@example.com", "annco").await;
     let (b, ben) = signup_and_login(channel, "ben@example.com", "benco").await;
+    // The instances wait for their owners' addresses, verified with the links that dev
+    // wrote, DKIM-signed, to its outbox.
+    let waiting = wait_for_phase(
+        channel,
+        &ann,
+        &a.tenant_id,
+        TenantPhase::Pending,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(waiting.message.contains("verify"), "{}", waiting.message);
+    let outbox = local.data_dir.join("outbox");
+    verify_from_outbox(channel, &ann, &outbox, "ann@example.com").await;
+    verify_from_outbox(channel, &ben, &outbox, "ben@example.com").await;
     let tenant = wait_for_phase(
         channel,
         &ann,
@@ -743,6 +757,7 @@ async fn local_certificates_are_renewed_in_place_without_a_restart() {
     let mut dev = Dev::start_with(&data_dir, port, &["--local-cert-validity", "30s"]).await;
     let channel = dev.channel().await;
     let (a, cat) = signup_and_login(&channel, "cat@example.com", "catco").await;
+    verify_from_outbox(&channel, &cat, &data_dir.join("outbox"), "cat@example.com").await;
     let first = wait_for_phase(
         &channel,
         &cat,

@@ -164,8 +164,31 @@ async fn a_person_signs_up_and_uses_the_portal_in_a_real_browser() {
     b.screenshot(&shots.join("signup.png")).await;
     b.click("signup-submit").await;
 
-    // The dashboard follows the instance until it is Ready, without a click.
+    // The instance waits for the verified address; the banner offers a new link.
     assert_eq!(b.text_of("tenant-name").await, "dana-co");
+    assert_eq!(b.text_of("tenant-phase").await, "Pending");
+    assert!(b.text_of("tenant-message").await.contains("verify"));
+    assert!(b.has_testid("resend-verification").await);
+    // The link from the (DKIM-signed) mail in dev's outbox verifies it.
+    let outbox = dev.data_dir.join("outbox");
+    let mut link = None;
+    for _ in 0..100 {
+        link = tenantry_test_support::verification_link(
+            &tenantry_test_support::read_mail(&outbox),
+            email,
+        );
+        if link.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let link = link.expect("a verification mail in dev's outbox");
+    assert!(link.starts_with(&dev.url("/verify-email?token=")), "{link}");
+    b.goto(&link).await;
+    assert_eq!(b.text_of("notice").await, "Email address verified.");
+    assert!(!b.has_testid("resend-verification").await);
+
+    // The dashboard follows the instance until it is Ready, without a click.
     wait_for_text(&b, "tenant-phase", "Ready", Duration::from_secs(90)).await;
     let endpoint = b.by_testid("tenant-endpoint").await;
     let href = b.attribute(&endpoint, "href").await;

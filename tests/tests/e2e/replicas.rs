@@ -107,6 +107,11 @@ impl Replica {
             .args(["--argon2-memory-kib", "1024", "--argon2-iterations", "1"])
             .args(["--rate-limit-per-second", "0"])
             .args(["--session-idle-timeout", "10s"])
+            // Mail (its outbox and DKIM key) stays beside the keys; the replicas' signups
+            // are about sessions, not the owner's address.
+            .arg("--data-dir")
+            .arg(keys)
+            .arg("--require-email-verification=false")
             .env("TENANTRY_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
