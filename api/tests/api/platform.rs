@@ -310,6 +310,8 @@ async fn the_binary_serves_bootstraps_an_admin_and_stops_on_sigterm() {
         .arg("serve")
         .env("TENANTRY_LISTEN", format!("127.0.0.1:{port}"))
         .env("TENANTRY_DATABASE_URL", &db_url)
+        // The local outbox and its DKIM key go to the data directory, not the source tree.
+        .env("TENANTRY_DATA_DIR", dir.path().join("data"))
         .env("TENANTRY_ARGON2_MEMORY_KIB", "1024")
         .env("TENANTRY_ARGON2_ITERATIONS", "1")
         .stderr(Stdio::piped())

@@ -239,9 +239,6 @@ fn db_args(pg: &Postgres, keys: &Path) -> Vec<String> {
         keys.join("token-signing.key").display().to_string(),
         "--data-dir".into(),
         keys.display().to_string(),
-        // The signups here are about the database, not the owner's address: they
-        // provision at once, as before verification existed.
-        "--require-email-verification=false".into(),
         // Cheap hashing keeps the test quick; the defaults are tested in the API suite.
         "--argon2-memory-kib".into(),
         "1024".into(),
@@ -264,6 +261,9 @@ impl Replica {
         let child = tokio::process::Command::new(bin("tenantry-api"))
             .arg("serve")
             .args(db_args(pg, keys))
+            // The signups here are about the database, not the owner's address: they
+            // provision at once, as before verification existed.
+            .arg("--require-email-verification=false")
             .args(["--listen", &format!("127.0.0.1:{port}")])
             // 200 clients share one address: no per-source limit in this test.
             .args(["--rate-limit-per-second", "0"])
