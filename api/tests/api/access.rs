@@ -234,10 +234,13 @@ async fn a_grant_works_until_the_second_it_expires_and_its_expiry_is_audited_onc
 /// The TOTP secret of the root admin of server `s` (from [`root_session`]), for tests
 /// that log root in again after moving the clock past its sessions.
 async fn root_secret(s: &TestServer) -> String {
+    // The newest entry: a port is reused by a later test's server once an earlier one has
+    // stopped, so an older entry for the same address is another server's secret.
     ROOT_SECRETS
         .lock()
         .unwrap()
         .iter()
+        .rev()
         .find(|(addr, _)| *addr == s.addr)
         .map(|(_, secret)| secret.clone())
         .expect("root_session was called for this server")
