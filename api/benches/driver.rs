@@ -85,67 +85,25 @@ where
     QUERIES as f64 / start.elapsed().as_secs_f64()
 }
 
-async fn any_rate(url: &str, pool_size: u32, tasks: usize) -> f64 {
-    let pool = sqlx::any::AnyPoolOptions::new()
-        .max_connections(pool_size)
-        .connect(url)
+/// Queries per second of `QUERIES` lookups through a pool built by `$options` (the
+/// `PoolOptions` of one driver), with `$size` connections and `$tasks` tasks.
+macro_rules! pool_rate {
+    ($options:expr, $url:expr, $size:expr, $tasks:expr) => {{
+        let pool = $options.max_connections($size).connect($url).await.unwrap();
+        rate($tasks, move |user, tenant| {
+            let pool = pool.clone();
+            async move {
+                let row = sqlx::query(QUERY)
+                    .bind(user)
+                    .bind(tenant)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+                read_row!(row)
+            }
+        })
         .await
-        .unwrap();
-    rate(tasks, move |user, tenant| {
-        let pool = pool.clone();
-        async move {
-            let row = sqlx::query(QUERY)
-                .bind(user)
-                .bind(tenant)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-            read_row!(row)
-        }
-    })
-    .await
-}
-
-async fn sqlite_rate(url: &str, pool_size: u32, tasks: usize) -> f64 {
-    let pool = sqlx::sqlite::SqlitePoolOptions::new()
-        .max_connections(pool_size)
-        .connect(url)
-        .await
-        .unwrap();
-    rate(tasks, move |user, tenant| {
-        let pool = pool.clone();
-        async move {
-            let row = sqlx::query(QUERY)
-                .bind(user)
-                .bind(tenant)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-            read_row!(row)
-        }
-    })
-    .await
-}
-
-async fn pg_rate(url: &str, pool_size: u32, tasks: usize) -> f64 {
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(pool_size)
-        .connect(url)
-        .await
-        .unwrap();
-    rate(tasks, move |user, tenant| {
-        let pool = pool.clone();
-        async move {
-            let row = sqlx::query(QUERY)
-                .bind(user)
-                .bind(tenant)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-            read_row!(row)
-        }
-    })
-    .await
+    }};
 }
 
 async fn fill(url: &str) {
@@ -215,8 +173,8 @@ async fn main() {
     };
     for tasks in TASKS {
         for pool in sizes(tasks) {
-            let any = any_rate(&sqlite, pool, tasks).await;
-            let native = sqlite_rate(&sqlite, pool, tasks).await;
+            let any = pool_rate!(sqlx::any::AnyPoolOptions::new(), &sqlite, pool, tasks);
+            let native = pool_rate!(sqlx::sqlite::SqlitePoolOptions::new(), &sqlite, pool, tasks);
             println!(
                 "| SQLite | {tasks} | {pool} | {any:.0} | {native:.0} | {:.2} |",
                 native / any
@@ -234,8 +192,8 @@ async fn main() {
         fill(&url).await;
         for tasks in TASKS {
             for pool in sizes(tasks) {
-                let any = any_rate(&url, pool, tasks).await;
-                let native = pg_rate(&url, pool, tasks).await;
+                let any = pool_rate!(sqlx::any::AnyPoolOptions::new(), &url, pool, tasks);
+                let native = pool_rate!(sqlx::postgres::PgPoolOptions::new(), &url, pool, tasks);
                 println!(
                     "| PostgreSQL | {tasks} | {pool} | {any:.0} | {native:.0} | {:.2} |",
                     native / any

@@ -26,6 +26,8 @@
 //! place the bench says so and stops.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -33,8 +35,6 @@ use tenantry_api::provision::probe::Prober;
 use tenantry_client::{Client, Credentials, Trust};
 use tenantry_proto::v1::account_service_client::AccountServiceClient;
 use tenantry_proto::v1::{GetTenantRequest, LoginRequest, SignupRequest, TenantPhase};
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_client::HealthClient;
 
 const PASSWORD: &str = "violet-Harbor-93-lantern";
 const POLL: Duration = Duration::from_millis(5);
@@ -83,11 +83,7 @@ fn quantiles(name: &str, lat: &mut [Duration]) {
 }
 
 async fn start_server(dir: &Path, runtime: &Path) -> (Server, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_tenantry-api"))
         .arg("serve")
         .arg("--data-dir")
@@ -106,24 +102,7 @@ async fn start_server(dir: &Path, runtime: &Path) -> (Server, String) {
         .unwrap();
     let server = Server { child };
     let addr = format!("http://127.0.0.1:{port}");
-    let start = Instant::now();
-    loop {
-        if let Ok(ch) = tenantry_client::connect(&addr, Trust::default()).await
-            && HealthClient::new(ch)
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-                .is_ok()
-        {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "server did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_healthy(&addr).await;
     (server, addr)
 }
 
@@ -150,11 +129,7 @@ async fn runtime_alone(runtime: &Path, prepared: &Path, prober: &Prober, runs: u
             std::fs::copy(prepared.join(name), dir.path().join(name)).unwrap();
         }
         std::fs::create_dir(dir.path().join("data")).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::free_port();
         // The same config, moved to the copy and to a fresh port.
         let (from, to) = (
             prepared.display().to_string(),

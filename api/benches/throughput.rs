@@ -14,6 +14,8 @@
 //! `cargo bench -p tenantry-api --bench throughput`
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -95,11 +97,7 @@ impl Drop for Server {
 }
 
 async fn start_server(url: &str, dir: &std::path::Path) -> Server {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::free_port();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_tenantry-api"))
         .args(["serve", "--database-url", url])
         .arg("--master-key-file")
@@ -113,24 +111,7 @@ async fn start_server(url: &str, dir: &std::path::Path) -> Server {
         .spawn()
         .unwrap();
     let addr = format!("http://127.0.0.1:{port}");
-    let start = Instant::now();
-    loop {
-        if let Ok(ch) = tenantry_client::connect(&addr, Trust::default()).await
-            && HealthClient::new(ch)
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-                .is_ok()
-        {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "server did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::wait_healthy(&addr).await;
     // The session cache starts with the server; give its listener a moment.
     tokio::time::sleep(Duration::from_millis(500)).await;
     Server { child, addr }

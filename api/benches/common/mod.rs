@@ -1,0 +1,38 @@
+//! What the API benches share: a free port, and waiting for a started server.
+
+use std::time::{Duration, Instant};
+
+use tenantry_client::Trust;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+/// A loopback port free right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Until the gRPC health check at `addr` answers; panics after 30 s.
+pub async fn wait_healthy(addr: &str) {
+    let start = Instant::now();
+    loop {
+        if let Ok(ch) = tenantry_client::connect(addr, Trust::default()).await
+            && HealthClient::new(ch)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .is_ok()
+        {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "server did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
