@@ -136,6 +136,9 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "TENANTRY_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Serve Prometheus metrics (`/metrics`, plain HTTP) on this address; none when unset.
+    #[arg(long, env = "TENANTRY_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Database and key settings.
     #[command(flatten)]
     pub db: DatabaseArgs,

@@ -16,6 +16,7 @@ pub mod files;
 pub mod forwarded;
 pub mod lockout;
 pub mod mail;
+pub mod metrics;
 pub mod migrations;
 pub mod password;
 pub mod provision;

@@ -306,6 +306,13 @@ CREATE TABLE tenant_health_notices (
     };
 }
 
+/// Tenants waiting for their owner's verification get a phase of their own (they were
+/// `Pending`, told apart by a join on the owner).
+const V7_AWAITING_VERIFICATION: &str = r#"
+UPDATE tenants SET phase = 'AwaitingVerification'
+WHERE phase = 'Pending' AND owner_user_id IN (SELECT id FROM users WHERE email_verified_at_ms IS NULL);
+"#;
+
 /// Every migration, in order.
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -355,6 +362,12 @@ BEGIN INSERT INTO auth_changes (user_id, at_ms) VALUES (OLD.id, CAST((julianday(
     EXECUTE FUNCTION tenantry_auth_changed('id');
 "
         ),
+    },
+    Migration {
+        version: 7,
+        description: "tenants waiting for their owner's email verification are AwaitingVerification",
+        sqlite: V7_AWAITING_VERIFICATION,
+        postgres: V7_AWAITING_VERIFICATION,
     },
 ];
 

@@ -258,6 +258,7 @@ pub async fn build_state_with(
         mailer,
         require_email_verification: args.mail.require_email_verification,
         notify_degraded_after: args.mail.notify_degraded_after,
+        metrics_listen: args.metrics_listen,
     })))
 }
 
@@ -483,6 +484,13 @@ pub async fn serve(
         stop.clone(),
         crate::mail::worker::watch_health(Arc::clone(&state), state.notify_degraded_after),
     ));
+    if let Some(addr) = state.metrics_listen {
+        let (bound, metrics) =
+            crate::metrics::start(addr, Arc::clone(&state), stop.clone()).await?;
+        let _ = state.metrics_addr.set(bound);
+        tracing::info!(listen = %bound, "serving /metrics");
+        loops.spawn(metrics);
+    }
     let granularity = state.sessions.touch_granularity_ms();
     let cache_state = Arc::clone(&state);
     loops.spawn(until(stop.clone(), async move {

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use secrecy::SecretString;
+use tenantry_proto::phase::TenantPhase;
 use tenantry_proto::token::TokenSigner;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
@@ -18,7 +19,7 @@ use crate::error::{Error, Result};
 use crate::lockout::RateLimiter;
 use crate::password::PasswordHasher;
 use crate::provision::{Provisioner, TenantSpec};
-use crate::store::{AuditRecord, Store};
+use crate::store::{AuditRecord, Store, TenantRow};
 
 /// Session and step-up policy.
 #[derive(Debug, Clone, Copy)]
@@ -82,6 +83,10 @@ pub struct AppState {
     pub require_email_verification: bool,
     /// Owners hear of an instance Degraded this long.
     pub notify_degraded_after: Duration,
+    /// Where `/metrics` is served (`--metrics-listen`), if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The address `/metrics` is bound to, once serving (port 0 picks one).
+    pub metrics_addr: std::sync::OnceLock<std::net::SocketAddr>,
     /// Password verifications run (real or dummy), for tests that check a failure path
     /// did the same work as another.
     password_checks: AtomicU64,
@@ -132,6 +137,8 @@ pub struct StateParts {
     pub require_email_verification: bool,
     /// Owners hear of an instance Degraded this long.
     pub notify_degraded_after: Duration,
+    /// Where `/metrics` is served, if anywhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl AppState {
@@ -154,6 +161,8 @@ impl AppState {
             mailer: p.mailer,
             require_email_verification: p.require_email_verification,
             notify_degraded_after: p.notify_degraded_after,
+            metrics_listen: p.metrics_listen,
+            metrics_addr: std::sync::OnceLock::new(),
             password_checks: AtomicU64::new(0),
             hashing_slots: Semaphore::new(cores),
             tasks: TaskTracker::new(),
@@ -211,9 +220,18 @@ impl AppState {
             })
     }
 
+    /// Converges the instance of a stored tenant to what its row asks for, in the
+    /// background. A tenant awaiting its owner's verification gets nothing, whatever
+    /// changed (suspension, retention): `VerifyEmail` provisions it.
+    pub fn provision(self: &Arc<Self>, tenant: &TenantRow) {
+        if tenant.phase != TenantPhase::AwaitingVerification {
+            self.provision_spec(TenantSpec::from_row(tenant));
+        }
+    }
+
     /// Converges the tenant's instance to `spec`, in the background; a failure is logged
     /// and retried by the reconcile loop.
-    pub fn provision(self: &Arc<Self>, spec: TenantSpec) {
+    pub fn provision_spec(self: &Arc<Self>, spec: TenantSpec) {
         let me = Arc::clone(self);
         self.tasks.spawn(async move {
             if let Err(e) = me.provisioner.ensure(&spec).await {

@@ -116,6 +116,7 @@ pub fn phase_name(phase: i32) -> &'static str {
         Ok(TenantPhase::Suspended) => "Suspended",
         Ok(TenantPhase::Degraded) => "Degraded",
         Ok(TenantPhase::Terminating) => "Terminating",
+        Ok(TenantPhase::AwaitingVerification) => "AwaitingVerification",
         Ok(TenantPhase::Unspecified) | Err(_) => "Unknown",
     }
 }

@@ -234,6 +234,15 @@ impl Api {
             .recovery_codes)
     }
 
+    /// `MfaService.RemoveTotp`.
+    pub async fn remove_totp(&self, c: &Caller<'_>, password: String) -> Outcome<()> {
+        let mut client = self.client(c)?.mfa();
+        client
+            .remove_totp(Self::request(c, RemoveTotpRequest { password }))
+            .await?;
+        Ok(())
+    }
+
     /// `MfaService.VerifyMfa` with a TOTP code (six digits) or a recovery code.
     pub async fn verify_mfa(&self, c: &Caller<'_>, code: String) -> Outcome<()> {
         let factor = if code.len() == 6 && code.bytes().all(|b| b.is_ascii_digit()) {

@@ -54,6 +54,7 @@ pub fn router(portal: Arc<Portal>) -> Router {
         .route("/mfa", get(mfa_page))
         .route("/mfa/enroll", post(mfa_enroll))
         .route("/mfa/confirm", post(mfa_confirm))
+        .route("/mfa/remove", post(mfa_remove))
         .route("/account", get(account_page))
         .route("/account/password", post(change_password))
         .route("/logout", post(logout))
@@ -695,10 +696,10 @@ async fn mfa_page(
     match p.api.whoami(&caller(&s, peer)).await {
         Ok(me) => page(
             StatusCode::OK,
-            views::mfa(&s.csrf, me.mfa_enrolled, None),
+            views::mfa(&s.csrf, me.mfa_enrolled, None, None),
             None,
         ),
-        Err(f) => on_failure(&p, &f, |m| views::mfa(&s.csrf, false, Some(m))),
+        Err(f) => on_failure(&p, &f, |m| views::mfa(&s.csrf, false, Some(m), None)),
     }
 }
 
@@ -725,7 +726,7 @@ async fn mfa_enroll(
             views::mfa_enroll(&s.csrf, &e.secret, &e.otpauth_uri, None),
             None,
         ),
-        Err(f) => on_failure(&p, &f, |m| views::mfa(&s.csrf, true, Some(m))),
+        Err(f) => on_failure(&p, &f, |m| views::mfa(&s.csrf, true, Some(m), None)),
     }
 }
 
@@ -750,6 +751,65 @@ async fn mfa_confirm(
         Err(failure) => page(
             failure.http_status(),
             views::mfa_enroll(&s.csrf, &f.secret, &f.otpauth_uri, Some(&failure.message)),
+            None,
+        ),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct RemoveFields {
+    #[serde(default)]
+    csrf: String,
+    #[serde(default)]
+    password: SecretString,
+    #[serde(default)]
+    code: SecretString,
+}
+
+/// Turns TOTP off. The password goes first: a session that verified its second factor
+/// within the step-up window needs no more. Otherwise the code steps it up (`VerifyMfa`)
+/// and the removal is asked again, so a wrong password never spends a recovery code.
+async fn mfa_remove(
+    State(p): Shared,
+    Extension(peer): Extension<Peer>,
+    headers: HeaderMap,
+    Form(f): Form<RemoveFields>,
+) -> Response {
+    let s = match p.checked(&headers, &f.csrf) {
+        Ok(s) if s.signed_in_token().is_some() => s,
+        Ok(_) => return redirect("/login", None),
+        Err(refused) => return *refused,
+    };
+    let c = caller(&s, peer);
+    let password = || f.password.expose_secret().to_owned();
+    let mut result = p.api.remove_totp(&c, password()).await;
+    if let Err(failure) = &result
+        && matches!(
+            failure.reason.as_deref(),
+            Some("MFA_REQUIRED" | "MFA_TOO_OLD")
+        )
+    {
+        let code = f.code.expose_secret().trim().to_owned();
+        result = match p.api.verify_mfa(&c, code).await {
+            Ok(()) => p.api.remove_totp(&c, password()).await,
+            Err(failure) => Err(failure),
+        };
+    }
+    match result {
+        Ok(()) => page(
+            StatusCode::OK,
+            views::mfa(
+                &s.csrf,
+                false,
+                None,
+                Some("Two-factor authentication is off."),
+            ),
+            None,
+        ),
+        Err(failure) if failure.signed_out() => p.signed_out("signed_out"),
+        Err(failure) => page(
+            failure.http_status(),
+            views::mfa(&s.csrf, true, Some(&failure.message), None),
             None,
         ),
     }

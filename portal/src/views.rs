@@ -219,6 +219,7 @@ pub fn phase_label(phase: i32) -> &'static str {
         Some(TenantPhase::Suspended) => "Suspended",
         Some(TenantPhase::Degraded) => "Degraded",
         Some(TenantPhase::Terminating) => "Terminating",
+        Some(TenantPhase::AwaitingVerification) => "Awaiting verification",
         None => "Unknown",
     }
 }
@@ -347,10 +348,11 @@ pub fn no_tenant() -> Markup {
 }
 
 /// `/mfa` before enrollment starts, or once TOTP is on.
-pub fn mfa(csrf: &str, enrolled: bool, error: Option<&str>) -> Markup {
+pub fn mfa(csrf: &str, enrolled: bool, error: Option<&str>, notice: Option<&str>) -> Markup {
     let frame = Frame {
         signed_in: true,
         error,
+        notice,
         ..Frame::new("Two-factor authentication")
     };
     layout(
@@ -358,6 +360,18 @@ pub fn mfa(csrf: &str, enrolled: bool, error: Option<&str>) -> Markup {
         html! {
             @if enrolled {
                 p data-testid="mfa-enrolled" { "Two-factor authentication is on. Sign-ins ask for a code from your authenticator app." }
+                h2 { "Turn it off" }
+                p { "Your password and a code from the app (or a recovery code, if you lost the app) turn it off; the recovery codes stop working, and we tell you by email." }
+                form method="post" action="/mfa/remove" {
+                    (csrf_field(csrf))
+                    label for="remove-password" { "Password" }
+                    input #remove-password type="password" name="password" required
+                        autocomplete="current-password" data-testid="mfa-remove-password";
+                    label for="remove-code" { "Code from the app, or a recovery code" }
+                    input #remove-code type="text" name="code" required
+                        autocomplete="one-time-code" data-testid="mfa-remove-code";
+                    button type="submit" data-testid="mfa-remove" { "Turn off two-factor authentication" }
+                }
             } @else {
                 p { "Protect your account with a code from an authenticator app at every sign-in." }
                 form method="post" action="/mfa/enroll" {

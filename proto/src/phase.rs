@@ -23,10 +23,15 @@ pub enum TenantPhase {
     Degraded,
     /// Being deleted.
     Terminating,
+    /// Signed up, nothing provisioned until the owner verifies their email address. The
+    /// API's phase only: a Tenant resource is made after verification, so its status never
+    /// holds it (it is not in [`TenantPhase::ALL`], which the CRD's schema lists).
+    AwaitingVerification,
 }
 
 impl TenantPhase {
-    /// Every phase, in lifecycle order.
+    /// Every phase a Tenant's status can report, in lifecycle order: the CRD's
+    /// `status.phase` values (see [`TenantPhase::AwaitingVerification`] for the one more).
     pub const ALL: [TenantPhase; 6] = [
         TenantPhase::Pending,
         TenantPhase::Provisioning,
@@ -45,12 +50,16 @@ impl TenantPhase {
             TenantPhase::Suspended => "Suspended",
             TenantPhase::Degraded => "Degraded",
             TenantPhase::Terminating => "Terminating",
+            TenantPhase::AwaitingVerification => "AwaitingVerification",
         }
     }
 
     /// Parses [`TenantPhase::as_str`]'s output.
     pub fn parse(s: &str) -> Option<TenantPhase> {
-        TenantPhase::ALL.into_iter().find(|p| p.as_str() == s)
+        TenantPhase::ALL
+            .into_iter()
+            .chain([TenantPhase::AwaitingVerification])
+            .find(|p| p.as_str() == s)
     }
 
     /// The phase on the wire.
@@ -63,6 +72,7 @@ impl TenantPhase {
             TenantPhase::Suspended => v1::TenantPhase::Suspended,
             TenantPhase::Degraded => v1::TenantPhase::Degraded,
             TenantPhase::Terminating => v1::TenantPhase::Terminating,
+            TenantPhase::AwaitingVerification => v1::TenantPhase::AwaitingVerification,
         }
     }
 
@@ -78,6 +88,7 @@ impl TenantPhase {
             v1::TenantPhase::Suspended => Some(TenantPhase::Suspended),
             v1::TenantPhase::Degraded => Some(TenantPhase::Degraded),
             v1::TenantPhase::Terminating => Some(TenantPhase::Terminating),
+            v1::TenantPhase::AwaitingVerification => Some(TenantPhase::AwaitingVerification),
         }
     }
 }
@@ -96,7 +107,10 @@ mod tests {
     #[test]
     #[cfg(feature = "grpc")]
     fn names_and_wire_values_round_trip() {
-        for phase in TenantPhase::ALL {
+        for phase in TenantPhase::ALL
+            .into_iter()
+            .chain([TenantPhase::AwaitingVerification])
+        {
             assert_eq!(TenantPhase::parse(phase.as_str()), Some(phase));
             assert_eq!(
                 TenantPhase::from_proto(phase.to_proto() as i32),

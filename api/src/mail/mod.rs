@@ -17,6 +17,8 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::transport::smtp::extension::ClientId;
 use lettre::{AsyncSmtpTransport, AsyncTransport as _, Message, Tokio1Executor};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use secrecy::{ExposeSecret as _, SecretString};
 
 use crate::error::{Error, Result};
@@ -107,25 +109,68 @@ pub struct MailSettings {
     pub data_dir: PathBuf,
 }
 
-/// Counters of the mail worker: the failures are metrics, not only log lines.
+/// What became of one delivery attempt, as the metrics count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Handed to the relay (or written to the outbox directory).
+    Sent,
+    /// Failed; retried with backoff.
+    FailedAttempt,
+    /// Given up after the last retry, or for a recipient that is gone.
+    Dropped,
+}
+
+type KindLabel = Vec<(&'static str, String)>;
+
+/// Counters of the mail worker by notice kind (`--metrics-listen` serves them): the
+/// failures are metrics, not only log lines. Labels hold the kind only, never an address.
 #[derive(Debug, Default)]
 pub struct MailStats {
-    /// Messages handed to the relay (or written to the outbox directory).
-    pub sent: AtomicU64,
-    /// Failed attempts (each is retried with backoff).
-    pub failed_attempts: AtomicU64,
-    /// Messages given up after the last retry, or for a recipient that is gone.
-    pub dropped: AtomicU64,
+    sent: Family<KindLabel, Counter>,
+    failed_attempts: Family<KindLabel, Counter>,
+    dropped: Family<KindLabel, Counter>,
+    totals: [AtomicU64; 3],
 }
 
 impl MailStats {
-    /// `(sent, failed_attempts, dropped)`.
+    /// Counts one attempt at a message of `kind` ([`notice::Notice::kind`]).
+    pub fn record(&self, outcome: Delivery, kind: &str) {
+        let (family, total) = match outcome {
+            Delivery::Sent => (&self.sent, &self.totals[0]),
+            Delivery::FailedAttempt => (&self.failed_attempts, &self.totals[1]),
+            Delivery::Dropped => (&self.dropped, &self.totals[2]),
+        };
+        family.get_or_create(&vec![("kind", kind.to_owned())]).inc();
+        total.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `(sent, failed_attempts, dropped)` over every kind.
     pub fn snapshot(&self) -> (u64, u64, u64) {
+        let [sent, failed, dropped] = &self.totals;
         (
-            self.sent.load(Ordering::Relaxed),
-            self.failed_attempts.load(Ordering::Relaxed),
-            self.dropped.load(Ordering::Relaxed),
+            sent.load(Ordering::Relaxed),
+            failed.load(Ordering::Relaxed),
+            dropped.load(Ordering::Relaxed),
         )
+    }
+
+    /// Adds the counters to `registry`.
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "mail_sent",
+            "Mail handed to the relay (or written to the outbox directory), by kind",
+            self.sent.clone(),
+        );
+        registry.register(
+            "mail_failed_attempts",
+            "Delivery attempts that failed and will be retried, by kind",
+            self.failed_attempts.clone(),
+        );
+        registry.register(
+            "mail_dropped",
+            "Mail given up (after the last retry, or for a recipient that is gone), by kind",
+            self.dropped.clone(),
+        );
     }
 }
 

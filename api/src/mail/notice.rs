@@ -24,6 +24,8 @@ pub enum Notice {
     PasswordChanged,
     /// TOTP was enrolled.
     MfaEnrolled,
+    /// TOTP was turned off (recovery codes deleted).
+    MfaRemoved,
     /// A recovery code was used to sign in.
     RecoveryCodeUsed,
     /// A platform role was granted or renewed.
@@ -64,6 +66,7 @@ impl Notice {
             Notice::VerifyEmail { .. } => "verify_email",
             Notice::PasswordChanged => "password_changed",
             Notice::MfaEnrolled => "mfa_enrolled",
+            Notice::MfaRemoved => "mfa_removed",
             Notice::RecoveryCodeUsed => "recovery_code_used",
             Notice::RoleGranted { .. } => "role_granted",
             Notice::RoleRevoked { .. } => "role_revoked",
@@ -98,6 +101,7 @@ pub fn notice_for(record: &AuditRecord) -> Option<(String, Notice)> {
     match record.action {
         a if a == account::PASSWORD_CHANGED => Some((target(), Notice::PasswordChanged)),
         a if a == mfa::ENROLLED => Some((target(), Notice::MfaEnrolled)),
+        a if a == mfa::REMOVED => Some((target(), Notice::MfaRemoved)),
         a if a == mfa::VERIFIED => (detail_str(record, "method").as_deref()
             == Some("recovery_code"))
         .then(|| (target(), Notice::RecoveryCodeUsed)),
@@ -205,6 +209,14 @@ pub fn render(notice: &Notice, public_url: &str, verify_link: Option<&str>) -> R
                 "Two-factor authentication was turned on".into(),
                 vec![
                     "An authenticator app was enrolled as the second factor of your account.".into(),
+                    NOT_YOU.into(),
+                ],
+                None,
+            ),
+            Notice::MfaRemoved => (
+                "Two-factor authentication was turned off".into(),
+                vec![
+                    "The authenticator app and the recovery codes of your account were removed: signing in needs only your password now.".into(),
                     NOT_YOU.into(),
                 ],
                 None,

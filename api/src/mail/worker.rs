@@ -8,14 +8,13 @@
 //! the recipient.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use secrecy::ExposeSecret as _;
 use tenantry_proto::phase::TenantPhase;
 
 use super::notice::{Notice, VERIFY_TOKEN_CONTEXT, render};
-use super::{DeliveryError, Mailer};
+use super::{Delivery, DeliveryError, Mailer};
 use crate::clock::duration_ms;
 use crate::error::Result;
 use crate::state::AppState;
@@ -81,7 +80,7 @@ pub async fn send_due(state: &AppState, mailer: &Mailer) -> Result<usize> {
             match attempt(state, mailer, &row).await {
                 Ok(()) => {
                     state.store.mail_sent(&row.id, state.now_ms()).await?;
-                    mailer.stats.sent.fetch_add(1, Ordering::Relaxed);
+                    mailer.stats.record(Delivery::Sent, &row.kind);
                     delivered += 1;
                     tracing::info!(mail_id = %row.id, kind = %row.kind, "mail sent");
                 }
@@ -90,18 +89,18 @@ pub async fn send_due(state: &AppState, mailer: &Mailer) -> Result<usize> {
                         .store
                         .mail_dropped(&row.id, state.now_ms(), why)
                         .await?;
-                    mailer.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    mailer.stats.record(Delivery::Dropped, &row.kind);
                     tracing::warn!(mail_id = %row.id, kind = %row.kind, reason = why, "mail dropped");
                 }
                 Err(DeliveryError::Failed(why)) => {
-                    mailer.stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
+                    mailer.stats.record(Delivery::FailedAttempt, &row.kind);
                     let attempts = row.attempts + 1;
                     if attempts >= MAX_ATTEMPTS {
                         state
                             .store
                             .mail_dropped(&row.id, state.now_ms(), &why)
                             .await?;
-                        mailer.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                        mailer.stats.record(Delivery::Dropped, &row.kind);
                         tracing::error!(mail_id = %row.id, kind = %row.kind, attempts, error = %why, "mail given up after the last retry");
                     } else {
                         let wait = backoff(attempts);

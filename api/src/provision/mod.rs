@@ -91,15 +91,10 @@ pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
 /// their owner's email verification). Errors are logged per
 /// tenant so one bad tenant never stops the others.
 pub async fn reconcile_all(store: &Store, provisioner: &Arc<dyn Provisioner>) -> Result<()> {
-    // A tenant whose owner has not verified their address yet gets no instance: it is
-    // provisioned by `VerifyEmail`, and by this loop after that.
-    let waiting: std::collections::HashSet<String> = store
-        .tenants_awaiting_verification()
-        .await?
-        .into_iter()
-        .collect();
     for tenant in store.all_tenants().await? {
-        if waiting.contains(&tenant.id) {
+        // A tenant whose owner has not verified their address yet gets no instance: it is
+        // provisioned by `VerifyEmail`, and by this loop after that.
+        if tenant.phase == TenantPhase::AwaitingVerification {
             continue;
         }
         if tenant.phase == TenantPhase::Terminating {

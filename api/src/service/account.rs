@@ -19,7 +19,7 @@ use crate::error::{AuthFailure, Error, Result};
 use crate::lockout::LockState;
 use crate::password::check_policy;
 use crate::provision::TenantSpec;
-use crate::service::{detail, plan_from_proto};
+use crate::service::{detail, plan_from_proto, reauthenticate};
 use crate::state::AppState;
 use crate::store::{AuditRecord, NewSignup, SignupOutcome, UserRow};
 use crate::validate;
@@ -124,7 +124,10 @@ impl Accounts {
         let now = st.now_ms();
         let verification = new_verification(st, now)?;
         let (phase, message) = if st.require_email_verification {
-            (TenantPhase::Pending, AWAITING_VERIFICATION.to_owned())
+            (
+                TenantPhase::AwaitingVerification,
+                AWAITING_VERIFICATION.to_owned(),
+            )
         } else {
             (TenantPhase::Provisioning, String::new())
         };
@@ -157,7 +160,7 @@ impl Accounts {
             SignupOutcome::Created => {
                 st.mailer.wakeup.notify_one();
                 if !st.require_email_verification {
-                    st.provision(TenantSpec {
+                    st.provision_spec(TenantSpec {
                         id: signup.tenant_id.clone(),
                         name: signup.tenant_name.clone(),
                         owner: signup.user_id.clone(),
@@ -482,7 +485,7 @@ impl AccountService for Accounts {
             }
         };
         for tenant in &tenants {
-            st.provision(TenantSpec::from_row(tenant));
+            st.provision(tenant);
         }
         Ok(Response::new(VerifyEmailResponse {
             provisioning_tenant_ids: tenants.into_iter().map(|t| t.id).collect(),
@@ -553,44 +556,15 @@ impl AccountService for Accounts {
         let req = request.into_inner();
         let current = SecretString::from(req.current_password);
         let new = SecretString::from(req.new_password);
-        let user = st
-            .store
-            .user_by_id(&who.user_id)
-            .await?
-            .ok_or(Error::Unauthenticated(AuthFailure::SessionInvalid))?;
-        if let Some(wait) = user.login_lock.locked_for(st.now_ms()) {
-            return Err(Error::ResourceExhausted {
-                what: "account temporarily locked after repeated failed logins",
-                retry_after: wait,
-            }
-            .into());
-        }
-        let ok = st
-            .verify_password(current.clone(), Some(user.password_hash.clone()))
-            .await?;
-        if !ok {
-            // A wrong current password counts like a failed login.
-            let now = st.now_ms();
-            let (next, _) = user.login_lock.after_failure(now);
-            let audit = AuditRecord {
-                action: actions::PASSWORD_CHANGED,
-                actor_user_id: who.user_id.clone(),
-                target: who.user_id.clone(),
-                success: false,
-                source,
-                detail_json: detail(&[("reason", "wrong_current_password".into())]),
-            };
-            st.store
-                .record_failure(
-                    crate::store::Factor::Password,
-                    &who.user_id,
-                    next,
-                    &[audit],
-                    now,
-                )
-                .await?;
-            return Err(Error::invalid("current_password", "the current password is wrong").into());
-        }
+        reauthenticate(
+            st,
+            &who,
+            current.clone(),
+            actions::PASSWORD_CHANGED,
+            "current_password",
+            &source,
+        )
+        .await?;
         let local = who.email.split('@').next().unwrap_or_default().to_owned();
         check_policy(&new, &[&local]).map_err(|e| Error::invalid("new_password", e.to_string()))?;
         if crate::crypto::ct_eq(

@@ -30,7 +30,6 @@ use crate::access::{
 use crate::auth::{Caller, caller, require_role, source_of, source_text};
 use crate::clock::to_timestamp;
 use crate::error::{DenyReason, Error, Result};
-use crate::provision::TenantSpec;
 use crate::service::{detail, retention_to_proto, tenant_to_proto};
 use crate::state::AppState;
 use crate::store::{
@@ -316,7 +315,7 @@ impl AdminService for Admin {
             .store
             .set_suspended(id, true, TenantPhase::Suspended, &audit, st.now_ms())
             .await?;
-        st.provision(TenantSpec::from_row(&tenant));
+        st.provision(&tenant);
         Ok(Response::new(SuspendTenantResponse {
             tenant: Some(tenant_to_proto(&tenant)),
         }))
@@ -335,7 +334,7 @@ impl AdminService for Admin {
             .store
             .set_suspended(id, false, TenantPhase::Provisioning, &audit, st.now_ms())
             .await?;
-        st.provision(TenantSpec::from_row(&tenant));
+        st.provision(&tenant);
         Ok(Response::new(ResumeTenantResponse {
             tenant: Some(tenant_to_proto(&tenant)),
         }))
@@ -386,7 +385,7 @@ impl AdminService for Admin {
             .store
             .set_retention(id, policy, &audit, st.now_ms())
             .await?;
-        st.provision(TenantSpec::from_row(&tenant));
+        st.provision(&tenant);
         Ok(Response::new(SetTenantRetentionPolicyResponse {
             policy: Some(retention_to_proto(policy)),
         }))

@@ -2,20 +2,21 @@
 
 use std::sync::Arc;
 
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use tenantry_proto::v1::mfa_service_server::MfaService;
 use tenantry_proto::v1::verify_mfa_request::Factor;
 use tenantry_proto::v1::{
     BeginTotpEnrollmentRequest, BeginTotpEnrollmentResponse, ConfirmTotpEnrollmentRequest,
-    ConfirmTotpEnrollmentResponse, VerifyMfaRequest, VerifyMfaResponse,
+    ConfirmTotpEnrollmentResponse, RemoveTotpRequest, RemoveTotpResponse, VerifyMfaRequest,
+    VerifyMfaResponse,
 };
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Caller, caller, source_of, source_text};
 use crate::clock::to_timestamp;
 use crate::crypto::hash_secret;
-use crate::error::{AuthFailure, Error, Result};
-use crate::service::detail;
+use crate::error::{AuthFailure, DenyReason, Error, Result};
+use crate::service::{detail, reauthenticate};
 use crate::state::AppState;
 use crate::store::{AuditRecord, UserRow};
 use crate::totp;
@@ -32,6 +33,8 @@ pub mod actions {
     pub const FAILED: &str = "mfa.failed";
     /// Too many failed codes locked MFA.
     pub const LOCKED: &str = "mfa.locked";
+    /// TOTP was turned off (or a wrong password refused it).
+    pub const REMOVED: &str = "mfa.removed";
 }
 
 /// The service.
@@ -276,6 +279,40 @@ impl Mfa {
             recovery_codes_remaining: remaining,
         })
     }
+
+    /// Turns TOTP off after the step-up (a second factor on this session within the admin
+    /// window) and the password.
+    async fn remove(&self, who: Caller, source: String, password: SecretString) -> Result<()> {
+        let st = &self.state;
+        if !who.mfa_enrolled {
+            return Err(Error::FailedPrecondition("no second factor is enrolled"));
+        }
+        let Some(verified) = who.mfa_verified_at_ms else {
+            return Err(Error::PermissionDenied(DenyReason::MfaRequired));
+        };
+        let max_age = crate::clock::duration_ms(st.sessions.admin_mfa_max_age);
+        if st.now_ms().saturating_sub(verified) > max_age {
+            return Err(Error::PermissionDenied(DenyReason::MfaTooOld));
+        }
+        reauthenticate(st, &who, password, actions::REMOVED, "password", &source).await?;
+        let audit = AuditRecord {
+            action: actions::REMOVED,
+            actor_user_id: who.user_id.clone(),
+            target: who.user_id.clone(),
+            success: true,
+            source,
+            detail_json: String::new(),
+        };
+        if !st
+            .store
+            .remove_totp(&who.user_id, &audit, st.now_ms())
+            .await?
+        {
+            return Err(Error::FailedPrecondition("no second factor is enrolled"));
+        }
+        st.mailer.wakeup.notify_one();
+        Ok(())
+    }
 }
 
 #[tonic::async_trait]
@@ -301,6 +338,18 @@ impl MfaService for Mfa {
             self.confirm(who, source, &request.into_inner().code)
                 .await?,
         ))
+    }
+
+    async fn remove_totp(
+        &self,
+        request: Request<RemoveTotpRequest>,
+    ) -> Result<Response<RemoveTotpResponse>, Status> {
+        let who = caller(&request)?;
+        self.state.rate_limit(source_of(&request))?;
+        let source = source_text(source_of(&request));
+        let password = SecretString::from(request.into_inner().password);
+        self.remove(who, source, password).await?;
+        Ok(Response::new(RemoveTotpResponse {}))
     }
 
     async fn verify_mfa(

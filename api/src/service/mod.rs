@@ -5,11 +5,68 @@ pub mod admin;
 pub mod mfa;
 pub mod tenant;
 
+use secrecy::SecretString;
 use tenantry_proto::retention::{Plan, RetentionPolicy};
 use tenantry_proto::v1;
 
+use crate::auth::Caller;
 use crate::clock::to_timestamp;
-use crate::store::TenantRow;
+use crate::error::{AuthFailure, Error, Result};
+use crate::state::AppState;
+use crate::store::{AuditRecord, TenantRow, UserRow};
+
+/// Checks the caller's current `password` before a sensitive change. A locked account is
+/// refused; a wrong password counts like a failed login (audited as a failed `action` from
+/// `source`) and answers `INVALID_ARGUMENT` on `field`. Returns the user's row.
+pub(crate) async fn reauthenticate(
+    st: &std::sync::Arc<AppState>,
+    who: &Caller,
+    password: SecretString,
+    action: &'static str,
+    field: &'static str,
+    source: &str,
+) -> Result<UserRow> {
+    let user = st
+        .store
+        .user_by_id(&who.user_id)
+        .await?
+        .ok_or(Error::Unauthenticated(AuthFailure::SessionInvalid))?;
+    if let Some(wait) = user.login_lock.locked_for(st.now_ms()) {
+        return Err(Error::ResourceExhausted {
+            what: "account temporarily locked after repeated failed logins",
+            retry_after: wait,
+        });
+    }
+    if st
+        .verify_password(password, Some(user.password_hash.clone()))
+        .await?
+    {
+        return Ok(user);
+    }
+    let now = st.now_ms();
+    let (next, _) = user.login_lock.after_failure(now);
+    let audit = AuditRecord {
+        action,
+        actor_user_id: who.user_id.clone(),
+        target: who.user_id.clone(),
+        success: false,
+        source: source.to_owned(),
+        detail_json: detail(&[("reason", format!("wrong_{field}").into())]),
+    };
+    st.store
+        .record_failure(
+            crate::store::Factor::Password,
+            &who.user_id,
+            next,
+            &[audit],
+            now,
+        )
+        .await?;
+    Err(Error::invalid(
+        field,
+        format!("the {} is wrong", field.replace('_', " ")),
+    ))
+}
 
 /// The proto plan as the shared plan type (unset means free).
 pub fn plan_from_proto(plan: i32) -> Option<Plan> {

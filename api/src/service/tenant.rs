@@ -14,7 +14,6 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::{Caller, caller, source_of, source_text};
 use crate::error::{DenyReason, Error, Result};
-use crate::provision::TenantSpec;
 use crate::service::{detail, retention_to_proto, tenant_to_proto};
 use crate::state::AppState;
 use crate::store::{AuditRecord, TenantRow};
@@ -119,7 +118,7 @@ impl TenantService for Tenants {
             .store
             .set_retention(&tenant.id, policy, &audit, st.now_ms())
             .await?;
-        st.provision(TenantSpec::from_row(&updated));
+        st.provision(&updated);
         Ok(Response::new(SetRetentionPolicyResponse {
             policy: Some(retention_to_proto(policy)),
         }))

@@ -109,6 +109,17 @@ impl Store {
             .collect()
     }
 
+    /// The backlog: how many messages are not sent yet, and when the oldest was queued.
+    pub async fn outbox_backlog(&self) -> Result<(i64, Option<i64>)> {
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS pending, MIN(created_at_ms) AS oldest FROM mail_outbox \
+             WHERE sent_at_ms IS NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((row.try_get("pending")?, row.try_get("oldest")?))
+    }
+
     /// Claims a due row until `until_ms` so that no other replica sends it meanwhile; false
     /// when someone else has it or it is sent.
     pub async fn claim_mail(&self, id: &str, now_ms: i64, until_ms: i64) -> Result<bool> {
@@ -163,15 +174,6 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(())
-    }
-
-    /// Rows not sent yet (for health and tests).
-    pub async fn unsent_mail(&self) -> Result<i64> {
-        Ok(
-            sqlx::query_scalar("SELECT COUNT(*) FROM mail_outbox WHERE sent_at_ms IS NULL")
-                .fetch_one(&self.pool)
-                .await?,
-        )
     }
 
     /// Forgets rows sent before `before_ms`.
@@ -316,7 +318,7 @@ impl Store {
             .bind(TenantPhase::Provisioning.as_str())
             .bind(now_ms)
             .bind(user_id)
-            .bind(TenantPhase::Pending.as_str())
+            .bind(TenantPhase::AwaitingVerification.as_str())
             .fetch_all(&mut *tx)
             .await?;
             let tenants = rows
@@ -326,18 +328,6 @@ impl Store {
             Ok(Write::Commit(tenants))
         })
         .await
-    }
-
-    /// Tenants waiting for their owner's verification (phase `Pending`, owner unverified):
-    /// the reconcile loop leaves them alone.
-    pub async fn tenants_awaiting_verification(&self) -> Result<Vec<String>> {
-        Ok(sqlx::query_scalar(
-            "SELECT t.id FROM tenants t JOIN users u ON u.id = t.owner_user_id \
-             WHERE t.phase = $1 AND u.email_verified_at_ms IS NULL",
-        )
-        .bind(TenantPhase::Pending.as_str())
-        .fetch_all(&self.pool)
-        .await?)
     }
 
     /// Degraded-notice bookkeeping: tenant id → `(degraded_since_ms, notified_at_ms)`.

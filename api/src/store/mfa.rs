@@ -63,6 +63,40 @@ impl Store {
         .await
     }
 
+    /// Turns TOTP off: the secret (and any pending one) and every recovery code are
+    /// deleted, every session of the user loses its second-factor stamp, and the audit row
+    /// (with its notice) is written; `Ok(false)` if no TOTP was enrolled (by then).
+    pub async fn remove_totp(
+        &self,
+        user_id: &str,
+        audit: &AuditRecord,
+        now_ms: i64,
+    ) -> Result<bool> {
+        self.commit_audited([audit], now_ms, async |tx| {
+            let remove = sqlx::query(
+                "UPDATE users SET totp_secret_sealed = NULL, totp_pending_sealed = NULL \
+                 WHERE id = $1 AND totp_secret_sealed IS NOT NULL",
+            )
+            .bind(user_id);
+            if !claimed(tx, remove).await? {
+                return Ok(Write::Rollback(false));
+            }
+            sqlx::query("DELETE FROM recovery_codes WHERE user_id = $1")
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "UPDATE sessions SET mfa_verified_at_ms = NULL \
+                 WHERE user_id = $1 AND mfa_verified_at_ms IS NOT NULL",
+            )
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+            Ok(Write::Commit(true))
+        })
+        .await
+    }
+
     /// Accepts a TOTP step for the user if it is later than the last one accepted (so two
     /// concurrent requests with one code cannot both pass), resets MFA failures, stamps the
     /// session and audits. `Ok(false)` when the step was already used.

@@ -219,8 +219,14 @@ impl Store {
     ) -> Result<TenantRow> {
         self.update_tenant(
             tenant_id,
-            "suspended = $3, phase = $4",
-            |q| q.bind(i64::from(suspended)).bind(phase.as_str()),
+            // A tenant awaiting its owner's verification stays so: only `VerifyEmail`
+            // moves it on (and provisions it, suspended or not).
+            "suspended = $3, phase = CASE WHEN phase = $5 THEN phase ELSE $4 END",
+            |q| {
+                q.bind(i64::from(suspended))
+                    .bind(phase.as_str())
+                    .bind(TenantPhase::AwaitingVerification.as_str())
+            },
             audit,
             now_ms,
         )
@@ -253,7 +259,8 @@ impl Store {
     }
 
     /// Records what the provisioner observed; writes only when something changed, and never
-    /// over a tenant that is being deleted. Returns whether it wrote.
+    /// over a tenant that is being deleted or awaits its owner's verification (which has
+    /// no instance to observe). Returns whether it wrote.
     pub async fn set_tenant_status(
         &self,
         tenant_id: &str,
@@ -263,7 +270,7 @@ impl Store {
         let done = sqlx::query(
             "UPDATE tenants SET phase = $1, endpoint = $2, cert_serial = $3, cert_not_after_ms = $4, \
              cert_renewal_ms = $5, message = $6, updated_at_ms = $7 \
-             WHERE id = $8 AND phase <> $9 AND NOT (phase = $1 AND endpoint = $2 AND \
+             WHERE id = $8 AND phase <> $9 AND phase <> $10 AND NOT (phase = $1 AND endpoint = $2 AND \
              cert_serial = $3 AND cert_not_after_ms = $4 AND cert_renewal_ms = $5 AND message = $6)",
         )
         .bind(status.phase.as_str())
@@ -275,6 +282,7 @@ impl Store {
         .bind(now_ms)
         .bind(tenant_id)
         .bind(TenantPhase::Terminating.as_str())
+        .bind(TenantPhase::AwaitingVerification.as_str())
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() > 0)

@@ -1609,31 +1609,8 @@ async fn audit_events_filter_by_time_action_actor_and_target_and_page() {
 async fn existing_admins_become_grants_that_expire_ninety_days_after_the_migration() {
     use sqlx::Connection as _;
     let db = Database::new().await;
-    sqlx::any::install_default_drivers();
-    let url = if db.is_sqlite() {
-        format!("{}?mode=rwc", db.url)
-    } else {
-        db.url.clone()
-    };
     // A database as version 2 left it, with one admin and one plain user.
-    let mut conn = sqlx::AnyConnection::connect(&url).await.unwrap();
-    sqlx::raw_sql(
-        "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, \
-         description TEXT NOT NULL, applied_at_ms BIGINT NOT NULL)",
-    )
-    .execute(&mut conn)
-    .await
-    .unwrap();
-    for m in &tenantry_api::migrations::MIGRATIONS[..2] {
-        let sql = if db.is_sqlite() { m.sqlite } else { m.postgres };
-        sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
-        sqlx::query("INSERT INTO schema_migrations VALUES ($1, $2, 0)")
-            .bind(m.version)
-            .bind(m.description)
-            .execute(&mut conn)
-            .await
-            .unwrap();
-    }
+    let mut conn = db.at_version(2).await;
     sqlx::raw_sql(
         "INSERT INTO users (id, email, password_hash, is_admin, created_at_ms) VALUES \
          ('u-admin', 'old-admin@example.com', 'x', 1, 1), ('u-plain', 'plain@example.com', 'x', 0, 2)",

@@ -65,6 +65,41 @@ impl Database {
         self.pg_schema.is_none()
     }
 
+    /// A connection to this database as the first `version` migrations left it, for tests
+    /// of what a later migration does to existing rows.
+    pub async fn at_version(&self, version: usize) -> sqlx::AnyConnection {
+        use sqlx::Connection as _;
+        sqlx::any::install_default_drivers();
+        let url = if self.is_sqlite() {
+            format!("{}?mode=rwc", self.url)
+        } else {
+            self.url.clone()
+        };
+        let mut conn = sqlx::AnyConnection::connect(&url).await.unwrap();
+        sqlx::raw_sql(
+            "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, \
+             description TEXT NOT NULL, applied_at_ms BIGINT NOT NULL)",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        for m in &tenantry_api::migrations::MIGRATIONS[..version] {
+            let sql = if self.is_sqlite() {
+                m.sqlite
+            } else {
+                m.postgres
+            };
+            sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+            sqlx::query("INSERT INTO schema_migrations VALUES ($1, $2, 0)")
+                .bind(m.version)
+                .bind(m.description)
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+        conn
+    }
+
     /// Everything the database holds, as bytes: SQLite's files, or PostgreSQL's data of
     /// this test's schema as `pg_dump` prints it.
     pub fn raw_contents(&self) -> Vec<u8> {

@@ -424,7 +424,7 @@ async fn verification_gates_provisioning_and_refuses_bad_tokens_with_clear_codes
     let alice = s.login("alice@example.org").await;
     assert!(!who_am_i(&s, &alice).await.email_verified);
     let waiting = tenant_of(&s, &alice, &alice_tenant).await;
-    assert_eq!(waiting.phase(), TenantPhase::Pending);
+    assert_eq!(waiting.phase(), TenantPhase::AwaitingVerification);
     assert!(waiting.message.contains("verify"), "{}", waiting.message);
 
     // Another user's token answers like an unknown one, and verifies nobody.
@@ -485,6 +485,141 @@ async fn verification_gates_provisioning_and_refuses_bad_tokens_with_clear_codes
 }
 
 /// The audit rows' text as the database holds it.
+/// Nothing an owner or an admin changes provisions a tenant before its owner verified the
+/// address: a retention change, a suspension and a resumption (each followed by a
+/// reconcile pass) leave the cluster without a Tenant and the phase `AwaitingVerification`;
+/// the verification then applies the Tenant with what was changed meanwhile.
+#[tokio::test]
+async fn changes_before_verification_provision_nothing_and_the_phase_says_why() {
+    const TENANT: &str = "/apis/tenantry.dev/v1alpha1/tenants/acme";
+    let db = Database::new().await;
+    let fake = tenantry_operator::fake_api::FakeApi::new();
+    let s = TestServer::start_with(
+        &db,
+        Options {
+            extra_args: [
+                "--provisioner",
+                "kubernetes",
+                "--tenant-domain",
+                "tenants.example.com",
+                "--require-email-verification",
+                "--public-url",
+                "https://portal.example.com",
+            ]
+            .map(String::from)
+            .to_vec(),
+            kube_client: Some(fake.client()),
+        },
+        tenantry_api::clock::ManualClock::new(T0_MS),
+    )
+    .await;
+    let (_, tenant_id) = s.signup("alice@example.org", "acme").await;
+    let alice = s.login("alice@example.org").await;
+    let (_, root, _) = s.admin_session("root@example.com").await;
+    let reconcile = async || {
+        tenantry_api::provision::reconcile_all(&s.state.store, &s.state.provisioner)
+            .await
+            .unwrap();
+        // Background applies (if any) get their moment.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let awaiting = async || {
+        let t = tenant_of(&s, &alice, &tenant_id).await;
+        assert_eq!(t.phase(), TenantPhase::AwaitingVerification, "{t:?}");
+        assert!(t.message.contains("verify"), "{}", t.message);
+        assert!(fake.get(TENANT).is_none(), "a Tenant was applied");
+    };
+    reconcile().await;
+    awaiting().await;
+
+    s.tenants()
+        .set_retention_policy(authed(
+            SetRetentionPolicyRequest {
+                tenant_id: tenant_id.clone(),
+                max_age_hours: 48,
+                max_count: 500,
+            },
+            &alice,
+        ))
+        .await
+        .unwrap();
+    reconcile().await;
+    awaiting().await;
+    let id = || tenant_id.clone();
+    let suspended = s
+        .admin()
+        .suspend_tenant(authed(SuspendTenantRequest { tenant_id: id() }, &root))
+        .await
+        .unwrap()
+        .into_inner()
+        .tenant
+        .unwrap();
+    assert_eq!(suspended.phase(), TenantPhase::AwaitingVerification);
+    reconcile().await;
+    awaiting().await;
+    s.admin()
+        .resume_tenant(authed(ResumeTenantRequest { tenant_id: id() }, &root))
+        .await
+        .unwrap();
+    reconcile().await;
+    awaiting().await;
+
+    // The link verifies and provisions, with the retention set while waiting.
+    // As written (token_in decodes the quoted-printable body itself).
+    let mails: Vec<String> = std::fs::read_dir(db.dir.path().join("outbox"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    let mail = with_subject(&mails, "Verify your email address")[0];
+    let r = verify(&s, &alice, &token_in(mail)).await.unwrap();
+    assert_eq!(r.provisioning_tenant_ids, vec![tenant_id.clone()]);
+    let mut applied = None;
+    for _ in 0..100 {
+        applied = fake.get(TENANT);
+        if applied.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let applied = applied.expect("the verification applies the Tenant");
+    assert_eq!(applied["spec"]["retention"]["maxAgeHours"], 48, "{applied}");
+    assert_eq!(applied["spec"]["suspended"], false, "{applied}");
+    assert_eq!(
+        tenant_of(&s, &alice, &tenant_id).await.phase(),
+        TenantPhase::Provisioning
+    );
+    s.stop().await;
+}
+
+/// A database that migration 6 left with a tenant waiting for its owner (phase `Pending`
+/// then) moves it to `AwaitingVerification`; a verified owner's `Pending` tenant stays.
+#[tokio::test]
+async fn migration_7_gives_waiting_tenants_their_own_phase() {
+    use sqlx::Connection as _;
+    let db = Database::new().await;
+    let mut conn = db.at_version(6).await;
+    sqlx::raw_sql(
+        "INSERT INTO users (id, email, password_hash, created_at_ms, email_verified_at_ms) VALUES \
+         ('u-new', 'new@example.com', 'x', 1, NULL), ('u-old', 'old@example.com', 'x', 1, 1); \
+         INSERT INTO tenants (id, name, owner_user_id, plan, phase, retention_max_age_hours, \
+         retention_max_count, created_at_ms, updated_at_ms) VALUES \
+         ('t-new', 'new', 'u-new', 'free', 'Pending', 336, 1000, 1, 1), \
+         ('t-old', 'old', 'u-old', 'free', 'Pending', 336, 1000, 1, 1)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+    let store = tenantry_api::store::Store::connect(&db.url, 2)
+        .await
+        .unwrap();
+    let phase = async |id: &str| store.tenant(id).await.unwrap().unwrap().phase;
+    use tenantry_proto::phase::TenantPhase as Phase;
+    assert_eq!(phase("t-new").await, Phase::AwaitingVerification);
+    assert_eq!(phase("t-old").await, Phase::Pending);
+    store.close().await;
+}
+
 fn all_audit_events_raw(db: &Database) -> String {
     String::from_utf8_lossy(&db.raw_contents()).into_owned()
 }
@@ -501,6 +636,27 @@ fn subjects(smtp: &SmtpServer) -> Vec<String> {
         .collect()
 }
 
+/// `GET /metrics` on the metrics listener, the body.
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    conn.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+/// The value of the sample named exactly `name` (with its labels), or 0 when absent.
+fn metric(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
 #[tokio::test]
 async fn an_smtp_outage_delays_mail_and_each_is_sent_exactly_once_after() {
     let db = Database::new().await;
@@ -512,12 +668,19 @@ async fn an_smtp_outage_delays_mail_and_each_is_sent_exactly_once_after() {
     let s = TestServer::start_with(
         &db,
         Options {
-            extra_args: smtp_args(&dir, port, &key),
+            extra_args: [
+                smtp_args(&dir, port, &key),
+                vec!["--metrics-listen".into(), "127.0.0.1:0".into()],
+            ]
+            .concat(),
             ..Options::default()
         },
         tenantry_api::clock::ManualClock::new(T0_MS),
     )
     .await;
+    // The listener is bound as the server starts, a moment after it accepts gRPC.
+    wait_until(|| s.state.metrics_addr.get().is_some(), "serving /metrics").await;
+    let metrics_addr = *s.state.metrics_addr.get().unwrap();
     s.signup("alice@example.org", "acme").await;
     s.signup("bob@example.org", "bobco").await;
     let token = s.login("alice@example.org").await;
@@ -534,8 +697,42 @@ async fn an_smtp_outage_delays_mail_and_each_is_sent_exactly_once_after() {
     // SMTP is down: each attempt fails, and the mails wait.
     let mailer = std::sync::Arc::clone(&s.state.mailer);
     wait_until(|| mailer.stats.snapshot().1 >= 3, "three failed attempts").await;
-    assert_eq!(s.state.store.unsent_mail().await.unwrap(), 3);
+    assert_eq!(s.state.store.outbox_backlog().await.unwrap().0, 3);
     assert_eq!(mailer.stats.snapshot().0, 0);
+    // The failures are metrics, by kind and without an address; the backlog is too.
+    s.advance(Duration::from_secs(5));
+    let scraped = scrape(metrics_addr).await;
+    assert!(
+        metric(
+            &scraped,
+            "tenantry_api_mail_failed_attempts_total{kind=\"verify_email\"}"
+        ) >= 2.0,
+        "{scraped}"
+    );
+    assert!(
+        metric(
+            &scraped,
+            "tenantry_api_mail_failed_attempts_total{kind=\"password_changed\"}"
+        ) >= 1.0,
+        "{scraped}"
+    );
+    assert_eq!(
+        metric(&scraped, "tenantry_api_mail_outbox_pending"),
+        3.0,
+        "{scraped}"
+    );
+    assert!(
+        metric(
+            &scraped,
+            "tenantry_api_mail_outbox_oldest_pending_age_seconds"
+        ) >= 5.0,
+        "{scraped}"
+    );
+    assert!(!scraped.contains("mail_sent_total{"), "{scraped}");
+    assert!(
+        !scraped.contains("example.org"),
+        "an address in the metrics: {scraped}"
+    );
 
     // SMTP is back; once the backoff has passed, every mail goes, once.
     let smtp = SmtpServer::start(&dir, port);
@@ -566,8 +763,38 @@ async fn an_smtp_outage_delays_mail_and_each_is_sent_exactly_once_after() {
         })
         .collect();
     assert_eq!(ids.len(), 3);
-    assert_eq!(s.state.store.unsent_mail().await.unwrap(), 0);
+    assert_eq!(s.state.store.outbox_backlog().await.unwrap(), (0, None));
     assert_eq!(mailer.stats.snapshot().0, 3);
+    let scraped = scrape(metrics_addr).await;
+    assert_eq!(
+        metric(
+            &scraped,
+            "tenantry_api_mail_sent_total{kind=\"verify_email\"}"
+        ),
+        2.0,
+        "{scraped}"
+    );
+    assert_eq!(
+        metric(
+            &scraped,
+            "tenantry_api_mail_sent_total{kind=\"password_changed\"}"
+        ),
+        1.0,
+        "{scraped}"
+    );
+    assert_eq!(
+        metric(&scraped, "tenantry_api_mail_outbox_pending"),
+        0.0,
+        "{scraped}"
+    );
+    assert_eq!(
+        metric(
+            &scraped,
+            "tenantry_api_mail_outbox_oldest_pending_age_seconds"
+        ),
+        0.0,
+        "{scraped}"
+    );
     s.stop().await;
 }
 

@@ -328,3 +328,108 @@ fn base64_decode(s: &str) -> Vec<u8> {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD.decode(s).unwrap()
 }
+
+/// `RemoveTotp` needs a second factor verified on this session within the step-up window
+/// and the password; it deletes the secret and the recovery codes, takes the stamp off
+/// every session of the user, is audited and told to the user by mail, and a new
+/// enrollment works after it.
+#[tokio::test]
+async fn removing_totp_needs_a_fresh_second_factor_and_the_password() {
+    let db = Database::new().await;
+    let s = TestServer::start(&db).await;
+    s.signup("rita@example.com", "ritaco").await;
+    let enrolled_on = s.login("rita@example.com").await;
+    let (_, codes) = s.enroll(&enrolled_on).await;
+    let remove = |token: &str, password: &str| {
+        let mut mfa = s.mfa();
+        let request = authed(
+            RemoveTotpRequest {
+                password: password.into(),
+            },
+            token,
+        );
+        async move { mfa.remove_totp(request).await }
+    };
+    let who = async |token: &str| {
+        s.accounts()
+            .who_am_i(authed(WhoAmIRequest {}, token))
+            .await
+            .unwrap()
+            .into_inner()
+    };
+
+    // A session without a verified second factor is refused, whatever the password.
+    let session = s.login("rita@example.com").await;
+    let e = expect_code(remove(&session, PASSWORD).await, Code::PermissionDenied);
+    assert_eq!(reason(&e), "MFA_REQUIRED");
+    // A stale one too (the enrolling session verified 16 minutes ago).
+    s.advance(Duration::from_secs(16 * 60));
+    let e = expect_code(remove(&enrolled_on, PASSWORD).await, Code::PermissionDenied);
+    assert_eq!(reason(&e), "MFA_TOO_OLD");
+
+    // The authenticator is lost: a recovery code steps the new session up; a wrong
+    // password is refused by field and recorded like a failed login.
+    let session = s.login("rita@example.com").await;
+    s.mfa()
+        .verify_mfa(authed(
+            VerifyMfaRequest {
+                factor: Some(Factor::RecoveryCode(codes[0].clone())),
+            },
+            &session,
+        ))
+        .await
+        .unwrap();
+    let e = expect_code(
+        remove(&session, "not the password").await,
+        Code::InvalidArgument,
+    );
+    assert_eq!(violated_field(&e), "password");
+    assert!(who(&session).await.mfa_enrolled);
+
+    remove(&session, PASSWORD).await.unwrap();
+    for token in [&session, &enrolled_on] {
+        let me = who(token).await;
+        assert!(!me.mfa_enrolled);
+        assert!(me.mfa_verified_at.is_none(), "{me:?}");
+    }
+    // The recovery codes went with the secret; removing again has nothing to remove.
+    let e = expect_code(
+        s.mfa()
+            .verify_mfa(authed(
+                VerifyMfaRequest {
+                    factor: Some(Factor::RecoveryCode(codes[1].clone())),
+                },
+                &session,
+            ))
+            .await,
+        Code::FailedPrecondition,
+    );
+    assert!(e.message().contains("no second factor"), "{e:?}");
+    expect_code(remove(&session, PASSWORD).await, Code::FailedPrecondition);
+
+    // Audited (the refusal and the removal), told by mail, and enrolling again works.
+    let admin = s.admin_session("root@example.com").await.1;
+    let mut removed: Vec<_> = all_audit_events(&s, &admin)
+        .await
+        .into_iter()
+        .filter(|e| e.action == "mfa.removed")
+        .map(|e| e.outcome)
+        .collect();
+    removed.sort_unstable();
+    assert_eq!(removed, vec!["failure", "success"]);
+    let mut told = false;
+    for _ in 0..100 {
+        told = tenantry_test_support::read_mail(&db.dir.path().join("outbox"))
+            .iter()
+            .any(|m| m.contains("Subject: Two-factor authentication was turned off"));
+        if told {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(told, "no mail told the user");
+    let (secret, _) = s.enroll(&session).await;
+    s.step_up(&session, &secret).await;
+    assert!(who(&session).await.mfa_enrolled);
+    s.stop().await;
+}

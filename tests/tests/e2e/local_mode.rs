@@ -212,7 +212,7 @@ async fn signup_makes_a_ready_instance(local: &Local) -> (Owner, Owner, Tenant) 
         channel,
         &ann,
         &a.tenant_id,
-        TenantPhase::Pending,
+        TenantPhase::AwaitingVerification,
         Duration::from_secs(5),
     )
     .await;

@@ -166,7 +166,7 @@ async fn a_person_signs_up_and_uses_the_portal_in_a_real_browser() {
 
     // The instance waits for the verified address; the banner offers a new link.
     assert_eq!(b.text_of("tenant-name").await, "dana-co");
-    assert_eq!(b.text_of("tenant-phase").await, "Pending");
+    assert_eq!(b.text_of("tenant-phase").await, "Awaiting verification");
     assert!(b.text_of("tenant-message").await.contains("verify"));
     assert!(b.has_testid("resend-verification").await);
     // The link from the (DKIM-signed) mail in dev's outbox verifies it.
@@ -237,6 +237,7 @@ async fn a_person_signs_up_and_uses_the_portal_in_a_real_browser() {
     b.by_testid("recovery-codes").await;
     let codes = b.find_all("[data-testid=\"recovery-codes\"] li").await;
     assert_eq!(codes.len(), 10);
+    let recovery = b.text(&codes[0]).await;
     let download = b.by_testid("recovery-codes-download").await;
     assert!(
         b.attribute(&download, "href")
@@ -280,6 +281,20 @@ async fn a_person_signs_up_and_uses_the_portal_in_a_real_browser() {
         b.attribute(&b.by_testid("error").await, "role").await,
         "alert"
     );
+
+    // Two-factor turns off with the password and a code; the page then offers
+    // enrollment again.
+    b.goto(&dev.url("/mfa")).await;
+    assert!(b.has_testid("mfa-enrolled").await);
+    b.fill("mfa-remove-password", PASSWORD).await;
+    b.fill("mfa-remove-code", &recovery).await;
+    b.click("mfa-remove").await;
+    assert_eq!(
+        b.text_of("notice").await,
+        "Two-factor authentication is off."
+    );
+    assert!(b.has_testid("mfa-enroll").await);
+    assert!(!b.has_testid("mfa-enrolled").await);
     sign_out(&b, &dev).await;
 
     // Five wrong passwords lock the account; the page says when to try again, and even
