@@ -112,6 +112,13 @@ pub enum MfaCommand {
     /// Enroll TOTP: shows the otpauth URI and a QR code, asks for a code, prints the
     /// recovery codes once.
     Enroll,
+    /// Turn TOTP off (its recovery codes with it): asks for the password, and for a
+    /// second factor when this session's is older than the step-up window.
+    Remove {
+        /// Read the password from the first line of stdin instead of the terminal.
+        #[arg(long, env = "TENANTRY_PASSWORD_STDIN")]
+        password_stdin: bool,
+    },
 }
 
 /// `tenants ...`.

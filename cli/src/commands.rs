@@ -36,6 +36,9 @@ pub async fn run(cli: Cli, xdg_config_home: Option<PathBuf>, home: Option<PathBu
             match command {
                 Command::Whoami => whoami(&api, out).await,
                 Command::Mfa(MfaCommand::Enroll) => mfa_enroll(&api, out).await,
+                Command::Mfa(MfaCommand::Remove { password_stdin }) => {
+                    mfa_remove(&api, password_stdin, out).await
+                }
                 Command::Tenants(c) => tenants(&api, c, out).await,
                 Command::Retention(c) => retention(&api, c, out).await,
                 Command::Audit(c) => audit(&api, c, out).await,
@@ -317,6 +320,23 @@ async fn mfa_enroll(api: &Api, out: Printer) -> Result<()> {
                 "recovery_codes": confirm.recovery_codes,
             })
         },
+    );
+    Ok(())
+}
+
+async fn mfa_remove(api: &Api, password_stdin: bool, out: Printer) -> Result<()> {
+    let password = prompt::password(password_stdin)?;
+    api.call(async |c: &Client| {
+        c.mfa()
+            .remove_totp(RemoveTotpRequest {
+                password: password.expose_secret().to_owned(),
+            })
+            .await
+    })
+    .await?;
+    out.emit(
+        || "TOTP removed; its recovery codes no longer work.\n".to_owned(),
+        || json!({ "mfa_enrolled": false }),
     );
     Ok(())
 }

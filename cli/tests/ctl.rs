@@ -2088,3 +2088,41 @@ async fn an_auditor_reads_and_is_refused_every_change_with_a_clear_line() {
     );
     s.stop().await;
 }
+
+/// `mfa remove` asks for the password (a wrong one is refused by name) and turns TOTP off
+/// for a session that verified its second factor at login.
+#[tokio::test]
+async fn mfa_remove_needs_the_password_and_turns_totp_off() {
+    let db = Database::new().await;
+    let s = TestServer::start(&db).await;
+    s.signup("flo@example.com", "floco").await;
+    let token = s.login("flo@example.com").await;
+    let (secret, _) = s.enroll(&token).await;
+    s.advance(Duration::from_secs(30));
+    let ctl = Ctl::new(&s);
+    ctl.login("flo@example.com", Some(&s.totp_now(&secret)))
+        .await
+        .ok();
+
+    let run = ctl
+        .run(
+            &["mfa", "remove", "--password-stdin"],
+            "not the password at all\n",
+        )
+        .await;
+    assert!(run.error_line().contains("password"), "{run:?}");
+    let me = ctl.run(&["whoami", "-o", "json"], "").await.ok().json();
+    assert_eq!(me["mfa_enrolled"], true);
+
+    let run = ctl
+        .run(
+            &["mfa", "remove", "--password-stdin"],
+            &format!("{PASSWORD}\n"),
+        )
+        .await
+        .ok();
+    assert!(run.stdout.contains("TOTP removed"), "{run:?}");
+    let me = ctl.run(&["whoami", "-o", "json"], "").await.ok().json();
+    assert_eq!(me["mfa_enrolled"], false);
+    s.stop().await;
+}
