@@ -6,14 +6,7 @@ use tenantry_client::Trust;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-/// A loopback port free right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use tenantry_test_support::free_port;
 
 /// Until the gRPC health check at `addr` answers; panics after 30 s.
 pub async fn wait_healthy(addr: &str) {

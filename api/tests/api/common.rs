@@ -407,6 +407,22 @@ impl TestServer {
         (user_id, token, secret)
     }
 
+    /// The tenant as `GetTenant` shows it to the session `token`.
+    pub async fn tenant(&self, token: &str, tenant_id: &str) -> Tenant {
+        self.tenants()
+            .get_tenant(authed(
+                GetTenantRequest {
+                    tenant_id: tenant_id.into(),
+                },
+                token,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .tenant
+            .unwrap()
+    }
+
     /// Verifies a fresh TOTP code on the session (moves the clock one step so the code is new).
     pub async fn step_up(&self, token: &str, secret: &str) {
         self.advance(Duration::from_secs(30));

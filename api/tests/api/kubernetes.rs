@@ -53,21 +53,6 @@ where
     assert!(held, "timed out waiting until {what}");
 }
 
-async fn get_tenant(s: &TestServer, token: &str, tenant_id: &str) -> Tenant {
-    s.tenants()
-        .get_tenant(authed(
-            GetTenantRequest {
-                tenant_id: tenant_id.into(),
-            },
-            token,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .tenant
-        .unwrap()
-}
-
 fn api_rules() -> Vec<PolicyRule> {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -131,24 +116,24 @@ async fn signup_applies_a_tenant_and_status_comes_from_the_watch() {
     // The watch delivers the new Tenant, still without a status, shortly after the
     // apply; until then GetTenant answers from the row signup wrote.
     eventually("the watch reports the Tenant without a status", || async {
-        get_tenant(&s, &token, &tenant_id).await.message == "waiting for the operator"
+        s.tenant(&token, &tenant_id).await.message == "waiting for the operator"
     })
     .await;
-    let before = get_tenant(&s, &token, &tenant_id).await;
+    let before = s.tenant(&token, &tenant_id).await;
     assert_eq!(before.phase(), TenantPhase::Provisioning);
 
     // The operator reports Ready: the API learns it from its watch, and answering
     // GetTenant reads nothing from the cluster.
     fake.edit(&tenant_path("acme"), |t| t["status"] = ready_status());
     eventually("GetTenant reports Ready", || async {
-        get_tenant(&s, &token, &tenant_id).await.phase() == TenantPhase::Ready
+        s.tenant(&token, &tenant_id).await.phase() == TenantPhase::Ready
     })
     .await;
     fake.clear_log();
     for _ in 0..5 {
-        get_tenant(&s, &token, &tenant_id).await;
+        s.tenant(&token, &tenant_id).await;
     }
-    let t = get_tenant(&s, &token, &tenant_id).await;
+    let t = s.tenant(&token, &tenant_id).await;
     assert_eq!(
         fake.log(),
         Vec::<String>::new(),
@@ -186,7 +171,7 @@ async fn failed_creates_are_retried_until_the_tenant_exists() {
     assert!(fake.get(&tenant_path("acme")).is_none());
     // Signup itself succeeded: the account and the tenant record are kept.
     assert_eq!(
-        get_tenant(&s, &token, &tenant_id).await.phase(),
+        s.tenant(&token, &tenant_id).await.phase(),
         TenantPhase::Provisioning
     );
 
@@ -406,7 +391,7 @@ async fn a_tenant_deleted_behind_the_apis_back_is_made_again() {
     .await;
     fake.remove(&tenant_path("acme"));
     eventually("the tenant reports the deletion", || async {
-        get_tenant(&s, &token, &tenant_id)
+        s.tenant(&token, &tenant_id)
             .await
             .message
             .contains("deleted outside the API")

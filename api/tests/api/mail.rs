@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use tenantry_proto::v1::*;
 use tonic::Code;
 
+use tenantry_test_support::free_port;
+
 use crate::common::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tenantry-api");
@@ -18,14 +20,6 @@ const SCRIPTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/mail_server");
 const SMTP_USER: &str = "tenantry-mailer";
 const SELECTOR: &str = "s2026";
 const DOMAIN: &str = "mail.example.com";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A CA and a `localhost` certificate from it, for the SMTP server; returns (ca, cert, key).
 fn smtp_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
@@ -264,21 +258,6 @@ fn header<'a>(message: &'a str, name: &str) -> Option<&'a str> {
         .map(|l| l[name.len() + 1..].trim())
 }
 
-async fn tenant_of(s: &TestServer, token: &str, tenant_id: &str) -> Tenant {
-    s.tenants()
-        .get_tenant(authed(
-            GetTenantRequest {
-                tenant_id: tenant_id.into(),
-            },
-            token,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .tenant
-        .unwrap()
-}
-
 async fn who_am_i(s: &TestServer, token: &str) -> WhoAmIResponse {
     s.accounts()
         .who_am_i(authed(WhoAmIRequest {}, token))
@@ -423,7 +402,7 @@ async fn verification_gates_provisioning_and_refuses_bad_tokens_with_clear_codes
 
     let alice = s.login("alice@example.org").await;
     assert!(!who_am_i(&s, &alice).await.email_verified);
-    let waiting = tenant_of(&s, &alice, &alice_tenant).await;
+    let waiting = s.tenant(&alice, &alice_tenant).await;
     assert_eq!(waiting.phase(), TenantPhase::AwaitingVerification);
     assert!(waiting.message.contains("verify"), "{}", waiting.message);
 
@@ -440,7 +419,7 @@ async fn verification_gates_provisioning_and_refuses_bad_tokens_with_clear_codes
     assert_eq!(r.provisioning_tenant_ids, vec![alice_tenant.clone()]);
     assert!(who_am_i(&s, &alice).await.email_verified);
     assert_eq!(
-        tenant_of(&s, &alice, &alice_tenant).await.phase(),
+        s.tenant(&alice, &alice_tenant).await.phase(),
         TenantPhase::Provisioning
     );
     // Used once: the second use is refused.
@@ -524,7 +503,7 @@ async fn changes_before_verification_provision_nothing_and_the_phase_says_why() 
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let awaiting = async || {
-        let t = tenant_of(&s, &alice, &tenant_id).await;
+        let t = s.tenant(&alice, &tenant_id).await;
         assert_eq!(t.phase(), TenantPhase::AwaitingVerification, "{t:?}");
         assert!(t.message.contains("verify"), "{}", t.message);
         assert!(fake.get(TENANT).is_none(), "a Tenant was applied");
@@ -565,27 +544,22 @@ async fn changes_before_verification_provision_nothing_and_the_phase_says_why() 
     awaiting().await;
 
     // The link verifies and provisions, with the retention set while waiting.
-    // As written (token_in decodes the quoted-printable body itself).
-    let mails: Vec<String> = std::fs::read_dir(db.dir.path().join("outbox"))
-        .unwrap()
-        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
-        .collect();
-    let mail = with_subject(&mails, "Verify your email address")[0];
-    let r = verify(&s, &alice, &token_in(mail)).await.unwrap();
+    let link = tenantry_test_support::verification_link(&outbox_of(&db), "alice@example.org")
+        .expect("a verification link");
+    let token = link.rsplit_once("token=").unwrap().1;
+    let r = verify(&s, &alice, token).await.unwrap();
     assert_eq!(r.provisioning_tenant_ids, vec![tenant_id.clone()]);
-    let mut applied = None;
-    for _ in 0..100 {
-        applied = fake.get(TENANT);
-        if applied.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let applied = applied.expect("the verification applies the Tenant");
+    let applied = tenantry_test_support::eventually_some(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        async || fake.get(TENANT),
+    )
+    .await
+    .expect("the verification applies the Tenant");
     assert_eq!(applied["spec"]["retention"]["maxAgeHours"], 48, "{applied}");
     assert_eq!(applied["spec"]["suspended"], false, "{applied}");
     assert_eq!(
-        tenant_of(&s, &alice, &tenant_id).await.phase(),
+        s.tenant(&alice, &tenant_id).await.phase(),
         TenantPhase::Provisioning
     );
     s.stop().await;

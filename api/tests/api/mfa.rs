@@ -417,16 +417,16 @@ async fn removing_totp_needs_a_fresh_second_factor_and_the_password() {
         .collect();
     removed.sort_unstable();
     assert_eq!(removed, vec!["failure", "success"]);
-    let mut told = false;
-    for _ in 0..100 {
-        told = tenantry_test_support::read_mail(&db.dir.path().join("outbox"))
-            .iter()
-            .any(|m| m.contains("Subject: Two-factor authentication was turned off"));
-        if told {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let told = tenantry_test_support::eventually(
+        Duration::from_secs(5),
+        Duration::from_millis(50),
+        async || {
+            tenantry_test_support::read_mail(&db.dir.path().join("outbox"))
+                .iter()
+                .any(|m| m.contains("Subject: Two-factor authentication was turned off"))
+        },
+    )
+    .await;
     assert!(told, "no mail told the user");
     let (secret, _) = s.enroll(&session).await;
     s.step_up(&session, &secret).await;
