@@ -39,6 +39,137 @@ pub enum Command {
     /// Print the SPF, DKIM and DMARC TXT records of the mail domain, in zone-file syntax
     /// (or `--json`).
     DnsRecords(DnsRecordsArgs),
+    /// Write an encrypted backup of the control database: one consistent snapshot of every
+    /// table (sessions excepted), compressed and encrypted to the `--recipient-file`s.
+    Backup(BackupArgs),
+    /// Restore a backup into an empty database (SQLite or PostgreSQL, whichever the backup
+    /// came from); checks the audit chain and that the master key opens the backup's
+    /// secrets before anything is committed.
+    Restore(RestoreArgs),
+    /// Write a new backup key pair into `--out-dir`: `backup.key` (the age identity that
+    /// opens backups, 0600; keep it away from the backups) and `backup.pub` (the recipient
+    /// that backups are encrypted to). Refuses to overwrite.
+    BackupKeygen(BackupKeygenArgs),
+    /// List the newest backup of each kind (and tenant) under `--dir`, with its age;
+    /// exits 2 when one is older than twice `--interval` (stale).
+    Backups(BackupsArgs),
+}
+
+/// Scheduled backups of `serve` and `dev`.
+#[derive(Debug, Clone, Args)]
+pub struct BackupScheduleArgs {
+    /// Take scheduled, encrypted backups into this directory: the control database's (by
+    /// this API, into `control/`) and, with the `local` provisioner, every tenant's store
+    /// (by its runtime, into `tenants/<id>/`). Give it to one replica only; on Kubernetes
+    /// the chart's CronJob and the Tenants' `spec.backup` take them instead.
+    #[arg(long, env = "TENANTRY_BACKUP_DIR", requires = "backup_recipient_file")]
+    pub backup_dir: Option<PathBuf>,
+    /// How often: `6h`, `1d`, `90m` (s, m, h, d units; at least 1m).
+    #[arg(long, env = "TENANTRY_BACKUP_INTERVAL", default_value = "24h", value_parser = parse_backup_interval)]
+    pub backup_interval: String,
+    /// Backups of each kind (and tenant) to keep.
+    #[arg(long, env = "TENANTRY_BACKUP_KEEP", default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub backup_keep: u32,
+    /// The age recipients (`age1…` lines; `backup-keygen` writes one) backups are
+    /// encrypted to; required with `--backup-dir`.
+    #[arg(long, env = "TENANTRY_BACKUP_RECIPIENT_FILE", requires = "backup_dir")]
+    pub backup_recipient_file: Option<PathBuf>,
+}
+
+/// A backup interval `serve` and the runtimes accept.
+fn parse_backup_interval(text: &str) -> Result<String, String> {
+    match tenantry_proto::runtime_config::parse_interval(text) {
+        Some(d) if d >= Duration::from_secs(60) => Ok(text.to_owned()),
+        Some(_) => Err("at least 1m".into()),
+        None => Err("like 6h, 1d or 90m (s, m, h, d units; up to 366d)".into()),
+    }
+}
+
+impl BackupScheduleArgs {
+    /// The schedule, when `--backup-dir` is set (paths made absolute: runtimes read them
+    /// from their own directories).
+    pub fn settings(&self) -> std::io::Result<Option<crate::backup::BackupSettings>> {
+        let (Some(dir), Some(recipient_file)) = (&self.backup_dir, &self.backup_recipient_file)
+        else {
+            return Ok(None);
+        };
+        Ok(Some(crate::backup::BackupSettings {
+            dir: std::path::absolute(dir)?,
+            interval_text: self.backup_interval.clone(),
+            interval: tenantry_proto::runtime_config::parse_interval(&self.backup_interval)
+                .unwrap_or(Duration::from_secs(86_400)),
+            keep: self.backup_keep,
+            recipient_file: std::path::absolute(recipient_file)?,
+        }))
+    }
+}
+
+/// `backup`.
+#[derive(Debug, Clone, Args)]
+pub struct BackupArgs {
+    /// Where the database is.
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// The backup file to write (must not exist), or a directory to write
+    /// `control-database-<time>.tbk` into.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A file of age X25519 recipients (`age1…` lines, e.g. `backup.pub`); repeat for more.
+    /// Any one of their identities opens the backup.
+    #[arg(
+        long = "recipient-file",
+        env = "TENANTRY_BACKUP_RECIPIENT_FILE",
+        required = true,
+        value_delimiter = ','
+    )]
+    pub recipient_files: Vec<PathBuf>,
+    /// Keep only this many control database backups in the `--out` directory (0: keep all).
+    #[arg(long, env = "TENANTRY_BACKUP_KEEP", default_value_t = 0)]
+    pub keep: usize,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `restore`.
+#[derive(Debug, Clone, Args)]
+pub struct RestoreArgs {
+    /// Where to restore to: `--database-url` (an empty database) and the master key the
+    /// backed-up API used (`--master-key-file`, or `master.key` beside a SQLite database;
+    /// it must exist).
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// The backup file.
+    #[arg(long = "in")]
+    pub input: PathBuf,
+    /// The age identity file (`backup.key`) that opens it.
+    #[arg(long, env = "TENANTRY_BACKUP_IDENTITY_FILE")]
+    pub identity_file: PathBuf,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `backup-keygen`.
+#[derive(Debug, Clone, Args)]
+pub struct BackupKeygenArgs {
+    /// Directory to write `backup.key` and `backup.pub` into (created if missing).
+    #[arg(long)]
+    pub out_dir: PathBuf,
+}
+
+/// `backups`.
+#[derive(Debug, Clone, Args)]
+pub struct BackupsArgs {
+    /// The backup directory (as `--backup-dir`); its subdirectories are read too.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// The schedule backups are taken on: one older than twice this is stale.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `dns-records`.
@@ -142,6 +273,9 @@ pub struct ServeArgs {
     /// Database and key settings.
     #[command(flatten)]
     pub db: DatabaseArgs,
+    /// Scheduled backups.
+    #[command(flatten)]
+    pub backup: BackupScheduleArgs,
     /// A session unused this long ends (`90s`, `30m`, `12h`).
     #[arg(long, env = "TENANTRY_SESSION_IDLE_TIMEOUT", default_value = "30m", value_parser = humantime::parse_duration)]
     pub session_idle_timeout: Duration,

@@ -263,6 +263,13 @@ pub enum Error {
     /// A blocking task (hashing) panicked or was cancelled.
     #[error("background task failed")]
     Task(#[source] tokio::task::JoinError),
+    /// A backup file could not be written or read (wrong key, damaged file, …).
+    #[error("backup: {0}")]
+    Backup(#[from] tenantry_backup::Error),
+    /// A restore was refused: the target is not empty, the backup is of a newer schema,
+    /// the master key does not open its secrets, its records are inconsistent.
+    #[error("restore refused: {0}")]
+    Restore(String),
     /// Serving failed.
     #[error("transport: {0}")]
     Transport(#[source] tonic::transport::Error),

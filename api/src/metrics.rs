@@ -41,9 +41,58 @@ pub async fn render(state: &AppState) -> Result<String> {
         "Age of the oldest unsent mail (0 when none waits)",
         age,
     );
+    if let Some(settings) = &state.backup {
+        register_backups(&mut registry, settings, now)?;
+    }
     let mut out = String::new();
     encode(&mut out, &registry).map_err(|_| Error::Config("metrics encoding".into()))?;
     Ok(out)
+}
+
+/// The newest backup of each kind (and local tenant) under `--backup-dir`: its age, and
+/// whether it is stale (older than twice the interval; a missing control database backup
+/// counts as stale).
+fn register_backups(
+    registry: &mut Registry,
+    settings: &crate::backup::BackupSettings,
+    now: i64,
+) -> Result<()> {
+    use prometheus_client::metrics::family::Family;
+    type Labels = Vec<(&'static str, String)>;
+    let newest = crate::backup::newest(&settings.dir, settings.interval, now)?;
+    let age = Family::<Labels, Gauge>::default();
+    let stale = Family::<Labels, Gauge>::default();
+    let labels = |kind: tenantry_backup::Kind, tenant: Option<&str>| -> Labels {
+        vec![
+            ("kind", kind.as_str().to_owned()),
+            ("tenant", tenant.unwrap_or_default().to_owned()),
+        ]
+    };
+    for n in &newest {
+        let l = labels(n.kind, n.tenant_id.as_deref());
+        age.get_or_create(&l)
+            .set(i64::try_from(n.age_seconds).unwrap_or(i64::MAX));
+        stale.get_or_create(&l).set(i64::from(n.stale));
+    }
+    if !newest
+        .iter()
+        .any(|n| n.kind == tenantry_backup::Kind::ControlDatabase)
+    {
+        stale
+            .get_or_create(&labels(tenantry_backup::Kind::ControlDatabase, None))
+            .set(1);
+    }
+    registry.register(
+        "backup_age_seconds",
+        "Age of the newest backup of each kind (and tenant) in --backup-dir",
+        age,
+    );
+    registry.register(
+        "backup_stale",
+        "1 when the newest backup of a kind (and tenant) is older than twice --backup-interval, or missing",
+        stale,
+    );
+    Ok(())
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {

@@ -52,7 +52,7 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
 }
 
 /// The file a SQLite URL points at, if it is a file.
-fn sqlite_path(url: &str) -> Option<PathBuf> {
+pub(crate) fn sqlite_path(url: &str) -> Option<PathBuf> {
     let rest = url
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))?;
@@ -83,8 +83,13 @@ pub fn load_master_key(db: &DatabaseArgs) -> Result<MasterKey> {
             ));
         }
     };
-    crate::files::check_key_file(&path)?;
-    let text = std::fs::read_to_string(&path)
+    read_master_key(&path)
+}
+
+/// Reads the master key file at `path` (refused when others can read it).
+pub(crate) fn read_master_key(path: &Path) -> Result<MasterKey> {
+    crate::files::check_key_file(path)?;
+    let text = std::fs::read_to_string(path)
         .map_err(io_err(format!("reading master key {}", path.display())))?;
     MasterKey::from_base64(&SecretString::from(text))
 }
@@ -211,7 +216,7 @@ pub fn load_token_signer(db: &DatabaseArgs) -> Result<TokenSigner> {
 
 /// A SQLite database's directory and files, private before SQLite opens them (see
 /// [`crate::files::private_sqlite_files`]).
-fn ensure_sqlite_dir(url: &str) -> Result<()> {
+pub(crate) fn ensure_sqlite_dir(url: &str) -> Result<()> {
     match sqlite_path(url) {
         Some(db) => crate::files::private_sqlite_files(&db),
         None => Ok(()),
@@ -259,7 +264,14 @@ pub async fn build_state_with(
         require_email_verification: args.mail.require_email_verification,
         notify_degraded_after: args.mail.notify_degraded_after,
         metrics_listen: args.metrics_listen,
+        backup: backup_settings(args)?,
     })))
+}
+
+fn backup_settings(args: &ServeArgs) -> Result<Option<crate::backup::BackupSettings>> {
+    args.backup
+        .settings()
+        .map_err(io_err("resolving --backup-dir".to_owned()))
 }
 
 async fn build_provisioner(
@@ -316,6 +328,7 @@ async fn build_provisioner(
                         .transpose()
                         .map_err(io_err("resolving --local-oauth2-ca-file".to_owned()))?,
                 },
+                backup: backup_settings(args)?,
             };
             Ok(Arc::new(LocalProvisioner::new(
                 settings,
@@ -490,6 +503,13 @@ pub async fn serve(
         let _ = state.metrics_addr.set(bound);
         tracing::info!(listen = %bound, "serving /metrics");
         loops.spawn(metrics);
+    }
+    if let Some(settings) = state.backup.clone() {
+        tracing::info!(dir = %settings.dir.display(), interval = %settings.interval_text, keep = settings.keep, "scheduled backups");
+        loops.spawn(until(
+            stop.clone(),
+            crate::backup::run_scheduler(state.store.url(), settings),
+        ));
     }
     let granularity = state.sessions.touch_granularity_ms();
     let cache_state = Arc::clone(&state);

@@ -87,6 +87,8 @@ pub struct AppState {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// The address `/metrics` is bound to, once serving (port 0 picks one).
     pub metrics_addr: std::sync::OnceLock<std::net::SocketAddr>,
+    /// Scheduled backups (`--backup-dir`), if any.
+    pub backup: Option<crate::backup::BackupSettings>,
     /// Password verifications run (real or dummy), for tests that check a failure path
     /// did the same work as another.
     password_checks: AtomicU64,
@@ -139,6 +141,8 @@ pub struct StateParts {
     pub notify_degraded_after: Duration,
     /// Where `/metrics` is served, if anywhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Scheduled backups (`--backup-dir`), if any.
+    pub backup: Option<crate::backup::BackupSettings>,
 }
 
 impl AppState {
@@ -162,6 +166,7 @@ impl AppState {
             require_email_verification: p.require_email_verification,
             notify_degraded_after: p.notify_degraded_after,
             metrics_listen: p.metrics_listen,
+            backup: p.backup,
             metrics_addr: std::sync::OnceLock::new(),
             password_checks: AtomicU64::new(0),
             hashing_slots: Semaphore::new(cores),

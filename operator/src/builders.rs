@@ -495,6 +495,7 @@ pub fn runtime_config(owner: &Owner<'_>) -> RuntimeConfig {
             max_age_hours: r.max_age_hours,
             max_count: r.max_count,
         },
+        backup: None,
         oauth2: OAuth2Config {
             allowed_hosts: owner.tenant.spec.oauth2.allowed_hosts.clone(),
             ca_file: None,
@@ -1064,6 +1065,7 @@ pub(crate) mod tests {
                     max_count: 500
                 },
                 oauth2: OAuth2Config::default(),
+                backup: None,
             }
         );
         assert_eq!(read.validate(), Ok(()));

@@ -50,6 +50,63 @@ pub struct RuntimeConfig {
     /// serialized while empty, so configs written before it existed stay byte-identical.
     #[serde(default, skip_serializing_if = "OAuth2Config::is_empty")]
     pub oauth2: OAuth2Config,
+    /// Scheduled backups of the store. Absent means none (and is left out when serialized).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupSchedule>,
+}
+
+/// The `backup` section: the runtime backs its store up on a schedule, encrypted to the
+/// recipient, keeping the newest `keep` backups in `directory` (and naming the newest in
+/// `last-backup.json` there).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupSchedule {
+    /// Where backups go (a volume of their own on Kubernetes).
+    pub directory: PathBuf,
+    /// How often: a whole number of `s`, `m`, `h` or `d` units (`6h`, `1d`, `90m`), at
+    /// least a minute.
+    pub interval: String,
+    /// How many backups to keep (1 to 1000).
+    pub keep: u32,
+    /// The age X25519 recipients (`age1…` lines) backups are encrypted to.
+    pub recipient_file: PathBuf,
+}
+
+impl BackupSchedule {
+    /// The interval as a duration (validated configs always have one).
+    pub fn interval(&self) -> Option<std::time::Duration> {
+        parse_interval(&self.interval)
+    }
+}
+
+/// Parses a backup interval: one or more `<number><unit>` with units `s`, `m`, `h`, `d`
+/// (`1h30m`); `None` when malformed, zero or over 366 days.
+pub fn parse_interval(text: &str) -> Option<std::time::Duration> {
+    let mut total: u64 = 0;
+    let mut number: Option<u64> = None;
+    for c in text.chars() {
+        if let Some(d) = c.to_digit(10) {
+            number = Some(
+                number
+                    .unwrap_or(0)
+                    .checked_mul(10)?
+                    .checked_add(u64::from(d))?,
+            );
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            _ => return None,
+        };
+        total = total.checked_add(number.take()?.checked_mul(unit)?)?;
+    }
+    if number.is_some() || total == 0 || total > 366 * 86_400 {
+        return None;
+    }
+    Some(std::time::Duration::from_secs(total))
 }
 
 /// The OAuth 2 section: the hosts a credential's endpoints may name, and an optional extra
@@ -165,6 +222,9 @@ pub enum RuntimeConfigError {
     /// The retention policy is out of bounds.
     #[error("retention: {0}")]
     Retention(#[source] RetentionError),
+    /// The `backup` section is out of bounds.
+    #[error("backup: {0}")]
+    Backup(&'static str),
     /// An `oauth2.allowed_hosts` entry is not a host pattern.
     #[error("oauth2.allowed_hosts entry {entry:?}: {problem}")]
     AllowedHost {
@@ -187,7 +247,12 @@ impl RuntimeConfig {
         ]
         .into_iter()
         .chain(self.oauth2.ca_file.as_mut())
-        {
+        .chain(
+            self.backup
+                .as_mut()
+                .into_iter()
+                .flat_map(|b| [&mut b.directory, &mut b.recipient_file]),
+        ) {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -215,6 +280,22 @@ impl RuntimeConfig {
                 entry: entry.clone(),
                 problem,
             });
+        }
+        if let Some(backup) = &self.backup {
+            match backup.interval() {
+                None => {
+                    return Err(RuntimeConfigError::Backup(
+                        "interval must be like 6h, 1d or 90m (s, m, h, d units; up to 366d)",
+                    ));
+                }
+                Some(i) if i < std::time::Duration::from_secs(60) => {
+                    return Err(RuntimeConfigError::Backup("interval must be at least 1m"));
+                }
+                Some(_) => {}
+            }
+            if !(1..=1000).contains(&backup.keep) {
+                return Err(RuntimeConfigError::Backup("keep must be 1 to 1000"));
+            }
         }
         self.retention
             .validate(HARD_CAP_MAX_AGE_HOURS)
@@ -254,6 +335,9 @@ impl RuntimeConfig {
         if self.oauth2 != new.oauth2 {
             changed.push("oauth2");
         }
+        if self.backup != new.backup {
+            changed.push("backup");
+        }
         changed
     }
 }
@@ -278,8 +362,57 @@ mod tests {
                 max_age_hours: 48,
                 max_count: 100,
             },
+            backup: None,
             oauth2: OAuth2Config::default(),
         }
+    }
+
+    #[test]
+    fn backup_intervals_parse_and_bad_sections_are_refused() {
+        use std::time::Duration;
+        assert_eq!(parse_interval("6h"), Some(Duration::from_secs(6 * 3600)));
+        assert_eq!(parse_interval("1h30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_interval("1d"), Some(Duration::from_secs(86_400)));
+        for bad in [
+            "",
+            "6",
+            "h",
+            "0m",
+            "1w",
+            "6 h",
+            "-1h",
+            "367d",
+            "99999999999999999999d",
+        ] {
+            assert_eq!(parse_interval(bad), None, "{bad:?}");
+        }
+        let mut c = config();
+        c.backup = Some(BackupSchedule {
+            directory: "backups".into(),
+            interval: "6h".into(),
+            keep: 7,
+            recipient_file: "keys/backup.pub".into(),
+        });
+        c.validate().unwrap();
+        c.resolve_paths(Path::new("/etc/t"));
+        let b = c.backup.clone().unwrap();
+        assert_eq!(b.directory, Path::new("/etc/t/backups"));
+        assert_eq!(b.recipient_file, Path::new("/etc/t/keys/backup.pub"));
+        for (interval, keep) in [("30s", 7), ("6x", 7), ("6h", 0), ("6h", 1001)] {
+            let mut bad = c.clone();
+            bad.backup = Some(BackupSchedule {
+                interval: interval.into(),
+                keep,
+                ..b.clone()
+            });
+            assert!(
+                matches!(bad.validate(), Err(RuntimeConfigError::Backup(_))),
+                "{interval} {keep}"
+            );
+        }
+        assert_eq!(config().restart_required_changes(&c), vec!["backup"]);
+        // Absent, it is left out of the file.
+        assert!(!serde_json::to_string(&config()).unwrap().contains("backup"));
     }
 
     #[test]

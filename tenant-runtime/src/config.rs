@@ -60,6 +60,9 @@ pub struct RunConfig {
     pub prune_batch_size: u32,
     /// Largest accepted request body, in bytes (413 past it).
     pub max_body_bytes: usize,
+    /// Overrides the `backup` section's interval (tests shorten it below the minute the
+    /// config allows).
+    pub backup_interval: Option<Duration>,
     /// Where the runtime reads the time (tests pin it).
     pub clock: Clock,
 }
@@ -83,6 +86,7 @@ impl RunConfig {
             prune_interval: DEFAULT_PRUNE_INTERVAL,
             prune_batch_size: DEFAULT_PRUNE_BATCH_SIZE,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            backup_interval: None,
             clock: Clock::system(),
         })
     }

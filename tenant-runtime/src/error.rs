@@ -148,6 +148,22 @@ pub enum Error {
         /// Why (network, TLS, status, redirect, unreadable response; never a body).
         reason: String,
     },
+    /// A backup file could not be written or read (wrong key, damaged file, …).
+    #[error("backup: {0}")]
+    Backup(#[from] tenantry_backup::Error),
+    /// A backup or restore was refused (another tenant's backup, a data directory that
+    /// holds a database, a data key that does not open the backup's records, …).
+    #[error("{0}")]
+    Refused(String),
+    /// A backup's file work failed.
+    #[error("{what}: {source}")]
+    BackupIo {
+        /// What was being done.
+        what: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// An execution asked for the access token of a grant that has none to give.
     #[error("oauth2 credential {id}: {reason}")]
     GrantUnavailable {

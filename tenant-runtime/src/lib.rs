@@ -14,6 +14,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod backup;
 pub mod clock;
 pub mod config;
 pub mod crypto;
@@ -93,6 +94,19 @@ pub async fn run(
         metrics.clone(),
     ));
     let refresher = tokio::spawn(oauth.clone().run_refresher(stop_rx.clone()));
+    let backups = config.backup.clone().map(|schedule| {
+        let interval = run_config
+            .backup_interval
+            .or_else(|| schedule.interval())
+            .unwrap_or(std::time::Duration::from_secs(86_400));
+        tokio::spawn(backup::run_scheduler(
+            config.clone(),
+            schedule,
+            interval,
+            metrics.clone(),
+            stop_rx.clone(),
+        ))
+    });
     let reloader = Reloader {
         config_path: run_config.config_path.clone(),
         config: config.clone(),
@@ -124,7 +138,7 @@ pub async fn run(
     server::serve(listener, tls_config, router, shutdown).await;
 
     stop_tx.send_replace(true);
-    for task in [pruner, reloader, refresher] {
+    for task in [pruner, reloader, refresher].into_iter().chain(backups) {
         if let Err(e) = task.await {
             tracing::error!(error = %e, "background task failed");
         }

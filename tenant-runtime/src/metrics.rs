@@ -36,6 +36,12 @@ pub struct Metrics {
     pub oauth2_refreshes: Family<Vec<(&'static str, &'static str)>, Counter>,
     /// Revocations at the provider on delete, by result (`confirmed`, `failed`).
     pub oauth2_revocations: Family<Vec<(&'static str, &'static str)>, Counter>,
+    /// Scheduled backups written.
+    pub backups: Counter,
+    /// Scheduled backups that failed.
+    pub backup_failures: Counter,
+    /// When the newest backup's snapshot was taken (Unix seconds; 0: none yet).
+    pub last_backup: Gauge,
 }
 
 impl Default for Metrics {
@@ -98,8 +104,25 @@ impl Metrics {
             "Revocations at the provider when a grant is deleted, by result",
             oauth2_revocations.clone(),
         );
+        let backups = Counter::default();
+        registry.register("backups", "Scheduled backups written", backups.clone());
+        let backup_failures = Counter::default();
+        registry.register(
+            "backup_failures",
+            "Scheduled backups that failed",
+            backup_failures.clone(),
+        );
+        let last_backup = Gauge::default();
+        registry.register(
+            "last_backup_timestamp_seconds",
+            "When the newest backup's snapshot was taken (Unix seconds; 0 before the first)",
+            last_backup.clone(),
+        );
         Metrics {
             registry,
+            backups,
+            backup_failures,
+            last_backup,
             oauth2_connects,
             oauth2_refreshes,
             oauth2_revocations,

@@ -114,6 +114,7 @@ pub fn runtime_config(
     dir: &Path,
     token_public_key: &Path,
     oauth2: &OAuth2Config,
+    backup: Option<&crate::backup::BackupSettings>,
 ) -> RuntimeConfig {
     RuntimeConfig {
         tenant_id: spec.id.clone(),
@@ -127,6 +128,7 @@ pub fn runtime_config(
         token_public_key_file: token_public_key.to_owned(),
         retention: spec.retention,
         oauth2: oauth2.clone(),
+        backup: backup.map(|b| b.tenant_schedule(&spec.id)),
     }
 }
 
@@ -176,6 +178,8 @@ pub struct LocalSettings {
     pub cert_validity: Duration,
     /// The OAuth 2 provider hosts (and extra CA) every local instance allows.
     pub oauth2: OAuth2Config,
+    /// Scheduled backups: each runtime backs its store up into `tenants/<id>/` of it.
+    pub backup: Option<crate::backup::BackupSettings>,
 }
 
 struct Shared {
@@ -330,6 +334,7 @@ impl Shared {
             dir,
             &self.settings.token_public_key,
             &self.settings.oauth2,
+            self.settings.backup.as_ref(),
         ));
         let path = dir.join("config.yaml");
         if std::fs::read_to_string(&path).ok().as_deref() != Some(config.as_str()) {
@@ -877,6 +882,7 @@ mod tests {
                 allowed_hosts: vec!["accounts.example.com".into()],
                 ca_file: None,
             },
+            None,
         );
         // What the runtime reads back (unknown keys would be refused).
         let read: RuntimeConfig = serde_json::from_str(&render(&config)).unwrap();
@@ -931,6 +937,7 @@ mod tests {
             dir.path(),
             Path::new("/k.pem"),
             &OAuth2Config::default(),
+            None,
         ));
         std::fs::write(dir.path().join("config.yaml"), &before).unwrap();
         move_to_port(dir.path(), 9443).unwrap();
@@ -943,6 +950,7 @@ mod tests {
                 dir.path(),
                 Path::new("/k.pem"),
                 &OAuth2Config::default(),
+                None,
             ))
         );
         assert_eq!(

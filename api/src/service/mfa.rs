@@ -43,7 +43,7 @@ pub struct Mfa {
     state: Arc<AppState>,
 }
 
-fn totp_context(user_id: &str) -> String {
+pub(crate) fn totp_context(user_id: &str) -> String {
     format!("totp:{user_id}")
 }
 

@@ -7,6 +7,7 @@
 
 mod access;
 mod audit;
+pub mod backup;
 mod mail;
 mod mfa;
 pub mod session_cache;
@@ -24,7 +25,6 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool, Transaction};
 
 use crate::error::{Error, Result};
-use crate::migrations::MIGRATIONS;
 
 pub use access::{
     Deactivated, GrantOutcome, GrantRow, ItemDecision, NewGrant, ReviewItemRow, ReviewRow,
@@ -165,6 +165,11 @@ impl Store {
         Ok(store)
     }
 
+    /// The database URL (a secret: it may hold a password).
+    pub fn url(&self) -> SecretString {
+        self.url.as_ref().clone()
+    }
+
     /// Which database this is.
     pub fn backend(&self) -> Backend {
         self.backend
@@ -260,42 +265,15 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
         }
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, \
-             description TEXT NOT NULL, applied_at_ms BIGINT NOT NULL)",
+        let applied = backup::schema_version(&mut tx, self.backend).await?;
+        backup::migrate_in(
+            &mut tx,
+            self.backend,
+            applied,
+            backup::current_schema_version(),
+            crate::clock::Clock::now_ms(&crate::clock::SystemClock),
         )
-        .execute(&mut *tx)
         .await?;
-        let applied: i64 =
-            sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
-                .fetch_one(&mut *tx)
-                .await?;
-        for m in MIGRATIONS.iter().filter(|m| m.version > applied) {
-            let sql = match self.backend {
-                Backend::Sqlite => m.sqlite,
-                Backend::Postgres => m.postgres,
-            };
-            sqlx::raw_sql(sql)
-                .execute(&mut *tx)
-                .await
-                .map_err(|source| Error::Migration {
-                    version: m.version,
-                    source,
-                })?;
-            sqlx::query(
-                "INSERT INTO schema_migrations (version, description, applied_at_ms) VALUES ($1, $2, $3)",
-            )
-            .bind(m.version)
-            .bind(m.description)
-            .bind(crate::clock::Clock::now_ms(&crate::clock::SystemClock))
-            .execute(&mut *tx)
-            .await?;
-            tracing::info!(
-                version = m.version,
-                description = m.description,
-                "applied migration"
-            );
-        }
         tx.commit().await?;
         Ok(())
     }

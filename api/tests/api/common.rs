@@ -36,29 +36,40 @@ pub struct Database {
 }
 
 impl Database {
+    /// The suite's database: PostgreSQL when `TENANTRY_TEST_DATABASE_URL` is set, else SQLite.
     pub async fn new() -> Database {
-        let dir = tempfile::tempdir().unwrap();
-        match std::env::var("TENANTRY_TEST_DATABASE_URL") {
-            Ok(base) if !base.is_empty() => {
-                let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
-                psql(&base, &format!("CREATE SCHEMA {schema}")).await;
-                let sep = if base.contains('?') { '&' } else { '?' };
-                let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
-                Database {
-                    url,
-                    dir,
-                    pg_schema: Some((base, schema)),
-                }
-            }
-            _ => {
-                let url = format!("sqlite://{}/tenantry.db", dir.path().display());
-                Database {
-                    url,
-                    dir,
-                    pg_schema: None,
-                }
-            }
+        match Database::postgres().await {
+            Some(db) => db,
+            None => Database::sqlite(),
         }
+    }
+
+    /// A SQLite database in a new directory.
+    pub fn sqlite() -> Database {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/tenantry.db", dir.path().display());
+        Database {
+            url,
+            dir,
+            pg_schema: None,
+        }
+    }
+
+    /// A new schema of the PostgreSQL database of `TENANTRY_TEST_DATABASE_URL`, if set.
+    pub async fn postgres() -> Option<Database> {
+        let base = std::env::var("TENANTRY_TEST_DATABASE_URL")
+            .ok()
+            .filter(|b| !b.is_empty())?;
+        let dir = tempfile::tempdir().unwrap();
+        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+        psql(&base, &format!("CREATE SCHEMA {schema}")).await;
+        let sep = if base.contains('?') { '&' } else { '?' };
+        let url = format!("{base}{sep}options=-c%20search_path%3D{schema}");
+        Some(Database {
+            url,
+            dir,
+            pg_schema: Some((base, schema)),
+        })
     }
 
     pub fn is_sqlite(&self) -> bool {

@@ -9,6 +9,7 @@ mod common;
 mod access;
 mod accounts;
 mod admin;
+mod backup;
 mod forwarded;
 mod kubernetes;
 mod mail;

@@ -23,6 +23,8 @@ pub struct Options {
     pub max_body_bytes: usize,
     pub prune_interval: Duration,
     pub prune_batch_size: u32,
+    /// Overrides the `backup` section's interval.
+    pub backup_interval: Option<Duration>,
 }
 
 impl Default for Options {
@@ -34,6 +36,7 @@ impl Default for Options {
             max_body_bytes: 64 * 1024,
             prune_interval: Duration::from_secs(3600),
             prune_batch_size: 1000,
+            backup_interval: None,
         }
     }
 }
@@ -136,6 +139,7 @@ impl Instance {
         run_config.prune_interval = options.prune_interval;
         run_config.prune_batch_size = options.prune_batch_size;
         run_config.max_body_bytes = options.max_body_bytes;
+        run_config.backup_interval = options.backup_interval;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
