@@ -805,3 +805,124 @@ async fn local_certificates_are_renewed_in_place_without_a_restart() {
     assert!(pid_alive(pid));
     dev.interrupt().await;
 }
+
+/// `dev --backup-dir`: the API backs the control database up and every runtime its own
+/// store, at once on start and then on the schedule; `tenantry-api backups` and the API's
+/// metrics report the newest of each and whether it is stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_mode_backs_up_the_control_database_and_every_instance() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = tmp.path().join("data");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let keys = tmp.path().join("keys");
+    let out = std::process::Command::new(bin("tenantry-api"))
+        .args(["backup-keygen", "--out-dir"])
+        .arg(&keys)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let backups = tmp.path().join("backups");
+    let metrics_port = free_port();
+    let port = free_port();
+    let dev = Dev::start_with(
+        &data_dir,
+        port,
+        &[
+            "--backup-dir",
+            backups.to_str().unwrap(),
+            "--backup-recipient-file",
+            keys.join("backup.pub").to_str().unwrap(),
+            "--backup-interval",
+            "1h",
+            "--backup-keep",
+            "3",
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics_port}"),
+        ],
+    )
+    .await;
+    let channel = dev.channel().await;
+    let (signed, session) = signup_and_login(&channel, "cora@example.com", "coraco").await;
+    verify_from_outbox(
+        &channel,
+        &session,
+        &data_dir.join("outbox"),
+        "cora@example.com",
+    )
+    .await;
+    wait_for_phase(
+        &channel,
+        &session,
+        &signed.tenant_id,
+        TenantPhase::Ready,
+        Duration::from_secs(60),
+    )
+    .await;
+    let tenant_dir = backups.join("tenants").join(&signed.tenant_id);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tenantry_backup::list(&tenant_dir).unwrap().is_empty()
+        || tenantry_backup::list(&backups.join("control"))
+            .unwrap()
+            .is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no backups after 30 s: {}",
+            dev.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let out = std::process::Command::new(bin("tenantry-api"))
+        .args(["backups", "--json", "--interval", "1h", "--dir"])
+        .arg(&backups)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let newest: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let kinds: Vec<(String, String)> = newest
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["kind"].as_str().unwrap().to_owned(),
+                n["tenant_id"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("control-database".to_owned(), String::new()),
+            ("tenant-data".to_owned(), signed.tenant_id.clone())
+        ]
+    );
+    let metrics = {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", metrics_port))
+            .await
+            .unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut body = String::new();
+        conn.read_to_string(&mut body).await.unwrap();
+        body
+    };
+    for kind in ["control-database", "tenant-data"] {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with("tenantry_api_backup_stale") && l.contains(kind))
+            .unwrap_or_else(|| panic!("no stale gauge for {kind}: {metrics}"));
+        assert!(line.ends_with(" 0"), "{line}");
+    }
+    // Each backup opens with the identity; the tenant's holds its store.
+    let identities = tenantry_backup::Identities::load(&keys.join("backup.key")).unwrap();
+    for dir in [backups.join("control"), tenant_dir] {
+        let found = tenantry_backup::list(&dir).unwrap();
+        let mut reader = tenantry_backup::Reader::open(&found[0].path, &identities).unwrap();
+        while reader.next_record().unwrap().is_some() {}
+    }
+    let mut dev = dev;
+    dev.interrupt().await;
+}
