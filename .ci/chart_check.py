@@ -488,6 +488,7 @@ def check_programs(objs: list[dict], values: dict, operator_defaults: dict) -> l
     if "/var/lib/tenantry" not in mounts:
         problems.append("api data dir /var/lib/tenantry must be a writable volume")
     problems += check_mail(api, env, mounts, values)
+    problems += check_backup(objs, values)
 
     portal = by_component.get("portal")
     if values["portal"]["enabled"] != (portal is not None):
@@ -508,6 +509,62 @@ def check_programs(objs: list[dict], values: dict, operator_defaults: dict) -> l
     unknown = set(env) - known
     if unknown:
         problems.append(f"operator env {sorted(unknown)} is read by no flag in operator/src/config.rs")
+    return problems
+
+
+def check_backup(objs: list[dict], values: dict) -> list[str]:
+    """The control database's backup CronJob runs `tenantry-api backup` on the database the
+    API uses, onto its volume, encrypted to exactly the recipients in the values."""
+    b = values["api"]["backup"]
+    jobs = [o for o in objs if o["kind"] == "CronJob"]
+    if not b["enabled"]:
+        return [f"{kind_name(j)} rendered with api.backup.enabled=false" for j in jobs]
+    if len(jobs) != 1:
+        return [f"want one backup CronJob, got {[kind_name(j) for j in jobs]}"]
+    job = jobs[0]
+    problems = []
+    if job["spec"].get("concurrencyPolicy") != "Forbid":
+        problems.append("backup CronJob must not run twice at once (concurrencyPolicy: Forbid)")
+    if job["spec"]["schedule"] != b["schedule"]:
+        problems.append(f"backup schedule {job['spec']['schedule']!r}, want {b['schedule']!r}")
+    pod = pod_template(job)["spec"]
+    if pod.get("automountServiceAccountToken") is not False:
+        problems.append("backup pods need no Kubernetes API token")
+    c = pod["containers"][0]
+    args = c.get("args") or []
+    if c.get("command") != ["tenantry-api"] or args[:1] != ["backup"]:
+        problems.append(f"backup runs {c.get('command')} {args}")
+    flags = dict(zip(args[1::2], args[2::2]))
+    if flags.get("--keep") != str(b["keep"]):
+        problems.append(f"backup --keep {flags.get('--keep')!r}, want {b['keep']}")
+    url = {e["name"]: e for e in c.get("env") or []}.get("TENANTRY_DATABASE_URL", {})
+    want_ref = {"name": values["api"]["database"]["urlSecret"]["name"], "key": values["api"]["database"]["urlSecret"]["key"]}
+    if (url.get("valueFrom") or {}).get("secretKeyRef") != want_ref:
+        problems.append(f"backup TENANTRY_DATABASE_URL is {url}, want the API's Secret {want_ref}")
+    volumes = {v["name"]: v for v in pod.get("volumes") or []}
+    mounts = {m["mountPath"]: m for m in c.get("volumeMounts") or []}
+    out = mounts.get(flags.get("--out", ""))
+    claim = (volumes.get(out["name"], {}) if out else {}).get("persistentVolumeClaim", {}).get("claimName")
+    want_claim = b["persistence"]["existingClaim"] or None
+    if not claim or (want_claim and claim != want_claim):
+        problems.append(f"backup --out {flags.get('--out')!r} is not the backup volume (claim {claim!r})")
+    if not want_claim:
+        pvcs = [o for o in objs if o["kind"] == "PersistentVolumeClaim" and o["metadata"]["name"] == claim]
+        if len(pvcs) != 1:
+            problems.append(f"no PersistentVolumeClaim {claim!r} rendered for the backups")
+        elif pvcs[0]["spec"].get("storageClassName", "") != b["persistence"]["storageClassName"]:
+            problems.append("the backup claim's StorageClass is not api.backup.persistence.storageClassName")
+    recipient_file = flags.get("--recipient-file", "")
+    rmount = mounts.get(recipient_file.rsplit("/", 1)[0])
+    cm_name = (volumes.get(rmount["name"], {}) if rmount else {}).get("configMap", {}).get("name")
+    cms = [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == cm_name]
+    if not rmount or not rmount.get("readOnly") or len(cms) != 1:
+        problems.append(f"backup --recipient-file {recipient_file!r} is not a read-only mounted ConfigMap")
+    else:
+        key = recipient_file.rsplit("/", 1)[1]
+        got = [l.strip() for l in (cms[0].get("data") or {}).get(key, "").splitlines() if l.strip()]
+        if got != b["recipients"]:
+            problems.append(f"backup recipients {got}, want {b['recipients']}")
     return problems
 
 
@@ -590,7 +647,7 @@ def check_portal(portal: dict, values: dict) -> list[str]:
 def check_network_policies(objs: list[dict]) -> list[str]:
     problems = []
     policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
-    pods = [o for o in objs if o["kind"] == "Deployment"]
+    pods = [o for o in objs if o["kind"] in ("Deployment", "CronJob")]
 
     def selects(policy: dict, labels: dict) -> bool:
         sel = policy["spec"]["podSelector"].get("matchLabels") or {}
@@ -598,7 +655,7 @@ def check_network_policies(objs: list[dict]) -> list[str]:
 
     deny = [p for p in policies if not p["spec"].get("ingress") and not p["spec"].get("egress") and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}]
     for d in pods:
-        labels = d["spec"]["template"]["metadata"]["labels"]
+        labels = pod_template(d)["metadata"]["labels"]
         if not any(selects(p, labels) for p in deny):
             problems.append(f"{kind_name(d)}: no default-deny policy selects its pods")
         if not any(selects(p, labels) and p["spec"].get("egress") for p in policies):
@@ -969,6 +1026,9 @@ def main() -> int:
         ("portal.publicUrl without a scheme", set_path(minimal, "portal.publicUrl", "signup.example.com"), "/portal/publicUrl"),
         ("mail.smtpUrl with a password in it", set_path(minimal, "mail.smtpUrl", "smtp://tenantry:hunter2@relay.example.net"), "/mail/smtpUrl"),
         ("mail.smtpUrl without TLS", set_path(minimal, "mail.smtpUrl", "http://relay.example.net"), "/mail/smtpUrl"),
+        ("api.backup enabled without recipients", set_path(minimal, "api.backup.enabled", True), "/api/backup/recipients"),
+        ("api.backup.recipients holds a private key", set_path(set_path(minimal, "api.backup.enabled", True), "api.backup.recipients", ["AGE-SECRET-KEY-1QQQQ"]), "/api/backup/recipients/0"),
+        ("api.backup.keep is 0", set_path(minimal, "api.backup.keep", 0), "/api/backup/keep"),
     ]
     for what, values, needle in bad:
         try:

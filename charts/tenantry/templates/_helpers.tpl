@@ -62,6 +62,9 @@ Values the schema already requires; repeated here so that rendering without the 
 {{- if .Values.api.tls.enabled -}}
 {{- $_ := required "api.tls.secretName is required when api.tls.enabled is true" .Values.api.tls.secretName -}}
 {{- end -}}
+{{- if and .Values.api.backup.enabled (not .Values.api.backup.recipients) -}}
+{{- fail "api.backup.recipients is required when api.backup.enabled is true: the age recipients (backup.pub of tenantry-api backup-keygen) backups are encrypted to" -}}
+{{- end -}}
 {{- if .Values.portal.enabled -}}
 {{- $_ := required "portal.cookieKey.secretName is required when portal.enabled is true: the Secret holding cookie.key" .Values.portal.cookieKey.secretName -}}
 {{- end -}}
