@@ -505,6 +505,25 @@ def check_programs(objs: list[dict], values: dict, operator_defaults: dict) -> l
         problems.append(f"operator lease {env.get('TENANTRY_LEASE_NAME')!r} is not the one the Role names ({operator_defaults['lease']!r})")
     if env.get("TENANTRY_ADMIN_ADDR") != "0.0.0.0:8080":
         problems.append("operator admin address must be 0.0.0.0:8080")
+    recipients = values["operator"]["backupRecipients"]
+    op_pod = op["spec"]["template"]["spec"]
+    op_mounts = {m["mountPath"]: m for m in op_pod["containers"][0].get("volumeMounts") or []}
+    file = env.get("TENANTRY_BACKUP_RECIPIENTS_FILE")
+    if bool(recipients) != (file is not None):
+        problems.append(f"operator TENANTRY_BACKUP_RECIPIENTS_FILE={file!r} does not follow operator.backupRecipients")
+    if file:
+        mount = op_mounts.get(file.rsplit("/", 1)[0])
+        volume = {v["name"]: v for v in op_pod.get("volumes") or []}.get(mount["name"] if mount else "", {})
+        cm_name = volume.get("configMap", {}).get("name")
+        cms = [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == cm_name]
+        got = [l.strip() for l in ((cms[0].get("data") or {}).get(file.rsplit("/", 1)[1], "") if cms else "").splitlines() if l.strip()]
+        if not mount or not mount.get("readOnly") or got != recipients:
+            problems.append(f"operator backup recipients {got} (mount {mount}), want {recipients} from a read-only ConfigMap")
+        egress = [p for p in objs if p["kind"] == "NetworkPolicy" and p["metadata"]["labels"].get("app.kubernetes.io/component") == "operator"]
+        if values["networkPolicy"]["enabled"] and not any(
+            any(x.get("port") == 8443 for x in r.get("ports") or []) for p in egress for r in p["spec"].get("egress") or []
+        ):
+            problems.append("with tenant backups the operator must reach the runtimes' port 8443 (it reads their newest backup)")
     known = set(operator_defaults["env"]) | {"POD_NAMESPACE", "RUST_LOG"}
     unknown = set(env) - known
     if unknown:
@@ -1029,6 +1048,7 @@ def main() -> int:
         ("api.backup enabled without recipients", set_path(minimal, "api.backup.enabled", True), "/api/backup/recipients"),
         ("api.backup.recipients holds a private key", set_path(set_path(minimal, "api.backup.enabled", True), "api.backup.recipients", ["AGE-SECRET-KEY-1QQQQ"]), "/api/backup/recipients/0"),
         ("api.backup.keep is 0", set_path(minimal, "api.backup.keep", 0), "/api/backup/keep"),
+        ("operator.backupRecipients holds a private key", set_path(minimal, "operator.backupRecipients", ["AGE-SECRET-KEY-1QQQQ"]), "/operator/backupRecipients/0"),
     ]
     for what, values, needle in bad:
         try:

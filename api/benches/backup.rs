@@ -118,8 +118,7 @@ async fn run(label: &str, url: &str, target_url: &str, dir: &Path, size: u64, ro
         argon2_iterations: 2,
         argon2_parallelism: 1,
     };
-    let identities =
-        tenantry_backup::Identities::load(&keys.join("backup.key")).unwrap();
+    let identities = tenantry_backup::Identities::load(&keys.join("backup.key")).unwrap();
     reset_peak_rss();
     let start = Instant::now();
     let restored = tenantry_api::backup::restore(&db, &report.path, identities, &SystemClock)
@@ -164,8 +163,8 @@ async fn main() {
     let master = tmp.path().join("master.key");
     let (_, text) = tenantry_api::crypto::MasterKey::generate().unwrap();
     {
-        use std::os::unix::fs::OpenOptionsExt as _;
         use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
         std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -179,7 +178,9 @@ async fn main() {
     let url = format!("sqlite://{}", db_path.display());
     let total = populate(&url, users, rows).await;
     // Checkpointed: the file holds everything.
-    let (mut conn, _) = tenantry_api::store::backup::connect(&url, false).await.unwrap();
+    let (mut conn, _) = tenantry_api::store::backup::connect(&url, false)
+        .await
+        .unwrap();
     sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
         .execute(&mut conn)
         .await
@@ -203,7 +204,10 @@ async fn main() {
     let sqlite_dir = tmp.path().join("sqlite");
     std::fs::create_dir_all(&sqlite_dir).unwrap();
     std::fs::copy(&master, sqlite_dir.join("master.key")).unwrap();
-    let target = format!("sqlite://{}", sqlite_dir.join("restored/tenantry.db").display());
+    let target = format!(
+        "sqlite://{}",
+        sqlite_dir.join("restored/tenantry.db").display()
+    );
     let start = Instant::now();
     run("SQLite → SQLite", &url, &target, &sqlite_dir, size, total).await;
     let both = start.elapsed().as_secs_f64();
@@ -213,7 +217,9 @@ async fn main() {
 
     if let Ok(base) = std::env::var("TENANTRY_BENCH_DATABASE_URL") {
         let schema = format!("bench_{}", std::process::id());
-        let (mut conn, _) = tenantry_api::store::backup::connect(&base, false).await.unwrap();
+        let (mut conn, _) = tenantry_api::store::backup::connect(&base, false)
+            .await
+            .unwrap();
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
         )))
@@ -238,7 +244,15 @@ async fn main() {
         let pg2_dir = tmp.path().join("pg2");
         std::fs::create_dir_all(&pg2_dir).unwrap();
         std::fs::copy(&master, pg2_dir.join("master.key")).unwrap();
-        run("PostgreSQL → PostgreSQL", &target, &target2, &pg2_dir, size, total).await;
+        run(
+            "PostgreSQL → PostgreSQL",
+            &target,
+            &target2,
+            &pg2_dir,
+            size,
+            total,
+        )
+        .await;
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "DROP SCHEMA {schema} CASCADE; DROP SCHEMA {schema2} CASCADE"
         )))

@@ -74,6 +74,63 @@ pub struct TenantSpec {
     /// OAuth 2 providers the instance may call for its credentials' grants.
     #[serde(default, skip_serializing_if = "OAuth2Spec::is_empty")]
     pub oauth2: OAuth2Spec,
+
+    /// Scheduled, encrypted backups of the instance's store, onto a volume of their own.
+    /// Absent: none (back the data volume up with the platform's snapshots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<BackupSpec>,
+}
+
+/// Scheduled backups: the runtime backs its store up every `interval` onto the backup
+/// volume (on the data volume's encrypted StorageClass), encrypted to the operator's
+/// backup recipients, and keeps the newest `keep`.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackupSpec {
+    /// How often: a whole number of `s`, `m`, `h` or `d` units (`6h`, `1d`, `90m`), at
+    /// least `1m`.
+    #[serde(default = "default_backup_interval")]
+    #[schemars(length(min = 2, max = 32), regex(pattern = r"^([0-9]+[smhd])+$"))]
+    pub interval: String,
+    /// How many backups the volume keeps (1 to 1000).
+    #[serde(default = "default_backup_keep")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub keep: u32,
+    /// Size of the backup volume: a whole number of Mi, Gi or Ti. Immutable. The data and
+    /// backup volumes together must fit the plan's storage quota.
+    #[serde(default = "default_backup_size")]
+    #[schemars(regex(pattern = r"^[1-9][0-9]{0,5}(Mi|Gi|Ti)$"))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "size is immutable"}]))]
+    pub size: String,
+}
+
+/// Default backup interval.
+pub const DEFAULT_BACKUP_INTERVAL: &str = "24h";
+/// Default number of backups kept.
+pub const DEFAULT_BACKUP_KEEP: u32 = 7;
+/// Default backup volume size.
+pub const DEFAULT_BACKUP_SIZE: &str = "2Gi";
+
+fn default_backup_interval() -> String {
+    DEFAULT_BACKUP_INTERVAL.to_owned()
+}
+
+fn default_backup_keep() -> u32 {
+    DEFAULT_BACKUP_KEEP
+}
+
+fn default_backup_size() -> String {
+    DEFAULT_BACKUP_SIZE.to_owned()
+}
+
+impl Default for BackupSpec {
+    fn default() -> Self {
+        BackupSpec {
+            interval: default_backup_interval(),
+            keep: DEFAULT_BACKUP_KEEP,
+            size: default_backup_size(),
+        }
+    }
 }
 
 fn plan_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
@@ -274,10 +331,23 @@ pub struct TenantStatus {
     /// The certificate currently served.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<CertificateStatus>,
+    /// The newest backup the runtime reported (with `spec.backup`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_backup: Option<LastBackupStatus>,
     /// NamespaceReady, NetworkIsolated, StorageEncrypted, CertificateReady, RuntimeReady and
-    /// Ready. `lastTransitionTime` changes only when a status changes.
+    /// Ready; with `spec.backup` also BackupStale (True when the newest backup is older than
+    /// twice the interval, or none was reported). `lastTransitionTime` changes only when a
+    /// status changes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// The newest backup of the instance's store.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastBackupStatus {
+    /// When its snapshot was taken.
+    pub time: Time,
 }
 
 /// The certificate currently in the tenant's TLS Secret.

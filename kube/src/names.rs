@@ -85,6 +85,16 @@ pub const CONFIG_MAP: &str = "tenant-runtime-config";
 pub const CONFIG_KEY: &str = "config.yaml";
 /// PersistentVolumeClaim holding the runtime's data directory.
 pub const DATA_PVC: &str = "tenant-data";
+/// The backup volume's PersistentVolumeClaim (with `spec.backup`).
+pub const BACKUP_PVC: &str = "tenant-backups";
+/// The ConfigMap in a tenant namespace with the backup recipients (public keys).
+pub const BACKUP_RECIPIENTS_CONFIG_MAP: &str = "tenant-backup-recipients";
+/// Its key.
+pub const BACKUP_RECIPIENTS_KEY: &str = "recipients";
+/// Where the runtime's backup volume is mounted.
+pub const BACKUP_DIR: &str = "/var/lib/tenantry-backups";
+/// Where the backup recipients are mounted.
+pub const BACKUP_RECIPIENTS_DIR: &str = "/etc/tenantry/backup";
 /// Deployment of the runtime.
 pub const DEPLOYMENT: &str = "tenant-runtime";
 /// ClusterIP Service in front of the runtime.

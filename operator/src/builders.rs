@@ -28,12 +28,14 @@ use kube::{Resource, ResourceExt};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 use tenantry_proto::retention::RetentionPolicy;
-use tenantry_proto::runtime_config::{OAuth2Config, RuntimeConfig, TlsFiles, host_entry_problem};
+use tenantry_proto::runtime_config::{
+    BackupSchedule, OAuth2Config, RuntimeConfig, TlsFiles, host_entry_problem,
+};
 
 use crate::config::Settings;
 use crate::error::{Error, Result};
 use crate::plan::{parse_size, plan_limits};
-use tenantry_kube::crd::Tenant;
+use tenantry_kube::crd::{BackupSpec, Tenant};
 use tenantry_kube::names;
 use tenantry_pki::DEFAULT_LEAF_VALIDITY;
 
@@ -173,6 +175,32 @@ pub fn check_spec(owner: &Owner<'_>) -> std::result::Result<CheckedSpec, String>
             spec.plan.as_str(),
             limits.quota_storage
         ));
+    }
+    if let Some(backup) = &spec.backup {
+        let backup_size = parse_size(&backup.size).ok_or_else(|| {
+            format!(
+                "spec.backup.size {:?} must be a whole number of Mi, Gi or Ti",
+                backup.size
+            )
+        })?;
+        if size.saturating_add(backup_size) > limits.quota_storage_bytes {
+            return Err(format!(
+                "spec.storage.size {} and spec.backup.size {} together exceed the {} plan's storage quota of {}",
+                spec.storage.size,
+                backup.size,
+                spec.plan.as_str(),
+                limits.quota_storage
+            ));
+        }
+        match tenantry_proto::runtime_config::parse_interval(&backup.interval) {
+            Some(i) if i >= Duration::from_secs(60) => {}
+            _ => {
+                return Err(format!(
+                    "spec.backup.interval {:?} must be like 6h, 1d or 90m (s, m, h, d units), from 1m to 366d",
+                    backup.interval
+                ));
+            }
+        }
     }
     let policy = RetentionPolicy {
         max_age_hours: spec.retention.max_age_hours,
@@ -471,8 +499,19 @@ pub fn token_key_secret(owner: &Owner<'_>, public_key_pem: &str) -> Secret {
     }
 }
 
+/// The Tenant's backup spec when its backups are on: it asks for them and the operator has
+/// recipients to encrypt them to.
+pub fn backups_on<'a>(owner: &Owner<'a>, settings: &Settings) -> Option<&'a BackupSpec> {
+    owner
+        .tenant
+        .spec
+        .backup
+        .as_ref()
+        .filter(|_| settings.backup_recipients.is_some())
+}
+
 /// The runtime config of `owner`.
-pub fn runtime_config(owner: &Owner<'_>) -> RuntimeConfig {
+pub fn runtime_config(owner: &Owner<'_>, settings: &Settings) -> RuntimeConfig {
     let r = &owner.tenant.spec.retention;
     let tenant_id = owner
         .tenant
@@ -495,7 +534,13 @@ pub fn runtime_config(owner: &Owner<'_>) -> RuntimeConfig {
             max_age_hours: r.max_age_hours,
             max_count: r.max_count,
         },
-        backup: None,
+        backup: backups_on(owner, settings).map(|b| BackupSchedule {
+            directory: names::BACKUP_DIR.into(),
+            interval: b.interval.clone(),
+            keep: b.keep,
+            recipient_file: Path::new(names::BACKUP_RECIPIENTS_DIR)
+                .join(names::BACKUP_RECIPIENTS_KEY),
+        }),
         oauth2: OAuth2Config {
             allowed_hosts: owner.tenant.spec.oauth2.allowed_hosts.clone(),
             ca_file: None,
@@ -504,14 +549,14 @@ pub fn runtime_config(owner: &Owner<'_>) -> RuntimeConfig {
 }
 
 /// The ConfigMap holding `config.yaml`, and the SHA-256 of that file.
-pub fn config_map(owner: &Owner<'_>) -> Result<(ConfigMap, String)> {
+pub fn config_map(owner: &Owner<'_>, settings: &Settings) -> Result<(ConfigMap, String)> {
     let to_yaml = |config: &RuntimeConfig| {
         serde_yaml::to_string(config).map_err(|source| Error::Yaml {
             what: "the runtime config",
             source,
         })
     };
-    let config = runtime_config(owner);
+    let config = runtime_config(owner, settings);
     let yaml = to_yaml(&config)?;
     // The runtime reloads retention live (the kubelet refreshes the mounted file within
     // its sync period), so only the rest of the config rolls the pods: a retention change
@@ -600,6 +645,44 @@ fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
     }
 }
 
+/// The backup volume on `storage_class` (the data volume's, already checked to be
+/// encrypted); `None` when backups are off.
+pub fn backup_pvc(
+    owner: &Owner<'_>,
+    settings: &Settings,
+    storage_class: &str,
+) -> Option<PersistentVolumeClaim> {
+    let backup = backups_on(owner, settings)?;
+    Some(PersistentVolumeClaim {
+        metadata: owner.meta(names::BACKUP_PVC),
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
+            storage_class_name: Some(storage_class.to_owned()),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(quantities(&[("storage", &canonical_size(&backup.size))])),
+                ..VolumeResourceRequirements::default()
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        ..PersistentVolumeClaim::default()
+    })
+}
+
+/// The ConfigMap with the recipients backups are encrypted to (public keys); `None` when
+/// backups are off.
+pub fn backup_recipients_config_map(owner: &Owner<'_>, settings: &Settings) -> Option<ConfigMap> {
+    backups_on(owner, settings)?;
+    let recipients = settings.backup_recipients.clone()?;
+    Some(ConfigMap {
+        metadata: owner.meta(names::BACKUP_RECIPIENTS_CONFIG_MAP),
+        data: Some(BTreeMap::from([(
+            names::BACKUP_RECIPIENTS_KEY.to_owned(),
+            recipients,
+        )])),
+        ..ConfigMap::default()
+    })
+}
+
 /// The runtime container: the config path in its args and env, HTTPS probes, the plan's
 /// resources, no privileges, every mount read-only but the data volume.
 fn runtime_container(owner: &Owner<'_>, settings: &Settings) -> Container {
@@ -651,21 +734,33 @@ fn runtime_container(owner: &Owner<'_>, settings: &Settings) -> Container {
             }),
             ..SecurityContext::default()
         }),
-        volume_mounts: Some(vec![
-            mount("config", names::CONFIG_DIR, true),
-            mount("tls", names::TLS_DIR, true),
-            mount("data-key", names::DATA_KEY_DIR, true),
-            mount("token-key", names::TOKEN_KEY_DIR, true),
-            mount("data", names::DATA_DIR, false),
-        ]),
+        volume_mounts: Some({
+            let mut mounts = vec![
+                mount("config", names::CONFIG_DIR, true),
+                mount("tls", names::TLS_DIR, true),
+                mount("data-key", names::DATA_KEY_DIR, true),
+                mount("token-key", names::TOKEN_KEY_DIR, true),
+                mount("data", names::DATA_DIR, false),
+            ];
+            if backups_on(owner, settings).is_some() {
+                mounts.push(mount("backups", names::BACKUP_DIR, false));
+                mounts.push(mount(
+                    "backup-recipients",
+                    names::BACKUP_RECIPIENTS_DIR,
+                    true,
+                ));
+            }
+            mounts
+        }),
         ..Container::default()
     }
 }
 
 /// The runtime pod's volumes: config, TLS, data key and token key from the tenant's
-/// ConfigMap and Secrets, data from its PVC.
-fn runtime_volumes() -> Vec<Volume> {
-    vec![
+/// ConfigMap and Secrets, data from its PVC; with backups, the backup PVC and the
+/// recipients ConfigMap.
+fn runtime_volumes(backups: bool) -> Vec<Volume> {
+    let mut volumes = vec![
         Volume {
             name: "config".to_owned(),
             config_map: Some(ConfigMapVolumeSource {
@@ -686,7 +781,27 @@ fn runtime_volumes() -> Vec<Volume> {
             }),
             ..Volume::default()
         },
-    ]
+    ];
+    if backups {
+        volumes.push(Volume {
+            name: "backups".to_owned(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: names::BACKUP_PVC.to_owned(),
+                read_only: None,
+            }),
+            ..Volume::default()
+        });
+        volumes.push(Volume {
+            name: "backup-recipients".to_owned(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: names::BACKUP_RECIPIENTS_CONFIG_MAP.to_owned(),
+                default_mode: Some(0o444),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
+    volumes
 }
 
 /// The runtime Deployment: non-root, read-only root filesystem, no capabilities, HTTPS
@@ -737,7 +852,7 @@ pub fn deployment(owner: &Owner<'_>, settings: &Settings, config_hash: &str) -> 
                         ..PodSecurityContext::default()
                     }),
                     containers: vec![runtime_container(owner, settings)],
-                    volumes: Some(runtime_volumes()),
+                    volumes: Some(runtime_volumes(backups_on(owner, settings).is_some())),
                     ..PodSpec::default()
                 }),
             },
@@ -1044,7 +1159,7 @@ pub(crate) mod tests {
             "acme",
             json!({"owner": "x", "retention": {"maxAgeHours": 48, "maxCount": 500}}),
         );
-        let (cm, hash) = config_map(&Owner::of(&t).unwrap()).unwrap();
+        let (cm, hash) = config_map(&Owner::of(&t).unwrap(), &Settings::default()).unwrap();
         let yaml = &cm.data.unwrap()[names::CONFIG_KEY];
         // The runtime's own type reads it (unknown keys would be refused).
         let read: RuntimeConfig = serde_yaml::from_str(yaml).unwrap();
@@ -1077,7 +1192,8 @@ pub(crate) mod tests {
             json!({"owner": "x", "retention": {"maxAgeHours": 48, "maxCount": 500},
                    "oauth2": {"allowedHosts": ["accounts.example.com", "*.example.org"]}}),
         );
-        let (oauth2_cm, oauth2_hash) = config_map(&Owner::of(&with_oauth2).unwrap()).unwrap();
+        let (oauth2_cm, oauth2_hash) =
+            config_map(&Owner::of(&with_oauth2).unwrap(), &Settings::default()).unwrap();
         let read: RuntimeConfig =
             serde_yaml::from_str(&oauth2_cm.data.unwrap()[names::CONFIG_KEY]).unwrap();
         assert_eq!(
@@ -1088,10 +1204,14 @@ pub(crate) mod tests {
         assert_ne!(oauth2_hash, hash);
         // Retention is reloaded live: a change rewrites the ConfigMap but keeps the pods.
         let other = tenant("acme", json!({"owner": "x"}));
-        let (other_cm, other_hash) = config_map(&Owner::of(&other).unwrap()).unwrap();
+        let (other_cm, other_hash) =
+            config_map(&Owner::of(&other).unwrap(), &Settings::default()).unwrap();
         assert_ne!(
             other_cm.data,
-            config_map(&Owner::of(&t).unwrap()).unwrap().0.data
+            config_map(&Owner::of(&t).unwrap(), &Settings::default())
+                .unwrap()
+                .0
+                .data
         );
         assert_eq!(other_hash, hash);
         // What the runtime reads only at start does roll them.
@@ -1100,7 +1220,12 @@ pub(crate) mod tests {
             names::LABEL_TENANT_ID.to_owned(),
             "0b0c6f3e-1111-4222-8333-444455556666".to_owned(),
         )]));
-        assert_ne!(config_map(&Owner::of(&bound).unwrap()).unwrap().1, hash);
+        assert_ne!(
+            config_map(&Owner::of(&bound).unwrap(), &Settings::default())
+                .unwrap()
+                .1,
+            hash
+        );
     }
 
     #[test]
@@ -1111,7 +1236,7 @@ pub(crate) mod tests {
             names::LABEL_TENANT_ID.to_owned(),
             "0b0c6f3e-1111-4222-8333-444455556666".to_owned(),
         )]));
-        let config = runtime_config(&Owner::of(&t).unwrap());
+        let config = runtime_config(&Owner::of(&t).unwrap(), &Settings::default());
         assert_eq!(config.tenant_id, "0b0c6f3e-1111-4222-8333-444455556666");
     }
 
@@ -1192,6 +1317,18 @@ pub(crate) mod tests {
             (
                 json!({"owner": "x", "retention": {"maxAgeHours": 9999}}),
                 "retention",
+            ),
+            (
+                json!({"owner": "x", "storage": {"size": "4Gi"}, "backup": {"size": "2Gi"}}),
+                "together exceed",
+            ),
+            (
+                json!({"owner": "x", "backup": {"interval": "30s"}}),
+                "spec.backup.interval",
+            ),
+            (
+                json!({"owner": "x", "backup": {"interval": "1w"}}),
+                "spec.backup.interval",
             ),
             (
                 json!({"owner": "x", "oauth2": {"allowedHosts": ["accounts.example.com:0"]}}),

@@ -115,6 +115,44 @@ pub struct RunArgs {
     /// so this bounds the operator's load on the API server.
     #[arg(long, env = "TENANTRY_CONCURRENCY", default_value_t = 16)]
     pub concurrency: u16,
+
+    /// A file of age X25519 recipients (`age1…` lines, public keys) that tenants' backups
+    /// (`spec.backup`) are encrypted to. Without it no Tenant gets backups, and a Tenant
+    /// that asks for them shows `BackupStale` with reason `NoBackupRecipients`.
+    #[arg(long, env = "TENANTRY_BACKUP_RECIPIENTS_FILE")]
+    pub backup_recipients_file: Option<std::path::PathBuf>,
+}
+
+/// Reads and checks a backup recipients file: one or more `age1…` lines (`#` comments and
+/// blank lines skipped); returns the recipients, one per line.
+pub fn read_backup_recipients(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "cannot read the backup recipients file {}: {e}",
+            path.display()
+        )
+    })?;
+    let mut out = String::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bech32 = |c: char| "qpzry9x8gf2tvdw0s3jn54khce6mua7l".contains(c);
+        if !(line.len() == 62 && line.starts_with("age1") && line[4..].chars().all(bech32)) {
+            return Err(format!(
+                "{}:{}: not an age X25519 recipient (age1 followed by 58 bech32 characters)",
+                path.display(),
+                n + 1
+            ));
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    if out.is_empty() {
+        return Err(format!("{} holds no backup recipient", path.display()));
+    }
+    Ok(out)
 }
 
 /// Cluster-specific values the builders need; resolved once from [`RunArgs`].
@@ -150,6 +188,8 @@ pub struct Settings {
     pub reconcile_timeout: Duration,
     /// Tenants reconciled at once.
     pub concurrency: u16,
+    /// The backup recipients (one `age1…` per line), when configured.
+    pub backup_recipients: Option<String>,
 }
 
 impl Settings {
@@ -190,6 +230,8 @@ impl Settings {
             resync: Duration::from_secs(args.resync_seconds.max(10)),
             reconcile_timeout: Duration::from_secs(args.reconcile_timeout_seconds.max(1)),
             concurrency: args.concurrency.max(1),
+            // Read by `main` (a file): see [`read_backup_recipients`].
+            backup_recipients: None,
         }
     }
 }
@@ -225,6 +267,7 @@ impl Default for Settings {
             resync: Duration::from_secs(600),
             reconcile_timeout: Duration::from_secs(30),
             concurrency: 16,
+            backup_recipients: None,
         }
     }
 }

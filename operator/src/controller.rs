@@ -34,7 +34,7 @@ use crate::error::{Error, Result, is_already_exists, is_not_found};
 use crate::metrics::Metrics;
 use crate::object::{InvalidTenant, TenantObject};
 use crate::status::{self, Observed, Transition, reasons, types};
-use tenantry_kube::crd::{CertificateStatus, Tenant, TenantPhase, TenantStatus};
+use tenantry_kube::crd::{CertificateStatus, LastBackupStatus, Tenant, TenantPhase, TenantStatus};
 use tenantry_kube::names;
 use tenantry_pki::{self as pki, CertificateAuthority, CertificateInfo, LeafRequest};
 
@@ -468,9 +468,33 @@ async fn reconcile_tenant(tenant: &Tenant, ctx: &Context) -> Result<Action> {
     };
     let (conditions, certificate) = apply_children(&owner, &checked, ctx, now).await?;
     let (ready, phase) = status::summarize(&conditions, tenant.spec.suspended);
+    let previous = tenant.status.clone().unwrap_or_default();
+    let runtime_ready = conditions
+        .iter()
+        .any(|c| c.type_ == types::RUNTIME_READY && c.ok);
+    let backup = observe_backup(
+        &owner,
+        previous.last_backup.as_ref(),
+        runtime_ready,
+        ctx,
+        now,
+    )
+    .await;
+    ctx.metrics.set_backup(
+        &owner.name,
+        backup
+            .as_ref()
+            .map(|(o, last)| (last.as_ref().map(|l| l.time.0), o.ok)),
+    );
     let mut all = conditions;
     all.push(ready);
-    let previous = tenant.status.clone().unwrap_or_default();
+    let last_backup = match backup {
+        Some((observed, last)) => {
+            all.push(observed);
+            last
+        }
+        None => None,
+    };
     let status = TenantStatus {
         phase: Some(phase),
         observed_generation: tenant.meta().generation,
@@ -483,6 +507,7 @@ async fn reconcile_tenant(tenant: &Tenant, ctx: &Context) -> Result<Action> {
                 not_after: Time(info.not_after),
                 renewal_time: Time(*renewal),
             }),
+        last_backup,
         conditions: status::merge_conditions(
             &previous.conditions,
             &all,
@@ -500,6 +525,69 @@ async fn reconcile_tenant(tenant: &Tenant, ctx: &Context) -> Result<Action> {
         next = next.min(until.max(Duration::from_secs(1)));
     }
     Ok(Action::requeue(next))
+}
+
+/// With `spec.backup`: the BackupStale condition and the newest backup, read from the
+/// runtime's `/metrics` while it runs (the last one seen is kept while it does not).
+async fn observe_backup(
+    owner: &Owner<'_>,
+    previous: Option<&LastBackupStatus>,
+    runtime_ready: bool,
+    ctx: &Context,
+    now: Timestamp,
+) -> Option<(Observed, Option<LastBackupStatus>)> {
+    let spec = owner.tenant.spec.backup.as_ref()?;
+    if ctx.settings.backup_recipients.is_none() {
+        return Some((
+            Observed::yes(
+                types::BACKUP_STALE,
+                "NoBackupRecipients",
+                "the operator has no --backup-recipients-file, so no backups are taken",
+            ),
+            previous.cloned(),
+        ));
+    }
+    let interval = tenantry_proto::runtime_config::parse_interval(&spec.interval)
+        .unwrap_or(Duration::from_secs(86_400));
+    let mut last = previous.map(|p| p.time.0);
+    let note = if runtime_ready {
+        let host = format!("{}.{}.svc", names::SERVICE, owner.namespace);
+        match crate::backup_status::scrape(&host, names::RUNTIME_PORT, ctx.ca.cert_pem()).await {
+            Ok(reported) => {
+                last = last.max(reported);
+                String::new()
+            }
+            Err(e) => format!(" (the runtime's /metrics could not be read: {e})"),
+        }
+    } else {
+        " (the runtime is not running)".to_owned()
+    };
+    let observed = match last {
+        None => Observed::yes(
+            types::BACKUP_STALE,
+            "NoBackupReported",
+            format!("the runtime has reported no backup yet{note}"),
+        ),
+        Some(t)
+            if Duration::try_from(now.duration_since(t)).unwrap_or(Duration::ZERO)
+                > interval * 2 =>
+        {
+            Observed::yes(
+                types::BACKUP_STALE,
+                "BackupOverdue",
+                format!(
+                    "the newest backup, taken {t}, is older than twice the interval of {}{note}",
+                    spec.interval
+                ),
+            )
+        }
+        Some(t) => Observed::no(
+            types::BACKUP_STALE,
+            "BackupCurrent",
+            format!("the newest backup was taken {t}{note}"),
+        ),
+    };
+    Some((observed, last.map(|t| LastBackupStatus { time: Time(t) })))
 }
 
 /// Writes `status` if it differs from the Tenant's, and publishes the Events of the change.
@@ -699,6 +787,11 @@ async fn ensure_storage(owner: &Owner<'_>, ctx: &Context) -> Result<Observed> {
         builders::data_pvc(owner, &class),
     )
     .await?;
+    // The backup volume lives on the same encrypted class, made only once it is proven.
+    if let Some(pvc) = builders::backup_pvc(owner, &ctx.settings, &class) {
+        ctx.ensure(&Api::namespaced(ctx.client.clone(), ns), &c.pvcs, pvc)
+            .await?;
+    }
     Ok(Observed::yes(
         types::STORAGE_ENCRYPTED,
         "EncryptedStorageClass",
@@ -720,7 +813,15 @@ async fn ensure_runtime(owner: &Owner<'_>, storage_ok: bool, ctx: &Context) -> R
         )
         .await?;
     }
-    let (config_map, config_hash) = builders::config_map(owner)?;
+    if let Some(recipients) = builders::backup_recipients_config_map(owner, s) {
+        ctx.ensure(
+            &Api::namespaced(ctx.client.clone(), ns),
+            &c.config_maps,
+            recipients,
+        )
+        .await?;
+    }
+    let (config_map, config_hash) = builders::config_map(owner, s)?;
     ctx.ensure(
         &Api::namespaced(ctx.client.clone(), ns),
         &c.config_maps,
@@ -947,6 +1048,7 @@ async fn cleanup(object: &TenantObject, ctx: &Context) -> Result<Action> {
     ctx.statuses().remove(&name);
     ctx.metrics.set_phase(&name, None);
     ctx.metrics.set_certificate(&name, None);
+    ctx.metrics.set_backup(&name, None);
     info!(tenant = %name, "namespace {ns} is gone; tenant released");
     Ok(Action::await_change())
 }

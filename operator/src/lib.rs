@@ -8,6 +8,7 @@
 //! [`metrics`] (Prometheus and admin server), [`manifest`] (the CRD as committed YAML),
 //! [`run`] (wiring for `tenantry-operator run`).
 
+pub mod backup_status;
 pub mod builders;
 pub mod cache;
 pub mod config;

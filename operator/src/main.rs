@@ -42,7 +42,13 @@ async fn main() -> anyhow::Result<()> {
                         .unwrap_or_else(|_| "info,kube=warn".into()),
                 )
                 .init();
-            let settings = Settings::from_args(&args, std::env::var("POD_NAMESPACE").ok());
+            let mut settings = Settings::from_args(&args, std::env::var("POD_NAMESPACE").ok());
+            if let Some(path) = &args.backup_recipients_file {
+                settings.backup_recipients = Some(
+                    tenantry_operator::config::read_backup_recipients(path)
+                        .map_err(anyhow::Error::msg)?,
+                );
+            }
             let identity = args
                 .identity
                 .clone()

@@ -35,6 +35,9 @@ pub struct Metrics {
     dry_runs: Counter,
     tenants: Family<Labels, Gauge>,
     cert_expiry: Family<Labels, Gauge<f64, AtomicU64>>,
+    backup_age: Family<Labels, Gauge<f64, AtomicU64>>,
+    backup_stale: Family<Labels, Gauge>,
+    last_backups: Mutex<HashMap<String, Option<Timestamp>>>,
     phases: Mutex<HashMap<String, TenantPhase>>,
     not_after: Mutex<HashMap<String, Timestamp>>,
     ready: AtomicBool,
@@ -84,8 +87,23 @@ impl Metrics {
             "Seconds until each tenant's certificate expires",
             cert_expiry.clone(),
         );
+        let backup_age = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "backup_age_seconds",
+            "Age of the newest backup each tenant with spec.backup reported",
+            backup_age.clone(),
+        );
+        let backup_stale = Family::<Labels, Gauge>::default();
+        registry.register(
+            "backup_stale",
+            "1 while a tenant's BackupStale condition is True",
+            backup_stale.clone(),
+        );
         Metrics {
             registry,
+            backup_age,
+            backup_stale,
+            last_backups: Mutex::default(),
             reconciles,
             errors,
             duration,
@@ -171,6 +189,31 @@ impl Metrics {
         }
     }
 
+    /// Records the backup state of `tenant`: `Some((newest, stale))` with `spec.backup`,
+    /// `None` without it (or once the tenant is gone).
+    pub fn set_backup(&self, tenant: &str, state: Option<(Option<Timestamp>, bool)>) {
+        let Ok(mut map) = self.last_backups.lock() else {
+            return;
+        };
+        let labels = vec![("tenant".to_owned(), tenant.to_owned())];
+        match state {
+            Some((newest, stale)) => {
+                map.insert(tenant.to_owned(), newest);
+                self.backup_stale
+                    .get_or_create(&labels)
+                    .set(i64::from(stale));
+                if newest.is_none() {
+                    self.backup_age.remove(&labels);
+                }
+            }
+            None => {
+                map.remove(tenant);
+                self.backup_age.remove(&labels);
+                self.backup_stale.remove(&labels);
+            }
+        }
+    }
+
     /// Marks the operator ready (CRD found, caches synced).
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
@@ -189,6 +232,15 @@ impl Metrics {
                 self.cert_expiry
                     .get_or_create(&vec![("tenant".to_owned(), tenant.clone())])
                     .set(secs);
+            }
+        }
+        if let Ok(map) = self.last_backups.lock() {
+            for (tenant, newest) in map.iter() {
+                if let Some(t) = newest {
+                    self.backup_age
+                        .get_or_create(&vec![("tenant".to_owned(), tenant.clone())])
+                        .set(now.duration_since(*t).as_secs_f64());
+                }
             }
         }
         let mut out = String::new();

@@ -20,6 +20,10 @@ pub mod types {
     pub const RUNTIME_READY: &str = "RuntimeReady";
     /// Everything above is True.
     pub const READY: &str = "Ready";
+    /// With `spec.backup`: True when the newest backup is older than twice the interval,
+    /// none was reported, or backups cannot be taken. Not part of Ready: a tenant whose
+    /// backups lag still serves.
+    pub const BACKUP_STALE: &str = "BackupStale";
 }
 
 /// Condition reasons that need a person: they make the tenant Degraded and emit a Warning.
@@ -188,6 +192,19 @@ pub fn transitions(old: Option<&TenantStatus>, new: &TenantStatus) -> Vec<Transi
         });
     }
     for c in &new.conditions {
+        // Backups falling behind: a Warning when the condition turns True or its reason
+        // changes.
+        if c.type_ == types::BACKUP_STALE && c.status == "True" {
+            let was = old.and_then(|s| s.conditions.iter().find(|p| p.type_ == c.type_));
+            if !was.is_some_and(|p| p.status == c.status && p.reason == c.reason) {
+                out.push(Transition {
+                    warning: true,
+                    reason: c.reason.clone(),
+                    note: c.message.clone(),
+                });
+            }
+            continue;
+        }
         if c.type_ == types::READY
             || c.status != "False"
             || !reasons::PERMANENT.contains(&c.reason.as_str())

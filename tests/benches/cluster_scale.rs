@@ -120,12 +120,12 @@ async fn bound_tenant(client: Client, name: String) -> Result<()> {
     )
     .await?;
     apply(&client, builders::token_key_secret(&owner, TOKEN_PEM)).await?;
-    let (cm, hash) = builders::config_map(&owner)?;
+    let (cm, hash) = builders::config_map(&owner, &settings)?;
     apply(&client, cm).await?;
     apply(&client, builders::deployment(&owner, &settings, &hash)).await?;
     apply(&client, builders::service(&owner)).await?;
     for stand_in in ["finalizer", "status"] {
-        let mut cm = builders::config_map(&owner)?.0;
+        let mut cm = builders::config_map(&owner, &settings)?.0;
         cm.metadata.name = Some(format!("bench-{stand_in}"));
         apply(&client, cm).await?;
     }

@@ -5,6 +5,7 @@ use crate::builders::tests::tenant;
 use crate::cache::tenant_of;
 use crate::fake_api::FakeApi;
 use crate::run::{check_crd, load_or_create_ca};
+use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::StorageClass;
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
@@ -822,4 +823,165 @@ fn children_map_to_their_cluster_scoped_tenant() {
     let mut foreign = builders::service(&owner);
     foreign.metadata.owner_references.as_mut().unwrap()[0].kind = "Other".into();
     assert_eq!(tenant_of(&foreign), None);
+}
+
+const RECIPIENT: &str = "age1a00zyuy8k7tmeeglkq5qn2wh4t6d22shz79fgm5nd5gq3kn0z3sqlc9dfp";
+
+fn with_backups() -> Harness {
+    let settings = Settings {
+        encrypted_storage_classes: vec!["encrypted".into()],
+        default_storage_class: Some("encrypted".into()),
+        backup_recipients: Some(format!("{RECIPIENT}\n")),
+        ..Settings::default()
+    };
+    Harness::new(settings, Some(TOKEN_PEM))
+}
+
+#[tokio::test]
+async fn backups_get_a_volume_on_the_encrypted_class_and_a_condition_that_ages() {
+    let mut h = with_backups();
+    h.add_tenant(json!({"owner": "x", "backup": {"interval": "6h", "keep": 3, "size": "1Gi"}}));
+    h.reconcile().await.unwrap();
+    h.sync();
+    let pvc: PersistentVolumeClaim = serde_json::from_value(
+        h.fake
+            .get(&format!("{CORE}/persistentvolumeclaims/tenant-backups"))
+            .expect("a backup volume"),
+    )
+    .unwrap();
+    let spec = pvc.spec.unwrap();
+    assert_eq!(spec.storage_class_name.as_deref(), Some("encrypted"));
+    assert_eq!(
+        spec.resources.unwrap().requests.unwrap()["storage"].0,
+        "1Gi"
+    );
+    let recipients = h
+        .fake
+        .get(&format!("{CORE}/configmaps/tenant-backup-recipients"))
+        .expect("the recipients");
+    assert_eq!(recipients["data"]["recipients"], format!("{RECIPIENT}\n"));
+    let config = h
+        .fake
+        .get(&format!("{CORE}/configmaps/tenant-runtime-config"))
+        .unwrap();
+    let config: tenantry_proto::runtime_config::RuntimeConfig =
+        serde_yaml::from_str(config["data"]["config.yaml"].as_str().unwrap()).unwrap();
+    let backup = config.backup.expect("a backup section");
+    assert_eq!(backup.interval, "6h");
+    assert_eq!(backup.keep, 3);
+    assert_eq!(backup.directory, std::path::Path::new(names::BACKUP_DIR));
+    let deployment = h.fake.get(DEPLOY).unwrap();
+    let volumes = deployment["spec"]["template"]["spec"]["volumes"].to_string();
+    assert!(volumes.contains("tenant-backups") && volumes.contains("tenant-backup-recipients"));
+    // The runtime is not running: nothing reported, stale, with a Warning.
+    assert_eq!(
+        h.condition("BackupStale"),
+        ("True".into(), "NoBackupReported".into())
+    );
+    assert!(
+        h.fake
+            .objects_of_kind("Event")
+            .iter()
+            .any(|e| e["reason"] == "NoBackupReported" && e["type"] == "Warning")
+    );
+    // Ready does not wait for backups.
+    h.make_runtime_available();
+    h.reconcile().await.unwrap();
+    h.sync();
+    assert_eq!(h.condition("Ready").0, "True");
+    let (_, message) = {
+        let status = h.tenant().status.unwrap();
+        let c = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "BackupStale")
+            .unwrap()
+            .clone();
+        (c.status, c.message)
+    };
+    // This test's runtime has no address: the condition says why it knows nothing.
+    assert!(message.contains("could not be read"), "{message}");
+
+    // A backup the runtime reported before (kept in the status) makes it current, until
+    // it is older than twice the interval.
+    let reported: Timestamp = "2025-12-31T23:00:00Z".parse().unwrap();
+    h.fake.edit(TENANT, |t| {
+        t["status"]["lastBackup"] = json!({"time": reported.to_string()});
+    });
+    h.sync();
+    h.reconcile().await.unwrap();
+    h.sync();
+    assert_eq!(
+        h.condition("BackupStale"),
+        ("False".into(), "BackupCurrent".into())
+    );
+    assert_eq!(
+        h.tenant().status.unwrap().last_backup.unwrap().time.0,
+        reported
+    );
+    h.advance(Duration::from_secs(12 * 3600));
+    h.reconcile().await.unwrap();
+    h.sync();
+    assert_eq!(
+        h.condition("BackupStale"),
+        ("True".into(), "BackupOverdue".into())
+    );
+    let metrics = h.ctx.metrics.render(h.ctx.now());
+    assert!(
+        metrics.contains("tenantry_operator_backup_stale{tenant=\"acme\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tenantry_operator_backup_age_seconds{tenant=\"acme\"}"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn backups_without_recipients_are_a_condition_and_nothing_else() {
+    let mut h = Harness::standard();
+    h.add_tenant(json!({"owner": "x", "backup": {}}));
+    h.reconcile().await.unwrap();
+    h.sync();
+    assert!(
+        h.fake
+            .get(&format!("{CORE}/persistentvolumeclaims/tenant-backups"))
+            .is_none()
+    );
+    assert!(
+        h.fake
+            .get(&format!("{CORE}/configmaps/tenant-backup-recipients"))
+            .is_none()
+    );
+    let config = h
+        .fake
+        .get(&format!("{CORE}/configmaps/tenant-runtime-config"))
+        .unwrap();
+    assert!(
+        !config["data"]["config.yaml"]
+            .as_str()
+            .unwrap()
+            .contains("backup")
+    );
+    assert_eq!(
+        h.condition("BackupStale"),
+        ("True".into(), "NoBackupRecipients".into())
+    );
+    h.make_runtime_available();
+    h.reconcile().await.unwrap();
+    assert_eq!(h.tenant().status.unwrap().phase, Some(TenantPhase::Ready));
+}
+
+#[tokio::test]
+async fn a_tenant_without_backup_gets_no_backup_objects_or_condition() {
+    let mut h = with_backups();
+    h.converge().await;
+    assert!(
+        h.fake
+            .get(&format!("{CORE}/persistentvolumeclaims/tenant-backups"))
+            .is_none()
+    );
+    let status = h.tenant().status.unwrap();
+    assert!(status.conditions.iter().all(|c| c.type_ != "BackupStale"));
+    assert!(status.last_backup.is_none());
 }

@@ -362,7 +362,7 @@ async fn children_match_builders(env: &Env, name: &str) -> Result<()> {
     .await?;
     check(
         Api::namespaced(client.clone(), &ns),
-        builders::config_map(&owner)?.0,
+        builders::config_map(&owner, &settings)?.0,
     )
     .await?;
     let stored: ConfigMap = Api::namespaced(client.clone(), &ns)
@@ -380,7 +380,7 @@ async fn children_match_builders(env: &Env, name: &str) -> Result<()> {
         "{name}: the runtime allows OAuth 2 hosts {:?}",
         config.oauth2.allowed_hosts
     );
-    let (_, hash) = builders::config_map(&owner)?;
+    let (_, hash) = builders::config_map(&owner, &settings)?;
     check(
         Api::namespaced(client.clone(), &ns),
         builders::deployment(&owner, &settings, &hash),
