@@ -55,6 +55,8 @@ const NS: &str = "tenantry-e2e";
 const ENCRYPTED: &str = "tenantry-e2e-encrypted";
 const PLAIN: &str = "tenantry-e2e-plain";
 const LEASE_SECONDS: u32 = 6;
+/// The recipient the operator encrypts tenants' backups to (a public key).
+const BACKUP_RECIPIENT: &str = "age1a00zyuy8k7tmeeglkq5qn2wh4t6d22shz79fgm5nd5gq3kn0z3sqlc9dfp";
 const TOKEN_PEM: &str = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE=\n-----END PUBLIC KEY-----\n";
 
 struct Env {
@@ -183,6 +185,8 @@ async fn setup(cluster: Cluster) -> Result<Env> {
     let kubeconfig = cluster
         .service_account_kubeconfig(NS, "tenantry-operator", dir.path())
         .await?;
+    let recipients = dir.path().join("backup-recipients");
+    std::fs::write(&recipients, format!("# test\n{BACKUP_RECIPIENT}\n"))?;
     let options = OperatorOptions {
         binary: std::env::var_os("TENANTRY_E2E_OPERATOR_BIN")
             .map(Into::into)
@@ -190,7 +194,12 @@ async fn setup(cluster: Cluster) -> Result<Env> {
         kubeconfig,
         namespace: NS.into(),
         lease_seconds: LEASE_SECONDS,
-        extra: vec!["--resync-seconds".into(), "10".into()],
+        extra: vec![
+            "--resync-seconds".into(),
+            "10".into(),
+            "--backup-recipients-file".into(),
+            recipients.display().to_string(),
+        ],
         log_dir: dir.path().to_owned(),
     };
     Ok(Env {
@@ -220,6 +229,7 @@ async fn operator_on_a_real_api_server() -> Result<()> {
         step("the schema refuses bad Tenants", schema_refuses(&env)).await?;
         let operator = step("convergence, idle and restart", converge(&env)).await?;
         step("two Tenants' lifecycle", lifecycle(&env)).await?;
+        step("a Tenant with backups", backups(&env)).await?;
         step("unreadable and invalid Tenants", unreadable(&env)).await?;
         step("two replicas", two_replicas(&env, operator)).await
     }
@@ -670,6 +680,111 @@ async fn lifecycle(env: &Env) -> Result<()> {
     }
     env.cluster
         .delete_tenants("e2e-life-", Duration::from_secs(180))
+        .await
+}
+
+/// `spec.backup`: a backup volume on the encrypted class, the recipients, the runtime's
+/// backup section and mounts; BackupStale until a backup is known (no kubelet here, so the
+/// runtime never runs: a backup is written into the status by hand, as the operator keeps
+/// the newest it has seen).
+async fn backups(env: &Env) -> Result<()> {
+    let name = "e2e-backup";
+    let mut bad = tenant_spec(true);
+    bad["backup"] = json!({"interval": "1w"});
+    ensure!(
+        env.cluster
+            .create_tenant("e2e-backup-bad", bad)
+            .await
+            .is_err(),
+        "the schema refuses interval 1w"
+    );
+    let mut spec = tenant_spec(true);
+    spec["backup"] = json!({"interval": "1h", "keep": 2, "size": "512Mi"});
+    env.cluster.create_tenant(name, spec).await?;
+    env.converged(&[(name.to_owned(), true)], Duration::from_secs(120))
+        .await?;
+    let pvcs = env.in_tenant::<k8s_openapi::api::core::v1::PersistentVolumeClaim>(name);
+    let backup_pvc = eventually("the backup volume", Duration::from_secs(60), || async {
+        Ok(pvcs.get_opt(names::BACKUP_PVC).await?)
+    })
+    .await?;
+    let pvc_spec = backup_pvc.spec.context("the backup PVC has a spec")?;
+    ensure!(pvc_spec.storage_class_name.as_deref() == Some(ENCRYPTED));
+    ensure!(
+        pvc_spec
+            .resources
+            .and_then(|r| r.requests)
+            .map(|r| r["storage"].0.clone())
+            == Some("512Mi".to_owned())
+    );
+    let config_maps = env.in_tenant::<ConfigMap>(name);
+    let recipients = config_maps.get(names::BACKUP_RECIPIENTS_CONFIG_MAP).await?;
+    ensure!(
+        recipients.data.unwrap_or_default()[names::BACKUP_RECIPIENTS_KEY].trim()
+            == BACKUP_RECIPIENT
+    );
+    let config = config_maps.get(names::CONFIG_MAP).await?;
+    let config: tenantry_proto::runtime_config::RuntimeConfig =
+        serde_yaml::from_str(&config.data.unwrap_or_default()[names::CONFIG_KEY])?;
+    let backup = config
+        .backup
+        .context("the runtime config has a backup section")?;
+    ensure!(backup.interval == "1h" && backup.keep == 2);
+    let deployment = env
+        .in_tenant::<Deployment>(name)
+        .get(names::DEPLOYMENT)
+        .await?;
+    let volumes = serde_json::to_string(&deployment.spec.unwrap().template.spec.unwrap().volumes)?;
+    ensure!(
+        volumes.contains(names::BACKUP_PVC)
+            && volumes.contains(names::BACKUP_RECIPIENTS_CONFIG_MAP)
+    );
+    let condition = |t: Tenant| {
+        t.status
+            .unwrap_or_default()
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "BackupStale")
+            .map(|c| (c.status, c.reason))
+    };
+    eventually(
+        "BackupStale, nothing reported",
+        Duration::from_secs(60),
+        || async {
+            Ok((condition(env.tenant(name).await?)
+                == Some(("True".to_owned(), "NoBackupReported".to_owned())))
+            .then_some(()))
+        },
+    )
+    .await?;
+    let now = jiff::Timestamp::now();
+    env.tenants()
+        .patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"lastBackup": {"time": now.to_string()}}})),
+        )
+        .await?;
+    eventually(
+        "BackupStale False once a backup is known",
+        Duration::from_secs(60),
+        || async {
+            let t = env.tenant(name).await?;
+            let kept = t
+                .status
+                .as_ref()
+                .and_then(|s| s.last_backup.as_ref())
+                .is_some();
+            Ok(
+                (kept && condition(t) == Some(("False".to_owned(), "BackupCurrent".to_owned())))
+                    .then_some(()),
+            )
+        },
+    )
+    .await?;
+    env.tenants().delete(name, &DeleteParams::default()).await?;
+    env.cluster
+        .delete_tenants("e2e-backup", Duration::from_secs(180))
         .await
 }
 
