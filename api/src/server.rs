@@ -330,11 +330,11 @@ async fn build_provisioner(
                 },
                 backup: backup_settings(args)?,
             };
-            Ok(Arc::new(LocalProvisioner::new(
-                settings,
-                store.clone(),
-                Arc::clone(clock),
-            )?))
+            let provisioner = LocalProvisioner::new(settings, store.clone(), Arc::clone(clock))?;
+            // The previous process's runtimes stopped with it: no stale Ready until the
+            // new ones answer their readiness probe.
+            store.mark_instances_starting(clock.now_ms()).await?;
+            Ok(Arc::new(provisioner))
         }
     }
 }

@@ -410,7 +410,14 @@ mod tests {
                 "{interval} {keep}"
             );
         }
-        assert_eq!(config().restart_required_changes(&c), vec!["backup"]);
+        let with_backup = RuntimeConfig {
+            backup: c.backup.clone(),
+            ..config()
+        };
+        assert_eq!(
+            config().restart_required_changes(&with_backup),
+            vec!["backup"]
+        );
         // Absent, it is left out of the file.
         assert!(!serde_json::to_string(&config()).unwrap().contains("backup"));
     }

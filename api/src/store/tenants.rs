@@ -288,6 +288,24 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
+    /// Every tenant whose instance was serving (`Ready` or `Degraded`) goes back to
+    /// `Provisioning` without an endpoint: for the `local` provisioner at start, whose
+    /// runtimes stopped with the previous process, so nobody reads a `Ready` left by it
+    /// before the new runtime answers. Returns how many changed.
+    pub async fn mark_instances_starting(&self, now_ms: i64) -> Result<u64> {
+        let done = sqlx::query(
+            "UPDATE tenants SET phase = $1, endpoint = '', message = 'runtime starting', \
+             updated_at_ms = $2 WHERE phase = $3 OR phase = $4",
+        )
+        .bind(TenantPhase::Provisioning.as_str())
+        .bind(now_ms)
+        .bind(TenantPhase::Ready.as_str())
+        .bind(TenantPhase::Degraded.as_str())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     /// Marks a tenant as being deleted (the provisioner then removes its instance) and
     /// audits; `Err(NotFound)` if it does not exist.
     pub async fn mark_terminating(

@@ -100,6 +100,8 @@ struct Population {
     users: Vec<(String, Option<String>)>,
     admin: (String, String),
     recovery_codes: Vec<String>,
+    /// A user and one of their recovery codes, used after the restore.
+    recovery: (String, String),
     session_tokens: Vec<String>,
     audit_rows: u64,
 }
@@ -109,6 +111,7 @@ async fn populate(server: &TestServer) -> Population {
     let (_, admin_token, admin_secret) = server.admin_session("ops@backup.test").await;
     let mut users = Vec::new();
     let mut recovery_codes = Vec::new();
+    let mut recovery = None;
     let mut session_tokens = vec![admin_token.clone()];
     for i in 0..4 {
         let email = format!("user{i}@backup.test");
@@ -117,6 +120,7 @@ async fn populate(server: &TestServer) -> Population {
         session_tokens.push(token.clone());
         let secret = if i % 2 == 0 {
             let (secret, codes) = server.enroll(&token).await;
+            recovery.get_or_insert_with(|| (email.clone(), codes[0].clone()));
             recovery_codes.extend(codes);
             Some(secret)
         } else {
@@ -147,6 +151,7 @@ async fn populate(server: &TestServer) -> Population {
         users,
         admin: ("ops@backup.test".into(), admin_secret),
         recovery_codes,
+        recovery: recovery.unwrap(),
         session_tokens,
         audit_rows: verified.checked,
     }
@@ -168,6 +173,19 @@ async fn check_restored(server: &TestServer, population: &Population) -> (u64, S
             .into_inner();
         assert_eq!(&who.email, email);
     }
+    // A recovery code from before the backup works (once).
+    let (email, code) = &population.recovery;
+    let token = server.login(email).await;
+    server
+        .mfa()
+        .verify_mfa(authed(
+            VerifyMfaRequest {
+                factor: Some(verify_mfa_request::Factor::RecoveryCode(code.clone())),
+            },
+            &token,
+        ))
+        .await
+        .unwrap();
     // Old sessions are not restored.
     let stale = server
         .accounts()

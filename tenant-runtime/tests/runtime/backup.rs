@@ -134,6 +134,11 @@ async fn a_backup_taken_while_writing_restores_and_opens_only_with_the_tenant_ke
             .await;
         assert_eq!(r.status, 201, "{}", r.text);
     }
+    // Tenants can neither take nor fetch a backup over HTTP.
+    for method in ["GET", "POST"] {
+        let r = app.call(method, "/v1/backup", None).await;
+        assert_eq!(r.status, 404, "{method} /v1/backup: {}", r.text);
+    }
     let keys = Keys::new();
     let backups = tempfile::tempdir().unwrap();
     // Requests keep writing while the backup runs.
