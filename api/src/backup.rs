@@ -342,7 +342,7 @@ pub async fn restore(
         _ => None,
     };
     let result = async {
-        let (mut conn, backend) = dump::connect(url, false).await?;
+        let (mut conn, backend) = dump::connect(url, true).await?;
         let record = AuditRecord {
             action: "backup.restore",
             actor_user_id: String::new(),
