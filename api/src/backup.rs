@@ -193,25 +193,15 @@ pub async fn backup(
     let tables: Vec<(String, u64)> = tables.into_iter().map(|(t, n)| (t.to_owned(), n)).collect();
     let rows: u64 = tables.iter().map(|(_, n)| n).sum();
     let store = Store::connect(url, 1).await?;
-    let record = AuditRecord {
-        action: "backup.create",
-        actor_user_id: String::new(),
-        target: "control-database".into(),
-        success: true,
-        source: "cli".into(),
-        detail_json: crate::service::detail(&[
-            (
-                "file",
-                path.file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-                    .into(),
-            ),
+    let record = cli_record(
+        "backup.create",
+        &path,
+        &[
             ("rows", rows.into()),
             ("sha256", summary.sha256.clone().into()),
             ("audit_sequence", audit_head.sequence.into()),
-        ]),
-    };
+        ],
+    );
     store
         .commit_audited([&record], clock.now_ms(), async |_| Ok(Write::Commit(())))
         .await?;
@@ -231,6 +221,29 @@ pub async fn backup(
         audit_head,
         pruned,
     })
+}
+
+/// The audit row of a backup command run from the command line: on the control database,
+/// by nobody, naming the backup file.
+fn cli_record(
+    action: &'static str,
+    file: &Path,
+    detail: &[(&str, serde_json::Value)],
+) -> AuditRecord {
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut fields = vec![("file", name.into())];
+    fields.extend(detail.iter().cloned());
+    AuditRecord {
+        action,
+        actor_user_id: String::new(),
+        target: "control-database".into(),
+        success: true,
+        source: "cli".into(),
+        detail_json: crate::service::detail(&fields),
+    }
 }
 
 /// What `restore` did.
@@ -343,29 +356,18 @@ pub async fn restore(
     };
     let result = async {
         let (mut conn, backend) = dump::connect(url, true).await?;
-        let record = AuditRecord {
-            action: "backup.restore",
-            actor_user_id: String::new(),
-            target: "control-database".into(),
-            success: true,
-            source: "cli".into(),
-            detail_json: crate::service::detail(&[
-                (
-                    "file",
-                    input
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default()
-                        .into(),
-                ),
+        let record = cli_record(
+            "backup.restore",
+            input,
+            &[
                 (
                     "backup_created_at",
                     header.label.created_at.to_string().into(),
                 ),
                 ("backup_source", header.source.clone().into()),
                 ("backup_schema_version", header.schema_version.into()),
-            ]),
-        };
+            ],
+        );
         let restored = dump::restore_into(
             &mut conn,
             backend,

@@ -429,11 +429,6 @@ impl Reader {
             _ => Err(self.corrupt("unknown frame")),
         }
     }
-
-    /// Records read so far.
-    pub fn records(&self) -> u64 {
-        self.records
-    }
 }
 
 /// The file name of a backup of `kind` taken at `at`: `<kind>-<UTC time>.tbk`
