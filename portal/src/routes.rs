@@ -153,6 +153,16 @@ impl Portal {
         }
     }
 
+    /// [`Portal::checked`] for a form only a signed-in visitor may send: anyone else is sent
+    /// to sign in.
+    fn signed_in_form(&self, headers: &HeaderMap, csrf: &str) -> Result<Session, Box<Response>> {
+        let s = self.checked(headers, csrf)?;
+        if s.signed_in_token().is_none() {
+            return Err(Box::new(redirect("/login", None)));
+        }
+        Ok(s)
+    }
+
     /// Ends the visit in the browser: a fresh anonymous cookie and a redirect to sign in.
     fn signed_out(&self, notice: &str) -> Response {
         let cookie = Session::anonymous(now()).ok().and_then(|s| self.cookie(&s));
@@ -473,13 +483,10 @@ async fn resend_verification(
     headers: HeaderMap,
     Form(f): Form<CsrfOnly>,
 ) -> Response {
-    let s = match p.checked(&headers, &f.csrf) {
+    let s = match p.signed_in_form(&headers, &f.csrf) {
         Ok(s) => s,
-        Err(refused) => return *refused,
+        Err(answer) => return *answer,
     };
-    if s.signed_in_token().is_none() {
-        return redirect("/login", None);
-    }
     match p.api.resend_verification(&caller(&s, peer)).await {
         Ok(()) => redirect("/?resent=1", None),
         Err(f) if f.signed_out() => p.signed_out("signed_out"),
@@ -623,13 +630,10 @@ async fn retention(
     headers: HeaderMap,
     Form(f): Form<RetentionFields>,
 ) -> Response {
-    let s = match p.checked(&headers, &f.csrf) {
+    let s = match p.signed_in_form(&headers, &f.csrf) {
         Ok(s) => s,
-        Err(refused) => return *refused,
+        Err(answer) => return *answer,
     };
-    if s.signed_in_token().is_none() {
-        return redirect("/login", None);
-    }
     let c = caller(&s, peer);
     let parsed = (
         f.max_age_hours.trim().parse::<u32>(),
@@ -715,10 +719,9 @@ async fn mfa_enroll(
     headers: HeaderMap,
     Form(f): Form<CsrfOnly>,
 ) -> Response {
-    let s = match p.checked(&headers, &f.csrf) {
-        Ok(s) if s.signed_in_token().is_some() => s,
-        Ok(_) => return redirect("/login", None),
-        Err(refused) => return *refused,
+    let s = match p.signed_in_form(&headers, &f.csrf) {
+        Ok(s) => s,
+        Err(answer) => return *answer,
     };
     match p.api.begin_totp(&caller(&s, peer)).await {
         Ok(e) => page(
@@ -736,10 +739,9 @@ async fn mfa_confirm(
     headers: HeaderMap,
     Form(f): Form<CodeFields>,
 ) -> Response {
-    let s = match p.checked(&headers, &f.csrf) {
-        Ok(s) if s.signed_in_token().is_some() => s,
-        Ok(_) => return redirect("/login", None),
-        Err(refused) => return *refused,
+    let s = match p.signed_in_form(&headers, &f.csrf) {
+        Ok(s) => s,
+        Err(answer) => return *answer,
     };
     match p
         .api
@@ -775,10 +777,9 @@ async fn mfa_remove(
     headers: HeaderMap,
     Form(f): Form<RemoveFields>,
 ) -> Response {
-    let s = match p.checked(&headers, &f.csrf) {
-        Ok(s) if s.signed_in_token().is_some() => s,
-        Ok(_) => return redirect("/login", None),
-        Err(refused) => return *refused,
+    let s = match p.signed_in_form(&headers, &f.csrf) {
+        Ok(s) => s,
+        Err(answer) => return *answer,
     };
     let c = caller(&s, peer);
     let password = || f.password.expose_secret().to_owned();
@@ -850,10 +851,9 @@ async fn change_password(
     headers: HeaderMap,
     Form(f): Form<PasswordFields>,
 ) -> Response {
-    let s = match p.checked(&headers, &f.csrf) {
-        Ok(s) if s.signed_in_token().is_some() => s,
-        Ok(_) => return redirect("/login", None),
-        Err(refused) => return *refused,
+    let s = match p.signed_in_form(&headers, &f.csrf) {
+        Ok(s) => s,
+        Err(answer) => return *answer,
     };
     let c = caller(&s, peer);
     let result = p
