@@ -19,7 +19,7 @@ use crate::config::DatabaseArgs;
 use crate::crypto::MasterKey;
 use crate::error::{Error, Result};
 use crate::store::backup::{self as dump, AuditHead};
-use crate::store::{AuditRecord, Backend, Store, Write};
+use crate::store::{AuditRecord, Backend};
 
 /// The schedule of `serve --backup-dir`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,10 +189,8 @@ pub async fn backup(
     let mut writer = AsyncWriter::create(&path, header, recipients).await?;
     let tables = snapshot.dump(&mut writer).await?;
     let summary = writer.finish().await?;
-    drop(conn);
     let tables: Vec<(String, u64)> = tables.into_iter().map(|(t, n)| (t.to_owned(), n)).collect();
     let rows: u64 = tables.iter().map(|(_, n)| n).sum();
-    let store = Store::connect(url, 1).await?;
     let record = cli_record(
         "backup.create",
         &path,
@@ -202,10 +200,11 @@ pub async fn backup(
             ("audit_sequence", audit_head.sequence.into()),
         ],
     );
-    store
-        .commit_audited([&record], clock.now_ms(), async |_| Ok(Write::Commit(())))
-        .await?;
-    store.close().await;
+    dump::append_audit(&mut conn, backend, &record, clock.now_ms()).await?;
+    {
+        use sqlx::Connection as _;
+        let _ = conn.close().await;
+    }
     let pruned = match (keep, path.parent()) {
         (1.., Some(dir)) => tenantry_backup::prune(dir, Kind::ControlDatabase, None, keep)?,
         _ => Vec::new(),
@@ -264,22 +263,7 @@ pub struct RestoreReport {
 /// Loads the master key a restore checks the backup against: `--master-key-file`, or
 /// `master.key` beside a SQLite database; unlike `serve`, never creates one.
 fn existing_master_key(db: &DatabaseArgs) -> Result<(MasterKey, PathBuf)> {
-    let url = db.url();
-    let path = match (
-        &db.master_key_file,
-        crate::server::sqlite_path(url.expose_secret()),
-    ) {
-        (Some(path), _) => path.clone(),
-        (None, Some(db_path)) => db_path
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join(crate::server::MASTER_KEY_FILE),
-        (None, None) => {
-            return Err(Error::Config(
-                "--master-key-file (TENANTRY_MASTER_KEY_FILE) is required with this database: the master key of the API that wrote the backup".into(),
-            ));
-        }
-    };
+    let (path, _) = crate::server::master_key_path(db)?;
     if !path.exists() {
         return Err(Error::Restore(format!(
             "no master key at {}: put the master key of the API that wrote the backup there (it is never in a backup), or name it with --master-key-file",

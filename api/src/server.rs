@@ -60,29 +60,32 @@ pub(crate) fn sqlite_path(url: &str) -> Option<PathBuf> {
     (!path.is_empty() && path != ":memory:").then(|| PathBuf::from(path))
 }
 
+/// Where the master key is: `--master-key-file`, or (SQLite only) `master.key` beside the
+/// database; the flag `true` for the latter, the default a first start may create.
+pub(crate) fn master_key_path(db: &DatabaseArgs) -> Result<(PathBuf, bool)> {
+    match (&db.master_key_file, sqlite_path(db.url().expose_secret())) {
+        (Some(path), _) => Ok((path.clone(), false)),
+        (None, Some(db_path)) => Ok((
+            db_path
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(MASTER_KEY_FILE),
+            true,
+        )),
+        (None, None) => Err(Error::Config(
+            "--master-key-file (TENANTRY_MASTER_KEY_FILE) is required with this database".into(),
+        )),
+    }
+}
+
 /// Loads the master key from `--master-key-file`, or (SQLite only) from `master.key`
 /// beside the database, creating it with mode 0600 on first start.
 pub fn load_master_key(db: &DatabaseArgs) -> Result<MasterKey> {
-    let path = match (&db.master_key_file, sqlite_path(db.url().expose_secret())) {
-        (Some(path), _) => path.clone(),
-        (None, Some(db_path)) => {
-            let path = db_path
-                .parent()
-                .unwrap_or(Path::new("."))
-                .join(MASTER_KEY_FILE);
-            if !path.exists() {
-                create_master_key(&path)?;
-                tracing::info!(path = %path.display(), "created a new master key; back it up with the database");
-            }
-            path
-        }
-        (None, None) => {
-            return Err(Error::Config(
-                "--master-key-file (TENANTRY_MASTER_KEY_FILE) is required with this database"
-                    .into(),
-            ));
-        }
-    };
+    let (path, default) = master_key_path(db)?;
+    if default && !path.exists() {
+        create_master_key(&path)?;
+        tracing::info!(path = %path.display(), "created a new master key; back it up with the database");
+    }
     read_master_key(&path)
 }
 

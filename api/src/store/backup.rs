@@ -426,6 +426,23 @@ fn json(value: &serde_json::Value) -> Result<Vec<u8>> {
     serde_json::to_vec(value).map_err(|e| Error::Restore(format!("cannot encode a row: {e}")))
 }
 
+/// Appends `record` to the audit chain in a write transaction of its own on `conn` (a
+/// backup's `backup.create`, on the connection that took the snapshot).
+pub async fn append_audit(
+    conn: &mut AnyConnection,
+    backend: Backend,
+    record: &audit::AuditRecord,
+    now_ms: i64,
+) -> Result<()> {
+    let mut tx = match backend {
+        Backend::Sqlite => conn.begin_with("BEGIN IMMEDIATE").await?,
+        Backend::Postgres => conn.begin().await?,
+    };
+    audit::append_audit(&mut tx, record, now_ms).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 /// What a restore checks as rows go in: that the master key opens every sealed secret, and
 /// that the audit chain verifies and ends where the backup's header says.
 pub trait RestoreChecks {
