@@ -90,10 +90,11 @@ impl Drop for Cleanup {
     }
 }
 
-async fn counts(db: &Path, read_only: bool) -> Result<(i64, i64)> {
+/// Executions and credentials in the snapshot at `db`.
+async fn counts(db: &Path) -> Result<(i64, i64)> {
     let mut conn = SqliteConnectOptions::new()
         .filename(db)
-        .read_only(read_only)
+        .read_only(true)
         .connect()
         .await?;
     let executions: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM executions")
@@ -141,7 +142,7 @@ pub async fn backup(
             .await?;
         conn.close().await?;
     }
-    let (executions, credentials) = counts(&snapshot, true).await?;
+    let (executions, credentials) = counts(&snapshot).await?;
     let label = Label {
         kind: Kind::TenantData,
         created_at,
@@ -327,8 +328,7 @@ pub async fn restore(
         .await
         .map_err(|e| Error::Refused(format!("the restore task failed: {e}")))??;
     }
-    let records_checked = check_restored(&staged, &sealer).await?;
-    let (executions, credentials) = counts(&staged, true).await?;
+    let checked = check_restored(&staged, &sealer).await?;
     if std::fs::metadata(&target).is_ok_and(|m| m.len() > 0) {
         return Err(Error::Refused(format!(
             "{} appeared while restoring; not replacing it",
@@ -342,14 +342,23 @@ pub async fn restore(
         .map_err(io(format!("syncing {}", config.data_dir.display())))?;
     Ok(RestoreReport {
         backup_created_at: header.label.created_at,
-        executions,
-        credentials,
-        records_checked,
+        executions: checked.executions,
+        credentials: checked.credentials,
+        records_checked: checked.records,
     })
 }
 
-/// SQLite's integrity check, then every sealed record opened with the tenant's key.
-async fn check_restored(db: &Path, sealer: &Sealer) -> Result<u64> {
+/// What [`check_restored`] opened.
+struct Checked {
+    executions: i64,
+    credentials: i64,
+    /// Every sealed record (executions, credentials, grants' tokens, pending states).
+    records: u64,
+}
+
+/// SQLite's integrity check, then every sealed record opened with the tenant's key
+/// (counted on the way: every execution and credential has one).
+async fn check_restored(db: &Path, sealer: &Sealer) -> Result<Checked> {
     use futures::TryStreamExt as _;
     let mut conn = SqliteConnectOptions::new()
         .filename(db)
@@ -376,7 +385,11 @@ async fn check_restored(db: &Path, sealer: &Sealer) -> Result<u64> {
             "SELECT state_hash, verifier FROM oauth2_states",
         ),
     ];
-    let mut checked = 0u64;
+    let mut checked = Checked {
+        executions: 0,
+        credentials: 0,
+        records: 0,
+    };
     for (table, sql) in sealed {
         let mut rows = sqlx::query(sql).fetch(&mut conn);
         while let Some(row) = rows.try_next().await? {
@@ -388,7 +401,12 @@ async fn check_restored(db: &Path, sealer: &Sealer) -> Result<u64> {
                     table.as_str()
                 )));
             }
-            checked += 1;
+            checked.records += 1;
+            match table {
+                Table::Executions => checked.executions += 1,
+                Table::Credentials => checked.credentials += 1,
+                Table::OAuth2Grants | Table::OAuth2States => {}
+            }
         }
     }
     drop(conn);
