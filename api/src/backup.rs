@@ -16,7 +16,7 @@ use tenantry_backup::{AsyncReader, AsyncWriter, Header, Identities, Kind, Label,
 
 use crate::clock::Clock;
 use crate::config::DatabaseArgs;
-use crate::crypto::MasterKey;
+use crate::crypto::MasterKeyRing;
 use crate::error::{Error, Result};
 use crate::store::backup::{self as dump, AuditHead};
 use crate::store::{AuditRecord, Backend};
@@ -262,7 +262,7 @@ pub struct RestoreReport {
 
 /// Loads the master key a restore checks the backup against: `--master-key-file`, or
 /// `master.key` beside a SQLite database; unlike `serve`, never creates one.
-fn existing_master_key(db: &DatabaseArgs) -> Result<(MasterKey, PathBuf)> {
+fn existing_master_key(db: &DatabaseArgs) -> Result<(MasterKeyRing, PathBuf)> {
     let (path, _) = crate::server::master_key_path(db)?;
     if !path.exists() {
         return Err(Error::Restore(format!(
@@ -270,11 +270,11 @@ fn existing_master_key(db: &DatabaseArgs) -> Result<(MasterKey, PathBuf)> {
             path.display()
         )));
     }
-    Ok((crate::server::read_master_key(&path)?, path))
+    Ok((crate::keyring::read_ring(&path)?.0, path))
 }
 
 struct MasterKeyCheck<'a> {
-    key: &'a MasterKey,
+    key: &'a MasterKeyRing,
     path: &'a Path,
 }
 

@@ -53,6 +53,72 @@ pub enum Command {
     /// List the newest backup of each kind (and tenant) under `--dir`, with its age;
     /// exits 2 when one is older than twice `--interval` (stale).
     Backups(BackupsArgs),
+    /// Rotate the master key while the API serves: add the key of `--new-key-file` (made
+    /// if missing) to `--master-key-file`, wait for every running API to hold it, make it
+    /// the key that seals, and re-seal every secret in batches. Resumable: run it again
+    /// to finish an interrupted rotation.
+    RotateMasterKey(RotateMasterKeyArgs),
+    /// The master key ring: `status` counts the secrets each key still seals.
+    MasterKeys(MasterKeysArgs),
+}
+
+/// `rotate-master-key`.
+#[derive(Debug, Clone, Args)]
+pub struct RotateMasterKeyArgs {
+    /// The database and its key file (`--master-key-file`, or `master.key` beside a
+    /// SQLite database), which gets the new key.
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// The new key (base64 of 32 bytes, like the key file's lines); generated (0600)
+    /// when the file does not exist.
+    #[arg(long)]
+    pub new_key_file: PathBuf,
+    /// Secrets re-sealed per transaction.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub batch_size: u32,
+    /// How long to wait for every running API to hold the new key, then to seal with it.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub wait: Duration,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `master-keys`.
+#[derive(Debug, Clone, Args)]
+pub struct MasterKeysArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: MasterKeysCommand,
+}
+
+/// `master-keys` subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum MasterKeysCommand {
+    /// How many secrets each key of the key file (and any key missing from it) seals,
+    /// which key seals new ones, and which keys each running API holds. A key that seals
+    /// no secret can leave the key file.
+    Status(MasterKeysStatusArgs),
+}
+
+/// `master-keys status`.
+#[derive(Debug, Clone, Args)]
+pub struct MasterKeysStatusArgs {
+    /// The database and its key file.
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// Print the status as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A `--master-key-reload-interval`: 1 s to 10 min.
+fn parse_reload_interval(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(1) || d > Duration::from_secs(600) {
+        return Err("between 1s and 10m".into());
+    }
+    Ok(d)
 }
 
 /// Scheduled backups of `serve` and `dev`.
@@ -276,6 +342,10 @@ pub struct ServeArgs {
     /// Scheduled backups.
     #[command(flatten)]
     pub backup: BackupScheduleArgs,
+    /// How often the master key file and the database's primary key are looked at (a
+    /// rotation waits for every running API to take up the new key).
+    #[arg(long, env = "TENANTRY_MASTER_KEY_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_reload_interval)]
+    pub master_key_reload_interval: Duration,
     /// A session unused this long ends (`90s`, `30m`, `12h`).
     #[arg(long, env = "TENANTRY_SESSION_IDLE_TIMEOUT", default_value = "30m", value_parser = humantime::parse_duration)]
     pub session_idle_timeout: Duration,

@@ -15,6 +15,7 @@ pub mod dev;
 pub mod error;
 pub mod files;
 pub mod forwarded;
+pub mod keyring;
 pub mod lockout;
 pub mod mail;
 pub mod metrics;

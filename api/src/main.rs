@@ -194,6 +194,103 @@ async fn main() -> anyhow::Result<()> {
                 std::process::exit(2);
             }
         }
+        Command::RotateMasterKey(args) => {
+            let (key_file, store) = tenantry_api::keyring::open_database(&args.db).await?;
+            let report = tenantry_api::keyring::rotate(
+                &store,
+                &key_file,
+                &args.new_key_file,
+                &tenantry_api::keyring::RotateOptions {
+                    batch_size: args.batch_size,
+                    wait: args.wait,
+                    poll: std::time::Duration::from_millis(500),
+                },
+                &tenantry_api::clock::SystemClock,
+            )
+            .await;
+            store.close().await;
+            let report = report?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                let total: u64 = report.resealed.values().sum();
+                println!(
+                    "master key {} seals new secrets{}; {} running API(s) hold it",
+                    report.key_id,
+                    report
+                        .previous_primary
+                        .as_deref()
+                        .map(|p| format!(" (was {p})"))
+                        .unwrap_or_default(),
+                    report.servers
+                );
+                println!(
+                    "re-sealed {total} secrets in {} ms{}",
+                    report.reseal_ms,
+                    report
+                        .resealed
+                        .iter()
+                        .map(|(place, n)| format!("; {place}: {n}"))
+                        .collect::<String>()
+                );
+                println!(
+                    "run `tenantry-api master-keys status`: a key that seals nothing can leave {}",
+                    key_file.display()
+                );
+            }
+            if report.unreadable > 0 {
+                eprintln!(
+                    "{} secrets open with no key of {}: they still need their old key (see the log)",
+                    report.unreadable,
+                    key_file.display()
+                );
+                std::process::exit(1);
+            }
+        }
+        Command::MasterKeys(args) => match args.command {
+            tenantry_api::config::MasterKeysCommand::Status(args) => {
+                let (key_file, store) = tenantry_api::keyring::open_database(&args.db).await?;
+                let status = tenantry_api::keyring::status(
+                    &store,
+                    &key_file,
+                    &tenantry_api::clock::SystemClock,
+                )
+                .await;
+                store.close().await;
+                let status = status?;
+                if args.json {
+                    println!("{}", serde_json::to_string_pretty(&status)?);
+                } else {
+                    println!("KEY               IN FILE  PRIMARY  SECRETS  WHERE");
+                    for k in &status.keys {
+                        println!(
+                            "{:<17} {:<8} {:<8} {:<8} {}",
+                            k.key_id,
+                            if k.in_file { "yes" } else { "NO" },
+                            if k.primary { "yes" } else { "" },
+                            k.total,
+                            k.seals
+                                .iter()
+                                .map(|(place, n)| format!("{place}={n}"))
+                                .collect::<Vec<_>>()
+                                .join(" ")
+                        );
+                    }
+                    if status.unreadable > 0 {
+                        println!("{} secrets open with no key of the file", status.unreadable);
+                    }
+                    for s in &status.servers {
+                        println!(
+                            "server {} on {}: holds {}, seals with {}",
+                            s.server_id,
+                            s.host,
+                            s.key_ids.join(","),
+                            s.primary_key_id
+                        );
+                    }
+                }
+            }
+        },
         Command::BootstrapAdmin(args) => {
             let mut password = String::new();
             std::io::stdin()

@@ -313,6 +313,49 @@ UPDATE tenants SET phase = 'AwaitingVerification'
 WHERE phase = 'Pending' AND owner_user_id IN (SELECT id FROM users WHERE email_verified_at_ms IS NULL);
 "#;
 
+/// The ring's state (key ids only, never key material) and the servers' reports; and the
+/// trigger that publishes user changes to the session caches now fires when TOTP is
+/// turned on or off, not when a rotation re-seals the secret (sessions only know whether
+/// a user has TOTP).
+macro_rules! v8_master_keys {
+    ($trigger:literal) => {
+        concat!(
+            r#"
+CREATE TABLE master_keys (
+    key_id TEXT PRIMARY KEY,
+    added_at_ms BIGINT NOT NULL,
+    primary_since_ms BIGINT
+);
+CREATE TABLE master_key_holders (
+    server_id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    key_ids TEXT NOT NULL,
+    primary_key_id TEXT NOT NULL,
+    seen_at_ms BIGINT NOT NULL,
+    expires_at_ms BIGINT NOT NULL
+);
+"#,
+            $trigger
+        )
+    };
+}
+
+const V8_SQLITE_MASTER_KEYS: &str = v8_master_keys!(
+    "DROP TRIGGER auth_changes_user_update;
+CREATE TRIGGER auth_changes_user_update AFTER UPDATE OF email, password_hash, totp_secret_sealed, deactivated_at_ms ON users
+WHEN OLD.email IS NOT NEW.email OR OLD.password_hash IS NOT NEW.password_hash OR (OLD.totp_secret_sealed IS NULL) IS NOT (NEW.totp_secret_sealed IS NULL) OR OLD.deactivated_at_ms IS NOT NEW.deactivated_at_ms
+BEGIN INSERT INTO auth_changes (user_id, at_ms) VALUES (OLD.id, CAST((julianday('now') - 2440587.5) * 86400000 AS BIGINT)); END;
+"
+);
+
+const V8_POSTGRES_MASTER_KEYS: &str = v8_master_keys!(
+    "DROP TRIGGER auth_changes_user_update ON users;
+CREATE TRIGGER auth_changes_user_update AFTER UPDATE OF email, password_hash, totp_secret_sealed, deactivated_at_ms ON users
+    FOR EACH ROW WHEN (OLD.email IS DISTINCT FROM NEW.email OR OLD.password_hash IS DISTINCT FROM NEW.password_hash OR (OLD.totp_secret_sealed IS NULL) IS DISTINCT FROM (NEW.totp_secret_sealed IS NULL) OR OLD.deactivated_at_ms IS DISTINCT FROM NEW.deactivated_at_ms)
+    EXECUTE FUNCTION tenantry_auth_changed('id');
+"
+);
+
 /// Every migration, in order.
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -368,6 +411,12 @@ BEGIN INSERT INTO auth_changes (user_id, at_ms) VALUES (OLD.id, CAST((julianday(
         description: "tenants waiting for their owner's email verification are AwaitingVerification",
         sqlite: V7_AWAITING_VERIFICATION,
         postgres: V7_AWAITING_VERIFICATION,
+    },
+    Migration {
+        version: 8,
+        description: "master key rings: the primary key, the keys each server holds; re-sealing a TOTP secret is not an auth change",
+        sqlite: V8_SQLITE_MASTER_KEYS,
+        postgres: V8_POSTGRES_MASTER_KEYS,
     },
 ];
 

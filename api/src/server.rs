@@ -46,7 +46,7 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 /// How often expired sessions are deleted.
 const SESSION_PURGE_INTERVAL: Duration = Duration::from_secs(600);
 
-fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     let what = what.into();
     move |source| Error::Io { what, source }
 }
@@ -78,23 +78,16 @@ pub(crate) fn master_key_path(db: &DatabaseArgs) -> Result<(PathBuf, bool)> {
     }
 }
 
-/// Loads the master key from `--master-key-file`, or (SQLite only) from `master.key`
-/// beside the database, creating it with mode 0600 on first start.
-pub fn load_master_key(db: &DatabaseArgs) -> Result<MasterKey> {
+/// The master key file: `--master-key-file`, or (SQLite only) `master.key` beside the
+/// database, created with mode 0600 on first start. Checked to hold usable keys.
+pub fn master_key_file(db: &DatabaseArgs) -> Result<PathBuf> {
     let (path, default) = master_key_path(db)?;
     if default && !path.exists() {
         create_master_key(&path)?;
         tracing::info!(path = %path.display(), "created a new master key; back it up with the database");
     }
-    read_master_key(&path)
-}
-
-/// Reads the master key file at `path` (refused when others can read it).
-pub(crate) fn read_master_key(path: &Path) -> Result<MasterKey> {
-    crate::files::check_key_file(path)?;
-    let text = std::fs::read_to_string(path)
-        .map_err(io_err(format!("reading master key {}", path.display())))?;
-    MasterKey::from_base64(&SecretString::from(text))
+    crate::keyring::read_ring(&path)?;
+    Ok(path)
 }
 
 fn create_master_key(path: &Path) -> Result<()> {
@@ -242,9 +235,10 @@ pub async fn build_state_with(
     let url = url.expose_secret();
     crate::store::Backend::of_url(url)?;
     ensure_sqlite_dir(url)?;
-    let master_key = load_master_key(&args.db)?;
+    let key_file = master_key_file(&args.db)?;
     let token_signer = load_token_signer(&args.db)?;
     let store = Store::connect(url, args.database_max_connections).await?;
+    let master_key = crate::keyring::ServerKeyRing::load(&store, &key_file, clock.now_ms()).await?;
     let hasher = PasswordHasher::new(args.db.hash_params())?;
     let provisioner = build_provisioner(args, &store, &clock, kube_client).await?;
     let mailer = Arc::new(crate::mail::Mailer::new(
@@ -254,6 +248,7 @@ pub async fn build_state_with(
         store,
         hasher,
         master_key,
+        master_key_reload: args.master_key_reload_interval,
         clock,
         sessions: args.session_policy(),
         rate_limiter: RateLimiter::new(args.rate_limit_per_second, args.rate_limit_burst),
@@ -494,6 +489,10 @@ pub async fn serve(
     loops.spawn(until(stop.clone(), access_loop(Arc::clone(&state))));
     loops.spawn(until(
         stop.clone(),
+        crate::keyring::run(Arc::clone(&state), state.master_key_reload),
+    ));
+    loops.spawn(until(
+        stop.clone(),
         crate::mail::worker::run(Arc::clone(&state), Arc::clone(&state.mailer)),
     ));
     loops.spawn(until(
@@ -558,6 +557,14 @@ pub async fn serve(
         .map_err(Error::Transport);
     stop.cancel();
     while loops.join_next().await.is_some() {}
+    // A rotation waits for the servers that hold keys; this one no longer does.
+    if let Err(e) = state
+        .store
+        .drop_key_holder(state.master_key.server_id())
+        .await
+    {
+        tracing::warn!(error = %e, "could not withdraw this server's master key report");
+    }
     // Uses not yet written would otherwise be lost with the cache.
     if let Err(e) = state.store.flush_last_seen(0).await {
         tracing::warn!(error = %e, "could not record session use at shutdown");
@@ -617,7 +624,7 @@ pub async fn bootstrap_admin(
     crate::store::Backend::of_url(url)?;
     ensure_sqlite_dir(url)?;
     // Make sure the key exists before any secret is stored with this database.
-    load_master_key(db)?;
+    master_key_file(db)?;
     let store = Store::connect(url, 2).await?;
     let now = clock.now_ms();
     let record = |user_id: &str, how: &str| AuditRecord {
@@ -734,7 +741,7 @@ mod tests {
             argon2_iterations: 2,
             argon2_parallelism: 1,
         };
-        load_master_key(&db).unwrap();
+        master_key_file(&db).unwrap();
         let signer = load_token_signer(&db).unwrap();
         let public = std::fs::read_to_string(out.join(TOKEN_PUBLIC_KEY_FILE)).unwrap();
         let verifier = tenantry_proto::token::TokenVerifier::from_public_key_pem(&public).unwrap();

@@ -14,8 +14,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::access::AccessPolicy;
 use crate::clock::{Clock, duration_ms};
-use crate::crypto::MasterKey;
 use crate::error::{Error, Result};
+use crate::keyring::ServerKeyRing;
 use crate::lockout::RateLimiter;
 use crate::password::PasswordHasher;
 use crate::provision::{Provisioner, TenantSpec};
@@ -57,8 +57,10 @@ pub struct AppState {
     pub store: Store,
     /// Password hashing.
     pub hasher: PasswordHasher,
-    /// Encrypts TOTP secrets at rest.
-    pub master_key: MasterKey,
+    /// Encrypts TOTP secrets at rest: the master key ring.
+    pub master_key: ServerKeyRing,
+    /// How often the key ring file and the primary key are looked at.
+    pub master_key_reload: Duration,
     /// The time.
     pub clock: Arc<dyn Clock>,
     /// Timeouts.
@@ -113,8 +115,10 @@ pub struct StateParts {
     pub store: Store,
     /// Password hashing.
     pub hasher: PasswordHasher,
-    /// Encrypts TOTP secrets at rest.
-    pub master_key: MasterKey,
+    /// Encrypts TOTP secrets at rest: the master key ring.
+    pub master_key: ServerKeyRing,
+    /// How often the key ring file and the primary key are looked at.
+    pub master_key_reload: Duration,
     /// The time.
     pub clock: Arc<dyn Clock>,
     /// Timeouts.
@@ -153,6 +157,7 @@ impl AppState {
             store: p.store,
             hasher: p.hasher,
             master_key: p.master_key,
+            master_key_reload: p.master_key_reload,
             clock: p.clock,
             sessions: p.sessions,
             rate_limiter: p.rate_limiter,

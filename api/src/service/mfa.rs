@@ -177,22 +177,42 @@ impl Mfa {
             source,
             detail_json: detail(&[("recovery_codes", codes.len().into())]),
         };
-        if !st
-            .store
-            .confirm_totp(
-                &user.id,
-                &pending,
-                step,
-                &hashes,
-                &who.session_hash,
-                &audit,
-                now,
-            )
-            .await?
-        {
-            return Err(Error::FailedPrecondition(
-                "the enrollment changed meanwhile; start again",
-            ));
+        let mut pending = pending;
+        // A master key rotation may re-seal the pending secret between the read and the
+        // write: the same secret under the new key is the same enrollment.
+        for attempt in 0..2 {
+            if st
+                .store
+                .confirm_totp(
+                    &user.id,
+                    &pending,
+                    step,
+                    &hashes,
+                    &who.session_hash,
+                    &audit,
+                    now,
+                )
+                .await?
+            {
+                break;
+            }
+            let resealed = match self.load_user(&who).await?.totp_pending_sealed {
+                Some(again) if attempt == 0 && again != pending => st
+                    .master_key
+                    .open(&totp_context(&user.id), &again)
+                    .ok()
+                    .filter(|s| crate::crypto::ct_eq(s.expose_secret(), secret.expose_secret()))
+                    .map(|_| again),
+                _ => None,
+            };
+            match resealed {
+                Some(again) => pending = again,
+                None => {
+                    return Err(Error::FailedPrecondition(
+                        "the enrollment changed meanwhile; start again",
+                    ));
+                }
+            }
         }
         Ok(ConfirmTotpEnrollmentResponse {
             recovery_codes: codes.iter().map(|c| c.expose_secret().to_owned()).collect(),

@@ -10,7 +10,10 @@
 //! Not dumped: `sessions` (a restore signs everybody out: a session restored from a backup
 //! could be one that was logged out since), SQLite's `auth_changes` (the session caches'
 //! change feed, meaningless in another database) and `schema_migrations` (the restore
-//! writes its own, from the dump's schema version).
+//! writes its own, from the dump's schema version), and the master key ring's state
+//! (`master_keys`, `master_key_holders`: which key of the source's key file seals, and
+//! which servers were running; the restored database starts with the primary of the key
+//! file it is served with, and the restore checks that file opens every secret).
 
 use sqlx::{AnyConnection, Connection as _, Row as _};
 
@@ -211,7 +214,13 @@ pub const TABLES: &[Table] = &[
 ];
 
 /// Tables a backup leaves out on purpose (see the module docs).
-pub const NOT_BACKED_UP: &[&str] = &["sessions", "auth_changes", "schema_migrations"];
+pub const NOT_BACKED_UP: &[&str] = &[
+    "sessions",
+    "auth_changes",
+    "schema_migrations",
+    "master_keys",
+    "master_key_holders",
+];
 
 /// The schema version this binary writes and reads.
 pub fn current_schema_version() -> i64 {

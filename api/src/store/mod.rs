@@ -9,6 +9,7 @@ mod access;
 mod audit;
 pub mod backup;
 mod mail;
+mod master_keys;
 mod mfa;
 pub mod session_cache;
 mod sessions;
@@ -32,6 +33,7 @@ pub use access::{
 };
 pub use audit::{AuditFilter, AuditRecord, AuditRow};
 pub use mail::{NewVerification, OutboxRow};
+pub use master_keys::{KeyHolder, SealedColumn, SealedRow};
 pub use sessions::{AUTH_CHANNEL, LISTENER_APPLICATION_NAME, SessionRow};
 pub use tenants::{TenantRow, TenantStatus};
 pub use users::{Factor, NewSignup, SignupOutcome, UserRow};

@@ -11,6 +11,7 @@ mod accounts;
 mod admin;
 mod backup;
 mod forwarded;
+mod keyring;
 mod kubernetes;
 mod mail;
 mod mfa;

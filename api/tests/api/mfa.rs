@@ -1,5 +1,6 @@
 //! TOTP enrollment, verification, single use, recovery codes, lockout and storage at rest.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tenantry_proto::v1::verify_mfa_request::Factor;
@@ -257,7 +258,9 @@ async fn totp_secrets_and_recovery_codes_are_not_stored_in_the_clear() {
     let raw = data_encoding::BASE32_NOPAD
         .decode(secret.as_bytes())
         .unwrap();
-    let sealed_bytes = base64_decode(&sealed);
+    // `mk1.<key id>.<base64(nonce || ciphertext)>`
+    assert!(sealed.starts_with("mk1."), "{sealed}");
+    let sealed_bytes = base64_decode(sealed.rsplit('.').next().unwrap());
     assert!(
         !contains(&sealed_bytes, &raw),
         "sealed value must not contain the raw secret"
@@ -303,12 +306,50 @@ async fn secrets_stay_usable_across_restarts_and_need_the_master_key() {
         .unwrap();
     s.stop().await;
 
-    // Another master key cannot open the stored secret: the server refuses, generically.
-    let (_, other) = tenantry_api::crypto::MasterKey::generate().unwrap();
+    // Another master key cannot open the stored secret: the server refuses to start,
+    // naming the key the database needs (its id, never key material).
+    let key_file = db.dir.path().join("master.key");
+    let original = std::fs::read_to_string(&key_file).unwrap();
+    let (other_key, other) = tenantry_api::crypto::MasterKey::generate().unwrap();
     use secrecy::ExposeSecret as _;
-    std::fs::write(db.dir.path().join("master.key"), other.expose_secret()).unwrap();
+    std::fs::write(&key_file, other.expose_secret()).unwrap();
     clock.advance(Duration::from_secs(30));
+    let err = tenantry_api::server::build_state_with(
+        &serve_args(&db, &[]),
+        Arc::new(clock.clone()),
+        None,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    let needed = tenantry_api::crypto::MasterKeyRing::parse(&original.clone().into()).unwrap();
+    assert!(
+        err.contains(needed.primary_id()) && err.contains(other_key.id()),
+        "{err}"
+    );
+    assert!(!err.contains(other.expose_secret()) && !err.contains(original.trim()));
+
+    // A value sealed by a key the file lacks fails generically (as a server that lost a
+    // key after starting would see it): the key file holds the needed key again, but the
+    // stored secret was sealed by a key nobody has.
+    std::fs::write(&key_file, &original).unwrap();
     let s = TestServer::start_with(&db, Options::default(), clock).await;
+    let stranger = other_key.seal("totp:whoever", b"x").unwrap();
+    let user = s
+        .state
+        .store
+        .user_by_email("quinn@example.com")
+        .await
+        .unwrap()
+        .unwrap();
+    s.state
+        .store
+        .execute_raw_for_tests(&format!(
+            "UPDATE users SET totp_secret_sealed = '{stranger}' WHERE id = '{}'",
+            user.id
+        ))
+        .await
+        .unwrap();
     let session = s.login("quinn@example.com").await;
     let st = expect_code(
         s.mfa()
