@@ -203,25 +203,36 @@ pub async fn verify_from_outbox(
 
 /// Logs in with [`PASSWORD`]; returns the session token.
 pub async fn login(channel: &Channel, email: &str) -> String {
-    AccountServiceClient::new(channel.clone())
+    try_login(channel, email).await.unwrap()
+}
+
+/// Logs `email` in with [`PASSWORD`]; the session token, or the call's status.
+pub async fn try_login(channel: &Channel, email: &str) -> Result<String, tonic::Status> {
+    Ok(AccountServiceClient::new(channel.clone())
         .login(LoginRequest {
             email: email.into(),
             password: PASSWORD.into(),
         })
-        .await
-        .unwrap()
+        .await?
         .into_inner()
-        .session_token
+        .session_token)
 }
 
 /// The TOTP code of `secret_b32` now, by the system clock.
 pub fn totp_now(secret_b32: &str) -> String {
+    totp_ahead(secret_b32, 0)
+}
+
+/// The TOTP code `steps` steps after the current one (the API accepts the next step's code
+/// once, for clocks that drift: a second code within one 30 s step).
+pub fn totp_ahead(secret_b32: &str, steps: i64) -> String {
     let secret = data_encoding::BASE32_NOPAD
         .decode(secret_b32.as_bytes())
         .unwrap();
     let now = jiff::Timestamp::now().as_second();
     tenantry_api::totp::format_code(
-        tenantry_api::totp::code_at_step(&secret, tenantry_api::totp::step_at(now)).unwrap(),
+        tenantry_api::totp::code_at_step(&secret, tenantry_api::totp::step_at(now) + steps)
+            .unwrap(),
     )
 }
 

@@ -14,7 +14,7 @@ use tenantry_proto::v1::tenant_service_client::TenantServiceClient;
 use tenantry_proto::v1::*;
 use tenantry_test_support::{Https, PASSWORD, free_port};
 use tenantry_tests::{
-    authed, bin, connect, ctl, next_step, run_with_stdin, signup_and_login, totp_now,
+    authed, bin, connect, ctl, next_step, run_with_stdin, signup_and_login, totp_ahead, totp_now,
     verify_from_outbox, wait_for_phase,
 };
 use tonic::transport::Channel;
@@ -924,5 +924,156 @@ async fn local_mode_backs_up_the_control_database_and_every_instance() {
         while reader.next_record().unwrap().is_some() {}
     }
     let mut dev = dev;
+    dev.interrupt().await;
+}
+
+/// Enrolls TOTP on the session; returns the secret.
+async fn enroll_totp(channel: &Channel, session: &str) -> String {
+    let mut mfa = MfaServiceClient::new(channel.clone());
+    let begin = mfa
+        .begin_totp_enrollment(authed(BeginTotpEnrollmentRequest {}, session))
+        .await
+        .unwrap()
+        .into_inner();
+    mfa.confirm_totp_enrollment(authed(
+        ConfirmTotpEnrollmentRequest {
+            code: totp_now(&begin.secret),
+        },
+        session,
+    ))
+    .await
+    .unwrap();
+    begin.secret
+}
+
+/// Logs `email` in and verifies `code` on the new session.
+async fn login_with_code(channel: &Channel, email: &str, code: String) -> Result<(), String> {
+    let session = tenantry_tests::try_login(channel, email)
+        .await
+        .map_err(|e| format!("login {email}: {e}"))?;
+    MfaServiceClient::new(channel.clone())
+        .verify_mfa(authed(
+            VerifyMfaRequest {
+                factor: Some(verify_mfa_request::Factor::Code(code)),
+            },
+            &session,
+        ))
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("verify {email}: {e}"))
+}
+
+/// `tenantry-api rotate-master-key` and `master-keys status`, the real binaries, against a
+/// running `dev` with logins going on; then the old key leaves the key file and a
+/// restarted `dev` opens every secret with the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_mode_rotates_the_master_key_while_it_serves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = tmp.path().join("data");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let port = free_port();
+    let reload = [
+        "--master-key-reload-interval",
+        "1s",
+        // Logins as fast as the test can make them.
+        "--rate-limit-per-second",
+        "0",
+    ];
+    let mut dev = Dev::start_with(&data_dir, port, &reload).await;
+    let channel = dev.channel().await;
+    let mut secrets = Vec::new();
+    for who in ["ria", "sam"] {
+        let email = format!("{who}@example.com");
+        let (_, session) = signup_and_login(&channel, &email, &format!("{who}co")).await;
+        secrets.push((email, enroll_totp(&channel, &session).await));
+    }
+    let key_file = data_dir.join("master.key");
+    let old_key = std::fs::read_to_string(&key_file).unwrap();
+
+    // Password logins throughout (every one reads the user's row, sealed secret and all).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = {
+        let (channel, stop) = (channel.clone(), std::sync::Arc::clone(&stop));
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                for email in ["ria@example.com", "sam@example.com"] {
+                    match tenantry_tests::try_login(&channel, email).await {
+                        Ok(_) => ok += 1,
+                        Err(e) => failed.push(format!("{email}: {e}")),
+                    }
+                }
+            }
+            (ok, failed)
+        })
+    };
+
+    let new_key = tmp.path().join("next.key");
+    let out = std::process::Command::new(bin("tenantry-api"))
+        .args([
+            "rotate-master-key",
+            "--json",
+            "--batch-size",
+            "1",
+            "--data-dir",
+        ])
+        .arg(&data_dir)
+        .arg("--new-key-file")
+        .arg(&new_key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}\n{}", dev.log());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["servers"], 1, "{report}");
+    assert_eq!(
+        report["resealed"]["users.totp_secret_sealed"], 2,
+        "{report}"
+    );
+    let new_id = report["key_id"].as_str().unwrap().to_owned();
+    let old_id = report["previous_primary"].as_str().unwrap().to_owned();
+
+    // TOTP works for both (the next step's code: the enrollment used this one).
+    for (email, secret) in &secrets[..1] {
+        login_with_code(&channel, email, totp_ahead(secret, 1))
+            .await
+            .unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (ok, failed) = traffic.await.unwrap();
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(ok > 0);
+
+    let status = std::process::Command::new(bin("tenantry-api"))
+        .args(["master-keys", "status", "--json", "--data-dir"])
+        .arg(&data_dir)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{status:?}");
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let total = |id: &str| {
+        status["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["key_id"] == id)
+            .map(|k| k["total"].as_u64().unwrap())
+    };
+    assert_eq!(total(&old_id), Some(0), "{status}");
+    assert_eq!(total(&new_id), Some(2), "{status}");
+
+    // The old key leaves the file; a restarted dev opens everything with the new one.
+    std::fs::write(&key_file, std::fs::read_to_string(&new_key).unwrap()).unwrap();
+    dev.interrupt().await;
+    let mut dev = Dev::start_with(&data_dir, port, &reload).await;
+    let channel = dev.channel().await;
+    let (email, secret) = &secrets[1];
+    login_with_code(&channel, email, totp_ahead(secret, 1))
+        .await
+        .unwrap();
+    let log = dev.log();
+    assert!(
+        !log.contains(old_key.trim())
+            && !log.contains(std::fs::read_to_string(&new_key).unwrap().trim())
+    );
     dev.interrupt().await;
 }
