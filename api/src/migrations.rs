@@ -313,6 +313,19 @@ UPDATE tenants SET phase = 'AwaitingVerification'
 WHERE phase = 'Pending' AND owner_user_id IN (SELECT id FROM users WHERE email_verified_at_ms IS NULL);
 "#;
 
+/// The instance-token signing key ring (`store::token_keys`): the key file's key becomes
+/// its first row when the API starts on an empty ring.
+const V8_TOKEN_KEYS: &str = r#"
+CREATE TABLE token_keys (
+    kid TEXT PRIMARY KEY,
+    public_pem TEXT NOT NULL,
+    private_sealed TEXT,
+    created_at_ms BIGINT NOT NULL,
+    signs_from_ms BIGINT NOT NULL,
+    retires_at_ms BIGINT
+);
+"#;
+
 /// Every migration, in order.
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -368,6 +381,12 @@ BEGIN INSERT INTO auth_changes (user_id, at_ms) VALUES (OLD.id, CAST((julianday(
         description: "tenants waiting for their owner's email verification are AwaitingVerification",
         sqlite: V7_AWAITING_VERIFICATION,
         postgres: V7_AWAITING_VERIFICATION,
+    },
+    Migration {
+        version: 8,
+        description: "the instance-token signing key ring",
+        sqlite: V8_TOKEN_KEYS,
+        postgres: V8_TOKEN_KEYS,
     },
 ];
 

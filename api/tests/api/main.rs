@@ -16,3 +16,4 @@ mod mail;
 mod mfa;
 mod platform;
 mod store;
+mod token_keys;
