@@ -293,7 +293,24 @@ def check_restricted(obj: dict) -> list[str]:
     return problems
 
 
-RULE_FILES = ("operator-cluster-rules", "operator-namespace-rules", "api-cluster-rules")
+RULE_FILES = ("operator-cluster-rules", "operator-namespace-rules", "api-cluster-rules", "api-namespace-rules")
+# The one name a rule file holds that the chart replaces by a value: the token public key
+# Secret of api-namespace-rules (the file names the default).
+TOKEN_SECRET_DEFAULT = "tenantry-token-public-key"
+
+
+def rules_for(name: str, rules: dict[str, list], values: dict) -> list:
+    """The rules the chart renders from rule file `name` with `values`."""
+    file_rules = rules[name]
+    if name != "api-namespace-rules":
+        return file_rules
+    secret = values.get("tokenPublicKeySecret", TOKEN_SECRET_DEFAULT)
+    return [
+        {**r, "resourceNames": [secret if n == TOKEN_SECRET_DEFAULT else n for n in r["resourceNames"]]}
+        if r.get("resourceNames")
+        else r
+        for r in file_rules
+    ]
 
 
 def load_rule_files(yaml: Any) -> dict[str, list]:
@@ -385,10 +402,13 @@ def check_rule_files(rules: dict[str, list]) -> list[str]:
     for rule in api:
         if rule.get("apiGroups") != ["tenantry.dev"] or rule.get("resources") != ["tenants"]:
             problems.append(f"api-cluster-rules: the API may only touch tenantry.dev/tenants, got {rule}")
+    for rule in rules.get("api-namespace-rules") or []:
+        if rule.get("resources") != ["secrets"] or rule.get("resourceNames") != [TOKEN_SECRET_DEFAULT]:
+            problems.append(f"api-namespace-rules: the API may only touch the token public key Secret, got {rule}")
     return problems
 
 
-def check_rbac(objs: list[dict], rules: dict[str, list]) -> list[str]:
+def check_rbac(objs: list[dict], rules: dict[str, list], values: dict) -> list[str]:
     """The rendered roles hold exactly the files' rules; bindings point at chart accounts."""
     problems = []
     roles = [o for o in objs if o["kind"] in ("ClusterRole", "Role")]
@@ -396,6 +416,7 @@ def check_rbac(objs: list[dict], rules: dict[str, list]) -> list[str]:
         ("ClusterRole", "operator"): "operator-cluster-rules",
         ("Role", "operator"): "operator-namespace-rules",
         ("ClusterRole", "api"): "api-cluster-rules",
+        ("Role", "api"): "api-namespace-rules",
     }
     seen = set()
     for role in roles:
@@ -407,7 +428,7 @@ def check_rbac(objs: list[dict], rules: dict[str, list]) -> list[str]:
         if key in seen:
             problems.append(f"two {role['kind']}s for component {component}")
         seen.add(key)
-        if role.get("rules") != rules[expected[key]]:
+        if role.get("rules") != rules_for(expected[key], rules, values):
             problems.append(f"{kind_name(role)}: rules differ from rbac/{expected[key]}.yaml")
     for key in set(expected) - seen:
         problems.append(f"no {key[0]} for component {key[1]}")
@@ -464,6 +485,8 @@ def check_programs(objs: list[dict], values: dict, operator_defaults: dict) -> l
         "TENANTRY_MASTER_KEY_FILE": "/etc/tenantry/keys/master.key",
         "TENANTRY_TOKEN_SIGNING_KEY_FILE": "/etc/tenantry/keys/token-signing.key",
         "TENANTRY_DATA_DIR": "/var/lib/tenantry",
+        # The Secret the API's Role lets it write (api-namespace-rules).
+        "TENANTRY_TOKEN_PUBLIC_KEY_SECRET": values["tokenPublicKeySecret"],
     }
     for k, v in want.items():
         if env.get(k) != v:
@@ -998,7 +1021,7 @@ def main() -> int:
         merged = deep_merge(defaults, values)
         report.check(f"{what}: every object carries the app.kubernetes.io labels", [p for o in objs for p in check_labels(o)])
         report.check(f"{what}: every pod template meets Pod Security restricted", [p for o in objs for p in check_restricted(o)])
-        report.check(f"{what}: roles hold exactly rbac/*.yaml; bindings and accounts line up", check_rbac(objs, rules))
+        report.check(f"{what}: roles hold exactly rbac/*.yaml; bindings and accounts line up", check_rbac(objs, rules, merged))
         report.check(f"{what}: Deployments give the programs what they read", check_programs(objs, merged, op_defaults))
         policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
         if merged["networkPolicy"]["enabled"]:

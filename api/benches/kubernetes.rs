@@ -79,6 +79,7 @@ async fn main() {
             fake.client(),
             KubernetesSettings {
                 tenant_domain: Some("tenants.example.com".into()),
+                ..KubernetesSettings::default()
             },
             store.clone(),
             Arc::new(SystemClock),

@@ -60,6 +60,59 @@ pub enum Command {
     RotateMasterKey(RotateMasterKeyArgs),
     /// The master key ring: `status` counts the secrets each key still seals.
     MasterKeys(MasterKeysArgs),
+    /// Rotate the instance-token signing key: add a new key (sealed in the database) that
+    /// the API signs with after `--token-key-overlap`; the keys it supersedes retire one
+    /// overlap after that. Runtimes get the new public key before it signs, and keep the
+    /// old one until every token it signed has expired: no token is refused.
+    RotateTokenKey(RotateTokenKeyArgs),
+    /// Show the instance-token signing keys (kid, state, created, signs from, retires
+    /// at); `token-keys public` prints the public key set the instances accept (PEM).
+    TokenKeys(TokenKeysArgs),
+}
+
+/// `rotate-token-key`.
+#[derive(Debug, Clone, Args)]
+pub struct RotateTokenKeyArgs {
+    /// Where the database is.
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// How long the new key is published before it signs, and the old one after it
+    /// stopped signing. At least 16m (the longest a token lives, 15m, plus 1m of clock
+    /// skew); longer gives the instances more time to pick up the new key (Kubernetes
+    /// Secret volumes take a minute or two).
+    #[arg(long, env = "TENANTRY_TOKEN_KEY_OVERLAP", default_value = "20m", value_parser = humantime::parse_duration)]
+    pub token_key_overlap: Duration,
+    /// TESTS ONLY: accept overlaps down to this instead of 16m, for end-to-end tests that
+    /// run a whole rotation in seconds with short-lived tokens. Never in production: a
+    /// token could outlive its key and be refused.
+    #[arg(long, env = "TENANTRY_TEST_ONLY_MIN_TOKEN_KEY_OVERLAP", hide = true, value_parser = humantime::parse_duration)]
+    pub test_only_min_token_key_overlap: Option<Duration>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `token-keys`.
+#[derive(Debug, Clone, Args)]
+pub struct TokenKeysArgs {
+    /// `status` (a table of the keys) or `public` (the published PEM set).
+    #[arg(value_enum, default_value_t = TokenKeysView::Status)]
+    pub view: TokenKeysView,
+    /// Where the database is.
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// Print the status as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What `token-keys` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TokenKeysView {
+    /// One line per key.
+    Status,
+    /// The public key set instances accept, as PEM blocks.
+    Public,
 }
 
 /// `rotate-master-key`.
@@ -420,6 +473,21 @@ pub struct ServeArgs {
     /// against the person's address in the rate limit and the audit log. Default: none.
     #[arg(long, env = "TENANTRY_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Vec<crate::forwarded::Cidr>,
+    /// How often the instance-token key ring is reread from the database (so every
+    /// replica signs with the key a rotation made), due keys retired, and the public key
+    /// set republished to the instances (local files, or the operator's Secret).
+    #[arg(long, env = "TENANTRY_TOKEN_KEY_REFRESH_INTERVAL", default_value = "30s", value_parser = parse_refresh_interval)]
+    pub token_key_refresh_interval: Duration,
+    /// Kubernetes provisioner: the Secret (key `public.pem`) the operator copies into every
+    /// tenant namespace; the API writes the token public key set into it after each
+    /// rotation. Needs `get` and `patch` on that Secret (the chart grants them); without
+    /// them, a warning is logged and the set must be copied by hand (docs/operations.md).
+    #[arg(long, env = "TENANTRY_TOKEN_PUBLIC_KEY_SECRET")]
+    pub token_public_key_secret: Option<String>,
+    /// Namespace of `--token-public-key-secret`; default: the API's own (the pod's
+    /// namespace, or the kubeconfig context's).
+    #[arg(long, env = "TENANTRY_TOKEN_PUBLIC_KEY_SECRET_NAMESPACE")]
+    pub token_public_key_secret_namespace: Option<String>,
     /// Mail settings.
     #[command(flatten)]
     pub mail: MailArgs,
@@ -605,6 +673,16 @@ pub fn parse_domain(text: &str) -> Result<String, String> {
             "{text:?} is not a DNS domain such as tenants.example.com"
         ))
     }
+}
+
+/// A key ring refresh interval: a humantime duration from 1 s to 5 min (a replica must
+/// learn of a new key long before it signs).
+fn parse_refresh_interval(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(1) || d > Duration::from_secs(5 * 60) {
+        return Err("must be between 1s and 5m".into());
+    }
+    Ok(d)
 }
 
 /// An instance token lifetime: a humantime duration from 1 s to 15 min.
@@ -869,6 +947,55 @@ mod tests {
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn token_key_commands_parse_their_contract_names() {
+        let cli = Cli::try_parse_from(["tenantry-api", "rotate-token-key"]).unwrap();
+        let Command::RotateTokenKey(args) = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(args.token_key_overlap, Duration::from_secs(20 * 60));
+        assert_eq!(args.test_only_min_token_key_overlap, None);
+        let cli = Cli::try_parse_from([
+            "tenantry-api",
+            "rotate-token-key",
+            "--token-key-overlap",
+            "45m",
+            "--data-dir",
+            "/d",
+        ])
+        .unwrap();
+        let Command::RotateTokenKey(args) = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(args.token_key_overlap, Duration::from_secs(45 * 60));
+        for (argv, view) in [
+            (&["tenantry-api", "token-keys"][..], TokenKeysView::Status),
+            (
+                &["tenantry-api", "token-keys", "public"],
+                TokenKeysView::Public,
+            ),
+        ] {
+            let Command::TokenKeys(args) = Cli::try_parse_from(argv).unwrap().command else {
+                unreachable!()
+            };
+            assert_eq!(args.view, view);
+        }
+        let cli = Cli::try_parse_from(["tenantry-api", "serve"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            unreachable!()
+        };
+        assert_eq!(args.token_key_refresh_interval, Duration::from_secs(30));
+        assert!(
+            Cli::try_parse_from([
+                "tenantry-api",
+                "serve",
+                "--token-key-refresh-interval",
+                "10m"
+            ])
+            .is_err()
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ const NONCE_LEN: usize = 12;
 /// Values sealed before key rings existed are bare base64 (which never holds a `.`).
 const SEALED_PREFIX: &str = "mk1.";
 
-/// One master key that encrypts secrets at rest (TOTP secrets, verification tokens in the
+/// One master key that encrypts secrets at rest (TOTP secrets, instance-token signing keys, verification tokens in the
 /// mail outbox). 32 bytes; a key file holds them base64-encoded, one key per line.
 pub struct MasterKey {
     id: String,
@@ -123,6 +123,41 @@ impl MasterKey {
             )
             .map_err(|_| Error::Crypto("decryption failed (wrong key or altered data)"))?;
         Ok(SecretBox::new(Box::new(pt)))
+    }
+}
+
+/// What seals and opens secrets at rest: one key, a ring, a server's live ring.
+pub trait Seal: Send + Sync {
+    /// Encrypts `plaintext` bound to `context`; see [`MasterKey::seal`].
+    fn seal(&self, context: &str, plaintext: &[u8]) -> Result<String, Error>;
+    /// Reverses [`Seal::seal`].
+    fn open(&self, context: &str, sealed: &str) -> Result<SecretBox<Vec<u8>>, Error>;
+}
+
+impl Seal for MasterKey {
+    fn seal(&self, context: &str, plaintext: &[u8]) -> Result<String, Error> {
+        MasterKey::seal(self, context, plaintext)
+    }
+
+    fn open(&self, context: &str, sealed: &str) -> Result<SecretBox<Vec<u8>>, Error> {
+        match sealed.strip_prefix(SEALED_PREFIX) {
+            Some(rest) => match rest.split_once('.') {
+                Some((id, body)) if id == self.id => self.open_raw(context, body),
+                Some(_) => Err(Error::Crypto("sealed by another master key")),
+                None => Err(Error::Crypto("sealed value is malformed")),
+            },
+            None => self.open_raw(context, sealed),
+        }
+    }
+}
+
+impl Seal for MasterKeyRing {
+    fn seal(&self, context: &str, plaintext: &[u8]) -> Result<String, Error> {
+        MasterKeyRing::seal(self, context, plaintext)
+    }
+
+    fn open(&self, context: &str, sealed: &str) -> Result<SecretBox<Vec<u8>>, Error> {
+        MasterKeyRing::open(self, context, sealed)
     }
 }
 

@@ -230,6 +230,10 @@ pub enum Error {
     /// The instance-token key is unusable, or signing failed.
     #[error("instance token: {0}")]
     Token(#[source] tenantry_proto::token::TokenError),
+    /// A change of the instance-token key ring was refused (an overlap too short, a
+    /// rotation already under way) or the ring is unusable.
+    #[error("token keys: {0}")]
+    TokenKeys(String),
     /// The provisioner could not do its part.
     #[error("provisioner: {0}")]
     Provisioner(String),

@@ -34,6 +34,35 @@ use crate::error::{Error, Result};
 use crate::mail::notice::{Notice, VERIFY_TOKEN_CONTEXT};
 use crate::store::{AuditRecord, KeyHolder, SealedColumn, SealedRow, Store};
 
+impl crate::crypto::Seal for ServerKeyRing {
+    fn seal(&self, context: &str, plaintext: &[u8]) -> Result<String> {
+        self.ring.seal(context, plaintext)
+    }
+
+    fn open(&self, context: &str, sealed: &str) -> Result<secrecy::SecretBox<Vec<u8>>> {
+        self.ring.open(context, sealed)
+    }
+}
+
+/// The ring a command (`rotate-token-key`) seals with: the keys of the key file, the
+/// database's primary.
+pub async fn command_ring(
+    db: &crate::config::DatabaseArgs,
+    store: &Store,
+) -> Result<MasterKeyRing> {
+    let (path, _) = crate::server::master_key_path(db)?;
+    let (mut ring, _) = read_ring(&path)?;
+    if let Some(primary) = store.master_key_primary().await?
+        && !ring.set_primary(&primary)
+    {
+        return Err(Error::MasterKey(format!(
+            "the database's secrets are sealed by master key {primary}, which is not in {}",
+            path.display()
+        )));
+    }
+    Ok(ring)
+}
+
 /// The shortest time a server's report counts for.
 const HOLDER_MIN_TTL: Duration = Duration::from_secs(120);
 
@@ -244,6 +273,9 @@ fn sealed_of(column: SealedColumn, row: &SealedRow) -> Option<(String, String)> 
             crate::service::mfa::totp_context(&row.id),
             row.stored.clone(),
         )),
+        SealedColumn::TokenKey => {
+            Some((crate::token_keys::seal_context(&row.id), row.stored.clone()))
+        }
         SealedColumn::OutboxNotice => match serde_json::from_str(&row.stored) {
             Ok(Notice::VerifyEmail { token_sealed }) => {
                 Some((VERIFY_TOKEN_CONTEXT.to_owned(), token_sealed))
@@ -256,7 +288,7 @@ fn sealed_of(column: SealedColumn, row: &SealedRow) -> Option<(String, String)> 
 /// The row's stored text with its sealed value replaced by `sealed`.
 fn with_sealed(column: SealedColumn, sealed: String) -> Result<String> {
     match column {
-        SealedColumn::TotpSecret | SealedColumn::TotpPending => Ok(sealed),
+        SealedColumn::TotpSecret | SealedColumn::TotpPending | SealedColumn::TokenKey => Ok(sealed),
         SealedColumn::OutboxNotice => serde_json::to_string(&Notice::VerifyEmail {
             token_sealed: sealed,
         })

@@ -291,6 +291,72 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         },
+        Command::RotateTokenKey(args) => {
+            let clock = tenantry_api::clock::SystemClock;
+            let rotation = tenantry_api::token_keys::rotate_command(&args, &clock).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&rotation)?);
+            } else {
+                let at = |ms: i64| {
+                    jiff::Timestamp::from_millisecond(ms)
+                        .map(|t| t.to_string())
+                        .unwrap_or_default()
+                };
+                println!(
+                    "added token key {}: published now, signs from {}",
+                    rotation.kid,
+                    at(rotation.signs_from_ms)
+                );
+                if !rotation.superseded.is_empty() {
+                    println!(
+                        "superseded {}: published until {}, then retired (private half deleted)",
+                        rotation.superseded.join(", "),
+                        at(rotation.retires_at_ms)
+                    );
+                }
+                eprintln!(
+                    "every API process picks the new key up within its --token-key-refresh-interval; watch `tenantry-api token-keys`"
+                );
+            }
+        }
+        Command::TokenKeys(args) => {
+            let clock = tenantry_api::clock::SystemClock;
+            match args.view {
+                tenantry_api::config::TokenKeysView::Public => {
+                    print!(
+                        "{}",
+                        tenantry_api::token_keys::public_command(&args.db, &clock).await?
+                    );
+                }
+                tenantry_api::config::TokenKeysView::Status => {
+                    let keys = tenantry_api::token_keys::status_command(&args.db, &clock).await?;
+                    if args.json {
+                        println!("{}", serde_json::to_string_pretty(&keys)?);
+                    } else if keys.is_empty() {
+                        println!("no token keys yet (the API imports its first key at start)");
+                    } else {
+                        println!(
+                            "{:<17} {:<10} {:<21} {:<21} RETIRES AT",
+                            "KID", "STATE", "CREATED", "SIGNS FROM"
+                        );
+                        let short = |t: &str| t.split('.').next().unwrap_or(t).to_owned();
+                        for k in &keys {
+                            println!(
+                                "{:<17} {:<10} {:<21} {:<21} {}",
+                                k.kid,
+                                k.state,
+                                short(&k.created_at),
+                                short(&k.signs_from),
+                                k.retires_at
+                                    .as_deref()
+                                    .map(short)
+                                    .unwrap_or_else(|| "-".into())
+                            );
+                        }
+                    }
+                }
+            }
+        }
         Command::BootstrapAdmin(args) => {
             let mut password = String::new();
             std::io::stdin()

@@ -356,6 +356,19 @@ CREATE TRIGGER auth_changes_user_update AFTER UPDATE OF email, password_hash, to
 "
 );
 
+/// The instance-token signing key ring (`store::token_keys`): the key file's key becomes
+/// its first row when the API starts on an empty ring.
+const V9_TOKEN_KEYS: &str = r#"
+CREATE TABLE token_keys (
+    kid TEXT PRIMARY KEY,
+    public_pem TEXT NOT NULL,
+    private_sealed TEXT,
+    created_at_ms BIGINT NOT NULL,
+    signs_from_ms BIGINT NOT NULL,
+    retires_at_ms BIGINT
+);
+"#;
+
 /// Every migration, in order.
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -417,6 +430,12 @@ BEGIN INSERT INTO auth_changes (user_id, at_ms) VALUES (OLD.id, CAST((julianday(
         description: "master key rings: the primary key, the keys each server holds; re-sealing a TOTP secret is not an auth change",
         sqlite: V8_SQLITE_MASTER_KEYS,
         postgres: V8_POSTGRES_MASTER_KEYS,
+    },
+    Migration {
+        version: 9,
+        description: "the instance-token signing key ring",
+        sqlite: V9_TOKEN_KEYS,
+        postgres: V9_TOKEN_KEYS,
     },
 ];
 

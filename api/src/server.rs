@@ -40,6 +40,7 @@ use crate::service::mfa::Mfa;
 use crate::service::tenant::Tenants;
 use crate::state::{AppState, StateParts};
 use crate::store::{AuditRecord, Store};
+use crate::token_keys::TokenKeyRing;
 
 /// How often the health check asks the database.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
@@ -169,45 +170,107 @@ pub fn keygen_dkim(dir: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Loads the instance-token signing key from `--token-signing-key-file`, or (SQLite only)
-/// from `token-signing.key` beside the database, creating it (0600) and its public half
-/// [`TOKEN_PUBLIC_KEY_FILE`] on first start.
-pub fn load_token_signer(db: &DatabaseArgs) -> Result<TokenSigner> {
+/// Reads the instance-token signing key file: `--token-signing-key-file`, or (SQLite only)
+/// `token-signing.key` beside the database if it exists. The key ring in the database
+/// signs; the file only seeds an empty ring ([`crate::token_keys::import_key_file`]), so
+/// after a rotation its key is no longer used. `None` when there is no file to read.
+pub fn load_token_signer(db: &DatabaseArgs) -> Result<Option<TokenSigner>> {
     let path = match (
         &db.token_signing_key_file,
         sqlite_path(db.url().expose_secret()),
     ) {
         (Some(path), _) => path.clone(),
         (None, Some(db_path)) => {
-            let dir = db_path.parent().unwrap_or(Path::new(".")).to_path_buf();
-            let path = dir.join(TOKEN_SIGNING_KEY_FILE);
+            let path = db_path
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join(TOKEN_SIGNING_KEY_FILE);
             if !path.exists() {
-                let signer = TokenSigner::generate().map_err(Error::Token)?;
-                write_new_file(
-                    &path,
-                    signer.to_pkcs8_pem().expose_secret().as_bytes(),
-                    0o600,
-                )?;
-                let public = dir.join(TOKEN_PUBLIC_KEY_FILE);
-                // The public half is rewritten from the key whenever it is missing.
-                let _ = std::fs::remove_file(&public);
-                write_new_file(&public, signer.public_key_pem().as_bytes(), 0o644)?;
-                tracing::info!(path = %path.display(), "created a new instance-token signing key");
+                return Ok(None);
             }
             path
         }
-        (None, None) => {
-            return Err(Error::Config(
-                "--token-signing-key-file (TENANTRY_TOKEN_SIGNING_KEY_FILE) is required with this database".into(),
-            ));
-        }
+        (None, None) => return Ok(None),
     };
     crate::files::check_key_file(&path)?;
     let pem = std::fs::read_to_string(&path).map_err(io_err(format!(
         "reading token signing key {}",
         path.display()
     )))?;
-    TokenSigner::from_pkcs8_pem(&SecretString::from(pem)).map_err(Error::Token)
+    TokenSigner::from_pkcs8_pem(&SecretString::from(pem))
+        .map(Some)
+        .map_err(Error::Token)
+}
+
+/// The key ring, its first key imported from the key file (or, with SQLite, made) when it
+/// is empty.
+async fn open_token_keys(
+    db: &DatabaseArgs,
+    store: &Store,
+    master_key: &dyn crate::crypto::Seal,
+    now_ms: i64,
+) -> Result<TokenKeyRing> {
+    let file_key = load_token_signer(db)?;
+    let first = match file_key {
+        Some(signer) => Some(signer),
+        None if store.token_keys().await?.is_empty() => {
+            if store.backend() != crate::store::Backend::Sqlite {
+                return Err(Error::Config(
+                    "--token-signing-key-file (TENANTRY_TOKEN_SIGNING_KEY_FILE) is required to start a new token key ring with this database".into(),
+                ));
+            }
+            // A new embedded install: the key goes straight into the ring, sealed; no
+            // private key file is written.
+            tracing::info!("making the first instance-token signing key");
+            Some(TokenSigner::generate().map_err(Error::Token)?)
+        }
+        None => None,
+    };
+    if let Some(signer) = first {
+        crate::token_keys::import_key_file(store, master_key, &signer, now_ms).await?;
+    }
+    TokenKeyRing::load(store, master_key, now_ms).await
+}
+
+/// Rereads the key ring (retiring the keys that are due) and, when the public set changed,
+/// hands it to the provisioner for every instance. Failures are logged: the keys read
+/// before stay in use and the next pass retries.
+pub async fn refresh_token_keys(state: &AppState) {
+    let now = state.now_ms();
+    if let Err(e) = state
+        .token_keys
+        .refresh(&state.store, &state.master_key, now)
+        .await
+    {
+        tracing::warn!(error = %e, "could not reread the token key ring; signing with the keys read before");
+    }
+    publish_token_keys(&state.token_keys, state.provisioner.as_ref(), now).await;
+}
+
+async fn publish_token_keys(keys: &TokenKeyRing, provisioner: &dyn Provisioner, now_ms: i64) {
+    let pem = match keys.public_set(now_ms) {
+        Ok(pem) => pem,
+        Err(e) => {
+            tracing::error!(error = %e, "the token key ring has no publishable key");
+            return;
+        }
+    };
+    if !keys.needs_publishing(&pem) {
+        return;
+    }
+    match provisioner.publish_token_keys(&pem).await {
+        Ok(()) => {
+            keys.published(pem);
+            tracing::info!(
+                kids = %keys.public_kids(now_ms).join(","),
+                "published the instance-token public key set"
+            );
+        }
+        Err(e) => tracing::warn!(
+            error = %e,
+            "could not publish the instance-token public key set; retrying (docs/operations.md, token key rotation, has the manual step)"
+        ),
+    }
 }
 
 /// A SQLite database's directory and files, private before SQLite opens them (see
@@ -236,11 +299,13 @@ pub async fn build_state_with(
     crate::store::Backend::of_url(url)?;
     ensure_sqlite_dir(url)?;
     let key_file = master_key_file(&args.db)?;
-    let token_signer = load_token_signer(&args.db)?;
     let store = Store::connect(url, args.database_max_connections).await?;
     let master_key = crate::keyring::ServerKeyRing::load(&store, &key_file, clock.now_ms()).await?;
+    let token_keys = open_token_keys(&args.db, &store, &master_key, clock.now_ms()).await?;
     let hasher = PasswordHasher::new(args.db.hash_params())?;
     let provisioner = build_provisioner(args, &store, &clock, kube_client).await?;
+    // Before any instance starts: a runtime needs the set to verify tokens.
+    publish_token_keys(&token_keys, provisioner.as_ref(), clock.now_ms()).await;
     let mailer = Arc::new(crate::mail::Mailer::new(
         &args.mail.settings(&args.db.data_dir)?,
     )?);
@@ -253,7 +318,8 @@ pub async fn build_state_with(
         sessions: args.session_policy(),
         rate_limiter: RateLimiter::new(args.rate_limit_per_second, args.rate_limit_burst),
         totp_issuer: args.totp_issuer.clone(),
-        token_signer,
+        token_keys: Arc::new(token_keys),
+        token_key_refresh: args.token_key_refresh_interval,
         instance_token_ttl: args.instance_token_ttl,
         provisioner,
         access: args.access_policy(),
@@ -291,6 +357,8 @@ async fn build_provisioner(
             };
             let settings = KubernetesSettings {
                 tenant_domain: args.tenant_domain.clone(),
+                token_public_key_secret: args.token_public_key_secret.clone(),
+                token_public_key_secret_namespace: args.token_public_key_secret_namespace.clone(),
             };
             let provisioner =
                 KubernetesProvisioner::start(client, settings, store.clone(), Arc::clone(clock))
@@ -446,6 +514,15 @@ async fn purge_loop(state: Arc<AppState>) {
     }
 }
 
+/// Rereads the token key ring and republishes its public set, every
+/// `--token-key-refresh-interval`.
+async fn token_key_loop(state: Arc<AppState>) {
+    loop {
+        tokio::time::sleep(state.token_key_refresh).await;
+        refresh_token_keys(&state).await;
+    }
+}
+
 /// Expires grants, closes due access reviews and starts scheduled ones: at start, then
 /// every [`crate::access::SWEEP_INTERVAL`].
 async fn access_loop(state: Arc<AppState>) {
@@ -487,6 +564,7 @@ pub async fn serve(
     loops.spawn(until(stop.clone(), reconcile_loop(Arc::clone(&state))));
     loops.spawn(until(stop.clone(), purge_loop(Arc::clone(&state))));
     loops.spawn(until(stop.clone(), access_loop(Arc::clone(&state))));
+    loops.spawn(until(stop.clone(), token_key_loop(Arc::clone(&state))));
     loops.spawn(until(
         stop.clone(),
         crate::keyring::run(Arc::clone(&state), state.master_key_reload),
@@ -742,7 +820,7 @@ mod tests {
             argon2_parallelism: 1,
         };
         master_key_file(&db).unwrap();
-        let signer = load_token_signer(&db).unwrap();
+        let signer = load_token_signer(&db).unwrap().unwrap();
         let public = std::fs::read_to_string(out.join(TOKEN_PUBLIC_KEY_FILE)).unwrap();
         let verifier = tenantry_proto::token::TokenVerifier::from_public_key_pem(&public).unwrap();
         let now = jiff::Timestamp::now();

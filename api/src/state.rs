@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 use tenantry_proto::phase::TenantPhase;
-use tenantry_proto::token::TokenSigner;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
@@ -69,8 +68,10 @@ pub struct AppState {
     pub rate_limiter: RateLimiter,
     /// Issuer shown in authenticator apps.
     pub totp_issuer: String,
-    /// Signs instance tokens.
-    pub token_signer: TokenSigner,
+    /// The instance-token signing keys.
+    pub token_keys: Arc<crate::token_keys::TokenKeyRing>,
+    /// How often the key ring is reread and its public set republished.
+    pub token_key_refresh: Duration,
     /// Lifetime of instance tokens.
     pub instance_token_ttl: Duration,
     /// Runs tenant instances.
@@ -127,8 +128,10 @@ pub struct StateParts {
     pub rate_limiter: RateLimiter,
     /// Issuer shown in authenticator apps.
     pub totp_issuer: String,
-    /// Signs instance tokens.
-    pub token_signer: TokenSigner,
+    /// The instance-token signing keys.
+    pub token_keys: Arc<crate::token_keys::TokenKeyRing>,
+    /// How often the key ring is reread and its public set republished.
+    pub token_key_refresh: Duration,
     /// Lifetime of instance tokens.
     pub instance_token_ttl: Duration,
     /// Runs tenant instances.
@@ -162,7 +165,8 @@ impl AppState {
             sessions: p.sessions,
             rate_limiter: p.rate_limiter,
             totp_issuer: p.totp_issuer,
-            token_signer: p.token_signer,
+            token_keys: p.token_keys,
+            token_key_refresh: p.token_key_refresh,
             instance_token_ttl: p.instance_token_ttl,
             provisioner: p.provisioner,
             access: p.access,

@@ -421,13 +421,18 @@ pub fn keys(data: &[u8]) {
             if let Err(e) = tenantry_api::crypto::MasterKey::from_base64(&SecretString::from(key)) {
                 assert_quotes_no_line(&e.to_string(), key, "");
             }
+            // The same text as a key file of several lines.
+            if let Err(e) = tenantry_api::crypto::MasterKeyRing::parse(&SecretString::from(key)) {
+                assert_quotes_no_line(&e.to_string(), key, "");
+            }
         }
         _ => {
             let (Some(context), Some(sealed)) = (text(first), text(second)) else {
                 return;
             };
-            let key =
-                tenantry_api::crypto::MasterKey::from_bytes(&SecretBox::new(Box::new([9u8; 32])));
+            let key = tenantry_api::crypto::MasterKeyRing::single(
+                tenantry_api::crypto::MasterKey::from_bytes(&SecretBox::new(Box::new([9u8; 32]))),
+            );
             if let Ok(opened) = key.open(context, sealed) {
                 // Only a real seal opens: sealing it again gives a fresh, openable text.
                 let resealed = key.seal(context, opened.expose_secret());

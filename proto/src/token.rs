@@ -8,6 +8,12 @@
 //! `iss` is always [`ISSUER`], `aud` is the one tenant id the token is good for, and a
 //! token lives at most [`MAX_TTL_SECS`] seconds.
 //!
+//! Signing keys rotate (`tenantry-api rotate-token-key`), so a verifier holds a *set* of
+//! public keys, read from a file of one or more `PUBLIC KEY` PEM blocks. Every token names
+//! its key in the header's `kid` ([`key_id`]); a token whose `kid` is not in the set is
+//! refused without trying any key, and a token without `kid` (issued before key ids
+//! existed) is tried against each key of the (small) set.
+//!
 //! Everything here is pure: no IO, no clock (callers pass `now`). Randomness (keys and
 //! `jti`) comes from the operating system through `getrandom`.
 
@@ -22,6 +28,7 @@ use jiff::Timestamp;
 use secrecy::zeroize::Zeroizing;
 use secrecy::{ExposeSecret as _, SecretString};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 
 /// The `iss` of every instance token.
 pub const ISSUER: &str = "tenantry";
@@ -36,6 +43,12 @@ pub const CLOCK_SKEW_SECS: i64 = 60;
 /// Tokens longer than this are refused without being decoded (a few hundred bytes is
 /// typical), so a hostile header cannot make the verifier allocate much.
 pub const MAX_TOKEN_LEN: usize = 4096;
+/// The most public keys a verifier takes from one set. A rotation publishes two or three;
+/// the bound keeps a kid-less token from being tried against an unbounded list.
+pub const MAX_KEYS: usize = 16;
+/// Bytes of the SHA-256 of a key's `SubjectPublicKeyInfo` that make its [`key_id`]: 96
+/// bits, 16 base64url characters.
+const KEY_ID_BYTES: usize = 12;
 
 /// The claims of an instance token.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,9 +83,14 @@ pub enum TokenError {
     /// The header's `typ` is present and not `JWT`, or it has a `crit` member.
     #[error("token header is not supported")]
     UnsupportedHeader,
-    /// The signature does not verify under the configured public key.
+    /// The signature does not verify under the configured public key (or, for a token
+    /// without `kid`, under any key of the set).
     #[error("token signature is invalid")]
     BadSignature,
+    /// The header's `kid` names no key of the verifier's set (a retired key, or another
+    /// issuer's). The message names no key id: the caller learns only that it failed.
+    #[error("token was signed by a key this instance does not accept")]
+    UnknownKey,
     /// The claims are missing a member or have one of the wrong type.
     #[error("token claims are missing or invalid")]
     InvalidClaims,
@@ -100,6 +118,16 @@ pub enum TokenError {
     /// A PEM key could not be parsed.
     #[error("key is not a valid Ed25519 {0} PEM")]
     InvalidKey(&'static str),
+    /// Block `n` (from 1) of a public key set is not an Ed25519 `PUBLIC KEY` PEM, or has no
+    /// end line.
+    #[error("PEM block {0} of the public key set is not a valid Ed25519 PUBLIC KEY")]
+    InvalidKeyInSet(usize),
+    /// A public key set holds no `PUBLIC KEY` block.
+    #[error("the public key set holds no PUBLIC KEY PEM block")]
+    EmptyKeySet,
+    /// A public key set holds more than [`MAX_KEYS`] keys.
+    #[error("the public key set holds more than {MAX_KEYS} keys")]
+    TooManyKeys,
     /// The operating system's random number generator failed.
     #[error("random number generator failed")]
     Randomness,
@@ -108,8 +136,11 @@ pub enum TokenError {
     Encode,
 }
 
-/// The JOSE header of every token this module makes.
-const HEADER_JSON: &str = r#"{"alg":"EdDSA","typ":"JWT"}"#;
+/// The JOSE header of every token this module makes, for the key `kid` (base64url, so it
+/// needs no JSON escaping).
+fn header_json(kid: &str) -> String {
+    format!(r#"{{"alg":"{ALGORITHM}","typ":"JWT","kid":"{kid}"}}"#)
+}
 
 /// DER prefix of a PKCS#8 v1 `PrivateKeyInfo` for Ed25519 (RFC 8410 §7), followed by the
 /// 32-byte seed. This is what `openssl genpkey -algorithm ed25519` writes.
@@ -122,15 +153,34 @@ const SPKI_ED25519_PREFIX: [u8; 12] = [
     0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
 ];
 
+/// The key id of an Ed25519 public key: base64url (unpadded) of the first 12 bytes of the
+/// SHA-256 of its `SubjectPublicKeyInfo` DER. Anyone holding the public key computes the
+/// same id, so it needs no registry; it is not secret.
+pub fn key_id(key: &VerifyingKey) -> String {
+    let digest = Sha256::digest(spki_der(key));
+    URL_SAFE_NO_PAD.encode(&digest[..KEY_ID_BYTES])
+}
+
+/// The `SubjectPublicKeyInfo` DER of an Ed25519 public key.
+fn spki_der(key: &VerifyingKey) -> Vec<u8> {
+    let mut der = Vec::with_capacity(44);
+    der.extend_from_slice(&SPKI_ED25519_PREFIX);
+    der.extend_from_slice(key.as_bytes());
+    der
+}
+
 /// Signs instance tokens. Holds the Ed25519 private key, which is wiped from memory on drop
 /// and never shown by `Debug`.
 pub struct TokenSigner {
     key: SigningKey,
+    /// [`key_id`] of the public half, named in every token's header.
+    kid: String,
 }
 
 impl fmt::Debug for TokenSigner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TokenSigner")
+            .field("kid", &self.kid)
             .field("key", &"[REDACTED]")
             .finish()
     }
@@ -141,16 +191,24 @@ impl TokenSigner {
     pub fn generate() -> Result<Self, TokenError> {
         let mut seed = Zeroizing::new([0u8; 32]);
         getrandom::fill(seed.as_mut_slice()).map_err(|_| TokenError::Randomness)?;
-        Ok(TokenSigner {
-            key: SigningKey::from_bytes(&seed),
-        })
+        Ok(TokenSigner::from_key(SigningKey::from_bytes(&seed)))
+    }
+
+    fn from_key(key: SigningKey) -> Self {
+        let kid = key_id(&key.verifying_key());
+        TokenSigner { key, kid }
+    }
+
+    /// The key id ([`key_id`]) every token of this signer names in its header.
+    pub fn kid(&self) -> &str {
+        &self.kid
     }
 
     /// Loads a key from a PKCS#8 PEM (`-----BEGIN PRIVATE KEY-----`, v1 or v2).
     pub fn from_pkcs8_pem(pem: &SecretString) -> Result<Self, TokenError> {
         let key = SigningKey::from_pkcs8_pem(pem.expose_secret().trim())
             .map_err(|_| TokenError::InvalidKey("PKCS#8 private key"))?;
-        Ok(TokenSigner { key })
+        Ok(TokenSigner::from_key(key))
     }
 
     /// The private key as a PKCS#8 v1 PEM, the form [`TokenSigner::from_pkcs8_pem`] and
@@ -167,25 +225,22 @@ impl TokenSigner {
     /// The public key as a `SubjectPublicKeyInfo` PEM (`-----BEGIN PUBLIC KEY-----`), the
     /// form [`TokenVerifier::from_public_key_pem`] reads.
     pub fn public_key_pem(&self) -> String {
-        let mut der = Vec::with_capacity(44);
-        der.extend_from_slice(&SPKI_ED25519_PREFIX);
-        der.extend_from_slice(self.key.verifying_key().as_bytes());
-        pem_encode("PUBLIC KEY", &der)
+        pem_encode("PUBLIC KEY", &spki_der(&self.key.verifying_key()))
     }
 
-    /// A verifier for the tokens this signer makes.
+    /// A verifier for the tokens this signer makes (a set of this one key).
     pub fn verifier(&self) -> TokenVerifier {
         TokenVerifier {
-            key: self.key.verifying_key(),
+            keys: vec![(self.kid.clone(), self.key.verifying_key())],
         }
     }
 
-    /// Signs `claims` as a compact JWT. The claims are signed as given (no checks), so
-    /// tests and the API can make any token they need; use [`TokenSigner::issue`] for
-    /// ordinary tokens.
+    /// Signs `claims` as a compact JWT whose header names this signer's `kid`. The claims
+    /// are signed as given (no checks), so tests and the API can make any token they need;
+    /// use [`TokenSigner::issue`] for ordinary tokens.
     pub fn sign(&self, claims: &InstanceClaims) -> Result<String, TokenError> {
         let payload = serde_json::to_vec(claims).map_err(|_| TokenError::Encode)?;
-        Ok(self.sign_parts(HEADER_JSON.as_bytes(), &payload))
+        Ok(self.sign_parts(header_json(&self.kid).as_bytes(), &payload))
     }
 
     /// Issues a token for `subject` on tenant `tenant_id`, valid from `now` for `ttl`
@@ -235,33 +290,80 @@ impl TokenSigner {
     }
 }
 
-/// Verifies instance tokens with the issuer's Ed25519 public key.
+/// Verifies instance tokens with the issuer's Ed25519 public keys: a set of one or more,
+/// each known by its [`key_id`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenVerifier {
-    key: VerifyingKey,
+    /// `(kid, key)`, in the order of the file, without duplicates; never empty.
+    keys: Vec<(String, VerifyingKey)>,
 }
 
-/// The header members the verifier looks at; others are ignored, except `crit`, which
-/// names extensions that must be understood (none are), so its presence refuses a token.
-#[derive(Deserialize)]
-struct Header {
-    alg: Option<serde_json::Value>,
-    typ: Option<serde_json::Value>,
-    crit: Option<serde_json::Value>,
-}
+const PEM_BEGIN: &str = "-----BEGIN ";
+const PEM_DASHES: &str = "-----";
+const PUBLIC_KEY_END: &str = "-----END PUBLIC KEY-----";
 
 impl TokenVerifier {
-    /// Loads the issuer's public key from a `SubjectPublicKeyInfo` PEM
-    /// (`-----BEGIN PUBLIC KEY-----`).
+    /// Loads the issuer's public key set: one or more `SubjectPublicKeyInfo` PEM blocks
+    /// (`-----BEGIN PUBLIC KEY-----`), one after the other, as the API publishes them. Text
+    /// between blocks is ignored (RFC 7468 explanatory text); a block with another label
+    /// (a private key pasted by mistake), a block that does not parse, a file without any
+    /// block, or more than [`MAX_KEYS`] keys is refused as a whole. A key listed twice
+    /// counts once.
     pub fn from_public_key_pem(pem: &str) -> Result<Self, TokenError> {
-        let key = VerifyingKey::from_public_key_pem(pem.trim())
-            .map_err(|_| TokenError::InvalidKey("public key"))?;
-        Ok(TokenVerifier { key })
+        let mut keys: Vec<(String, VerifyingKey)> = Vec::new();
+        let mut rest = pem;
+        let mut block = 0;
+        while let Some(start) = rest.find(PEM_BEGIN) {
+            block += 1;
+            let from_begin = &rest[start..];
+            let label = from_begin[PEM_BEGIN.len()..]
+                .split_once(PEM_DASHES)
+                .map(|(label, _)| label)
+                .ok_or(TokenError::InvalidKeyInSet(block))?;
+            if label != "PUBLIC KEY" {
+                return Err(TokenError::InvalidKeyInSet(block));
+            }
+            let end = from_begin
+                .find(PUBLIC_KEY_END)
+                .ok_or(TokenError::InvalidKeyInSet(block))?
+                + PUBLIC_KEY_END.len();
+            // A block whose BEGIN is followed by another BEGIN before its END fails here.
+            let key = VerifyingKey::from_public_key_pem(&from_begin[..end])
+                .map_err(|_| TokenError::InvalidKeyInSet(block))?;
+            let kid = key_id(&key);
+            if !keys.iter().any(|(known, _)| *known == kid) {
+                if keys.len() == MAX_KEYS {
+                    return Err(TokenError::TooManyKeys);
+                }
+                keys.push((kid, key));
+            }
+            rest = &from_begin[end..];
+        }
+        if keys.is_empty() {
+            return Err(TokenError::EmptyKeySet);
+        }
+        Ok(TokenVerifier { keys })
+    }
+
+    /// The key ids of the set, in file order.
+    pub fn kids(&self) -> Vec<&str> {
+        self.keys.iter().map(|(kid, _)| kid.as_str()).collect()
+    }
+
+    /// The set as PEM blocks, one per key in order: what [`Self::from_public_key_pem`]
+    /// reads back.
+    pub fn to_public_key_pem(&self) -> String {
+        self.keys
+            .iter()
+            .map(|(_, key)| pem_encode("PUBLIC KEY", &spki_der(key)))
+            .collect()
     }
 
     /// Verifies `token` for the tenant `expected_audience` at time `now`, and returns its
     /// claims. Checks, in order: length and shape; header `alg` is exactly `EdDSA` (and
-    /// `typ`, if present, is `JWT`; no `crit`); the signature (strict Ed25519); every claim
+    /// `typ`, if present, is `JWT`; no `crit`; `kid`, if present, a string naming a key of
+    /// the set); the signature (strict Ed25519) under the `kid`'s key, or for a token
+    /// without `kid` under any key of the set; every claim
     /// present and non-empty; `iss`; `aud`; `exp > now - skew`; `iat <= now + skew`;
     /// `0 <= exp - iat <= 900`. The allowed clock skew is [`CLOCK_SKEW_SECS`] (60 s).
     pub fn verify(
@@ -281,28 +383,49 @@ impl TokenVerifier {
         };
 
         let header_bytes = decode_part(header_b64)?;
-        let header: Header =
+        // The members the verifier looks at; others are ignored, except `crit`, which names
+        // extensions that must be understood (none are), so its presence refuses a token.
+        // A map, not a struct of options, so that a member present as `null` is not taken
+        // for an absent one.
+        let header: serde_json::Map<String, serde_json::Value> =
             serde_json::from_slice(&header_bytes).map_err(|_| TokenError::Malformed)?;
-        match header.alg {
+        match header.get("alg") {
             Some(serde_json::Value::String(alg)) if alg == ALGORITHM => {}
             _ => return Err(TokenError::UnsupportedAlgorithm),
         }
-        match header.typ {
+        match header.get("typ") {
             None => {}
             Some(serde_json::Value::String(typ)) if typ.eq_ignore_ascii_case("JWT") => {}
             Some(_) => return Err(TokenError::UnsupportedHeader),
         }
-        if header.crit.is_some() {
+        if header.contains_key("crit") {
             return Err(TokenError::UnsupportedHeader);
         }
+        let named = match header.get("kid") {
+            None => None,
+            Some(serde_json::Value::String(kid)) => Some(
+                self.keys
+                    .iter()
+                    .find(|(known, _)| known == kid)
+                    .map(|(_, key)| key)
+                    .ok_or(TokenError::UnknownKey)?,
+            ),
+            Some(_) => return Err(TokenError::UnsupportedHeader),
+        };
 
         let signature_bytes = decode_part(signature_b64)?;
         let signature =
             Signature::from_slice(&signature_bytes).map_err(|_| TokenError::BadSignature)?;
-        let signed = &token[..header_b64.len() + 1 + payload_b64.len()];
-        self.key
-            .verify_strict(signed.as_bytes(), &signature)
-            .map_err(|_| TokenError::BadSignature)?;
+        let signed = &token.as_bytes()[..header_b64.len() + 1 + payload_b64.len()];
+        let verifies = |key: &VerifyingKey| key.verify_strict(signed, &signature).is_ok();
+        let authentic = match named {
+            Some(key) => verifies(key),
+            // Issued before tokens named their key: whichever key of the set signed it.
+            None => self.keys.iter().any(|(_, key)| verifies(key)),
+        };
+        if !authentic {
+            return Err(TokenError::BadSignature);
+        }
 
         let payload = decode_part(payload_b64)?;
         let claims: InstanceClaims =
@@ -530,11 +653,11 @@ mod tests {
             signer.verifier().verify(&truncated, TENANT, now()),
             Err(TokenError::BadSignature)
         );
-        // Signed by some other key.
+        // Signed by some other key: its kid is not the verifier's.
         let other = TokenSigner::generate().unwrap();
         assert_eq!(
             other.verifier().verify(&token, TENANT, now()),
-            Err(TokenError::BadSignature)
+            Err(TokenError::UnknownKey)
         );
     }
 
@@ -595,7 +718,7 @@ mod tests {
         for name in ["iss", "sub", "aud", "iat", "exp", "jti"] {
             let mut claims = full.clone();
             claims.as_object_mut().unwrap().remove(name);
-            let token = forge(&signer, HEADER_JSON, &claims.to_string());
+            let token = forge(&signer, &header_json(signer.kid()), &claims.to_string());
             assert_eq!(
                 v.verify(&token, TENANT, now()),
                 Err(TokenError::InvalidClaims),
@@ -605,7 +728,7 @@ mod tests {
         for name in ["sub", "jti"] {
             let mut claims = full.clone();
             claims[name] = "".into();
-            let token = forge(&signer, HEADER_JSON, &claims.to_string());
+            let token = forge(&signer, &header_json(signer.kid()), &claims.to_string());
             assert_eq!(
                 v.verify(&token, TENANT, now()),
                 Err(TokenError::EmptyClaim(name))
@@ -654,6 +777,171 @@ mod tests {
         );
         let backwards = signer.sign(&claims_at(now().as_second(), -10)).unwrap();
         assert!(signer.verifier().verify(&backwards, TENANT, now()).is_err());
+    }
+
+    /// The header of tokens issued before key ids existed.
+    const LEGACY_HEADER_JSON: &str = r#"{"alg":"EdDSA","typ":"JWT"}"#;
+
+    fn header_of(token: &str) -> serde_json::Value {
+        let head = token.split('.').next().unwrap();
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(head).unwrap()).unwrap()
+    }
+
+    fn set_of(signers: &[&TokenSigner]) -> TokenVerifier {
+        let pem: String = signers.iter().map(|s| s.public_key_pem()).collect();
+        TokenVerifier::from_public_key_pem(&pem).unwrap()
+    }
+
+    #[test]
+    fn tokens_name_their_key_by_a_stable_id() {
+        let signer = signer();
+        let (token, _) = signer
+            .issue(TENANT, "user-1", now(), Duration::from_secs(60))
+            .unwrap();
+        let header = header_of(&token);
+        assert_eq!(header["alg"], ALGORITHM);
+        assert_eq!(header["typ"], "JWT");
+        assert_eq!(header["kid"], signer.kid());
+        // 12 bytes of SHA-256 over the SPKI DER, base64url: recomputable from the PEM alone.
+        assert_eq!(signer.kid().len(), 16);
+        let pem = signer.public_key_pem();
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        let spki = STANDARD.decode(body).unwrap();
+        assert_eq!(
+            URL_SAFE_NO_PAD.encode(&Sha256::digest(&spki)[..12]),
+            signer.kid()
+        );
+        assert_eq!(
+            TokenVerifier::from_public_key_pem(&pem).unwrap().kids(),
+            [signer.kid()]
+        );
+        let reloaded = TokenSigner::from_pkcs8_pem(&signer.to_pkcs8_pem()).unwrap();
+        assert_eq!(reloaded.kid(), signer.kid());
+        assert_ne!(TokenSigner::generate().unwrap().kid(), signer.kid());
+    }
+
+    #[test]
+    fn a_key_set_accepts_tokens_of_each_of_its_keys() {
+        let (old, new, outsider) = (signer(), signer(), signer());
+        let set = set_of(&[&old, &new]);
+        assert_eq!(set.kids(), [old.kid(), new.kid()]);
+        for s in [&old, &new] {
+            let (token, claims) = s
+                .issue(TENANT, "user-1", now(), Duration::from_secs(60))
+                .unwrap();
+            assert_eq!(set.verify(&token, TENANT, now()).unwrap(), claims);
+        }
+        // A key outside the set: refused by its kid before any signature check.
+        let (token, _) = outsider
+            .issue(TENANT, "user-1", now(), Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(
+            set.verify(&token, TENANT, now()),
+            Err(TokenError::UnknownKey)
+        );
+        let err = TokenError::UnknownKey.to_string();
+        assert!(!err.contains(outsider.kid()), "{err}");
+        // Once the old key leaves the set, its tokens are refused.
+        let (old_token, _) = old
+            .issue(TENANT, "user-1", now(), Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(
+            set_of(&[&new]).verify(&old_token, TENANT, now()),
+            Err(TokenError::UnknownKey)
+        );
+    }
+
+    #[test]
+    fn a_kid_is_checked_against_its_own_key_only() {
+        let (a, b) = (signer(), signer());
+        let set = set_of(&[&a, &b]);
+        let payload = serde_json::to_string(&claims_at(now().as_second(), 60)).unwrap();
+        // Signed by `a` but claiming to be `b`'s: the signature is checked under b only.
+        let lying = forge(&a, &header_json(b.kid()), &payload);
+        assert_eq!(
+            set.verify(&lying, TENANT, now()),
+            Err(TokenError::BadSignature)
+        );
+        for header in [
+            r#"{"alg":"EdDSA","kid":7}"#,
+            r#"{"alg":"EdDSA","kid":null}"#,
+            r#"{"alg":"EdDSA","kid":["x"]}"#,
+        ] {
+            assert_eq!(
+                set.verify(&forge(&a, header, &payload), TENANT, now()),
+                Err(TokenError::UnsupportedHeader),
+                "{header}"
+            );
+        }
+        // The pinned algorithm is still checked first, whatever the kid.
+        let hs = forge(
+            &a,
+            &format!(r#"{{"alg":"HS256","kid":"{}"}}"#, a.kid()),
+            &payload,
+        );
+        assert_eq!(
+            set.verify(&hs, TENANT, now()),
+            Err(TokenError::UnsupportedAlgorithm)
+        );
+    }
+
+    #[test]
+    fn tokens_without_kid_are_tried_against_every_key_of_the_set() {
+        let (old, new) = (signer(), signer());
+        let payload = serde_json::to_string(&claims_at(now().as_second(), 60)).unwrap();
+        let legacy = forge(&old, LEGACY_HEADER_JSON, &payload);
+        assert!(set_of(&[&new, &old]).verify(&legacy, TENANT, now()).is_ok());
+        assert!(set_of(&[&old]).verify(&legacy, TENANT, now()).is_ok());
+        assert_eq!(
+            set_of(&[&new]).verify(&legacy, TENANT, now()),
+            Err(TokenError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn public_key_sets_parse_every_block_and_refuse_bad_ones() {
+        let (a, b) = (signer(), signer());
+        let (pa, pb) = (a.public_key_pem(), b.public_key_pem());
+        // Text around and between blocks is ignored; duplicates count once.
+        let text = format!(
+            "# published by tenantry-api\n{pa}\nkid {}\n{pb}{pa}",
+            b.kid()
+        );
+        let set = TokenVerifier::from_public_key_pem(&text).unwrap();
+        assert_eq!(set.kids(), [a.kid(), b.kid()]);
+        assert_eq!(set.to_public_key_pem(), format!("{pa}{pb}"));
+        assert_eq!(
+            TokenVerifier::from_public_key_pem(&set.to_public_key_pem()).unwrap(),
+            set
+        );
+
+        let private = a.to_pkcs8_pem();
+        let truncated = &pb[..pb.len() - 10];
+        let corrupted = pb.replacen("MCow", "MCox", 1);
+        for (text, err) in [
+            (String::new(), TokenError::EmptyKeySet),
+            ("no keys here\n".to_owned(), TokenError::EmptyKeySet),
+            (
+                format!("{pa}{}", private.expose_secret()),
+                TokenError::InvalidKeyInSet(2),
+            ),
+            (format!("{pa}{truncated}"), TokenError::InvalidKeyInSet(2)),
+            (format!("{truncated}{pa}"), TokenError::InvalidKeyInSet(1)),
+            (format!("{corrupted}{pa}"), TokenError::InvalidKeyInSet(1)),
+            (
+                "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n".to_owned(),
+                TokenError::InvalidKeyInSet(1),
+            ),
+        ] {
+            assert_eq!(TokenVerifier::from_public_key_pem(&text), Err(err.clone()));
+            // No error message repeats key material.
+            assert!(!err.to_string().contains("MC"), "{err}");
+        }
+        let many: String = (0..=MAX_KEYS).map(|_| signer().public_key_pem()).collect();
+        assert_eq!(
+            TokenVerifier::from_public_key_pem(&many),
+            Err(TokenError::TooManyKeys)
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Live reload: polls the config file, the certificate pair and the token public key and
 //! applies what changed without a restart. Retention changes take effect at once (and
-//! wake the pruner); a new certificate pair serves new connections; a new public key
-//! verifies new requests. Changed keys that need a restart are logged as such and the
+//! wake the pruner); a new certificate pair serves new connections; a new public key set
+//! verifies new requests (a token key rotation adds a key to the set before the API signs
+//! with it, and removes the old one only after its last token expired). Changed keys that need a restart are logged as such and the
 //! running values are kept. An invalid new file is logged and ignored.
 
 use std::path::PathBuf;
@@ -18,7 +19,8 @@ use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::tls::{CertResolver, Reload};
 
-/// Reads and parses the token public key file.
+/// Reads and parses the token public key file: a set of one or more `PUBLIC KEY` PEM
+/// blocks; one bad block refuses the whole file.
 pub fn load_verifier(path: &std::path::Path) -> Result<TokenVerifier> {
     let pem = std::fs::read_to_string(path).map_err(|source| Error::ReadFile {
         what: "token public key file",
@@ -93,14 +95,15 @@ impl Reloader {
         *last = Some(bytes);
         match load_verifier(path) {
             Ok(verifier) => {
+                let kids = verifier.kids().join(",");
                 *self
                     .verifier
                     .write()
                     .unwrap_or_else(PoisonError::into_inner) = Arc::new(verifier);
-                tracing::info!("token public key reloaded");
+                tracing::info!(%kids, "token public key set reloaded");
             }
             Err(e) => {
-                tracing::warn!(error = %e, "new token public key refused; keeping the loaded key")
+                tracing::warn!(error = %e, "new token public key set refused; keeping the loaded keys")
             }
         }
     }

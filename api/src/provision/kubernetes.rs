@@ -19,13 +19,14 @@
 use std::sync::{Arc, Mutex};
 
 use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::reflector::{self, ObjectRef, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 use tenantry_kube::crd::{Tenant, TenantPhase};
-use tenantry_kube::names::{CRD_NAME, GROUP, KIND, LABEL_TENANT_ID, VERSION};
+use tenantry_kube::names::{CRD_NAME, GROUP, KIND, LABEL_TENANT_ID, TOKEN_KEY_KEY, VERSION};
 use tokio::task::JoinHandle;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
@@ -48,6 +49,25 @@ pub struct KubernetesSettings {
     /// When set, tenant `acme` gets the public DNS name `acme.<domain>` on its certificate,
     /// which is also its endpoint.
     pub tenant_domain: Option<String>,
+    /// The operator's token public key Secret (key `public.pem`), which the API keeps equal
+    /// to the key ring's public set; `None`: the API does not publish (copied by hand).
+    pub token_public_key_secret: Option<String>,
+    /// Its namespace; `None`: the client's default namespace (the pod's own).
+    pub token_public_key_secret_namespace: Option<String>,
+}
+
+/// The data patch that makes the token public key Secret hold `pem`, or `None` when it
+/// holds it already (compare before write: an unchanged set writes nothing).
+pub fn token_key_secret_patch(current: &Secret, pem: &str) -> Option<Value> {
+    let held = current
+        .data
+        .as_ref()
+        .and_then(|d| d.get(TOKEN_KEY_KEY))
+        .map(|b| b.0.as_slice());
+    (held != Some(pem.as_bytes())).then(|| {
+        use base64::Engine as _;
+        json!({ "data": { TOKEN_KEY_KEY: base64::engine::general_purpose::STANDARD.encode(pem) } })
+    })
 }
 
 /// The apply patch for `spec`: exactly the fields the API owns, nothing defaulted, so a
@@ -138,6 +158,8 @@ pub struct KubernetesProvisioner {
     cache: reflector::Store<Tenant>,
     store: Store,
     settings: KubernetesSettings,
+    /// The token public key Secret's namespace, when the API publishes into it.
+    secrets: Option<Api<Secret>>,
     follower: Mutex<Option<JoinHandle<()>>>,
     /// Stops the follower; cancelled on shutdown, and on drop through the guard.
     stop: CancellationToken,
@@ -160,6 +182,12 @@ impl KubernetesProvisioner {
         store: Store,
         clock: Arc<dyn Clock>,
     ) -> Result<Self> {
+        let secrets = settings.token_public_key_secret.as_ref().map(|_| {
+            match &settings.token_public_key_secret_namespace {
+                Some(ns) => Api::<Secret>::namespaced(client.clone(), ns),
+                None => Api::<Secret>::default_namespaced(client.clone()),
+            }
+        });
         let api: Api<Tenant> = Api::all(client);
         match api.list_metadata(&ListParams::default().limit(1)).await {
             Ok(_) => {}
@@ -190,6 +218,7 @@ impl KubernetesProvisioner {
             cache,
             store,
             settings,
+            secrets,
             follower: Mutex::new(Some(follower)),
             _stop_on_drop: stop.clone().drop_guard(),
             stop,
@@ -352,6 +381,32 @@ impl Provisioner for KubernetesProvisioner {
         }
     }
 
+    async fn publish_token_keys(&self, public_set_pem: &str) -> Result<()> {
+        let (Some(secrets), Some(name)) = (&self.secrets, &self.settings.token_public_key_secret)
+        else {
+            return Ok(());
+        };
+        let what = format!("reading the token public key Secret {name}");
+        let Some(current) = secrets
+            .get_opt(name)
+            .await
+            .map_err(|e| kube_error(&what, e))?
+        else {
+            return Err(Error::Provisioner(format!(
+                "the token public key Secret {name} does not exist: create it from `tenantry-api token-keys public` (docs/operations.md)"
+            )));
+        };
+        let Some(patch) = token_key_secret_patch(&current, public_set_pem) else {
+            return Ok(());
+        };
+        secrets
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(|e| kube_error(&format!("writing the token public key Secret {name}"), e))?;
+        tracing::info!(secret = %name, "wrote the token public key set into the operator's Secret; the operator copies it to every tenant");
+        Ok(())
+    }
+
     async fn shutdown(&self) {
         // Tenants live on in the cluster; only the watch stops.
         self.stop.cancel();
@@ -403,6 +458,7 @@ mod tests {
         );
         let with_domain = KubernetesSettings {
             tenant_domain: Some("tenants.example.com".into()),
+            ..KubernetesSettings::default()
         };
         let v = desired_tenant(&spec(), &with_domain);
         assert_eq!(v["spec"]["tls"]["dnsNames"][0], "acme.tenants.example.com");
@@ -412,6 +468,7 @@ mod tests {
     fn converged_compares_every_owned_field() {
         let settings = KubernetesSettings {
             tenant_domain: Some("t.example.com".into()),
+            ..KubernetesSettings::default()
         };
         let current = as_tenant(desired_tenant(&spec(), &settings));
         assert!(is_converged(&current, &spec(), &settings));
@@ -432,9 +489,27 @@ mod tests {
             &current,
             &spec(),
             &KubernetesSettings {
-                tenant_domain: Some("other.example.com".into())
+                tenant_domain: Some("other.example.com".into()),
+                ..KubernetesSettings::default()
             }
         ));
+    }
+
+    #[test]
+    fn the_token_key_secret_is_patched_only_when_its_set_differs() {
+        use k8s_openapi::ByteString;
+        let secret = |pem: Option<&str>| Secret {
+            data: pem
+                .map(|p| [(TOKEN_KEY_KEY.to_owned(), ByteString(p.as_bytes().to_vec()))].into()),
+            ..Secret::default()
+        };
+        assert_eq!(
+            token_key_secret_patch(&secret(Some("A\nB\n")), "A\nB\n"),
+            None
+        );
+        let patch = token_key_secret_patch(&secret(Some("A\n")), "A\nB\n").unwrap();
+        assert_eq!(patch, json!({ "data": { "public.pem": "QQpCCg==" } }));
+        assert!(token_key_secret_patch(&secret(None), "A\n").is_some());
     }
 
     #[test]

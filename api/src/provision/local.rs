@@ -84,6 +84,18 @@ fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(io_err(format!("replacing {}", path.display())))
 }
 
+/// Writes the token public key set every local runtime reads, unless it holds it already;
+/// atomically, so a runtime polling it never reads half a set.
+fn write_token_keys(path: &Path, pem: &str) -> Result<()> {
+    if std::fs::read_to_string(path).ok().as_deref() == Some(pem) {
+        return Ok(());
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    }
+    write_atomic(path, pem.as_bytes(), 0o644)
+}
+
 /// Loads the local CA from `dir`, creating it on first start.
 pub fn load_or_create_ca(dir: &Path) -> Result<CertificateAuthority> {
     let cert_path = dir.join(CA_CERT_FILE);
@@ -172,7 +184,8 @@ pub struct LocalSettings {
     pub data_dir: PathBuf,
     /// The `tenant-runtime` binary.
     pub runtime_bin: PathBuf,
-    /// The API's token public key (PEM) every runtime verifies with.
+    /// The API's token public key set (PEM blocks) every runtime verifies with; this
+    /// provisioner rewrites it whenever the set changes, and the runtimes reload it.
     pub token_public_key: PathBuf,
     /// Instance certificate lifetime.
     pub cert_validity: Duration,
@@ -839,6 +852,14 @@ impl Provisioner for LocalProvisioner {
         }
     }
 
+    async fn publish_token_keys(&self, public_set_pem: &str) -> Result<()> {
+        let path = self.shared.settings.token_public_key.clone();
+        let pem = public_set_pem.to_owned();
+        tokio::task::spawn_blocking(move || write_token_keys(&path, &pem))
+            .await
+            .map_err(Error::Task)?
+    }
+
     async fn shutdown(&self) {
         let _ = self.shared.shutdown.send(true);
         let supervisors: Vec<Supervisor> = self
@@ -976,6 +997,28 @@ mod tests {
             1,
             "no temporary file left"
         );
+    }
+
+    #[test]
+    fn the_token_key_set_is_replaced_whole_and_only_when_it_changed() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token-public.pem");
+        write_token_keys(&path, "one\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "one\n");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o644);
+        // Unchanged: not rewritten (a runtime polling it sees the same file).
+        let before = std::fs::metadata(&path).unwrap().modified().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        write_token_keys(&path, "one\n").unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().modified().unwrap(),
+            before
+        );
+        write_token_keys(&path, "one\ntwo\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "one\ntwo\n");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

@@ -67,6 +67,11 @@ pub trait Provisioner: Send + Sync + 'static {
     async fn delete(&self, tenant_id: &str) -> Result<Deletion>;
     /// Stops every instance this process started (data is kept).
     async fn shutdown(&self);
+    /// Hands every instance the instance-token public keys it must accept (PEM blocks, see
+    /// [`crate::token_keys`]); called at start and whenever the set changes. Idempotent.
+    async fn publish_token_keys(&self, _public_set_pem: &str) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Keeps tenant records only: no instance is started, the phase stays `Provisioning`.

@@ -136,8 +136,8 @@ impl TenantService for Tenants {
         let st = &self.state;
         let now = jiff::Timestamp::from_millisecond(st.now_ms())
             .map_err(|_| Error::Crypto("clock out of range"))?;
-        let (token, claims) = st
-            .token_signer
+        let signer = st.token_keys.signer(st.now_ms())?;
+        let (token, claims) = signer
             .issue(&tenant.id, &who.user_id, now, st.instance_token_ttl)
             .map_err(Error::Token)?;
         st.audit(AuditRecord {
@@ -149,6 +149,7 @@ impl TenantService for Tenants {
             detail_json: detail(&[
                 ("jti", claims.jti.clone().into()),
                 ("exp", claims.exp.into()),
+                ("kid", signer.kid().into()),
             ]),
         })
         .await;

@@ -211,6 +211,17 @@ pub const TABLES: &[Table] = &[
             ("notified_at_ms", Int),
         ],
     },
+    Table {
+        name: "token_keys",
+        columns: &[
+            ("kid", Text),
+            ("public_pem", Text),
+            ("private_sealed", Text),
+            ("created_at_ms", Int),
+            ("signs_from_ms", Int),
+            ("retires_at_ms", Int),
+        ],
+    },
 ];
 
 /// Tables a backup leaves out on purpose (see the module docs).

@@ -32,14 +32,17 @@ pub enum SealedColumn {
     TotpPending,
     /// The verification token in an unsent `mail_outbox.notice_json`.
     OutboxNotice,
+    /// `token_keys.private_sealed`: the private halves of instance-token signing keys.
+    TokenKey,
 }
 
 impl SealedColumn {
     /// Every place a sealed value lives.
-    pub const ALL: [SealedColumn; 3] = [
+    pub const ALL: [SealedColumn; 4] = [
         SealedColumn::TotpSecret,
         SealedColumn::TotpPending,
         SealedColumn::OutboxNotice,
+        SealedColumn::TokenKey,
     ];
 
     /// Its name in reports.
@@ -48,6 +51,7 @@ impl SealedColumn {
             SealedColumn::TotpSecret => "users.totp_secret_sealed",
             SealedColumn::TotpPending => "users.totp_pending_sealed",
             SealedColumn::OutboxNotice => "mail_outbox.notice_json",
+            SealedColumn::TokenKey => "token_keys.private_sealed",
         }
     }
 
@@ -63,6 +67,7 @@ impl SealedColumn {
                 "notice_json",
                 " AND sent_at_ms IS NULL AND kind = 'verify_email'",
             ),
+            SealedColumn::TokenKey => ("token_keys", "kid", "private_sealed", ""),
         }
     }
 }

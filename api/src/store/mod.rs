@@ -14,6 +14,7 @@ mod mfa;
 pub mod session_cache;
 mod sessions;
 mod tenants;
+mod token_keys;
 mod users;
 
 use std::str::FromStr;
@@ -36,6 +37,7 @@ pub use mail::{NewVerification, OutboxRow};
 pub use master_keys::{KeyHolder, SealedColumn, SealedRow};
 pub use sessions::{AUTH_CHANNEL, LISTENER_APPLICATION_NAME, SessionRow};
 pub use tenants::{TenantRow, TenantStatus};
+pub use token_keys::{AddedKey, TokenKeyRow};
 pub use users::{Factor, NewSignup, SignupOutcome, UserRow};
 
 /// Which database is behind the pool.

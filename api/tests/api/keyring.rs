@@ -174,6 +174,11 @@ async fn the_master_key_rotates_while_logins_with_totp_go_on() {
         report.resealed["users.totp_pending_sealed"], 1,
         "{report:?}"
     );
+    // The instance-token signing key's private half is sealed too.
+    assert_eq!(
+        report.resealed["token_keys.private_sealed"], 1,
+        "{report:?}"
+    );
     let new_id = report.key_id.clone();
     assert_ne!(new_id, old_id);
     // The server seals with the new key now.
@@ -212,7 +217,8 @@ async fn the_master_key_rotates_while_logins_with_totp_go_on() {
     let old = status.keys.iter().find(|k| k.key_id == old_id).unwrap();
     let new = status.keys.iter().find(|k| k.key_id == new_id).unwrap();
     assert_eq!((old.total, old.primary), (0, false));
-    assert_eq!((new.total, new.primary, new.in_file), (13, true, true));
+    assert_eq!((new.total, new.primary, new.in_file), (14, true, true));
+    assert_eq!(new.seals["token_keys.private_sealed"], 1);
     assert_eq!(status.servers.len(), 1);
     assert_eq!(status.servers[0].primary_key_id, new_id);
 
@@ -340,7 +346,8 @@ async fn a_rotation_waits_for_every_running_server_and_says_which_lags() {
             .find(|k| k.key_id == old_id)
             .unwrap()
             .total,
-        1
+        2,
+        "the TOTP secret and the token signing key"
     );
 
     // Its file gets the new key; the same command then finishes.

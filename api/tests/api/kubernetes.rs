@@ -446,3 +446,123 @@ async fn startup_fails_clearly_without_the_crd() {
         "{text}"
     );
 }
+
+fn api_namespace_rules() -> Vec<PolicyRule> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../charts/tenantry/rbac/api-namespace-rules.yaml"
+    );
+    serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+const TOKEN_SECRET: &str = "/api/v1/namespaces/tenantry/secrets/tenantry-token-public-key";
+
+fn secret_pem(fake: &FakeApi) -> String {
+    use base64::Engine as _;
+    let secret = fake.get(TOKEN_SECRET).unwrap();
+    let data = secret["data"]["public.pem"].as_str().unwrap();
+    String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+/// After a rotation the API writes the public key set into the operator's Secret, only
+/// when it differs, with requests the chart's Role for the API allows (and nothing else
+/// in the release namespace).
+#[tokio::test]
+async fn the_token_public_key_set_is_written_into_the_operators_secret() {
+    use base64::Engine as _;
+    let db = Database::new().await;
+    ensure_master_key(&db);
+    let fake = FakeApi::new();
+    // The Secret as the install made it, from token-public.pem.
+    let initial = std::fs::read_to_string(db.dir.path().join("token-public.pem")).unwrap();
+    fake.put(
+        TOKEN_SECRET,
+        json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "tenantry-token-public-key", "namespace": "tenantry"},
+            "data": {"public.pem": base64::engine::general_purpose::STANDARD.encode(&initial)}
+        }),
+    );
+    let s = TestServer::start_with(
+        &db,
+        Options {
+            extra_args: vec![
+                "--provisioner".into(),
+                "kubernetes".into(),
+                "--token-public-key-secret".into(),
+                "tenantry-token-public-key".into(),
+                "--token-public-key-secret-namespace".into(),
+                "tenantry".into(),
+            ],
+            kube_client: Some(fake.client()),
+        },
+        ManualClock::new(T0_MS),
+    )
+    .await;
+    // Unchanged at start: read, not written.
+    let patches = |fake: &FakeApi| {
+        fake.accesses()
+            .iter()
+            .filter(|a| a.resource == "secrets" && a.verb == "patch")
+            .count()
+    };
+    assert_eq!(secret_pem(&fake), initial);
+    assert_eq!(patches(&fake), 0);
+
+    let rotation = tenantry_api::token_keys::rotate(
+        &s.state.store,
+        &s.state.master_key,
+        tenantry_api::token_keys::DEFAULT_OVERLAP,
+        tenantry_api::token_keys::min_overlap(),
+        s.now_ms(),
+    )
+    .await
+    .unwrap();
+    tenantry_api::server::refresh_token_keys(&s.state).await;
+    let set =
+        tenantry_proto::token::TokenVerifier::from_public_key_pem(&secret_pem(&fake)).unwrap();
+    assert_eq!(set.kids().len(), 2);
+    assert_eq!(set.kids()[1], rotation.kid);
+    assert_eq!(patches(&fake), 1);
+    // An idle refresh writes nothing.
+    tenantry_api::server::refresh_token_keys(&s.state).await;
+    assert_eq!(patches(&fake), 1);
+    // After retirement, the new key alone.
+    s.advance(2 * tenantry_api::token_keys::DEFAULT_OVERLAP);
+    tenantry_api::server::refresh_token_keys(&s.state).await;
+    let set =
+        tenantry_proto::token::TokenVerifier::from_public_key_pem(&secret_pem(&fake)).unwrap();
+    assert_eq!(set.kids(), [rotation.kid.as_str()]);
+
+    let accesses = fake.accesses();
+    let secret_accesses: Vec<Access> = accesses
+        .iter()
+        .filter(|a| a.resource == "secrets")
+        .cloned()
+        .collect();
+    let rules = api_namespace_rules();
+    let denied: Vec<&Access> = secret_accesses
+        .iter()
+        .filter(|a| !a.allowed_by(&rules) || a.namespace.as_deref() != Some("tenantry"))
+        .collect();
+    assert!(
+        denied.is_empty(),
+        "charts/tenantry/rbac/api-namespace-rules.yaml does not allow: {denied:#?}"
+    );
+    assert_eq!(
+        unused_grants(&rules, &secret_accesses),
+        Vec::<String>::new()
+    );
+    let others: Vec<&Access> = accesses
+        .iter()
+        .filter(|a| a.resource != "secrets")
+        .filter(|a| !a.allowed_by(&api_rules()))
+        .collect();
+    assert!(others.is_empty(), "{others:#?}");
+    s.stop().await;
+}

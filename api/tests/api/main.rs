@@ -17,3 +17,4 @@ mod mail;
 mod mfa;
 mod platform;
 mod store;
+mod token_keys;

@@ -159,3 +159,48 @@ async fn a_rotated_token_key_is_picked_up_without_restart() {
     assert_eq!(status_with(&app, &app.token()).await.0, 401);
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_key_set_accepts_old_and_new_tokens_until_the_old_key_leaves_it() {
+    let app = Instance::start().await;
+    let old_token = app.token();
+    let next = TokenSigner::generate().unwrap();
+    let (new_token, _) = next
+        .issue("acme", "user-1", Timestamp::now(), Duration::from_secs(300))
+        .unwrap();
+    let key_file = app.root().join("keys/token.pub");
+    // The rotation publishes the new key next to the old one: both kinds of token pass.
+    let set = format!("{}{}", app.signer.public_key_pem(), next.public_key_pem());
+    common::write_atomically(&key_file, set.as_bytes());
+    let both = eventually(Duration::from_secs(5), common::POLL, || async {
+        status_with(&app, &new_token).await.0 == 200
+    })
+    .await;
+    assert!(both, "the new key of the set was not picked up");
+    assert_eq!(status_with(&app, &old_token).await.0, 200);
+
+    // A bad set (one block damaged) is refused as a whole; the running set stays.
+    let damaged = format!(
+        "{}{}",
+        app.signer.public_key_pem(),
+        next.public_key_pem().replacen("MCow", "MCox", 1)
+    );
+    common::write_atomically(&key_file, damaged.as_bytes());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(status_with(&app, &old_token).await.0, 200);
+    assert_eq!(status_with(&app, &new_token).await.0, 200);
+
+    // The old key retires: its tokens are refused, with a message naming no key.
+    common::write_atomically(&key_file, next.public_key_pem().as_bytes());
+    let retired = eventually(Duration::from_secs(5), common::POLL, || async {
+        status_with(&app, &old_token).await.0 == 401
+    })
+    .await;
+    assert!(retired, "the retired key still verifies");
+    let (_, body) = status_with(&app, &old_token).await;
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("does not accept"), "{message}");
+    assert!(!message.contains(app.signer.kid()), "{message}");
+    assert_eq!(status_with(&app, &new_token).await.0, 200);
+    app.stop().await.unwrap();
+}

@@ -839,6 +839,25 @@ async fn an_attack_at_trace_level_leaves_no_secret_in_any_log() {
     let data_dir = tmp.path().join("dev");
     let api_log = tmp.path().join("api.log");
     let port = free_port();
+    // A signing key file for dev to import into its key ring (a fresh dev makes its key in
+    // the database), so that the test knows the key and can look for it in the logs.
+    {
+        use std::io::Write as _;
+        use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&data_dir)
+            .unwrap();
+        let key = tenantry_proto::token::TokenSigner::generate().unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(data_dir.join("token-signing.key"))
+            .unwrap()
+            .write_all(secrecy::ExposeSecret::expose_secret(&key.to_pkcs8_pem()).as_bytes())
+            .unwrap();
+    }
     let mut dev = tokio::process::Command::new(bin("tenantry-api"))
         .args(["dev", "--no-portal", "--data-dir"])
         .arg(&data_dir)

@@ -1059,7 +1059,8 @@ async fn local_mode_rotates_the_master_key_while_it_serves() {
             .map(|k| k["total"].as_u64().unwrap())
     };
     assert_eq!(total(&old_id), Some(0), "{status}");
-    assert_eq!(total(&new_id), Some(2), "{status}");
+    // Two TOTP secrets and the instance-token signing key.
+    assert_eq!(total(&new_id), Some(3), "{status}");
 
     // The old key leaves the file; a restarted dev opens everything with the new one.
     std::fs::write(&key_file, std::fs::read_to_string(&new_key).unwrap()).unwrap();

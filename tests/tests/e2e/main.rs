@@ -12,3 +12,4 @@ mod local_mode;
 mod portal;
 mod readme;
 mod replicas;
+mod token_keys;
