@@ -529,6 +529,11 @@ pub fn runtime_config(owner: &Owner<'_>, settings: &Settings) -> RuntimeConfig {
         },
         data_dir: names::DATA_DIR.into(),
         data_key_file: Path::new(names::DATA_KEY_DIR).join(names::DATA_KEY_KEY),
+        // Present only during a rotation; the runtime ignores it while absent.
+        previous_data_key_file: Some(
+            Path::new(names::DATA_KEY_DIR).join(names::DATA_KEY_PREVIOUS_KEY),
+        ),
+        data_key_period: None,
         token_public_key_file: Path::new(names::TOKEN_KEY_DIR).join(names::TOKEN_KEY_KEY),
         retention: RetentionPolicy {
             max_age_hours: r.max_age_hours,
@@ -1174,6 +1179,8 @@ pub(crate) mod tests {
                 },
                 data_dir: "/var/lib/tenantry".into(),
                 data_key_file: "/etc/tenantry/data-key/data.key".into(),
+                previous_data_key_file: Some("/etc/tenantry/data-key/data.key.previous".into()),
+                data_key_period: None,
                 token_public_key_file: "/etc/tenantry/token/public.pem".into(),
                 retention: RetentionPolicy {
                     max_age_hours: 48,
