@@ -73,6 +73,14 @@ pub const SERVICE_ACCOUNT: &str = "tenant-runtime";
 pub const DATA_KEY_SECRET: &str = "tenant-data-key";
 /// Key inside [`DATA_KEY_SECRET`]: exactly 32 random bytes.
 pub const DATA_KEY_KEY: &str = "data.key";
+/// Key inside [`DATA_KEY_SECRET`] during a key-encryption key rotation: the key before it,
+/// which the runtime uses only to unwrap what it has not re-wrapped yet.
+pub const DATA_KEY_PREVIOUS_KEY: &str = "data.key.previous";
+/// Tenant annotation: set it to any new value to rotate the tenant's key-encryption key.
+pub const ROTATE_DATA_KEY_ANNOTATION: &str = "tenantry.dev/rotate-data-key";
+/// Annotation on [`DATA_KEY_SECRET`]: the [`ROTATE_DATA_KEY_ANNOTATION`] value last
+/// handled, so each new value rotates once.
+pub const DATA_KEY_ROTATION_HANDLED_ANNOTATION: &str = "tenantry.dev/data-key-rotation";
 /// TLS Secret of the runtime.
 pub const TLS_SECRET: &str = "tenant-tls";
 /// Secret (in the tenant namespace) holding the API's token public key.

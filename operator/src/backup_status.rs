@@ -41,12 +41,37 @@ pub fn parse_last_backup(exposition: &str) -> Result<Option<Timestamp>, String> 
         .map_err(|e| format!("{METRIC} is out of range: {e}"))
 }
 
-/// GETs `https://<host>:<port>/metrics`, trusting only `ca_pem`, within [`TIMEOUT`].
+/// GETs `https://<host>:<port>/metrics`, trusting only `ca_pem`, within [`TIMEOUT`], and
+/// reads the newest backup from it.
 pub async fn scrape(host: &str, port: u16, ca_pem: &str) -> Result<Option<Timestamp>, String> {
+    scrape_exposition(host, port, ca_pem)
+        .await
+        .and_then(|body| parse_last_backup(&body))
+}
+
+/// GETs `https://<host>:<port>/metrics`, trusting only `ca_pem`, within [`TIMEOUT`]: the
+/// whole exposition.
+pub async fn scrape_exposition(host: &str, port: u16, ca_pem: &str) -> Result<String, String> {
     tokio::time::timeout(TIMEOUT, get_metrics(host, port, ca_pem))
         .await
         .map_err(|_| format!("no answer from {host}:{port} within {TIMEOUT:?}"))?
-        .and_then(|body| parse_last_backup(&body))
+}
+
+/// Whether the runtime reports that every data key is wrapped by the key-encryption key
+/// `kek_id` (its `kek_info` names it and none is wrapped by another): a rotation to it is
+/// complete, and the previous key is no longer needed.
+pub fn rotation_complete(exposition: &str, kek_id: &str) -> bool {
+    let value = |name: &str| {
+        exposition
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| {
+                let (n, v) = l.rsplit_once(' ')?;
+                (n.trim() == name).then(|| v.trim().parse::<f64>().ok())?
+            })
+    };
+    value(&format!("tenant_runtime_kek_info{{kek_id=\"{kek_id}\"}}")) == Some(1.0)
+        && value("tenant_runtime_data_keys_wrapped_by_other_kek") == Some(0.0)
 }
 
 async fn get_metrics(host: &str, port: u16, ca_pem: &str) -> Result<String, String> {
@@ -104,6 +129,20 @@ async fn get_metrics(host: &str, port: u16, ca_pem: &str) -> Result<String, Stri
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_rotation_is_complete_when_the_new_kek_wraps_everything() {
+        let text = "tenant_runtime_kek_info{kek_id=\"aa11\"} 1\n\
+                    tenant_runtime_data_keys_wrapped_by_other_kek 0\n";
+        assert!(rotation_complete(text, "aa11"));
+        assert!(!rotation_complete(text, "bb22"));
+        let pending = text.replace("kek 0", "kek 3");
+        assert!(!rotation_complete(&pending, "aa11"));
+        assert!(!rotation_complete(
+            "tenant_runtime_data_keys_wrapped_by_other_kek 0\n",
+            "aa11"
+        ));
+    }
 
     #[test]
     fn the_metric_reads_as_a_time_and_zero_as_none() {

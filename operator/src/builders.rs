@@ -447,18 +447,57 @@ pub fn service_account(owner: &Owner<'_>) -> ServiceAccount {
     }
 }
 
-/// The Secret holding the tenant's 32-byte data-encryption key. Made once, never rewritten.
-pub fn data_key_secret(owner: &Owner<'_>, key: &[u8; 32]) -> Secret {
+/// The Secret holding the tenant's 32-byte key-encryption key (`data.key`) and, during a
+/// rotation, the one before it (`data.key.previous`, which the runtime only unwraps with).
+/// Mutable, so the kubelet refreshes the mounted files and the runtime re-wraps live;
+/// `handled` is the rotation annotation value this content answers (recorded on it).
+pub fn data_key_secret(
+    owner: &Owner<'_>,
+    key: &[u8; 32],
+    previous: Option<&[u8]>,
+    handled: Option<&str>,
+) -> Secret {
+    let mut metadata = owner.meta(names::DATA_KEY_SECRET);
+    if let Some(value) = handled {
+        metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(
+                names::DATA_KEY_ROTATION_HANDLED_ANNOTATION.to_owned(),
+                value.to_owned(),
+            );
+    }
+    let mut data = BTreeMap::from([(names::DATA_KEY_KEY.to_owned(), ByteString(key.to_vec()))]);
+    if let Some(previous) = previous {
+        data.insert(
+            names::DATA_KEY_PREVIOUS_KEY.to_owned(),
+            ByteString(previous.to_vec()),
+        );
+    }
     Secret {
-        metadata: owner.meta(names::DATA_KEY_SECRET),
+        metadata,
         type_: Some("Opaque".to_owned()),
-        immutable: Some(true),
-        data: Some(BTreeMap::from([(
-            names::DATA_KEY_KEY.to_owned(),
-            ByteString(key.to_vec()),
-        )])),
+        data: Some(data),
         ..Secret::default()
     }
+}
+
+/// The value of the Tenant's rotation annotation when it asks for a rotation not handled
+/// yet (the data-key Secret records the last value handled); `None` otherwise.
+pub fn rotation_requested<'a>(tenant: &'a Tenant, secret: &Secret) -> Option<&'a str> {
+    let wanted = tenant
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(names::ROTATE_DATA_KEY_ANNOTATION)?
+        .as_str();
+    let handled = secret
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(names::DATA_KEY_ROTATION_HANDLED_ANNOTATION))
+        .map(String::as_str);
+    (!wanted.is_empty() && handled != Some(wanted)).then_some(wanted)
 }
 
 /// The `kubernetes.io/tls` Secret served by the runtime.
@@ -529,6 +568,11 @@ pub fn runtime_config(owner: &Owner<'_>, settings: &Settings) -> RuntimeConfig {
         },
         data_dir: names::DATA_DIR.into(),
         data_key_file: Path::new(names::DATA_KEY_DIR).join(names::DATA_KEY_KEY),
+        // Present only during a rotation; the runtime ignores it while absent.
+        previous_data_key_file: Some(
+            Path::new(names::DATA_KEY_DIR).join(names::DATA_KEY_PREVIOUS_KEY),
+        ),
+        data_key_period: None,
         token_public_key_file: Path::new(names::TOKEN_KEY_DIR).join(names::TOKEN_KEY_KEY),
         retention: RetentionPolicy {
             max_age_hours: r.max_age_hours,
@@ -1174,6 +1218,8 @@ pub(crate) mod tests {
                 },
                 data_dir: "/var/lib/tenantry".into(),
                 data_key_file: "/etc/tenantry/data-key/data.key".into(),
+                previous_data_key_file: Some("/etc/tenantry/data-key/data.key.previous".into()),
+                data_key_period: None,
                 token_public_key_file: "/etc/tenantry/token/public.pem".into(),
                 retention: RetentionPolicy {
                     max_age_hours: 48,
@@ -1261,14 +1307,48 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_rotation_is_requested_once_per_new_annotation_value() {
+        let mut t = acme();
+        let o = Owner::of(&t).unwrap();
+        let fresh = data_key_secret(&o, &[1u8; 32], None, None);
+        assert_eq!(rotation_requested(&t, &fresh), None);
+        t.metadata.annotations = Some(BTreeMap::from([(
+            names::ROTATE_DATA_KEY_ANNOTATION.to_owned(),
+            "2026-11-30".to_owned(),
+        )]));
+        assert_eq!(rotation_requested(&t, &fresh), Some("2026-11-30"));
+        let o = Owner::of(&t).unwrap();
+        let rotated = data_key_secret(&o, &[2u8; 32], Some(&[1u8; 32]), Some("2026-11-30"));
+        assert_eq!(rotation_requested(&t, &rotated), None);
+        let data = rotated.data.unwrap();
+        assert_eq!(data[names::DATA_KEY_KEY].0, vec![2u8; 32]);
+        assert_eq!(data[names::DATA_KEY_PREVIOUS_KEY].0, vec![1u8; 32]);
+        // The previous key dropped, the handled value kept: no second rotation.
+        let done = data_key_secret(&o, &[2u8; 32], None, Some("2026-11-30"));
+        assert_eq!(rotation_requested(&t, &done), None);
+        assert!(
+            !done
+                .data
+                .as_ref()
+                .unwrap()
+                .contains_key(names::DATA_KEY_PREVIOUS_KEY)
+        );
+        t.metadata.annotations = Some(BTreeMap::from([(
+            names::ROTATE_DATA_KEY_ANNOTATION.to_owned(),
+            "again".to_owned(),
+        )]));
+        assert_eq!(rotation_requested(&t, &done), Some("again"));
+    }
+
+    #[test]
     fn pvc_and_secrets_have_the_expected_shape() {
         let t = acme();
         let o = Owner::of(&t).unwrap();
         let pvc = data_pvc(&o, "enc").spec.unwrap();
         assert_eq!(pvc.storage_class_name.as_deref(), Some("enc"));
         assert_eq!(pvc.resources.unwrap().requests.unwrap()["storage"].0, "1Gi");
-        let key = data_key_secret(&o, &[7u8; 32]);
-        assert_eq!(key.immutable, Some(true));
+        let key = data_key_secret(&o, &[7u8; 32], None, None);
+        assert_eq!(key.immutable, None, "mutable: rotations rewrite it");
         assert_eq!(key.data.unwrap()[names::DATA_KEY_KEY].0.len(), 32);
         let tls = tls_secret(&o, "CERT", &SecretString::from("KEY"), "CA");
         assert_eq!(tls.type_.as_deref(), Some("kubernetes.io/tls"));

@@ -912,16 +912,18 @@ async fn ensure_data_key(
             .as_ref()
             .and_then(|d| d.get(names::DATA_KEY_KEY))
             .map(|b| b.0.len());
-        return Ok((len != Some(32)).then(|| {
-            Observed::no(
+        if len != Some(32) {
+            return Ok(Some(Observed::no(
                 types::STORAGE_ENCRYPTED,
                 reasons::DATA_KEY_INVALID,
                 format!(
                     "Secret {key} must hold exactly 32 bytes under {}",
                     names::DATA_KEY_KEY
                 ),
-            )
-        }));
+            )));
+        }
+        rotate_data_key(owner, api, &secret, ctx).await?;
+        return Ok(None);
     }
     if pvc_exists {
         // A new key would make the existing data unreadable; a person must restore it.
@@ -933,7 +935,7 @@ async fn ensure_data_key(
     }
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(Error::Random)?;
-    let secret = builders::data_key_secret(owner, &bytes);
+    let secret = builders::data_key_secret(owner, &bytes, None, None);
     match api.create(&PostParams::default(), &secret).await {
         Ok(_) => {
             ctx.metrics.wrote();
@@ -942,6 +944,128 @@ async fn ensure_data_key(
         Err(e) if is_already_exists(&e) => Ok(None),
         Err(e) => Err(Error::kube(format!("create Secret {key}"), e)),
     }
+}
+
+/// Key-encryption key rotation, one step per reconcile. While `data.key.previous` is
+/// present, a rotation is in progress: once the runtime's `/metrics` reports every data
+/// key wrapped by `data.key`, the previous key is dropped (an Event says so); until then a
+/// new rotation waits, since dropping a key the runtime may still need would lock it out.
+/// Otherwise a new value of the Tenant's rotation annotation makes a new key: `data.key`
+/// becomes it, `data.key.previous` the old one, the value is recorded on the Secret, and an
+/// Event names both key ids (fingerprints, never keys).
+async fn rotate_data_key(
+    owner: &Owner<'_>,
+    api: &Api<Secret>,
+    secret: &Secret,
+    ctx: &Context,
+) -> Result<()> {
+    let Some(data) = secret.data.as_ref() else {
+        return Ok(());
+    };
+    let Some(current) = data
+        .get(names::DATA_KEY_KEY)
+        .and_then(|b| <[u8; 32]>::try_from(b.0.as_slice()).ok())
+    else {
+        return Ok(());
+    };
+    let current = zeroize::Zeroizing::new(current);
+    let current_id = tenantry_proto::runtime_config::kek_id(&*current);
+    let handled = secret
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(names::DATA_KEY_ROTATION_HANDLED_ANNOTATION))
+        .cloned();
+    let reference = owner.tenant.object_ref(&());
+    let key = format!("{}/{}", owner.namespace, names::DATA_KEY_SECRET);
+    if data.contains_key(names::DATA_KEY_PREVIOUS_KEY) {
+        let host = format!("{}.{}.svc", names::SERVICE, owner.namespace);
+        let done = match crate::backup_status::scrape_exposition(
+            &host,
+            names::RUNTIME_PORT,
+            ctx.ca.cert_pem(),
+        )
+        .await
+        {
+            Ok(exposition) => crate::backup_status::rotation_complete(&exposition, &current_id),
+            Err(e) => {
+                debug!(tenant = %owner.name, error = %e, "data key rotation: cannot read the runtime's /metrics yet");
+                false
+            }
+        };
+        if !done {
+            return Ok(());
+        }
+        let desired = builders::data_key_secret(owner, &current, None, handled.as_deref());
+        apply_data_key(api, &desired, &key).await?;
+        ctx.metrics.wrote();
+        let t = Transition {
+            warning: false,
+            reason: "DataKeyPreviousDropped".to_owned(),
+            note: format!(
+                "the runtime re-wrapped every data key under key-encryption key {current_id}; the previous key is deleted"
+            ),
+        };
+        info!(tenant = %owner.name, "{}", t.note);
+        ctx.publish(&reference, &t).await;
+        return Ok(());
+    }
+    let Some(value) = builders::rotation_requested(owner.tenant, secret) else {
+        return Ok(());
+    };
+    if secret.immutable == Some(true) {
+        // Made by an operator before rotations: its data cannot change, only its metadata.
+        // The value is recorded so this is said once.
+        let note = json!({"metadata": {"annotations": {
+            names::DATA_KEY_ROTATION_HANDLED_ANNOTATION: value,
+        }}});
+        api.patch(
+            names::DATA_KEY_SECRET,
+            &PatchParams::default(),
+            &Patch::Merge(&note),
+        )
+        .await
+        .map_err(|e| Error::kube(format!("annotate Secret {key}"), e))?;
+        ctx.metrics.wrote();
+        let t = Transition {
+            warning: true,
+            reason: "DataKeyRotationRefused".to_owned(),
+            note: format!(
+                "Secret {key} is immutable (made before key rotation existed); rotate offline with `tenant-runtime rotate-data-key` as docs/operations.md describes"
+            ),
+        };
+        warn!(tenant = %owner.name, "{}", t.note);
+        ctx.publish(&reference, &t).await;
+        return Ok(());
+    }
+    let mut new = zeroize::Zeroizing::new([0u8; 32]);
+    getrandom::fill(&mut new[..]).map_err(Error::Random)?;
+    let new_id = tenantry_proto::runtime_config::kek_id(&*new);
+    let desired = builders::data_key_secret(owner, &new, Some(&current[..]), Some(value));
+    apply_data_key(api, &desired, &key).await?;
+    ctx.metrics.wrote();
+    let t = Transition {
+        warning: false,
+        reason: "DataKeyRotated".to_owned(),
+        note: format!(
+            "new key-encryption key {new_id} (was {current_id}) for {}={value}; the runtime re-wraps its data keys, then the previous key is deleted",
+            names::ROTATE_DATA_KEY_ANNOTATION
+        ),
+    };
+    info!(tenant = %owner.name, "{}", t.note);
+    ctx.publish(&reference, &t).await;
+    Ok(())
+}
+
+async fn apply_data_key(api: &Api<Secret>, desired: &Secret, key: &str) -> Result<()> {
+    api.patch(
+        names::DATA_KEY_SECRET,
+        &PatchParams::apply(names::FIELD_MANAGER).force(),
+        &Patch::Apply(desired),
+    )
+    .await
+    .map_err(|e| Error::kube(format!("apply Secret {key}"), e))?;
+    Ok(())
 }
 
 /// Keeps a valid certificate in the TLS Secret; issues a new one (with a new key) when it

@@ -9,7 +9,9 @@
 //! listen: 0.0.0.0:8443
 //! tls: { cert_file: /tls/tls.crt, key_file: /tls/tls.key }
 //! data_dir: /data
-//! data_key_file: /keys/data.key        # exactly 32 random bytes, raw
+//! data_key_file: /keys/data.key        # exactly 32 random bytes, raw: the key-encryption key
+//! previous_data_key_file: /keys/data.key.previous  # optional: only unwraps, during a rotation
+//! data_key_period: 1d                  # optional: one execution data key per period (default 1d)
 //! token_public_key_file: /keys/token.pub  # Ed25519, SPKI PEM
 //! retention: { max_age_hours: 336, max_count: 10000 }
 //! oauth2:                              # optional; without it no OAuth 2 credential can be made
@@ -40,8 +42,20 @@ pub struct RuntimeConfig {
     pub tls: TlsFiles,
     /// Where the database lives; the only directory the runtime writes.
     pub data_dir: PathBuf,
-    /// The tenant's 32-byte data-encryption key.
+    /// The tenant's 32-byte key-encryption key (KEK): it wraps the data keys of the
+    /// instance's key store. Replacing the file re-wraps them live.
     pub data_key_file: PathBuf,
+    /// The KEK before the last rotation, used only to unwrap key-store entries not yet
+    /// re-wrapped (a restart in the middle of a rotation). Optional; a missing file is
+    /// ignored, so it can name a key that exists only during a rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_data_key_file: Option<PathBuf>,
+    /// How long one execution data key's period is: a whole number of `s`, `m`, `h` or
+    /// `d` units (`1d`, `6h`), from 1 hour to 30 days. Absent: one day. Executions are
+    /// sealed under the key of the period of the time retention ages them from, and a
+    /// period's key is deleted once retention has deleted all of its executions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_key_period: Option<String>,
     /// The API's Ed25519 token-signing public key (SPKI PEM).
     pub token_public_key_file: PathBuf,
     /// How long execution data is kept.
@@ -53,6 +67,23 @@ pub struct RuntimeConfig {
     /// Scheduled backups of the store. Absent means none (and is left out when serialized).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<BackupSchedule>,
+}
+
+/// One execution data key per day unless `data_key_period` says otherwise.
+pub const DEFAULT_DATA_KEY_PERIOD: std::time::Duration = std::time::Duration::from_secs(86_400);
+
+/// The id of a key-encryption key: the first 8 bytes, in hex, of SHA-256 over a
+/// domain-separation label and the key. Names the key (in the runtime's key store, its
+/// `/metrics`, the operator's Events) without revealing it.
+pub fn kek_id(key: &[u8]) -> String {
+    use sha2::{Digest as _, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(b"tenantry-runtime/kek-id/v1\0");
+    hash.update(key);
+    hash.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The `backup` section: the runtime backs its store up on a schedule, encrypted to the
@@ -222,6 +253,9 @@ pub enum RuntimeConfigError {
     /// The retention policy is out of bounds.
     #[error("retention: {0}")]
     Retention(#[source] RetentionError),
+    /// `data_key_period` is out of bounds.
+    #[error("data_key_period must be like 1d or 6h (s, m, h, d units), from 1h to 30d")]
+    DataKeyPeriod,
     /// The `backup` section is out of bounds.
     #[error("backup: {0}")]
     Backup(&'static str),
@@ -246,6 +280,7 @@ impl RuntimeConfig {
             &mut self.token_public_key_file,
         ]
         .into_iter()
+        .chain(self.previous_data_key_file.as_mut())
         .chain(self.oauth2.ca_file.as_mut())
         .chain(
             self.backup
@@ -281,6 +316,9 @@ impl RuntimeConfig {
                 problem,
             });
         }
+        if self.data_key_period.is_some() && self.data_key_period().is_none() {
+            return Err(RuntimeConfigError::DataKeyPeriod);
+        }
         if let Some(backup) = &self.backup {
             match backup.interval() {
                 None => {
@@ -300,6 +338,18 @@ impl RuntimeConfig {
         self.retention
             .validate(HARD_CAP_MAX_AGE_HOURS)
             .map_err(RuntimeConfigError::Retention)
+    }
+
+    /// The length of an execution data key's period ([`DEFAULT_DATA_KEY_PERIOD`] when not
+    /// set); `None` when the value is malformed or out of bounds.
+    pub fn data_key_period(&self) -> Option<std::time::Duration> {
+        let Some(text) = &self.data_key_period else {
+            return Some(DEFAULT_DATA_KEY_PERIOD);
+        };
+        parse_interval(text).filter(|p| {
+            (std::time::Duration::from_secs(3600)..=std::time::Duration::from_secs(30 * 86_400))
+                .contains(p)
+        })
     }
 
     /// The configuration without what the runtime applies live (retention): a change of
@@ -329,6 +379,12 @@ impl RuntimeConfig {
         if self.data_key_file != new.data_key_file {
             changed.push("data_key_file");
         }
+        if self.previous_data_key_file != new.previous_data_key_file {
+            changed.push("previous_data_key_file");
+        }
+        if self.data_key_period != new.data_key_period {
+            changed.push("data_key_period");
+        }
         if self.token_public_key_file != new.token_public_key_file {
             changed.push("token_public_key_file");
         }
@@ -357,6 +413,8 @@ mod tests {
             },
             data_dir: "data".into(),
             data_key_file: "keys/data.key".into(),
+            previous_data_key_file: None,
+            data_key_period: None,
             token_public_key_file: "keys/token.pub".into(),
             retention: RetentionPolicy {
                 max_age_hours: 48,
@@ -538,6 +596,45 @@ mod tests {
             "127.0.0.1:8443".into(),
         ];
         assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn data_key_period_defaults_to_a_day_and_is_bounded() {
+        use std::time::Duration;
+        assert_eq!(
+            config().data_key_period(),
+            Some(Duration::from_secs(86_400))
+        );
+        let mut c = config();
+        c.data_key_period = Some("6h".into());
+        assert_eq!(c.data_key_period(), Some(Duration::from_secs(6 * 3600)));
+        assert_eq!(c.validate(), Ok(()));
+        for bad in ["59m", "31d", "1x", ""] {
+            c.data_key_period = Some(bad.into());
+            assert_eq!(
+                c.validate(),
+                Err(RuntimeConfigError::DataKeyPeriod),
+                "{bad}"
+            );
+        }
+        let json = serde_json::to_string(&config()).unwrap();
+        assert!(!json.contains("data_key_period") && !json.contains("previous"));
+        let mut c = config();
+        c.previous_data_key_file = Some("keys/data.key.previous".into());
+        c.resolve_paths(Path::new("/etc/t"));
+        assert_eq!(
+            c.previous_data_key_file.as_deref(),
+            Some(Path::new("/etc/t/keys/data.key.previous"))
+        );
+    }
+
+    #[test]
+    fn kek_ids_are_sixteen_hex_digits_of_a_labelled_hash() {
+        let id = kek_id(&[7; 32]);
+        assert_eq!(id.len(), 16);
+        assert_eq!(id, kek_id(&[7; 32]));
+        assert_ne!(id, kek_id(&[8; 32]));
+        assert_ne!(id, "0707070707070707");
     }
 
     #[test]

@@ -11,7 +11,7 @@
 use std::time::Instant;
 
 use jiff::Timestamp;
-use tenant_runtime::crypto::{DataKey, Sealer};
+use tenant_runtime::keystore::Keyring;
 use tenant_runtime::store::{DB_FILE, NewExecution, Store};
 use tenantry_proto::retention::RetentionPolicy;
 use tenantry_proto::runtime_config::{OAuth2Config, RuntimeConfig, TlsFiles};
@@ -41,6 +41,8 @@ fn config(root: &std::path::Path, data: &str) -> RuntimeConfig {
         },
         data_dir: root.join(data),
         data_key_file: root.join("data.key"),
+        previous_data_key_file: None,
+        data_key_period: None,
         token_public_key_file: root.join("token.pub"),
         retention: RetentionPolicy::default(),
         oauth2: OAuth2Config::default(),
@@ -57,10 +59,8 @@ async fn main() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     std::fs::write(root.join("data.key"), [0x5a; 32]).unwrap();
-    let key = DataKey::from_file(&root.join("data.key")).unwrap();
-    let store = Store::open(&root.join("data"), Sealer::new(&key, TENANT))
-        .await
-        .unwrap();
+    let keys = Keyring::from_config(&config(root, "data")).await.unwrap();
+    let store = Store::open(&root.join("data"), keys).await.unwrap();
     let started: Timestamp = "2026-11-01T00:00:00Z".parse().unwrap();
     for i in 0..rows {
         let data = serde_json::json!({

@@ -4,10 +4,19 @@
 //! A backup is an online snapshot of the SQLite database (`VACUUM INTO` a file beside it:
 //! one read transaction, writers go on) streamed into a [`tenantry_backup`] file of kind
 //! `tenant-data`. Payloads, credential secrets and tokens are still sealed with the
-//! tenant's data key inside it, and the whole file is encrypted again to the backup
-//! recipients. A restore writes the snapshot to a file beside the target, checks SQLite's
-//! integrity and that the tenant's data key opens every sealed record, and only then
-//! renames it into place.
+//! tenant's data keys inside it, and the whole file is encrypted again to the backup
+//! recipients.
+//!
+//! A backup carries no execution data key: those stay in the instance's key store
+//! (`keys.db`), so once retention has deleted a period's key, that period's rows in every
+//! older backup are unreadable too (crypto-shredding reaches into backups). It does carry
+//! the credential key, wrapped under the key-encryption key of its time, so credentials
+//! survive the loss of the key store.
+//!
+//! A restore writes the snapshot to a file beside the target, checks SQLite's integrity and
+//! that the instance's keys open every sealed record, drops the executions whose key
+//! retention has deleted (they are expired; counted in the report), and only then renames
+//! it into place. A record whose key is missing but not expired refuses the restore.
 
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
@@ -19,13 +28,16 @@ use sqlx::{ConnectOptions as _, Connection as _};
 use tenantry_backup::{Header, Identities, Kind, Label, Reader, Recipients, Writer};
 
 use crate::config::RuntimeConfig;
-use crate::crypto::{DataKey, Sealer, Table};
+use crate::crypto::{SealedWith, Table, sealed_with};
 use crate::error::{Error, Result};
+use crate::keystore::{self, KEYS_FILE, Keyring, WrappedKey};
 use crate::store::DB_FILE;
 
-/// The store's schema version in backups (the store's tables have not changed shape since
-/// backups exist).
-pub const SCHEMA_VERSION: i64 = 1;
+/// The store's schema version in backups: 2 since records are sealed under data keys
+/// (version 1 backups, sealed under the configured key, still restore).
+pub const SCHEMA_VERSION: i64 = 2;
+/// The header detail that carries the wrapped credential keys.
+const CREDENTIAL_KEYS: &str = "credential_keys";
 /// Bytes of the snapshot per backup record.
 const CHUNK: usize = 1024 * 1024;
 /// The file in the backup directory that names the newest backup (for the operator, the
@@ -143,6 +155,7 @@ pub async fn backup(
         conn.close().await?;
     }
     let (executions, credentials) = counts(&snapshot).await?;
+    let credential_keys = keystore::read_wrapped_credential_keys(&config.data_dir).await?;
     let label = Label {
         kind: Kind::TenantData,
         created_at,
@@ -156,6 +169,11 @@ pub async fn backup(
     let mut detail = serde_json::Map::new();
     detail.insert("executions".into(), executions.into());
     detail.insert("credentials".into(), credentials.into());
+    detail.insert(
+        CREDENTIAL_KEYS.into(),
+        serde_json::to_value(&credential_keys)
+            .map_err(|e| Error::Refused(format!("cannot encode the credential keys: {e}")))?,
+    );
     let header = Header {
         label,
         schema_version: SCHEMA_VERSION,
@@ -246,14 +264,18 @@ pub struct RestoreReport {
     pub executions: i64,
     /// Credentials restored.
     pub credentials: i64,
-    /// Sealed records opened with the tenant's key.
+    /// Sealed records opened with the instance's keys.
     pub records_checked: u64,
+    /// Executions left out because retention has deleted their period's key since the
+    /// backup was taken (they are expired).
+    pub expired_executions_dropped: u64,
 }
 
-/// Restores the backup at `input` (opened with `identities`) into the empty data directory
-/// of `config`; refuses another tenant's backup, a data directory that holds a database,
-/// and a backup whose records the config's data key does not open. Nothing is left behind
-/// on a refusal.
+/// Restores the backup at `input` (opened with `identities`) into the data directory of
+/// `config`, which must hold no database (its key store stays: it holds the execution
+/// keys); refuses another tenant's backup, a data directory that holds a database, and a
+/// backup with a record the instance's keys do not open, unless retention deleted that
+/// key (the record is then dropped). Nothing is left behind on a refusal.
 pub async fn restore(
     config: &RuntimeConfig,
     input: &Path,
@@ -266,8 +288,8 @@ pub async fn restore(
             target.display()
         )));
     }
-    let key = DataKey::from_file(&config.data_key_file)?;
-    let sealer = Sealer::new(&key, &config.tenant_id);
+    // Fails early on an unreadable key file, before anything is written.
+    crate::crypto::DataKey::from_file(&config.data_key_file)?;
     let input = input.to_owned();
     let mut reader = tokio::task::spawn_blocking({
         let input = input.clone();
@@ -328,7 +350,19 @@ pub async fn restore(
         .await
         .map_err(|e| Error::Refused(format!("the restore task failed: {e}")))??;
     }
-    let checked = check_restored(&staged, &sealer).await?;
+    // A key store this restore creates goes again if the restore is refused.
+    let keys_file = config.data_dir.join(KEYS_FILE);
+    let mut keys_cleanup = Cleanup((!keys_file.exists()).then(|| keys_file.clone()));
+    let keys = Keyring::from_config(config).await?;
+    let checked = async {
+        import_credential_keys(config, &header, &keys).await?;
+        let cutoff =
+            crate::retention::age_cutoff(jiff::Timestamp::now(), config.retention.max_age_hours);
+        check_restored(&staged, &keys, cutoff).await
+    }
+    .await;
+    keys.close().await;
+    let checked = checked?;
     if std::fs::metadata(&target).is_ok_and(|m| m.len() > 0) {
         return Err(Error::Refused(format!(
             "{} appeared while restoring; not replacing it",
@@ -337,6 +371,7 @@ pub async fn restore(
     }
     std::fs::rename(&staged, &target).map_err(io(format!("renaming to {}", target.display())))?;
     cleanup.0 = None;
+    keys_cleanup.0 = None;
     std::fs::File::open(&config.data_dir)
         .and_then(|d| d.sync_all())
         .map_err(io(format!("syncing {}", config.data_dir.display())))?;
@@ -345,7 +380,35 @@ pub async fn restore(
         executions: checked.executions,
         credentials: checked.credentials,
         records_checked: checked.records,
+        expired_executions_dropped: checked.dropped,
     })
+}
+
+/// Adds the credential keys a backup carries to the instance's key store (a key it holds
+/// already is left alone).
+async fn import_credential_keys(
+    config: &RuntimeConfig,
+    header: &Header,
+    keys: &Keyring,
+) -> Result<()> {
+    let carried: Vec<WrappedKey> = header
+        .detail
+        .get(CREDENTIAL_KEYS)
+        .cloned()
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(|e| Error::Refused(format!("the backup's credential keys are damaged: {e}")))?
+        .unwrap_or_default();
+    let previous = keystore::read_previous_kek(config)?;
+    for wrapped in &carried {
+        if let Err(e) = keys.import_credential_key(wrapped, previous.as_ref()).await {
+            return Err(Error::Refused(format!(
+                "the data key does not open the backup's credential key {}: {e}. Restore with the tenant's own data key (set previous_data_key_file to the one in use when the backup was taken if it has been rotated since)",
+                wrapped.id
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// What [`check_restored`] opened.
@@ -354,15 +417,19 @@ struct Checked {
     credentials: i64,
     /// Every sealed record (executions, credentials, grants' tokens, pending states).
     records: u64,
+    /// Expired executions deleted (their key was retired).
+    dropped: u64,
 }
 
-/// SQLite's integrity check, then every sealed record opened with the tenant's key
-/// (counted on the way: every execution and credential has one).
-async fn check_restored(db: &Path, sealer: &Sealer) -> Result<Checked> {
+/// SQLite's integrity check, then every sealed record opened with the instance's keys
+/// (counted on the way: every execution and credential has one). An execution whose key
+/// is gone is dropped when retention retired that key or the execution is older than
+/// `cutoff`; any other record that does not open refuses the restore.
+async fn check_restored(db: &Path, keys: &Keyring, cutoff: jiff::Timestamp) -> Result<Checked> {
     use futures::TryStreamExt as _;
     let mut conn = SqliteConnectOptions::new()
         .filename(db)
-        .read_only(true)
+        .pragma("secure_delete", "ON")
         .connect()
         .await?;
     let integrity: String = sqlx::query_scalar("PRAGMA integrity_check")
@@ -374,32 +441,60 @@ async fn check_restored(db: &Path, sealer: &Sealer) -> Result<Checked> {
         )));
     }
     let sealed: [(Table, &str); 4] = [
-        (Table::Executions, "SELECT id, payload FROM executions"),
-        (Table::Credentials, "SELECT id, secret FROM credentials"),
+        (
+            Table::Executions,
+            "SELECT id, payload, aged_at FROM executions",
+        ),
+        (Table::Credentials, "SELECT id, secret, 0 FROM credentials"),
         (
             Table::OAuth2Grants,
-            "SELECT credential_id, tokens FROM oauth2_grants WHERE tokens IS NOT NULL",
+            "SELECT credential_id, tokens, 0 FROM oauth2_grants WHERE tokens IS NOT NULL",
         ),
         (
             Table::OAuth2States,
-            "SELECT state_hash, verifier FROM oauth2_states",
+            "SELECT state_hash, verifier, 0 FROM oauth2_states",
         ),
     ];
     let mut checked = Checked {
         executions: 0,
         credentials: 0,
         records: 0,
+        dropped: 0,
     };
+    let mut expired = Vec::new();
     for (table, sql) in sealed {
         let mut rows = sqlx::query(sql).fetch(&mut conn);
         while let Some(row) = rows.try_next().await? {
             let id: String = row.try_get(0)?;
             let value: Vec<u8> = row.try_get(1)?;
-            if sealer.open(table, &id, &value).is_err() {
-                return Err(Error::Refused(format!(
-                    "the data key does not open {} record {id} of this backup: restore with the tenant's own data key",
-                    table.as_str()
-                )));
+            if keys.open_record(table, &id, &value).is_err() {
+                let missing = match sealed_with(&value) {
+                    Some(SealedWith::Key(k)) if !keys.keys().iter().any(|i| i.id == k) => Some(k),
+                    _ => None,
+                };
+                let aged_at: i64 = row.try_get(2)?;
+                match missing {
+                    Some(k)
+                        if table == Table::Executions
+                            && (keys.is_retired(k) || aged_at < cutoff.as_microsecond()) =>
+                    {
+                        expired.push(id);
+                        continue;
+                    }
+                    Some(k) => {
+                        return Err(Error::Refused(format!(
+                            "{} record {id} of this backup needs data key {k}, which the instance's key store ({}) does not hold: restore into the instance's own data directory, whose {KEYS_FILE} holds the execution keys",
+                            table.as_str(),
+                            KEYS_FILE
+                        )));
+                    }
+                    None => {
+                        return Err(Error::Refused(format!(
+                            "the data key does not open {} record {id} of this backup: restore with the tenant's own data key",
+                            table.as_str()
+                        )));
+                    }
+                }
             }
             checked.records += 1;
             match table {
@@ -408,6 +503,13 @@ async fn check_restored(db: &Path, sealer: &Sealer) -> Result<Checked> {
                 Table::OAuth2Grants | Table::OAuth2States => {}
             }
         }
+    }
+    for id in &expired {
+        sqlx::query("DELETE FROM executions WHERE id = ?")
+            .bind(id)
+            .execute(&mut conn)
+            .await?;
+        checked.dropped += 1;
     }
     drop(conn);
     Ok(checked)

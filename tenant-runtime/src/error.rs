@@ -98,6 +98,43 @@ pub enum Error {
         /// The record id (ids are not secret).
         id: String,
     },
+    /// A record's data key was deleted: retention expired its period (crypto-shredding).
+    /// The record itself is expired and is deleted by the next prune.
+    #[error("{table} record {id} is expired: its data key was deleted by retention")]
+    KeyRetired {
+        /// The table.
+        table: &'static str,
+        /// The record id.
+        id: String,
+    },
+    /// A data key could not be wrapped under the key-encryption key.
+    #[error("cannot wrap data key {id}")]
+    WrapKey {
+        /// The data key's id.
+        id: u32,
+    },
+    /// A wrapped data key did not unwrap: another key-encryption key, tenant, id or
+    /// purpose, or a changed byte.
+    #[error("cannot unwrap data key {id}: wrong key-encryption key or tampered key store")]
+    UnwrapKey {
+        /// The data key's id.
+        id: u32,
+    },
+    /// A key-store entry is wrapped by a key-encryption key that neither the data key file
+    /// nor the previous data key file holds.
+    #[error(
+        "data key {id} is wrapped by key-encryption key {kek_id}, which is neither the data key file's ({current}) nor the previous data key file's ({previous}); configure that key as previous_data_key_file"
+    )]
+    KekUnknown {
+        /// The data key's id.
+        id: u32,
+        /// The id of the KEK that wraps it.
+        kek_id: String,
+        /// The data key file's KEK id.
+        current: String,
+        /// The previous data key file's KEK id, or `none`.
+        previous: String,
+    },
     /// A stored payload was not the JSON it should be.
     #[error("stored {table} record {id} is corrupt")]
     Corrupt {

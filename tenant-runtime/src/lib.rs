@@ -6,8 +6,8 @@
 //! future; `main.rs` only parses flags, starts tracing and binds the listener, so tests
 //! run the real server on port 0.
 //!
-//! Modules: [`config`] (the config file), [`crypto`] (record encryption), [`store`]
-//! (SQLite), [`retention`] (the pruner), [`tls`] (certificate serving and rotation),
+//! Modules: [`config`] (the config file), [`crypto`] (record encryption), [`keystore`]
+//! (per-period data keys, wrapped by the key-encryption key), [`store`] (SQLite), [`retention`] (the pruner), [`tls`] (certificate serving and rotation),
 //! [`auth`] (bearer tokens), [`api`] (HTTP routes), [`oauth`] (OAuth 2 grants and their
 //! refresher), [`provider`] (HTTPS to OAuth 2 providers), [`metrics`], [`reload`] (live
 //! config and file reload) and [`server`] (the TLS accept loop).
@@ -19,6 +19,7 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod error;
+pub mod keystore;
 pub mod metrics;
 pub mod oauth;
 pub mod provider;
@@ -39,7 +40,7 @@ pub use error::{Error, Result};
 
 use crate::api::AppState;
 use crate::auth::TokenCheck;
-use crate::crypto::{DataKey, Sealer};
+use crate::keystore::Keyring;
 use crate::metrics::Metrics;
 use crate::oauth::OAuth;
 use crate::provider::Provider;
@@ -59,11 +60,8 @@ pub async fn run(
     let config = run_config.config.clone();
     warn_if_root();
 
-    let sealer = {
-        let key = DataKey::from_file(&config.data_key_file)?;
-        Sealer::new(&key, &config.tenant_id)
-    };
-    let store = Store::open(&config.data_dir, sealer).await?;
+    let keys = Keyring::from_config(&config).await?;
+    let store = Store::open(&config.data_dir, keys).await?;
     let certs = Arc::new(CertResolver::load(&config.tls, tls::provider())?);
     let tls_config = tls::server_config(certs.clone())?;
     let verifier = Arc::new(RwLock::new(Arc::new(load_verifier(
@@ -74,6 +72,12 @@ pub async fn run(
     metrics
         .stored_executions
         .set(store.count_executions().await?);
+    metrics.observe_keys(store.keys());
+    tracing::info!(
+        kek_id = %store.keys().kek_id(),
+        data_keys = store.keys().len(),
+        "key store open"
+    );
 
     let clock = run_config.clock.clone();
     let (policy_tx, policy_rx) = watch::channel(config.retention);
@@ -114,6 +118,7 @@ pub async fn run(
         verifier: verifier.clone(),
         policy: policy_tx,
         metrics: metrics.clone(),
+        keys: store.keys().clone(),
     };
     let reloader = tokio::spawn(reloader.run(run_config.reload_interval, stop_rx));
 
@@ -144,6 +149,7 @@ pub async fn run(
         }
     }
     store.close().await;
+    store.keys().close().await;
     tracing::info!("tenant runtime stopped");
     Ok(())
 }

@@ -8,8 +8,9 @@ use clap::Parser;
 use tenant_runtime::RunConfig;
 use tracing_subscriber::EnvFilter;
 
-/// Serves one tenant's instance over HTTPS (`--config`), or backs its store up or restores
-/// it (`backup`, `restore`).
+/// Serves one tenant's instance over HTTPS (`--config`), backs its store up or restores it
+/// (`backup`, `restore`), or re-wraps its data keys under a new key-encryption key
+/// (`rotate-data-key`).
 #[derive(Debug, Parser)]
 #[command(
     name = "tenant-runtime",
@@ -63,7 +64,8 @@ enum Command {
         json: bool,
     },
     /// Restore a backup into the config's data directory, which must hold no database
-    /// (stop the instance first); checks that the tenant's data key opens every record.
+    /// (stop the instance first, move runtime.db away, keep keys.db); checks that the
+    /// instance's keys open every record and drops executions whose key retention deleted.
     Restore {
         /// The runtime config file (for the tenant id, data directory and data key).
         #[arg(long, env = "TENANTRY_RUNTIME_CONFIG")]
@@ -74,6 +76,25 @@ enum Command {
         /// The age identity file that opens it.
         #[arg(long)]
         identity_file: PathBuf,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-wrap every data key of a stopped instance's key store under a new key-encryption
+    /// key (crash-safe: one transaction; idempotent: run it again after a crash). Records
+    /// are not re-encrypted. Then make the new key the data key file.
+    RotateDataKey {
+        /// The runtime config file (for the tenant id, the data directory and, by
+        /// default, the key files).
+        #[arg(long, env = "TENANTRY_RUNTIME_CONFIG")]
+        config: PathBuf,
+        /// The key-encryption key in use now (default: the config's
+        /// previous_data_key_file).
+        #[arg(long)]
+        old: Option<PathBuf>,
+        /// The new key-encryption key, 32 raw bytes (default: the config's data_key_file).
+        #[arg(long)]
+        new: Option<PathBuf>,
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
@@ -117,12 +138,32 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 println!(
-                    "restored {} executions and {} credentials from the backup of {} into {}; every sealed record ({}) opens with the tenant's key",
+                    "restored {} executions and {} credentials from the backup of {} into {}; every sealed record ({}) opens with the instance's keys; {} expired executions dropped (their key was deleted by retention)",
                     report.executions,
                     report.credentials,
                     report.backup_created_at,
                     config.data_dir.display(),
-                    report.records_checked
+                    report.records_checked,
+                    report.expired_executions_dropped
+                );
+            }
+        }
+        Command::RotateDataKey {
+            config,
+            old,
+            new,
+            json,
+        } => {
+            let config = tenant_runtime::config::load(&config)?;
+            let report =
+                tenant_runtime::keystore::rotate_offline(&config, old.as_deref(), new.as_deref())
+                    .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "{} data keys re-wrapped under key-encryption key {} ({} were under another key); make that key the data key file",
+                    report.data_keys, report.kek_id, report.rewrapped
                 );
             }
         }

@@ -2,7 +2,9 @@
 //!
 //! `/metrics` needs no token: scrapers do not hold short-lived tenant tokens, and what it
 //! exposes is aggregate counts only (requests by route and status, pruned and stored
-//! execution counts, OAuth 2 connects, refreshes and revocations by result) with no ids, names, payloads or secrets. Network policy limits who
+//! execution counts, OAuth 2 connects, refreshes and revocations by result, data keys held and
+//! shredded, and the key-encryption key's id, a fingerprint) with no record ids, names,
+//! payloads or secrets. Network policy limits who
 //! can reach the runtime port at all.
 
 use prometheus_client::encoding::text::encode;
@@ -42,6 +44,17 @@ pub struct Metrics {
     pub backup_failures: Counter,
     /// When the newest backup's snapshot was taken (Unix seconds; 0: none yet).
     pub last_backup: Gauge,
+    /// Execution data keys deleted by retention (crypto-shredding).
+    pub data_keys_shredded: Counter,
+    /// Data keys held in the key store.
+    pub data_keys: Gauge,
+    /// Key-store entries wrapped by another KEK than the data key file's (0 once a
+    /// rotation is complete; the operator waits for it before dropping the previous key).
+    pub data_keys_wrapped_by_other_kek: Gauge,
+    /// 1, labelled with the id (a fingerprint) of the KEK in use.
+    pub kek_info: Family<Vec<(&'static str, String)>, Gauge>,
+    /// KEK rotations applied live.
+    pub kek_rotations: Counter,
 }
 
 impl Default for Metrics {
@@ -118,8 +131,39 @@ impl Metrics {
             "When the newest backup's snapshot was taken (Unix seconds; 0 before the first)",
             last_backup.clone(),
         );
+        let data_keys_shredded = Counter::default();
+        registry.register(
+            "data_keys_shredded",
+            "Execution data keys deleted once retention expired their period",
+            data_keys_shredded.clone(),
+        );
+        let data_keys = Gauge::default();
+        registry.register("data_keys", "Data keys in the key store", data_keys.clone());
+        let data_keys_wrapped_by_other_kek = Gauge::default();
+        registry.register(
+            "data_keys_wrapped_by_other_kek",
+            "Key-store entries wrapped by another key-encryption key than the current one",
+            data_keys_wrapped_by_other_kek.clone(),
+        );
+        let kek_info = Family::<Vec<(&'static str, String)>, Gauge>::default();
+        registry.register(
+            "kek_info",
+            "The key-encryption key in use, by id (a fingerprint, not the key)",
+            kek_info.clone(),
+        );
+        let kek_rotations = Counter::default();
+        registry.register(
+            "kek_rotations",
+            "Key-encryption key rotations applied while running",
+            kek_rotations.clone(),
+        );
         Metrics {
             registry,
+            data_keys_shredded,
+            data_keys,
+            data_keys_wrapped_by_other_kek,
+            kek_info,
+            kek_rotations,
             backups,
             backup_failures,
             last_backup,
@@ -144,6 +188,19 @@ impl Metrics {
         // deleted. Setting it from a count instead would race with requests in flight.
         self.stored_executions
             .dec_by(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the key-store gauges from `keys`.
+    pub fn observe_keys(&self, keys: &crate::keystore::Keyring) {
+        let current = keys.kek_id().0;
+        self.kek_info.clear();
+        self.kek_info
+            .get_or_create(&vec![("kek_id", current)])
+            .set(1);
+        self.data_keys
+            .set(i64::try_from(keys.len()).unwrap_or(i64::MAX));
+        self.data_keys_wrapped_by_other_kek
+            .set(i64::try_from(keys.wrapped_by_other_kek()).unwrap_or(i64::MAX));
     }
 
     /// Counts one OAuth 2 refresh with `result`.

@@ -1,8 +1,11 @@
-//! Live reload: polls the config file, the certificate pair and the token public key and
-//! applies what changed without a restart. Retention changes take effect at once (and
-//! wake the pruner); a new certificate pair serves new connections; a new public key set
-//! verifies new requests (a token key rotation adds a key to the set before the API signs
-//! with it, and removes the old one only after its last token expired). Changed keys that need a restart are logged as such and the
+//! Live reload: polls the config file, the certificate pair, the token public key set and
+//! the data key file, and applies what changed without a restart. Retention changes take
+//! effect at once (and wake the pruner); a new certificate pair serves new connections; a
+//! new public key set verifies new requests (a token key rotation adds a key to the set
+//! before the API signs with it, and removes the old one only after its last token
+//! expired); a new data key file (a key-encryption key rotation) re-wraps every data key
+//! under it, while requests go on with the unwrapped keys held in memory. Changed keys
+//! that need a restart are logged as such and the
 //! running values are kept. An invalid new file is logged and ignored.
 
 use std::path::PathBuf;
@@ -15,7 +18,9 @@ use tokio::sync::watch;
 
 use crate::auth::SharedVerifier;
 use crate::config::{self, RuntimeConfig};
+use crate::crypto::DataKey;
 use crate::error::{Error, Result};
+use crate::keystore::Keyring;
 use crate::metrics::Metrics;
 use crate::tls::{CertResolver, Reload};
 
@@ -48,6 +53,8 @@ pub struct Reloader {
     pub policy: watch::Sender<RetentionPolicy>,
     /// Counts certificate reloads.
     pub metrics: Arc<Metrics>,
+    /// The data keys, re-wrapped when the data key file changes.
+    pub keys: Arc<Keyring>,
 }
 
 impl Reloader {
@@ -57,6 +64,7 @@ impl Reloader {
         // change made while the process started is not missed.
         let mut last_config = None;
         let mut last_key = None;
+        let mut data_key_problem = None;
         loop {
             tokio::select! {
                 () = tokio::time::sleep(interval) => {}
@@ -64,7 +72,49 @@ impl Reloader {
             }
             self.poll_certificate();
             self.poll_token_key(&mut last_key);
+            self.poll_data_key(&mut data_key_problem).await;
             self.poll_config(&mut last_config);
+        }
+    }
+
+    /// Re-wraps the key store when the data key file holds another KEK than the one in
+    /// use. Compared by fingerprint, so a rotation that failed is retried at the next
+    /// poll; a problem is logged once until it changes.
+    async fn poll_data_key(&self, problem: &mut Option<String>) {
+        let key = match DataKey::from_file(&self.config.data_key_file) {
+            Ok(key) => key,
+            Err(e) => {
+                let message = e.to_string();
+                if problem.as_ref() != Some(&message) {
+                    tracing::warn!(error = %message, "data key file unusable; keeping the key-encryption key in use");
+                    *problem = Some(message);
+                }
+                return;
+            }
+        };
+        if key.kek_id() == self.keys.kek_id() {
+            *problem = None;
+            return;
+        }
+        match self.keys.rotate_kek(key).await {
+            Ok(rotation) => {
+                *problem = None;
+                self.metrics.kek_rotations.inc();
+                self.metrics.observe_keys(&self.keys);
+                tracing::info!(
+                    from = %rotation.from,
+                    to = %rotation.to,
+                    rewrapped = rotation.rewrapped,
+                    "key-encryption key rotated: every data key re-wrapped"
+                );
+            }
+            Err(e) => {
+                let message = e.to_string();
+                if problem.as_ref() != Some(&message) {
+                    tracing::error!(error = %message, "re-wrapping the data keys failed; retrying at the next poll");
+                    *problem = Some(message);
+                }
+            }
         }
     }
 

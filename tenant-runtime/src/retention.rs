@@ -2,6 +2,11 @@
 //! from `finished_at`, or `started_at` while unfinished) and beyond the newest
 //! `max_count` (newest by `started_at`, then id).
 //!
+//! Then crypto-shredding: an execution data key whose whole period is past the age
+//! cut-off, and under which no execution is left, is deleted from the key store (see
+//! `keystore`), so copies of those rows made earlier (backups, disk images) cannot be
+//! decrypted any more.
+//!
 //! Deletion goes in batches of a bounded size, one short transaction each, with a pause
 //! between batches: a backlog of millions never holds the write lock for long, never
 //! loads more than one batch of ids, and requests keep being served while it drains.
@@ -33,6 +38,8 @@ pub struct PruneReport {
     pub by_age: u64,
     /// Deleted for being beyond the newest `max_count`.
     pub by_count: u64,
+    /// Execution data keys deleted (crypto-shredded).
+    pub keys_shredded: u64,
 }
 
 /// Applies `policy` at `now`, `batch` rows per transaction, counting into `metrics`.
@@ -70,7 +77,43 @@ pub async fn prune(
             tokio::time::sleep(BATCH_PAUSE).await;
         }
     }
+    if !*stop.borrow() {
+        report.keys_shredded = shred_expired_keys(store, cutoff, metrics).await?;
+    }
     Ok(report)
+}
+
+/// Deletes every execution data key whose period ended at or before `cutoff` and under
+/// which no execution is left; returns how many. Such a period's rows are all past the
+/// cut-off, so the age pass has deleted them; a row inserted meanwhile into that period
+/// (an execution reported late) is caught by the check, made while no insert is between
+/// choosing its key and committing.
+pub async fn shred_expired_keys(
+    store: &Store,
+    cutoff: Timestamp,
+    metrics: &Metrics,
+) -> Result<u64> {
+    let keys = store.keys();
+    let mut shredded = 0;
+    for (id, period) in keys.expired_keys(cutoff.as_microsecond()) {
+        let _exclusive = keys.exclusive().await;
+        if store
+            .has_executions_aged_between(period.start, period.end)
+            .await?
+        {
+            continue;
+        }
+        keys.retire(id).await?;
+        shredded += 1;
+        metrics.data_keys_shredded.inc();
+        tracing::info!(
+            key_id = id,
+            period_start = %Timestamp::from_microsecond(period.start).unwrap_or(Timestamp::MIN),
+            "execution data key deleted: the period's executions are expired"
+        );
+    }
+    metrics.observe_keys(keys);
+    Ok(shredded)
 }
 
 /// Runs [`prune`] now, every `interval`, and right after each policy change, until `stop`
@@ -93,6 +136,7 @@ pub async fn run_pruner(
                     tracing::info!(
                         by_age = report.by_age,
                         by_count = report.by_count,
+                        keys_shredded = report.keys_shredded,
                         "pruned executions"
                     );
                 }

@@ -2,7 +2,10 @@
 //! storage in memory so nothing is written outside the data directory), holding
 //! executions and third-party credentials.
 //!
-//! Payloads and secrets are sealed with [`Sealer`] before they reach SQL; only what
+//! Payloads and secrets are sealed with the instance's data keys ([`Keyring`]) before they
+//! reach SQL: an execution under the key of its period (the period of `aged_at`, the time
+//! retention ages it from, which never changes once written), everything else under the
+//! credential key. Only what
 //! queries need is stored in the clear: ids, times, workflow id, status, credential name
 //! and kind, and an OAuth 2 grant's provider settings (endpoints, client id, scopes,
 //! redirect URL), state and counts. Its access and refresh tokens and the PKCE verifiers
@@ -22,8 +25,9 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 
-use crate::crypto::{Sealer, Table};
+use crate::crypto::{SealedWith, Table, sealed_with};
 use crate::error::{Error, Result};
+use crate::keystore::Keyring;
 
 /// The database file's name inside the data directory.
 pub const DB_FILE: &str = "runtime.db";
@@ -79,20 +83,24 @@ const SCHEMA: [&str; 9] = [
     "CREATE INDEX IF NOT EXISTS oauth2_states_by_expiry ON oauth2_states (expires_at)",
 ];
 
-/// The database, and the sealer for this tenant's records.
+/// The database, and the data keys of this tenant's records.
 #[derive(Clone)]
 pub struct Store {
     pool: SqlitePool,
-    sealer: std::sync::Arc<Sealer>,
+    keys: std::sync::Arc<Keyring>,
+    migrated_at_open: u64,
 }
 
 impl fmt::Debug for Store {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Store")
-            .field("sealer", &self.sealer)
+            .field("keys", &self.keys)
             .finish_non_exhaustive()
     }
 }
+
+/// Records migrated per transaction from the version-1 format.
+const MIGRATE_BATCH: i64 = 500;
 
 /// An execution to store.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -513,8 +521,9 @@ fn new_id() -> Result<String> {
 impl Store {
     /// Opens (creating if needed) the database in `data_dir`, which is created with mode
     /// 0700; the database file is created with mode 0600 (its WAL and shared-memory files
-    /// inherit that).
-    pub async fn open(data_dir: &Path, sealer: Sealer) -> Result<Store> {
+    /// inherit that). Records still in the version-1 format (sealed directly under the
+    /// configured key) are re-sealed under data keys first.
+    pub async fn open(data_dir: &Path, keys: Keyring) -> Result<Store> {
         use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -551,10 +560,113 @@ impl Store {
         for statement in SCHEMA {
             sqlx::query(statement).execute(&pool).await?;
         }
-        Ok(Store {
+        let mut store = Store {
             pool,
-            sealer: std::sync::Arc::new(sealer),
-        })
+            keys: std::sync::Arc::new(keys),
+            migrated_at_open: 0,
+        };
+        let migrated = store.migrate_v1().await?;
+        store.migrated_at_open = migrated;
+        if migrated > 0 {
+            tracing::info!(
+                records = migrated,
+                "re-sealed version-1 records under data keys"
+            );
+        }
+        Ok(store)
+    }
+
+    /// Version-1 records re-sealed under data keys when the store was opened.
+    pub fn migrated_at_open(&self) -> u64 {
+        self.migrated_at_open
+    }
+
+    /// The data keys.
+    pub fn keys(&self) -> &std::sync::Arc<Keyring> {
+        &self.keys
+    }
+
+    /// Re-seals every version-1 record under its data key, in batches of one transaction
+    /// each. Idempotent and resumable: it looks only for version-1 records, and each row is
+    /// rewritten only if it still holds what was read.
+    async fn migrate_v1(&self) -> Result<u64> {
+        let tables: [(Table, &str, &str, Option<&str>); 4] = [
+            (Table::Executions, "id", "payload", Some("aged_at")),
+            (Table::Credentials, "id", "secret", None),
+            (Table::OAuth2Grants, "credential_id", "tokens", None),
+            (Table::OAuth2States, "state_hash", "verifier", None),
+        ];
+        let mut total = 0;
+        for (table, id_col, blob_col, aged_col) in tables {
+            let name = table.as_str();
+            let aged = aged_col.unwrap_or("0");
+            let select = format!(
+                "SELECT rowid, {id_col}, {blob_col}, {aged} FROM {name}
+                 WHERE rowid > ? AND substr({blob_col}, 1, 1) = x'01' ORDER BY rowid LIMIT ?"
+            );
+            let update =
+                format!("UPDATE {name} SET {blob_col} = ? WHERE {id_col} = ? AND {blob_col} = ?");
+            let mut after = 0i64;
+            loop {
+                // The names come from the fixed list above, never from input.
+                let rows = sqlx::query(sqlx::AssertSqlSafe(select.as_str()))
+                    .bind(after)
+                    .bind(MIGRATE_BATCH)
+                    .fetch_all(&self.pool)
+                    .await?;
+                let Some(last) = rows.last() else { break };
+                after = last.try_get(0)?;
+                // Nothing serves requests yet; the lease only matters for a second process.
+                let _lease = self.keys.lease().await;
+                let mut resealed = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    let id: String = row.try_get(1)?;
+                    let sealed: Vec<u8> = row.try_get(2)?;
+                    if sealed_with(&sealed) != Some(SealedWith::Version1) {
+                        continue;
+                    }
+                    let plain = self.keys.open_v1(table, &id, &sealed)?;
+                    let key = match table {
+                        Table::Executions => self.keys.execution_key(row.try_get(3)?).await?,
+                        _ => self.keys.credential_key().await?,
+                    };
+                    resealed.push((key.seal(table, &id, &plain)?, id, sealed));
+                }
+                let mut tx = self.pool.begin().await?;
+                for (new, id, old) in &resealed {
+                    total += sqlx::query(sqlx::AssertSqlSafe(update.as_str()))
+                        .bind(new)
+                        .bind(id)
+                        .bind(old)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                }
+                tx.commit().await?;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Whether an execution is aged from a time in `[start_us, end_us)` (so a data key of
+    /// that period may still be in use).
+    pub async fn has_executions_aged_between(&self, start_us: i64, end_us: i64) -> Result<bool> {
+        Ok(
+            sqlx::query("SELECT 1 FROM executions WHERE aged_at >= ? AND aged_at < ? LIMIT 1")
+                .bind(start_us)
+                .bind(end_us)
+                .fetch_optional(&self.pool)
+                .await?
+                .is_some(),
+        )
+    }
+
+    /// Moves the WAL into the database file (so a copy of the file alone is complete).
+    pub async fn checkpoint(&self) -> Result<()> {
+        sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Checkpoints the WAL and closes every connection.
@@ -599,9 +711,16 @@ impl Store {
             Zeroizing::new(serde_json::to_vec(&new.data).map_err(|_| Error::Encrypt {
                 table: Table::Executions.as_str(),
             })?);
-        let sealed = self.sealer.seal(Table::Executions, &id, &plaintext)?;
         let started = micros(new.started_at);
         let finished = new.finished_at.map(micros);
+        let aged = finished.unwrap_or(started);
+        // Held until the row is committed: its key cannot be retired meanwhile.
+        let _lease = self.keys.lease().await;
+        let sealed =
+            self.keys
+                .execution_key(aged)
+                .await?
+                .seal(Table::Executions, &id, &plaintext)?;
         sqlx::query(
             "INSERT INTO executions
                 (id, workflow_id, status, started_at, finished_at, aged_at, payload)
@@ -612,7 +731,7 @@ impl Store {
         .bind(&new.status)
         .bind(started)
         .bind(finished)
-        .bind(finished.unwrap_or(started))
+        .bind(aged)
         .bind(sealed)
         .execute(&self.pool)
         .await?;
@@ -623,7 +742,7 @@ impl Store {
         const T: &str = "executions";
         let id: String = row.try_get("id")?;
         let sealed: Vec<u8> = row.try_get("payload")?;
-        let plaintext = self.sealer.open(Table::Executions, &id, &sealed)?;
+        let plaintext = self.keys.open_record(Table::Executions, &id, &sealed)?;
         let data = serde_json::from_slice(&plaintext).map_err(|_| Error::Corrupt {
             table: T,
             id: id.clone(),
@@ -780,9 +899,11 @@ impl Store {
         now: Timestamp,
     ) -> Result<CredentialMeta> {
         let id = new_id()?;
-        let sealed =
-            self.sealer
-                .seal(Table::Credentials, &id, new.secret.expose_json().as_bytes())?;
+        let sealed = self.keys.credential_key().await?.seal(
+            Table::Credentials,
+            &id,
+            new.secret.expose_json().as_bytes(),
+        )?;
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO credentials (id, name, kind, created_at, secret) VALUES (?, ?, ?, ?, ?)",
@@ -891,7 +1012,7 @@ impl Store {
     }
 
     fn open_secret(&self, id: &str, sealed: &[u8]) -> Result<SecretString> {
-        let plaintext = self.sealer.open(Table::Credentials, id, sealed)?;
+        let plaintext = self.keys.open_record(Table::Credentials, id, sealed)?;
         let text = std::str::from_utf8(&plaintext).map_err(|_| Error::Corrupt {
             table: "credentials",
             id: id.to_owned(),
@@ -914,7 +1035,7 @@ impl Store {
         Ok(SecretString::from(parsed.client_secret))
     }
 
-    fn seal_tokens(&self, id: &str, tokens: &GrantTokens) -> Result<Vec<u8>> {
+    async fn seal_tokens(&self, id: &str, tokens: &GrantTokens) -> Result<Vec<u8>> {
         let record = TokensRecord {
             access_token: tokens.access.expose_secret(),
             refresh_token: tokens.refresh.as_ref().map(|r| r.expose_secret()),
@@ -923,11 +1044,14 @@ impl Store {
             Zeroizing::new(serde_json::to_vec(&record).map_err(|_| Error::Encrypt {
                 table: Table::OAuth2Grants.as_str(),
             })?);
-        self.sealer.seal(Table::OAuth2Grants, id, &plaintext)
+        self.keys
+            .credential_key()
+            .await?
+            .seal(Table::OAuth2Grants, id, &plaintext)
     }
 
     fn open_tokens(&self, id: &str, sealed: &[u8]) -> Result<GrantTokens> {
-        let plaintext = self.sealer.open(Table::OAuth2Grants, id, sealed)?;
+        let plaintext = self.keys.open_record(Table::OAuth2Grants, id, sealed)?;
         let record: TokensRecord<String> =
             serde_json::from_slice(&plaintext).map_err(|_| Error::Corrupt {
                 table: Table::OAuth2Grants.as_str(),
@@ -1001,7 +1125,7 @@ impl Store {
         new: &PendingAuthorization<'_>,
         now: Timestamp,
     ) -> Result<()> {
-        let sealed = self.sealer.seal(
+        let sealed = self.keys.credential_key().await?.seal(
             Table::OAuth2States,
             new.state_hash,
             new.verifier.expose_secret().as_bytes(),
@@ -1050,7 +1174,9 @@ impl Store {
         let Some(row) = row else { return Ok(None) };
         let credential_id: String = row.try_get(0)?;
         let sealed: Vec<u8> = row.try_get(1)?;
-        let plaintext = self.sealer.open(Table::OAuth2States, state_hash, &sealed)?;
+        let plaintext = self
+            .keys
+            .open_record(Table::OAuth2States, state_hash, &sealed)?;
         let verifier = std::str::from_utf8(&plaintext).map_err(|_| Error::Corrupt {
             table: Table::OAuth2States.as_str(),
             id: state_hash.to_owned(),
@@ -1073,7 +1199,7 @@ impl Store {
         connected: bool,
         now: Timestamp,
     ) -> Result<Written> {
-        let sealed = self.seal_tokens(id, tokens)?;
+        let sealed = self.seal_tokens(id, tokens).await?;
         let done = sqlx::query(
             "UPDATE oauth2_grants SET
                 state = 'connected', tokens = ?, token_version = token_version + 1,
@@ -1294,8 +1420,16 @@ mod tests {
 
     use crate::crypto::DataKey;
 
-    fn sealer(tenant: &str) -> Sealer {
-        Sealer::new(&DataKey::from_bytes(&[9; 32]).unwrap(), tenant)
+    async fn keys(dir: &Path, tenant: &str) -> Keyring {
+        Keyring::open(
+            dir,
+            tenant,
+            DataKey::from_bytes(&[9; 32]).unwrap(),
+            None,
+            Duration::from_secs(86_400),
+        )
+        .await
+        .unwrap()
     }
 
     fn ts(s: i64) -> Timestamp {
@@ -1315,7 +1449,9 @@ mod tests {
     #[tokio::test]
     async fn pragmas_are_wal_secure_delete_and_memory_temp() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), sealer("acme")).await.unwrap();
+        let store = Store::open(dir.path(), keys(dir.path(), "acme").await)
+            .await
+            .unwrap();
         assert_eq!(store.pragma("journal_mode").await.unwrap(), "wal");
         assert_eq!(store.pragma("secure_delete").await.unwrap(), "1");
         assert_eq!(store.pragma("temp_store").await.unwrap(), "2");
@@ -1332,7 +1468,9 @@ mod tests {
     #[tokio::test]
     async fn a_credential_secret_is_stored_exactly_as_sent() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), sealer("acme")).await.unwrap();
+        let store = Store::open(dir.path(), keys(dir.path(), "acme").await)
+            .await
+            .unwrap();
         let secret = r#"{"refresh_token":"r-1", "client_id":"c","access_token":"a \"q\" \u00e9"}"#;
         let body = format!(r#"{{"name": "crm", "kind": "oauth2", "secret": {secret} }}"#);
         let new: NewCredential = serde_json::from_str(&body).unwrap();
@@ -1353,7 +1491,9 @@ mod tests {
     #[tokio::test]
     async fn pages_walk_every_execution_newest_first() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), sealer("acme")).await.unwrap();
+        let store = Store::open(dir.path(), keys(dir.path(), "acme").await)
+            .await
+            .unwrap();
         let mut ids = Vec::new();
         for i in 0..7 {
             // Two executions share each start time, so ties are ordered by id.
@@ -1385,7 +1525,9 @@ mod tests {
     #[tokio::test]
     async fn count_pruning_keeps_exactly_the_newest() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), sealer("acme")).await.unwrap();
+        let store = Store::open(dir.path(), keys(dir.path(), "acme").await)
+            .await
+            .unwrap();
         for i in 0..10 {
             store
                 .insert_execution(&execution(2000 + i, Some(2100 + i)))
@@ -1419,7 +1561,9 @@ mod tests {
     #[tokio::test]
     async fn an_authorization_state_works_once_for_its_caller_until_it_expires() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), sealer("acme")).await.unwrap();
+        let store = Store::open(dir.path(), keys(dir.path(), "acme").await)
+            .await
+            .unwrap();
         let id = store
             .insert_credential(&oauth2_credential(), ts(100))
             .await
@@ -1481,7 +1625,9 @@ mod tests {
     #[tokio::test]
     async fn token_writes_are_guarded_by_version_and_uses_are_counted() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), sealer("acme")).await.unwrap();
+        let store = Store::open(dir.path(), keys(dir.path(), "acme").await)
+            .await
+            .unwrap();
         let id = store
             .insert_credential(&oauth2_credential(), ts(100))
             .await
@@ -1592,7 +1738,9 @@ mod tests {
     #[tokio::test]
     async fn moved_ciphertext_and_other_tenant_fail_to_decrypt() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), sealer("acme")).await.unwrap();
+        let store = Store::open(dir.path(), keys(dir.path(), "acme").await)
+            .await
+            .unwrap();
         let a = store.insert_execution(&execution(1, None)).await.unwrap();
         let b = store.insert_execution(&execution(2, None)).await.unwrap();
         // Copy a's sealed payload into b's row.
@@ -1607,11 +1755,100 @@ mod tests {
         assert!(matches!(err, Error::Decrypt { .. }), "{err}");
         store.close().await;
 
-        // The same file opened as another tenant (same key) decrypts nothing.
-        let other = Store::open(dir.path(), sealer("globex")).await.unwrap();
-        assert!(matches!(
-            other.get_execution(&a).await,
-            Err(Error::Decrypt { .. })
-        ));
+        store.keys().close().await;
+
+        // The same files opened as another tenant (same KEK): its keys do not unwrap.
+        let err = Keyring::open(
+            dir.path(),
+            "globex",
+            DataKey::from_bytes(&[9; 32]).unwrap(),
+            None,
+            Duration::from_secs(86_400),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, Error::UnwrapKey { .. }), "{err}");
+    }
+
+    /// A store written by an older runtime (version-1 records under the configured key
+    /// directly) is re-sealed under data keys when opened: executions under their
+    /// period's key, the rest under the credential key; a second open finds nothing to do.
+    #[tokio::test]
+    async fn version_1_records_are_migrated_to_data_keys_once() {
+        use crate::crypto::Sealer;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), keys(dir.path(), "acme").await)
+            .await
+            .unwrap();
+        let day = 86_400;
+        let mut ids = Vec::new();
+        for i in 0..1200 {
+            ids.push(
+                store
+                    .insert_execution(&execution(i % 3 * day + i, Some(i % 3 * day + i + 1)))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let cred = store
+            .insert_credential(&oauth2_credential(), ts(100))
+            .await
+            .unwrap()
+            .id;
+        // Rewrite everything as an older runtime sealed it.
+        let v1 = Sealer::new(&DataKey::from_bytes(&[9; 32]).unwrap(), "acme");
+        for id in &ids {
+            let e = store.get_execution(id).await.unwrap().unwrap();
+            let sealed = v1
+                .seal(Table::Executions, id, &serde_json::to_vec(&e.data).unwrap())
+                .unwrap();
+            sqlx::query("UPDATE executions SET payload = ? WHERE id = ?")
+                .bind(sealed)
+                .bind(id)
+                .execute(&store.pool)
+                .await
+                .unwrap();
+        }
+        let secret = v1
+            .seal(Table::Credentials, &cred, br#"{"client_secret":"cs"}"#)
+            .unwrap();
+        sqlx::query("UPDATE credentials SET secret = ? WHERE id = ?")
+            .bind(secret)
+            .bind(&cred)
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        store.close().await;
+        store.keys().close().await;
+
+        let store = Store::open(dir.path(), keys(dir.path(), "acme").await)
+            .await
+            .unwrap();
+        let versions: Vec<(Vec<u8>, i64)> =
+            sqlx::query_as("SELECT substr(payload, 1, 5), aged_at FROM executions")
+                .fetch_all(&store.pool)
+                .await
+                .unwrap();
+        assert_eq!(versions.len(), 1200);
+        let mut by_day = std::collections::BTreeMap::new();
+        for (head, aged) in versions {
+            assert_eq!(head[0], 2);
+            let key = u32::from_be_bytes(head[1..5].try_into().unwrap());
+            by_day
+                .entry(aged.div_euclid(day * 1_000_000))
+                .or_insert_with(std::collections::BTreeSet::new)
+                .insert(key);
+        }
+        // One key per day, three days, three different keys.
+        assert_eq!(by_day.len(), 3);
+        assert!(by_day.values().all(|k| k.len() == 1));
+        let distinct: std::collections::BTreeSet<_> = by_day.values().flatten().collect();
+        assert_eq!(distinct.len(), 3);
+        for id in &ids {
+            assert!(store.get_execution(id).await.unwrap().is_some());
+        }
+        let (_, client_secret) = store.grant(&cred).await.unwrap().unwrap();
+        assert_eq!(client_secret.expose_secret(), "cs");
+        assert_eq!(store.migrate_v1().await.unwrap(), 0);
     }
 }

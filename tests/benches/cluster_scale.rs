@@ -109,7 +109,11 @@ async fn bound_tenant(client: Client, name: String) -> Result<()> {
     apply(&client, builders::egress_policy(&owner, &settings)).await?;
     apply(&client, builders::resource_quota(&owner)).await?;
     apply(&client, builders::limit_range(&owner)).await?;
-    apply(&client, builders::data_key_secret(&owner, &[7u8; 32])).await?;
+    apply(
+        &client,
+        builders::data_key_secret(&owner, &[7u8; 32], None, None),
+    )
+    .await?;
     apply(&client, builders::data_pvc(&owner, CLASS)).await?;
     let key = secrecy::SecretString::from(
         "-----BEGIN PRIVATE KEY-----\nbench\n-----END PRIVATE KEY-----\n",

@@ -137,6 +137,8 @@ pub fn runtime_config(
         },
         data_dir: dir.join("data"),
         data_key_file: dir.join("data.key"),
+        previous_data_key_file: None,
+        data_key_period: None,
         token_public_key_file: token_public_key.to_owned(),
         retention: spec.retention,
         oauth2: oauth2.clone(),

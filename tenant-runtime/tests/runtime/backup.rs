@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::json;
-use tenant_runtime::crypto::{DataKey, Sealer};
+use tenant_runtime::keystore::Keyring;
 use tenant_runtime::store::Store;
 
 use crate::common::*;
@@ -180,12 +180,24 @@ async fn a_backup_taken_while_writing_restores_and_opens_only_with_the_tenant_ke
         assert!(!contains(&raw, needle.as_bytes()), "{needle} is readable");
     }
 
-    // Restored into a new data directory with the tenant's key, every row reads back.
+    // The backup carries no execution key: restored into a data directory without the
+    // instance's key store, it is refused, and nothing is left.
     let app_dir = app.stop_keep_dir().await;
     let files = app_dir.path();
     let data_key = files.join("keys/data.key");
     let target = tempfile::tempdir().unwrap();
     let config = config_beside(files, target.path(), "acme", &data_key);
+    let out = restore(&config, &keys.identity(), &file).await;
+    refused(&out, "which the instance's key store", target.path());
+
+    // With the instance's key store (runtime.db moved away, keys.db kept) and the
+    // tenant's key, every row reads back.
+    std::fs::create_dir_all(target.path().join("data")).unwrap();
+    std::fs::copy(
+        files.join("data/keys.db"),
+        target.path().join("data/keys.db"),
+    )
+    .unwrap();
     let out = restore(&config, &keys.identity(), &file).await;
     assert!(
         out.status.success(),
@@ -196,8 +208,11 @@ async fn a_backup_taken_while_writing_restores_and_opens_only_with_the_tenant_ke
     assert_eq!(restored["executions"].as_i64(), Some(in_backup));
     assert_eq!(restored["credentials"], 3);
     assert_eq!(restored["records_checked"].as_i64(), Some(in_backup + 3));
-    let sealer = Sealer::new(&DataKey::from_file(&data_key).unwrap(), "acme");
-    let store = Store::open(&target.path().join("data"), sealer)
+    assert_eq!(restored["expired_executions_dropped"], 0);
+    let keyring = Keyring::from_config(&tenant_runtime::config::load(&config).unwrap())
+        .await
+        .unwrap();
+    let store = Store::open(&target.path().join("data"), keyring)
         .await
         .unwrap();
     assert_eq!(store.count_executions().await.unwrap(), in_backup);

@@ -128,12 +128,33 @@ impl Instance {
     }
 
     pub async fn start_with(options: Options) -> Instance {
+        let prepared = prepare(&options);
+        Instance::launch(prepared, options).await
+    }
+
+    /// Stops the server and starts it again on the same directory, files and keys.
+    pub async fn restart(mut self) -> Instance {
+        self.shutdown_and_wait().await.unwrap();
+        let prepared = Prepared {
+            dir: self.dir,
+            ca: self.ca,
+            signer: self.signer,
+            config_path: self.config_path,
+        };
+        let options = Options {
+            tenant: self.tenant,
+            ..Options::default()
+        };
+        Instance::launch(prepared, options).await
+    }
+
+    async fn launch(prepared: Prepared, options: Options) -> Instance {
         let Prepared {
             dir,
             ca,
             signer,
             config_path,
-        } = prepare(&options);
+        } = prepared;
         let mut run_config = RunConfig::load(&config_path).unwrap();
         run_config.reload_interval = Duration::from_millis(100);
         run_config.prune_interval = options.prune_interval;

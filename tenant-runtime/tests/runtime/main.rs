@@ -11,5 +11,7 @@ mod disk;
 mod logs;
 mod oauth;
 mod retention;
+mod rotation;
+mod shredding;
 mod storage;
 mod tls;

@@ -11,7 +11,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tenant_runtime::crypto::{DataKey, Sealer};
+use tenant_runtime::keystore::Keyring;
 use tenant_runtime::store::{GrantUnavailable, Store};
 use tenantry_test_support::{Https, eventually_some};
 use tokio::io::AsyncBufReadExt as _;
@@ -254,10 +254,9 @@ async fn listed(app: &Instance, id: &str) -> Option<Value> {
 /// A second handle on the runtime's database, as an execution in the same instance
 /// would hold: the internal access-token call goes through it.
 async fn executor_store(app: &Instance) -> Store {
-    let key = DataKey::from_file(&app.root().join("keys/data.key")).unwrap();
-    Store::open(&app.data_dir(), Sealer::new(&key, &app.tenant))
-        .await
-        .unwrap()
+    let config = tenant_runtime::config::load(&app.config_path).unwrap();
+    let keys = Keyring::from_config(&config).await.unwrap();
+    Store::open(&app.data_dir(), keys).await.unwrap()
 }
 
 fn query_param<'a>(query: &'a str, name: &str) -> &'a str {

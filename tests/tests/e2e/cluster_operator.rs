@@ -13,9 +13,12 @@
 //!    and the restarted operator writes nothing;
 //! 3. two Tenants through suspension, resumption, certificate renewal, repair of deleted
 //!    and hand-edited children, and deletion;
-//! 4. a Tenant this operator cannot read and one whose spec fails its checks get a
+//! 4. a Tenant with backups (the backup volume, recipients and `BackupStale`), and a data
+//!    key rotation on the `tenantry.dev/rotate-data-key` annotation (new key-encryption key,
+//!    the previous one beside it, an Event naming key ids only);
+//! 5. a Tenant this operator cannot read and one whose spec fails its checks get a
 //!    condition and an Event, and block nobody;
-//! 5. two replicas: one reconciles; SIGKILL the leader and the other takes over within the
+//! 6. two replicas: one reconciles; SIGKILL the leader and the other takes over within the
 //!    lease duration; then a rolling update (a third replica waits, SIGTERM the leader, which
 //!    releases the Lease, so the waiting one takes over within a renew period); the last
 //!    leader converges everything, leaving no orphaned namespace.
@@ -230,6 +233,7 @@ async fn operator_on_a_real_api_server() -> Result<()> {
         let operator = step("convergence, idle and restart", converge(&env)).await?;
         step("two Tenants' lifecycle", lifecycle(&env)).await?;
         step("a Tenant with backups", backups(&env)).await?;
+        step("a data key rotation", data_key_rotation(&env)).await?;
         step("unreadable and invalid Tenants", unreadable(&env)).await?;
         step("two replicas", two_replicas(&env, operator)).await
     }
@@ -785,6 +789,105 @@ async fn backups(env: &Env) -> Result<()> {
     env.tenants().delete(name, &DeleteParams::default()).await?;
     env.cluster
         .delete_tenants("e2e-backup", Duration::from_secs(180))
+        .await
+}
+
+/// `kubectl annotate tenant NAME tenantry.dev/rotate-data-key=…`: the Secret gets a new
+/// key-encryption key with the old one beside it, and an Event says so; a second value
+/// waits while the runtime has not re-wrapped (no kubelet runs the runtime here, so the
+/// rotation stays in progress: the drop of the previous key is covered by the operator's
+/// own tests and the runtime's).
+async fn data_key_rotation(env: &Env) -> Result<()> {
+    let name = "e2e-rekey";
+    env.cluster.create_tenant(name, tenant_spec(true)).await?;
+    env.converged(&[(name.to_owned(), true)], Duration::from_secs(120))
+        .await?;
+    let secrets = env.in_tenant::<Secret>(name);
+    let key_of = |s: &Secret, k: &str| s.data.as_ref().and_then(|d| d.get(k)).map(|b| b.0.clone());
+    let before = secrets.get(names::DATA_KEY_SECRET).await?;
+    let old = key_of(&before, names::DATA_KEY_KEY).context("data.key")?;
+    ensure!(old.len() == 32);
+    ensure!(
+        before.immutable != Some(true),
+        "new Tenants get a mutable key Secret"
+    );
+    let annotate = |value: &str| json!({"metadata": {"annotations": {names::ROTATE_DATA_KEY_ANNOTATION: value}}});
+    let started = Instant::now();
+    env.tenants()
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(annotate("one")),
+        )
+        .await?;
+    let rotated = eventually(
+        "the rotated data key Secret",
+        Duration::from_secs(60),
+        || async {
+            let s = secrets.get(names::DATA_KEY_SECRET).await?;
+            let handled = s
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(names::DATA_KEY_ROTATION_HANDLED_ANNOTATION))
+                .cloned();
+            Ok((handled.as_deref() == Some("one")).then_some(s))
+        },
+    )
+    .await?;
+    eprintln!("    rotated after {:?}", started.elapsed());
+    let new = key_of(&rotated, names::DATA_KEY_KEY).context("data.key")?;
+    ensure!(new.len() == 32 && new != old, "a new key-encryption key");
+    ensure!(
+        key_of(&rotated, names::DATA_KEY_PREVIOUS_KEY).as_deref() == Some(old.as_slice()),
+        "the previous key stays beside it until the runtime re-wrapped"
+    );
+    let events: Api<Event> = Api::namespaced(env.cluster.client.clone(), "default");
+    let new_id = tenantry_proto::runtime_config::kek_id(&new);
+    let event = eventually(
+        "the DataKeyRotated Event",
+        Duration::from_secs(30),
+        || async {
+            Ok(events
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .find(|e| {
+                    e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                        && e.reason.as_deref() == Some("DataKeyRotated")
+                }))
+        },
+    )
+    .await?;
+    let note = event.note.unwrap_or_default();
+    ensure!(
+        note.contains(&new_id),
+        "the Event names the new key's id: {note}"
+    );
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    ensure!(
+        !note.contains(&hex(&new)) && !note.contains(&hex(&old)),
+        "and no key"
+    );
+    // The runtime never reports the re-wrap here: a second request waits.
+    env.tenants()
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(annotate("two")),
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let still = secrets.get(names::DATA_KEY_SECRET).await?;
+    ensure!(
+        key_of(&still, names::DATA_KEY_KEY) == Some(new.clone())
+            && key_of(&still, names::DATA_KEY_PREVIOUS_KEY) == Some(old.clone()),
+        "no second rotation while one is in progress"
+    );
+    env.tenants().delete(name, &DeleteParams::default()).await?;
+    env.cluster
+        .delete_tenants("e2e-rekey", Duration::from_secs(180))
         .await
 }
 
