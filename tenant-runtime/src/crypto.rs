@@ -178,6 +178,50 @@ fn random_nonce() -> Result<[u8; NONCE_LEN]> {
     Ok(nonce)
 }
 
+/// `header || nonce || ciphertext || tag`: `plaintext` under `cipher` with a fresh random
+/// nonce, bound to `aad`. `None` when the cipher refuses (it does not for these sizes).
+fn encrypt(
+    cipher: &Aes256Gcm,
+    header: &[u8],
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Result<Option<Vec<u8>>> {
+    let nonce = random_nonce()?;
+    let Ok(ciphertext) = cipher.encrypt(
+        &Nonce::<Aes256Gcm>::from(nonce),
+        Payload {
+            msg: plaintext,
+            aad,
+        },
+    ) else {
+        return Ok(None);
+    };
+    let mut out = Vec::with_capacity(header.len() + NONCE_LEN + ciphertext.len());
+    out.extend_from_slice(header);
+    out.extend_from_slice(&nonce);
+    out.extend_from_slice(&ciphertext);
+    Ok(Some(out))
+}
+
+/// Reverses [`encrypt`] on what follows the header (`nonce || ciphertext || tag`); `None`
+/// when it is too short, or the key, the associated data or a byte differ.
+fn decrypt(cipher: &Aes256Gcm, body: &[u8], aad: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+    if body.len() < NONCE_LEN + TAG_LEN {
+        return None;
+    }
+    let nonce = Nonce::<Aes256Gcm>::try_from(&body[..NONCE_LEN]).ok()?;
+    cipher
+        .decrypt(
+            &nonce,
+            Payload {
+                msg: &body[NONCE_LEN..],
+                aad,
+            },
+        )
+        .ok()
+        .map(Zeroizing::new)
+}
+
 /// Wraps data key `key` (id `id`, for `purpose`, of `tenant_id`) under the key-encryption
 /// key `kek`: `nonce (12) || ciphertext (32) || tag (16)`.
 pub fn wrap_key(
@@ -187,22 +231,8 @@ pub fn wrap_key(
     purpose: Purpose,
     key: &DataKey,
 ) -> Result<Vec<u8>> {
-    let nonce = random_nonce()?;
     let aad = wrap_aad(tenant_id, id, purpose);
-    let ciphertext = kek
-        .cipher()
-        .encrypt(
-            &Nonce::<Aes256Gcm>::from(nonce),
-            Payload {
-                msg: key.0.expose_secret(),
-                aad: &aad,
-            },
-        )
-        .map_err(|_| Error::WrapKey { id })?;
-    let mut wrapped = Vec::with_capacity(NONCE_LEN + ciphertext.len());
-    wrapped.extend_from_slice(&nonce);
-    wrapped.extend_from_slice(&ciphertext);
-    Ok(wrapped)
+    encrypt(&kek.cipher(), &[], &aad, key.0.expose_secret())?.ok_or(Error::WrapKey { id })
 }
 
 /// Unwraps what [`wrap_key`] made; fails on another KEK, tenant, id or purpose, or a
@@ -218,19 +248,8 @@ pub fn unwrap_key(
     if wrapped.len() != NONCE_LEN + DATA_KEY_LEN + TAG_LEN {
         return Err(fail());
     }
-    let nonce = Nonce::<Aes256Gcm>::try_from(&wrapped[..NONCE_LEN]).map_err(|_| fail())?;
     let aad = wrap_aad(tenant_id, id, purpose);
-    let plain = Zeroizing::new(
-        kek.cipher()
-            .decrypt(
-                &nonce,
-                Payload {
-                    msg: &wrapped[NONCE_LEN..],
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| fail())?,
-    );
+    let plain = decrypt(&kek.cipher(), wrapped, &aad).ok_or_else(fail)?;
     DataKey::from_bytes(&plain).ok_or_else(fail)
 }
 
@@ -334,26 +353,12 @@ impl RecordKey {
 
     /// Encrypts `plaintext` as record `id` of `table` (version 2).
     pub fn seal(&self, table: Table, id: &str, plaintext: &[u8]) -> Result<Vec<u8>> {
-        let nonce = random_nonce()?;
-        let aad = self.aad(table, id);
-        let ciphertext = self
-            .cipher
-            .encrypt(
-                &Nonce::<Aes256Gcm>::from(nonce),
-                Payload {
-                    msg: plaintext,
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| Error::Encrypt {
-                table: table.as_str(),
-            })?;
-        let mut sealed = Vec::with_capacity(1 + KEY_ID_LEN + NONCE_LEN + ciphertext.len());
-        sealed.push(VERSION_2);
-        sealed.extend_from_slice(&self.id.to_be_bytes());
-        sealed.extend_from_slice(&nonce);
-        sealed.extend_from_slice(&ciphertext);
-        Ok(sealed)
+        let mut header = [0u8; 1 + KEY_ID_LEN];
+        header[0] = VERSION_2;
+        header[1..].copy_from_slice(&self.id.to_be_bytes());
+        encrypt(&self.cipher, &header, &self.aad(table, id), plaintext)?.ok_or(Error::Encrypt {
+            table: table.as_str(),
+        })
     }
 
     /// Decrypts version-2 record `id` of `table`; fails if it names another key, if the
@@ -367,19 +372,12 @@ impl RecordKey {
         if sealed_with(sealed) != Some(SealedWith::Key(self.id)) {
             return Err(fail());
         }
-        let body = &sealed[1 + KEY_ID_LEN..];
-        let nonce = Nonce::<Aes256Gcm>::try_from(&body[..NONCE_LEN]).map_err(|_| fail())?;
-        let aad = self.aad(table, id);
-        self.cipher
-            .decrypt(
-                &nonce,
-                Payload {
-                    msg: &body[NONCE_LEN..],
-                    aad: &aad,
-                },
-            )
-            .map(Zeroizing::new)
-            .map_err(|_| fail())
+        decrypt(
+            &self.cipher,
+            &sealed[1 + KEY_ID_LEN..],
+            &self.aad(table, id),
+        )
+        .ok_or_else(fail)
     }
 }
 
@@ -412,25 +410,15 @@ impl Sealer {
     /// Encrypts `plaintext` as record `id` of `table` (version 1: tests and benchmarks
     /// compare against it; the runtime writes version 2).
     pub fn seal(&self, table: Table, id: &str, plaintext: &[u8]) -> Result<Vec<u8>> {
-        let nonce = random_nonce()?;
-        let aad = self.associated_data(table, id);
-        let ciphertext = self
-            .cipher
-            .encrypt(
-                &Nonce::<Aes256Gcm>::from(nonce),
-                Payload {
-                    msg: plaintext,
-                    aad: &aad,
-                },
-            )
-            .map_err(|_| Error::Encrypt {
-                table: table.as_str(),
-            })?;
-        let mut sealed = Vec::with_capacity(1 + NONCE_LEN + ciphertext.len());
-        sealed.push(VERSION_1);
-        sealed.extend_from_slice(&nonce);
-        sealed.extend_from_slice(&ciphertext);
-        Ok(sealed)
+        encrypt(
+            &self.cipher,
+            &[VERSION_1],
+            &self.associated_data(table, id),
+            plaintext,
+        )?
+        .ok_or(Error::Encrypt {
+            table: table.as_str(),
+        })
     }
 
     /// Decrypts version-1 record `id` of `table`; fails if the key, tenant, table or id
@@ -443,18 +431,7 @@ impl Sealer {
         if sealed.len() < SEAL_OVERHEAD || sealed[0] != VERSION_1 {
             return Err(fail());
         }
-        let nonce = Nonce::<Aes256Gcm>::try_from(&sealed[1..1 + NONCE_LEN]).map_err(|_| fail())?;
-        let aad = self.associated_data(table, id);
-        self.cipher
-            .decrypt(
-                &nonce,
-                Payload {
-                    msg: &sealed[1 + NONCE_LEN..],
-                    aad: &aad,
-                },
-            )
-            .map(Zeroizing::new)
-            .map_err(|_| fail())
+        decrypt(&self.cipher, &sealed[1..], &self.associated_data(table, id)).ok_or_else(fail)
     }
 
     /// `"tenantry-runtime/v1"` then tenant id, table and record id, each length-prefixed.

@@ -25,9 +25,7 @@ use std::time::Duration;
 
 use secrecy::zeroize::Zeroizing;
 use sqlx::Row as _;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard};
 
 use crate::config::RuntimeConfig;
@@ -202,38 +200,10 @@ impl Keyring {
         previous: Option<DataKey>,
         period: Duration,
     ) -> Result<Keyring> {
-        use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(data_dir)
-            .map_err(|source| Error::DataDir {
-                path: data_dir.to_owned(),
-                source,
-            })?;
-        let path = data_dir.join(KEYS_FILE);
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|source| Error::DataDir {
-                path: path.clone(),
-                source,
-            })?;
-        let options = SqliteConnectOptions::new()
-            .filename(&path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            // A key is durable before a record sealed with it can be committed.
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10))
-            .pragma("secure_delete", "ON")
-            .pragma("temp_store", "MEMORY");
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options)
-            .await?;
+        // A key is durable before a record sealed with it can be committed.
+        let pool =
+            crate::store::open_private_sqlite(data_dir, KEYS_FILE, SqliteSynchronous::Full, 1)
+                .await?;
         for statement in SCHEMA {
             sqlx::query(statement).execute(&pool).await?;
         }

@@ -518,45 +518,56 @@ fn new_id() -> Result<String> {
         .to_string())
 }
 
+/// Opens (creating if needed) the SQLite file `name` in `data_dir` (the directory made
+/// with mode 0700, the file with 0600; its WAL and shared-memory files inherit that):
+/// WAL journal, `secure_delete` on (deleted rows are overwritten with zeros, so deleting
+/// really removes data), temp storage in memory (the root filesystem is read-only).
+pub(crate) async fn open_private_sqlite(
+    data_dir: &Path,
+    name: &str,
+    synchronous: SqliteSynchronous,
+    max_connections: u32,
+) -> Result<SqlitePool> {
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .map_err(|source| Error::DataDir {
+            path: data_dir.to_owned(),
+            source,
+        })?;
+    let path = data_dir.join(name);
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|source| Error::DataDir {
+            path: path.clone(),
+            source,
+        })?;
+    let options = SqliteConnectOptions::new()
+        .filename(&path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(synchronous)
+        .busy_timeout(Duration::from_secs(10))
+        .pragma("secure_delete", "ON")
+        .pragma("temp_store", "MEMORY");
+    Ok(SqlitePoolOptions::new()
+        .max_connections(max_connections)
+        .connect_with(options)
+        .await?)
+}
+
 impl Store {
     /// Opens (creating if needed) the database in `data_dir`, which is created with mode
     /// 0700; the database file is created with mode 0600 (its WAL and shared-memory files
     /// inherit that). Records still in the version-1 format (sealed directly under the
     /// configured key) are re-sealed under data keys first.
     pub async fn open(data_dir: &Path, keys: Keyring) -> Result<Store> {
-        use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(data_dir)
-            .map_err(|source| Error::DataDir {
-                path: data_dir.to_owned(),
-                source,
-            })?;
-        let path = data_dir.join(DB_FILE);
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|source| Error::DataDir {
-                path: path.clone(),
-                source,
-            })?;
-        let options = SqliteConnectOptions::new()
-            .filename(&path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(10))
-            // Deleted rows are overwritten with zeros, so retention really removes data.
-            .pragma("secure_delete", "ON")
-            // Sorts and temp tables stay in memory: the root filesystem is read-only.
-            .pragma("temp_store", "MEMORY");
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await?;
+        let pool = open_private_sqlite(data_dir, DB_FILE, SqliteSynchronous::Normal, 4).await?;
         for statement in SCHEMA {
             sqlx::query(statement).execute(&pool).await?;
         }
