@@ -8,16 +8,19 @@
 //! makes a Tenant carrying the API's tenant id; the certificate the operator issues
 //! reaches `GetTenant` through the API's watch; the runtime is configured with the API's
 //! tenant id (so the API's instance tokens verify there); `tenantryctl tenants suspend`,
-//! `resume` and `delete` reach the cluster, and a deleted tenant leaves the API once its
-//! namespace is gone. The runtime image need not be pullable.
+//! `resume` reach the cluster; `rotate-token-key` makes the API write the new public key
+//! set into the operator's Secret (the chart's RBAC allows just that) and the operator
+//! copies it into the tenant's namespace; `delete` reaches the cluster, and a deleted
+//! tenant leaves the API once its namespace is gone. The runtime image need not be
+//! pullable.
 
 use std::path::Path;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, ensure};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use tenantry_kube::crd::Tenant;
@@ -113,6 +116,11 @@ async fn api_and_operator_on_a_real_api_server() -> Result<()> {
         .args(["--tenant-domain", "e2e.example.com"])
         // Signup makes the Tenant at once here; verification has its own tests.
         .arg("--require-email-verification=false")
+        // The API publishes the token public key set into the operator's Secret (the
+        // chart's RBAC allows exactly that); rereading its ring every second.
+        .args(["--token-public-key-secret", names::TOKEN_KEY_SECRET])
+        .args(["--token-public-key-secret-namespace", NS])
+        .args(["--token-key-refresh-interval", "1s"])
         .arg("--data-dir")
         .arg(&data_dir)
         .args(&key_args)
@@ -286,6 +294,42 @@ async fn scenario(
         },
     )
     .await?;
+
+    // A token key rotation: the API writes the set (old and new key) into the operator's
+    // Secret under the chart's RBAC, and the operator copies it into the tenant's
+    // namespace, before the new key signs (20 minutes from now).
+    let mut rotate = vec!["rotate-token-key", "--data-dir"];
+    let data_dir_text = data_dir.display().to_string();
+    rotate.push(&data_dir_text);
+    rotate.extend(key_args.iter().map(String::as_str));
+    let said = tenantry_api(&rotate);
+    ensure!(said.contains("added token key"), "{said}");
+    let blocks = |s: Option<Secret>| {
+        s.and_then(|s| s.data)
+            .and_then(|d| d.get(names::TOKEN_KEY_KEY).cloned())
+            .map(|pem| {
+                String::from_utf8_lossy(&pem.0)
+                    .matches("BEGIN PUBLIC KEY")
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let started = Instant::now();
+    for (what, namespace) in [
+        ("the operator's Secret", NS),
+        ("the tenant's copy", ns.as_str()),
+    ] {
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+        eventually(
+            &format!("two public keys in {what}"),
+            Duration::from_secs(60),
+            || async {
+                Ok((blocks(secrets.get_opt(names::TOKEN_KEY_SECRET).await?) == 2).then_some(()))
+            },
+        )
+        .await?;
+        eprintln!("token key set of 2 in {what} after {:?}", started.elapsed());
+    }
 
     // Delete through tenantryctl: the Tenant and its namespace go, then the record.
     let (ok, _, err) = ctl(
