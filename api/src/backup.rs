@@ -279,6 +279,20 @@ struct MasterKeyCheck<'a> {
 }
 
 impl dump::RestoreChecks for MasterKeyCheck<'_> {
+    fn token_key(&mut self, kid: &str, sealed: &str) -> Result<()> {
+        if self
+            .key
+            .open(&crate::token_keys::seal_context(kid), sealed)
+            .is_err()
+        {
+            return Err(Error::Restore(format!(
+                "the master key {} cannot open the instance-token signing key {kid} in this backup: restore with the master key of the API that wrote it",
+                self.path.display()
+            )));
+        }
+        Ok(())
+    }
+
     fn user(&mut self, id: &str, sealed: &[&str]) -> Result<()> {
         for value in sealed {
             if self

@@ -468,6 +468,8 @@ pub async fn append_audit(
 pub trait RestoreChecks {
     /// Called for each `users` row with its id and sealed TOTP columns.
     fn user(&mut self, id: &str, sealed: &[&str]) -> Result<()>;
+    /// Called for each `token_keys` row that still holds its sealed private half.
+    fn token_key(&mut self, kid: &str, sealed: &str) -> Result<()>;
 }
 
 /// The result of [`restore_into`].
@@ -602,6 +604,11 @@ pub async fn restore_into(
                         .filter_map(|c| text(c))
                         .collect();
                     checks.user(id, &sealed)?;
+                }
+                "token_keys" => {
+                    if let Some(sealed) = text("private_sealed") {
+                        checks.token_key(text("kid").unwrap_or_default(), sealed)?;
+                    }
                 }
                 "audit_events" => {
                     let entry = AuditEntry {

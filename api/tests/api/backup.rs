@@ -444,6 +444,18 @@ async fn damaged_foreign_and_newer_backups_and_wrong_keys_are_refused_without_wr
     let out = restore(&target, &wrong_key, &keys.identity, &file).await;
     refused(&target, out, "cannot open the TOTP secret").await;
 
+    // Without any TOTP secret, the instance-token signing key (sealed in the database)
+    // is what the wrong master key cannot open.
+    let no_totp = Database::new().await;
+    let server = TestServer::start(&no_totp).await;
+    server.signup("plain@example.com", "plainco").await;
+    server.stop().await;
+    let plain_backups = tempfile::tempdir().unwrap();
+    let report = backup(&no_totp, &keys, plain_backups.path()).await;
+    let plain_file = PathBuf::from(report["path"].as_str().unwrap());
+    let out = restore(&target, &wrong_key, &keys.identity, &plain_file).await;
+    refused(&target, out, "cannot open the instance-token signing key").await;
+
     // A newer schema than this binary knows.
     let newer = scratch.path().join("newer.tbk");
     let recipients = tenantry_backup::Recipients::load(&[&keys.recipient]).unwrap();
