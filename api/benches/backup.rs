@@ -16,6 +16,9 @@ use tenantry_api::audit::{AuditEntry, GENESIS_HASH, chain_hash};
 use tenantry_api::clock::SystemClock;
 use tenantry_api::store::Store;
 
+#[path = "common/pg.rs"]
+mod pg;
+
 fn reset_peak_rss() {
     // Writing 5 to clear_refs resets VmHWM to the current RSS (Linux ≥ 4.0).
     let _ = std::fs::write("/proc/self/clear_refs", "5");
@@ -237,32 +240,14 @@ async fn main() {
     let both = start.elapsed().as_secs_f64();
     println!("  (backup + restore together {both:.2} s; the goal is 0.3 of the copy)");
 
-    if let Ok(base) = std::env::var("TENANTRY_BENCH_DATABASE_URL") {
-        let schema = format!("bench_{}", std::process::id());
-        let (mut conn, _) = tenantry_api::store::backup::connect(&base, false)
-            .await
-            .unwrap();
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
-        )))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-        let sep = if base.contains('?') { '&' } else { '?' };
-        let target = format!("{base}{sep}options=-c%20search_path%3D{schema}");
+    if let Some(mut schemas) = pg::Schemas::connect().await {
+        let target = schemas.fresh("bench").await;
         let pg_dir = tmp.path().join("pg");
         std::fs::create_dir_all(&pg_dir).unwrap();
         std::fs::copy(&master, pg_dir.join("master.key")).unwrap();
         // SQLite → PostgreSQL (the migration path), then PostgreSQL → PostgreSQL.
         run("SQLite → PostgreSQL", &url, &target, &pg_dir, figures).await;
-        let schema2 = format!("{schema}_b");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "DROP SCHEMA IF EXISTS {schema2} CASCADE; CREATE SCHEMA {schema2}"
-        )))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-        let target2 = format!("{base}{sep}options=-c%20search_path%3D{schema2}");
+        let target2 = schemas.fresh("bench_b").await;
         let pg2_dir = tmp.path().join("pg2");
         std::fs::create_dir_all(&pg2_dir).unwrap();
         std::fs::copy(&master, pg2_dir.join("master.key")).unwrap();
@@ -274,11 +259,6 @@ async fn main() {
             figures,
         )
         .await;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "DROP SCHEMA {schema} CASCADE; DROP SCHEMA {schema2} CASCADE"
-        )))
-        .execute(&mut conn)
-        .await
-        .unwrap();
+        schemas.drop_all().await;
     }
 }

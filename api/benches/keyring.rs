@@ -17,6 +17,9 @@ use tenantry_api::crypto::{MasterKey, MasterKeyRing};
 use tenantry_api::keyring::{RotateOptions, rotate};
 use tenantry_api::store::Store;
 
+#[path = "common/pg.rs"]
+mod pg;
+
 fn write_key(path: &Path, text: &str) {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
@@ -119,25 +122,11 @@ async fn main() {
     std::fs::create_dir_all(&sqlite_dir).unwrap();
     let url = format!("sqlite://{}/tenantry.db", sqlite_dir.display());
     run("SQLite", &url, &sqlite_dir, users).await;
-    if let Ok(base) = std::env::var("TENANTRY_BENCH_DATABASE_URL") {
-        let schema = format!("bench_keyring_{}", std::process::id());
-        let (mut conn, _) = tenantry_api::store::backup::connect(&base, false)
-            .await
-            .unwrap();
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
-        )))
-        .execute(&mut conn)
-        .await
-        .unwrap();
-        let sep = if base.contains('?') { '&' } else { '?' };
-        let target = format!("{base}{sep}options=-c%20search_path%3D{schema}");
+    if let Some(mut schemas) = pg::Schemas::connect().await {
+        let target = schemas.fresh("bench_keyring").await;
         let pg_dir = tmp.path().join("pg");
         std::fs::create_dir_all(&pg_dir).unwrap();
         run("PostgreSQL", &target, &pg_dir, users).await;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-            .execute(&mut conn)
-            .await
-            .unwrap();
+        schemas.drop_all().await;
     }
 }
