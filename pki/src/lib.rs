@@ -177,8 +177,14 @@ impl CertificateAuthority {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(cert_err("generate the CA key"))?;
         let mut params = CertificateParams::default();
+        let serial = random_serial()?;
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, common_name);
+        // Each CA gets its own subject: during a rotation clients trust the old and the new
+        // CA at once, and verifiers (webpki among them) pick the trust anchor by the
+        // leaf's issuer name, so two CAs with one name would make leaves of one of them
+        // fail to verify.
+        let id = hex::encode(serial.to_bytes().get(..4).unwrap_or_default());
+        dn.push(DnType::CommonName, format!("{common_name} {id}"));
         dn.push(DnType::OrganizationName, "Tenantry");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -187,7 +193,7 @@ impl CertificateAuthority {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        params.serial_number = Some(random_serial()?);
+        params.serial_number = Some(serial);
         let now = whole_seconds(now)?;
         set_validity(&mut params, now, add(now, CA_VALIDITY)?)?;
         let cert = params
@@ -598,6 +604,22 @@ mod tests {
             ))
             .is_err()
         );
+    }
+
+    #[test]
+    fn every_ca_has_its_own_subject_and_leaves_name_it() {
+        let subject = |pem: &str| {
+            let der = pem_der(pem).unwrap();
+            let (_, c) = X509Certificate::from_der(&der).unwrap();
+            (c.subject().to_string(), c.issuer().to_string())
+        };
+        let a = CertificateAuthority::generate("Tenantry CA", Timestamp::now()).unwrap();
+        let b = CertificateAuthority::generate("Tenantry CA", Timestamp::now()).unwrap();
+        let (sa, _) = subject(a.cert_pem());
+        assert!(sa.contains("Tenantry CA "), "{sa}");
+        assert_ne!(sa, subject(b.cert_pem()).0);
+        let (_, issuer) = subject(&leaf(&a, Timestamp::now()).cert_pem);
+        assert_eq!(issuer, sa);
     }
 
     #[test]
