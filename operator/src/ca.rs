@@ -35,6 +35,12 @@ use tenantry_pki::{self as pki, CertificateAuthority};
 /// CA.
 pub const RECHECK: Duration = Duration::from_secs(10);
 
+/// How long a re-issued leaf may take to be served: the kubelet's sync of the Secret volume
+/// (about a minute) plus the runtime's reload poll. The previous CA leaves the bundles only
+/// when every leaf from the new CA is older than this (or than the window, when shorter),
+/// so no client that follows the bundle meets a leaf it does not trust.
+pub const SERVE_GRACE: Duration = Duration::from_secs(120);
+
 /// The operator CA as the controller uses it: the issuing CA and, during a rotation, the
 /// previous CA's certificate.
 #[derive(Debug)]
@@ -252,8 +258,17 @@ pub fn next_step(
     Step::Retire
 }
 
-/// Tenant TLS Secrets in the watch cache whose leaf is not from the issuing CA.
-fn leaves_from_previous(ctx: &Context, state: &CaState) -> usize {
+/// Tenant TLS Secrets in the watch cache whose leaf is not from the issuing CA, or is but
+/// so new (issued within the grace) that its runtime may still serve the old one.
+fn leaves_from_previous(ctx: &Context, state: &CaState, now: Timestamp) -> usize {
+    let grace = jiff::SignedDuration::try_from(SERVE_GRACE.min(ctx.settings.ca_rotation_window))
+        .unwrap_or_default();
+    let settled = |cert: &str| {
+        pki::parse_certificate(cert)
+            .ok()
+            .and_then(|info| info.not_before.checked_add(grace).ok())
+            .is_some_and(|served_by| served_by <= now)
+    };
     ctx.caches
         .secrets
         .entries()
@@ -264,7 +279,7 @@ fn leaves_from_previous(ctx: &Context, state: &CaState) -> usize {
                 .decode::<Secret>()
                 .ok()
                 .and_then(|s| text(&s, "tls.crt"));
-            cert.and_then(|c| state.signer(&c)) != Some(Signer::Current)
+            !cert.is_some_and(|c| state.signer(&c) == Some(Signer::Current) && settled(&c))
         })
         .count()
 }
@@ -295,7 +310,7 @@ pub async fn step(
     let now = ctx.now();
     let window = ctx.settings.ca_rotation_window;
     let stale = if state.started.is_some() {
-        leaves_from_previous(ctx, &state)
+        leaves_from_previous(ctx, &state, now)
     } else {
         0
     };
