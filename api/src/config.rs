@@ -68,6 +68,28 @@ pub enum Command {
     /// Show the instance-token signing keys (kid, state, created, signs from, retires
     /// at); `token-keys public` prints the public key set the instances accept (PEM).
     TokenKeys(TokenKeysArgs),
+    /// Rotate the local CA of `dev`'s `--data-dir`, while `dev` runs: a new CA issues, and
+    /// `ca.crt` holds it and the previous one; the running `dev` re-issues every
+    /// instance's certificate from the new CA within `--ca-rotation-window` (the runtimes
+    /// reload them without a restart), then drops the previous CA from `ca.crt`. Audited
+    /// in the database (`local_ca.rotate`, then `local_ca.retire`).
+    RotateLocalCa(RotateLocalCaArgs),
+}
+
+/// `rotate-local-ca`.
+#[derive(Debug, Clone, Args)]
+pub struct RotateLocalCaArgs {
+    /// The data directory of `dev` (its CA) and its database (the audit log).
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+    /// Every instance certificate is re-issued by the new CA within this time (spread
+    /// over it), and the previous CA leaves `ca.crt` after it. Clients that pinned the
+    /// old `ca.crt` must read the new one within it.
+    #[arg(long, env = "TENANTRY_CA_ROTATION_WINDOW", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub ca_rotation_window: Duration,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `rotate-token-key`.

@@ -319,6 +319,25 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
         }
+        Command::RotateLocalCa(args) => {
+            let clock = tenantry_api::clock::SystemClock;
+            let report = tenantry_api::provision::local_ca::rotate_command(&args, &clock).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "new local CA {} (was {}); {} holds both until every instance certificate is from the new CA, by {} at the latest",
+                    report.fingerprint,
+                    report.previous_fingerprint,
+                    report.ca_file.display(),
+                    report.ends
+                );
+                eprintln!(
+                    "the running `tenantry-api dev` re-issues the certificates and then drops the previous CA; clients must trust the new {} before then",
+                    report.ca_file.display()
+                );
+            }
+        }
         Command::TokenKeys(args) => {
             let clock = tenantry_api::clock::SystemClock;
             match args.view {

@@ -358,8 +358,14 @@ pub struct CertificateStatus {
     pub serial: String,
     /// End of validity.
     pub not_after: Time,
-    /// When the operator renews it.
+    /// When the operator renews it (during a CA rotation, when it is re-issued by the
+    /// new CA if that is sooner).
     pub renewal_time: Time,
+    /// SHA-256 fingerprint (lowercase hex of the DER) of the CA certificate that issued
+    /// it: during a CA rotation, it tells the leaves still from the previous CA from
+    /// those re-issued by the new one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer_fingerprint: Option<String>,
 }
 
 /// CEL rule on the whole object: the tenant name must make a valid namespace name.

@@ -129,6 +129,20 @@ pub const RUNTIME_CONFIG_ENV: &str = "TENANTRY_CONFIG";
 
 /// Secret (in the operator namespace) holding the operator's CA.
 pub const DEFAULT_CA_SECRET: &str = "tenantry-ca";
+/// Annotation on [`DEFAULT_CA_SECRET`]: set it to any new value to rotate the operator CA
+/// (`kubectl annotate secret -n <operator ns> tenantry-ca tenantry.dev/rotate=<value>`).
+pub const ROTATE_CA_ANNOTATION: &str = "tenantry.dev/rotate";
+/// Annotation on the CA Secret: the [`ROTATE_CA_ANNOTATION`] value last handled, so each
+/// new value rotates once.
+pub const CA_ROTATION_HANDLED_ANNOTATION: &str = "tenantry.dev/ca-rotation-handled";
+/// Annotation on the CA Secret: the operator's `--rotate-ca` value last handled.
+pub const CA_ROTATION_FLAG_HANDLED_ANNOTATION: &str = "tenantry.dev/ca-rotation-flag-handled";
+/// Annotation on the CA Secret during a rotation: when it started (RFC 3339). Leaves are
+/// re-issued by the new CA within `--ca-rotation-window` of it.
+pub const CA_ROTATION_STARTED_ANNOTATION: &str = "tenantry.dev/ca-rotation-started";
+/// Key of the CA Secret during a rotation: the previous CA's certificate (never its key,
+/// which is deleted at rotation), still trusted until every leaf is re-issued.
+pub const CA_PREVIOUS_KEY: &str = "previous.crt";
 /// Common name of the operator's CA.
 pub const CA_COMMON_NAME: &str = "Tenantry operator CA";
 /// Lease used for leader election.

@@ -113,7 +113,12 @@ fn main() {
             Context::new(
                 fake.client(),
                 settings,
-                CertificateAuthority::generate("bench CA", now).unwrap(),
+                Arc::new(
+                    tenantry_operator::ca::CaState::new(
+                        CertificateAuthority::generate("bench CA", now).unwrap(),
+                    )
+                    .unwrap(),
+                ),
                 caches.clone(),
                 Some("-----BEGIN PUBLIC KEY-----\nbench\n-----END PUBLIC KEY-----\n".into()),
                 Arc::new(Metrics::new()),

@@ -208,6 +208,16 @@ where
             .cloned()
     }
 
+    /// Every cached object (a snapshot).
+    pub fn entries(&self) -> Vec<(ObjectRef<K>, Arc<Entry>)> {
+        self.objects
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
     /// Number of cached objects and the bytes their entries hold.
     pub fn footprint(&self) -> (usize, usize) {
         let objects = self.objects.read().unwrap_or_else(|e| e.into_inner());

@@ -78,6 +78,18 @@ pub struct RunArgs {
     #[arg(long, env = "TENANTRY_CA_SECRET", default_value = names::DEFAULT_CA_SECRET)]
     pub ca_secret: String,
 
+    /// How long a CA rotation lasts: every tenant certificate is re-issued by the new CA
+    /// within this time of the rotation's start (spread over it, so the API server is not
+    /// asked for every Secret at once), then the previous CA leaves the trust bundles.
+    #[arg(long, env = "TENANTRY_CA_ROTATION_WINDOW", default_value = "1h", value_parser = parse_window)]
+    pub ca_rotation_window: Duration,
+
+    /// Rotate the CA once for this value: like annotating the CA Secret with
+    /// `tenantry.dev/rotate=<value>`; the value handled is recorded on the Secret, so a
+    /// restart with the same value does not rotate again.
+    #[arg(long, env = "TENANTRY_ROTATE_CA")]
+    pub rotate_ca: Option<String>,
+
     /// Secret (operator namespace) holding the API's Ed25519 token public key under
     /// `public.pem`; copied into every tenant namespace.
     #[arg(
@@ -121,6 +133,12 @@ pub struct RunArgs {
     /// that asks for them shows `BackupStale` with reason `NoBackupRecipients`.
     #[arg(long, env = "TENANTRY_BACKUP_RECIPIENTS_FILE")]
     pub backup_recipients_file: Option<std::path::PathBuf>,
+}
+
+/// A rotation window: `<number><unit>` parts with units `s`, `m`, `h`, `d` (`1h30m`).
+fn parse_window(text: &str) -> Result<Duration, String> {
+    tenantry_proto::runtime_config::parse_interval(text)
+        .ok_or_else(|| format!("{text:?} is not a duration like 1h, 30m or 90s"))
 }
 
 /// Reads and checks a backup recipients file: one or more `age1…` lines (`#` comments and
@@ -180,6 +198,10 @@ pub struct Settings {
     pub ca_secret: String,
     /// Secret holding the token public key.
     pub token_public_key_secret: String,
+    /// How long a CA rotation lasts.
+    pub ca_rotation_window: Duration,
+    /// `--rotate-ca`.
+    pub rotate_ca: Option<String>,
     /// Cluster DNS domain.
     pub cluster_domain: String,
     /// Resync period of converged Tenants.
@@ -226,6 +248,8 @@ impl Settings {
             default_storage_class: args.default_storage_class.clone().filter(|s| !s.is_empty()),
             ca_secret: args.ca_secret.clone(),
             token_public_key_secret: args.token_public_key_secret.clone(),
+            ca_rotation_window: args.ca_rotation_window,
+            rotate_ca: args.rotate_ca.clone().filter(|v| !v.is_empty()),
             cluster_domain: args.cluster_domain.clone(),
             resync: Duration::from_secs(args.resync_seconds.max(10)),
             reconcile_timeout: Duration::from_secs(args.reconcile_timeout_seconds.max(1)),
@@ -263,6 +287,8 @@ impl Default for Settings {
             default_storage_class: None,
             ca_secret: names::DEFAULT_CA_SECRET.to_owned(),
             token_public_key_secret: names::TOKEN_KEY_SECRET.to_owned(),
+            ca_rotation_window: Duration::from_secs(3600),
+            rotate_ca: None,
             cluster_domain: "cluster.local".to_owned(),
             resync: Duration::from_secs(600),
             reconcile_timeout: Duration::from_secs(30),

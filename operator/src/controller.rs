@@ -27,6 +27,7 @@ use serde_json::{Value, json};
 use tracing::{debug, info, warn};
 
 use crate::builders::{self, CheckedSpec, Owner};
+use crate::ca::{CaState, Signer};
 use crate::cache::{Cache, Caches, Entry, Lookup};
 use crate::config::Settings;
 use crate::diff::{agree_on, first_difference, is_subset};
@@ -36,7 +37,7 @@ use crate::object::{InvalidTenant, TenantObject};
 use crate::status::{self, Observed, Transition, reasons, types};
 use tenantry_kube::crd::{CertificateStatus, LastBackupStatus, Tenant, TenantPhase, TenantStatus};
 use tenantry_kube::names;
-use tenantry_pki::{self as pki, CertificateAuthority, CertificateInfo, LeafRequest};
+use tenantry_pki::{self as pki, CertificateInfo, LeafRequest};
 
 /// A process-local digest of a serialized object.
 fn digest(value: &Value) -> u64 {
@@ -57,8 +58,9 @@ pub struct Context {
     pub client: Client,
     /// Resolved operator settings.
     pub settings: Settings,
-    /// The operator's CA.
-    pub ca: CertificateAuthority,
+    /// The operator's CA, live: the leader's CA manager replaces it when the CA Secret
+    /// changes (a rotation starts or ends), without a restart.
+    ca: RwLock<Arc<CaState>>,
     /// Watch caches.
     pub caches: Arc<Caches>,
     /// The API's token public key (PEM), copied into every tenant namespace.
@@ -78,7 +80,7 @@ impl Context {
     pub fn new(
         client: Client,
         settings: Settings,
-        ca: CertificateAuthority,
+        ca: Arc<CaState>,
         caches: Arc<Caches>,
         token_public_key: Option<String>,
         metrics: Arc<Metrics>,
@@ -93,7 +95,7 @@ impl Context {
         Context {
             client,
             settings,
-            ca,
+            ca: RwLock::new(ca),
             caches,
             token_public_key: RwLock::new(token_public_key),
             recorder,
@@ -110,8 +112,25 @@ impl Context {
         self
     }
 
+    /// The CA as it is now.
+    pub fn ca(&self) -> Arc<CaState> {
+        self.ca
+            .read()
+            .map(|ca| ca.clone())
+            .unwrap_or_else(|e| e.into_inner().clone())
+    }
+
+    /// Replaces the CA; true when tenants see a difference (their bundle or re-issue
+    /// times), so every Tenant must be reconciled.
+    pub fn set_ca(&self, new: CaState) -> bool {
+        let mut ca = self.ca.write().unwrap_or_else(|e| e.into_inner());
+        let changed = !ca.same(&new);
+        *ca = Arc::new(new);
+        changed
+    }
+
     /// The time, in whole seconds (the precision of API timestamps).
-    fn now(&self) -> Timestamp {
+    pub(crate) fn now(&self) -> Timestamp {
         let now = (self.clock)();
         Timestamp::from_second(now.as_second()).unwrap_or(now)
     }
@@ -221,7 +240,7 @@ impl Context {
         Ok(Some(applied))
     }
 
-    async fn publish(&self, reference: &ObjectReference, t: &Transition) {
+    pub(crate) async fn publish(&self, reference: &ObjectReference, t: &Transition) {
         let event = Event {
             type_: if t.warning {
                 EventType::Warning
@@ -294,43 +313,87 @@ fn storage_class(
     }
 }
 
-/// Why an existing TLS Secret must be replaced, or the certificate it holds.
+/// A certificate in force: what it is, when the operator replaces it, and the
+/// fingerprint of the CA that issued it.
+#[derive(Clone, Debug)]
+struct InForce {
+    info: CertificateInfo,
+    renewal: Timestamp,
+    issuer_fingerprint: String,
+}
+
+/// What to do about an existing TLS Secret.
+enum Assessment {
+    /// Nothing: it is as it should be.
+    Keep(InForce),
+    /// The leaf is good but `ca.crt` is not the trust bundle (a CA rotation started or
+    /// ended): rewrite the bundle, keeping the leaf and its key.
+    Rebundle(InForce, String, SecretString),
+    /// Issue a new leaf, because...
+    Reissue(&'static str),
+}
+
+/// Why an existing TLS Secret must be replaced or rebundled, or the certificate it holds.
+/// During a CA rotation a leaf from the previous CA is kept until `reissue_at`, and then
+/// only once its Secret holds the bundle, so clients get the new CA before the leaf
+/// changes.
 fn assess_certificate(
     secret: &Secret,
-    ca: &CertificateAuthority,
+    ca: &CaState,
     dns_names: &[String],
     renew_before: Option<Duration>,
+    reissue_at: Timestamp,
     now: Timestamp,
-) -> std::result::Result<(CertificateInfo, Timestamp), &'static str> {
-    let data = secret.data.as_ref().ok_or("the Secret has no data")?;
+) -> Assessment {
+    let Some(data) = secret.data.as_ref() else {
+        return Assessment::Reissue("the Secret has no data");
+    };
     let text = |k: &str| {
         data.get(k)
             .and_then(|b| String::from_utf8(b.0.clone()).ok())
-            .ok_or("a key is missing")
     };
-    let cert = text("tls.crt")?;
-    let key = SecretString::from(text("tls.key")?);
-    if text("ca.crt")? != ca.cert_pem() {
-        return Err("ca.crt is not the operator CA");
-    }
+    let (Some(cert), Some(key)) = (text("tls.crt"), text("tls.key")) else {
+        return Assessment::Reissue("a key is missing");
+    };
+    let key = SecretString::from(key);
     if secret.type_.as_deref() != Some("kubernetes.io/tls") {
-        return Err("the Secret is not of type kubernetes.io/tls");
+        return Assessment::Reissue("the Secret is not of type kubernetes.io/tls");
     }
-    let info = pki::parse_certificate(&cert).map_err(|_| "tls.crt does not parse")?;
+    let Ok(info) = pki::parse_certificate(&cert) else {
+        return Assessment::Reissue("tls.crt does not parse");
+    };
     if !pki::key_matches(&info, &key) {
-        return Err("tls.key does not match tls.crt");
+        return Assessment::Reissue("tls.key does not match tls.crt");
     }
-    if !ca.signed(&cert) {
-        return Err("tls.crt was not issued by the operator CA");
-    }
+    let Some(signer) = ca.signer(&cert) else {
+        return Assessment::Reissue("tls.crt was not issued by the operator CA");
+    };
     if info.dns_names != dns_names || !info.ip_addresses.is_empty() {
-        return Err("the certificate names changed");
+        return Assessment::Reissue("the certificate names changed");
     }
-    let renewal = pki::renewal_time(info.not_before, info.not_after, renew_before);
-    if renewal <= now {
-        return Err("the certificate is due for renewal");
+    let bundled = text("ca.crt").as_deref() == Some(ca.bundle());
+    let mut renewal = pki::renewal_time(info.not_before, info.not_after, renew_before);
+    if signer == Signer::Previous {
+        if bundled && reissue_at <= now {
+            return Assessment::Reissue(
+                "tls.crt is from the previous CA, which a CA rotation retires",
+            );
+        }
+        renewal = renewal.min(reissue_at);
     }
-    Ok((info, renewal))
+    if renewal <= now && bundled {
+        return Assessment::Reissue("the certificate is due for renewal");
+    }
+    let in_force = InForce {
+        info,
+        renewal,
+        issuer_fingerprint: ca.fingerprint_of(signer).to_owned(),
+    };
+    if bundled {
+        Assessment::Keep(in_force)
+    } else {
+        Assessment::Rebundle(in_force, cert, key)
+    }
 }
 
 /// Reconciles one Tenant, bounded by the reconcile timeout so that no API call can hold a
@@ -500,13 +563,12 @@ async fn reconcile_tenant(tenant: &Tenant, ctx: &Context) -> Result<Action> {
         observed_generation: tenant.meta().generation,
         namespace: Some(owner.namespace.clone()),
         endpoint: Some(builders::endpoint(&owner)),
-        certificate: certificate
-            .as_ref()
-            .map(|(info, renewal)| CertificateStatus {
-                serial: info.serial_hex.clone(),
-                not_after: Time(info.not_after),
-                renewal_time: Time(*renewal),
-            }),
+        certificate: certificate.as_ref().map(|c| CertificateStatus {
+            serial: c.info.serial_hex.clone(),
+            not_after: Time(c.info.not_after),
+            renewal_time: Time(c.renewal),
+            issuer_fingerprint: Some(c.issuer_fingerprint.clone()),
+        }),
         last_backup,
         conditions: status::merge_conditions(
             &previous.conditions,
@@ -516,11 +578,11 @@ async fn reconcile_tenant(tenant: &Tenant, ctx: &Context) -> Result<Action> {
         ),
     };
     ctx.metrics
-        .set_certificate(&owner.name, certificate.as_ref().map(|(i, _)| i.not_after));
+        .set_certificate(&owner.name, certificate.as_ref().map(|c| c.info.not_after));
     write_status(ctx, &object, status).await?;
     let mut next = ctx.settings.resync;
-    if let Some((_, renewal)) = &certificate {
-        let until = renewal.duration_since(now);
+    if let Some(c) = &certificate {
+        let until = c.renewal.duration_since(now);
         let until = Duration::try_from(until).unwrap_or(Duration::ZERO);
         next = next.min(until.max(Duration::from_secs(1)));
     }
@@ -552,7 +614,7 @@ async fn observe_backup(
     let mut last = previous.map(|p| p.time.0);
     let note = if runtime_ready {
         let host = format!("{}.{}.svc", names::SERVICE, owner.namespace);
-        match crate::backup_status::scrape(&host, names::RUNTIME_PORT, ctx.ca.cert_pem()).await {
+        match crate::backup_status::scrape(&host, names::RUNTIME_PORT, ctx.ca().bundle()).await {
             Ok(reported) => {
                 last = last.max(reported);
                 String::new()
@@ -681,7 +743,7 @@ async fn apply_children(
     checked: &CheckedSpec,
     ctx: &Context,
     now: Timestamp,
-) -> Result<(Vec<Observed>, Option<(CertificateInfo, Timestamp)>)> {
+) -> Result<(Vec<Observed>, Option<InForce>)> {
     let namespace = ensure_namespace(owner, ctx).await?;
     let isolation = ensure_isolation(owner, ctx).await?;
     let storage = ensure_storage(owner, ctx).await?;
@@ -692,7 +754,7 @@ async fn apply_children(
         "Issued",
         format!(
             "serial {} valid until {}",
-            certificate.0.serial_hex, certificate.0.not_after
+            certificate.info.serial_hex, certificate.info.not_after
         ),
     );
     let runtime = ensure_runtime(owner, storage.ok, ctx).await?;
@@ -983,7 +1045,7 @@ async fn rotate_data_key(
         let done = match crate::backup_status::scrape_exposition(
             &host,
             names::RUNTIME_PORT,
-            ctx.ca.cert_pem(),
+            ctx.ca().bundle(),
         )
         .await
         {
@@ -1068,63 +1130,94 @@ async fn apply_data_key(api: &Api<Secret>, desired: &Secret, key: &str) -> Resul
     Ok(())
 }
 
-/// Keeps a valid certificate in the TLS Secret; issues a new one (with a new key) when it
-/// is missing, edited, for other names, or due for renewal.
+/// Keeps a valid certificate in the TLS Secret with the CA's trust bundle as `ca.crt`;
+/// issues a new one (with a new key) when it is missing, edited, for other names, due for
+/// renewal, or from the previous CA at its re-issue time during a CA rotation.
 async fn ensure_certificate(
     owner: &Owner<'_>,
     checked: &CheckedSpec,
     api: &Api<Secret>,
     ctx: &Context,
     now: Timestamp,
-) -> Result<(CertificateInfo, Timestamp)> {
+) -> Result<InForce> {
+    let ca = ctx.ca();
     let dns_names = builders::certificate_dns_names(owner, &ctx.settings);
     let key = ObjectRef::new(names::TLS_SECRET).within(&owner.namespace);
-    let assess = |s: &Secret| assess_certificate(s, &ctx.ca, &dns_names, checked.renew_before, now);
+    let reissue_at = ca.reissue_at(&owner.name, ctx.settings.ca_rotation_window);
+    let assess =
+        |s: &Secret| assess_certificate(s, &ca, &dns_names, checked.renew_before, reissue_at, now);
     if let Some(cached) = ctx.caches.secrets.get(&key)
         && let Ok(secret) = cached.decode::<Secret>()
-        && let Ok(ok) = assess(&secret)
+        && let Assessment::Keep(ok) = assess(&secret)
     {
         return Ok(ok);
     }
-    // The cache may lag our own last write: confirm before issuing.
+    // The cache may lag our own last write: confirm before writing.
     let live = api
         .get_opt(names::TLS_SECRET)
         .await
         .map_err(|e| Error::kube(format!("read Secret {key}"), e))?;
-    let why = match &live {
-        Some(s) => match assess(s) {
-            Ok(ok) => return Ok(ok),
-            Err(why) => Some(why),
-        },
+    let why = match live.as_ref().map(assess) {
+        Some(Assessment::Keep(ok)) => return Ok(ok),
+        Some(Assessment::Rebundle(ok, cert, tls_key)) => {
+            let secret = builders::tls_secret(owner, &cert, &tls_key, ca.bundle());
+            apply_tls_secret(api, &secret, &key).await?;
+            ctx.metrics.wrote();
+            debug!(tenant = %owner.name, "wrote the CA trust bundle into the TLS Secret");
+            return Ok(ok);
+        }
+        Some(Assessment::Reissue(why)) => Some(why),
         None => None,
     };
-    let issued = ctx.ca.issue_leaf(&LeafRequest {
+    let issued = ca.issuing().issue_leaf(&LeafRequest {
         dns_names,
         ip_addresses: vec![],
         validity: checked.cert_validity,
         now,
     })?;
-    let secret = builders::tls_secret(owner, &issued.cert_pem, &issued.key_pem, ctx.ca.cert_pem());
-    api.patch(
-        names::TLS_SECRET,
-        &PatchParams::apply(names::FIELD_MANAGER).force(),
-        &Patch::Apply(&secret),
-    )
-    .await
-    .map_err(|e| Error::kube(format!("apply Secret {key}"), e))?;
+    let secret = builders::tls_secret(owner, &issued.cert_pem, &issued.key_pem, ca.bundle());
+    apply_tls_secret(api, &secret, &key).await?;
     ctx.metrics.wrote();
     let info = pki::parse_certificate(&issued.cert_pem)?;
     let renewal = pki::renewal_time(info.not_before, info.not_after, checked.renew_before);
     if let Some(why) = why {
+        let rotation = ca.started().is_some();
         let t = Transition {
             warning: false,
-            reason: "CertificateRenewed".to_owned(),
-            note: format!("issued serial {} because {why}", issued.serial_hex),
+            reason: if rotation && why.contains("previous CA") {
+                "CertificateReissued".to_owned()
+            } else {
+                "CertificateRenewed".to_owned()
+            },
+            note: format!(
+                "issued serial {} by CA {} because {why}",
+                issued.serial_hex,
+                ca.fingerprint()
+            ),
         };
         info!(tenant = %owner.name, serial = %issued.serial_hex, "{}", t.note);
         ctx.publish(&owner.tenant.object_ref(&()), &t).await;
     }
-    Ok((info, renewal))
+    Ok(InForce {
+        info,
+        renewal,
+        issuer_fingerprint: ca.fingerprint().to_owned(),
+    })
+}
+
+async fn apply_tls_secret(
+    api: &Api<Secret>,
+    secret: &Secret,
+    key: &ObjectRef<Secret>,
+) -> Result<()> {
+    api.patch(
+        names::TLS_SECRET,
+        &PatchParams::apply(names::FIELD_MANAGER).force(),
+        &Patch::Apply(secret),
+    )
+    .await
+    .map_err(|e| Error::kube(format!("apply Secret {key}"), e))?;
+    Ok(())
 }
 
 /// Deletion: remove the namespace (and so every child), wait until it is gone, then

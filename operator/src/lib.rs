@@ -2,7 +2,7 @@
 //! that applies them. The `Tenant` types and names live in `tenantry-kube`, the CA in
 //! `tenantry-pki`.
 //!
-//! Layout: [`builders`] and [`plan`] (pure child objects), [`diff`] and [`status`] (pure
+//! Layout: [`ca`] (the CA and its rotation), [`builders`] and [`plan`] (pure child objects), [`diff`] and [`status`] (pure
 //! comparison and status logic), [`object`] (a Tenant as read, readable or not),
 //! [`cache`] (watch caches), [`controller`] (the reconciler), [`leader`] (Lease election),
 //! [`metrics`] (Prometheus and admin server), [`manifest`] (the CRD as committed YAML),
@@ -10,6 +10,7 @@
 
 pub mod backup_status;
 pub mod builders;
+pub mod ca;
 pub mod cache;
 pub mod config;
 pub mod controller;

@@ -15,7 +15,7 @@ use kube::api::{Api, PostParams};
 use kube::runtime::controller::Config as ControllerConfig;
 use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -23,6 +23,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::ca::{self, CaState};
 use crate::cache::{self, Caches};
 use crate::config::Settings;
 use crate::controller::{Context, error_policy, reconcile};
@@ -75,11 +76,9 @@ pub async fn check_crd(client: &Client) -> Result<()> {
     }
 }
 
-/// Loads the CA from its Secret in the operator namespace, making it on first start.
-pub async fn load_or_create_ca(
-    client: &Client,
-    settings: &Settings,
-) -> Result<CertificateAuthority> {
+/// Loads the CA (and a rotation in progress) from its Secret in the operator namespace,
+/// making it on first start.
+pub async fn load_or_create_ca(client: &Client, settings: &Settings) -> Result<CaState> {
     let api: Api<Secret> = Api::namespaced(client.clone(), &settings.operator_namespace);
     let name = &settings.ca_secret;
     let label = format!("{}/{}", settings.operator_namespace, name);
@@ -90,23 +89,24 @@ pub async fn load_or_create_ca(
             .await
             .map_err(|e| Error::kube(format!("read Secret {label}"), e))?;
         if let Some(secret) = existing {
-            let field = |k: &str| {
-                secret
-                    .data
-                    .as_ref()
-                    .and_then(|d| d.get(k))
-                    .and_then(|b| String::from_utf8(b.0.clone()).ok())
-            };
-            let (Some(cert), Some(key)) = (field("tls.crt"), field("tls.key")) else {
-                return Err(Error::CaSecretMalformed(label));
-            };
-            return CertificateAuthority::from_pem(&cert, &SecretString::from(key))
-                .map_err(|_| Error::CaSecretMalformed(label.clone()));
+            return CaState::from_secret(&secret).map_err(|why| {
+                warn!(secret = %label, why, "the CA Secret is malformed");
+                Error::CaSecretMalformed(label.clone())
+            });
         }
         let ca = CertificateAuthority::generate(names::CA_COMMON_NAME, jiff::Timestamp::now())?;
+        // A new CA needs no rotation: `--rotate-ca` counts as handled.
+        let annotations = settings.rotate_ca.as_ref().map(|v| {
+            [(
+                names::CA_ROTATION_FLAG_HANDLED_ANNOTATION.to_owned(),
+                v.clone(),
+            )]
+            .into()
+        });
         let secret = Secret {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
+                annotations,
                 labels: Some(
                     [(
                         names::LABEL_MANAGED_BY.to_owned(),
@@ -133,9 +133,10 @@ pub async fn load_or_create_ca(
             ..Secret::default()
         };
         match api.create(&PostParams::default(), &secret).await {
-            Ok(_) => {
+            Ok(created) => {
                 info!(secret = %label, "created the operator CA");
-                return Ok(ca);
+                return CaState::from_secret(&created)
+                    .map_err(|_| Error::CaSecretMalformed(label.clone()));
             }
             Err(e) if is_already_exists(&e) => continue,
             Err(e) => return Err(Error::kube(format!("create Secret {label}"), e)),
@@ -197,6 +198,80 @@ async fn follow_token_key(
             info!(secret = %name, "token public key changed; reconciling every tenant");
             let _ = trigger.send(());
         }
+    }
+}
+
+/// Follows the CA Secret while leading: each version becomes the controller's CA (every
+/// Tenant is reconciled when tenants see a difference), and [`ca::step`] starts and ends
+/// rotations, looking again when a rotation's window ends.
+async fn follow_ca(
+    api: Api<Secret>,
+    name: String,
+    ctx: Arc<Context>,
+    trigger: mpsc::UnboundedSender<()>,
+    stop: CancellationToken,
+) {
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut events = std::pin::pin!(
+        watcher(api.clone(), config)
+            .default_backoff()
+            .take_until(stop.cancelled_owned())
+    );
+    let mut latest: Option<Secret> = None;
+    let mut wake: Option<Duration> = None;
+    loop {
+        let sleep = async {
+            match wake {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            event = events.next() => match event {
+                None => break,
+                Some(Ok(watcher::Event::InitApply(s) | watcher::Event::Apply(s))) => latest = Some(s),
+                Some(Ok(watcher::Event::Delete(_))) => {
+                    warn!(secret = %name, "the CA Secret was deleted; the CA in memory is kept, and a restart makes a new CA (every certificate is re-issued)");
+                    latest = None;
+                    continue;
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => {
+                    warn!(error = %e, "watching the CA Secret failed");
+                    continue;
+                }
+            },
+            () = sleep => {}
+        }
+        let Some(secret) = latest.clone() else {
+            continue;
+        };
+        adopt_ca(&ctx, &secret, &trigger);
+        wake = match ca::step(&ctx, &api, &secret).await {
+            Ok((written, wake)) => {
+                if let Some(written) = written {
+                    adopt_ca(&ctx, &written, &trigger);
+                    latest = Some(written);
+                }
+                wake
+            }
+            Err(e) => {
+                warn!(error = %e, source = ?std::error::Error::source(&e), "CA rotation step failed; retrying");
+                Some(ca::RECHECK)
+            }
+        };
+    }
+}
+
+/// Makes `secret` the controller's CA; asks for a reconcile of every Tenant when that
+/// changes what tenants get.
+fn adopt_ca(ctx: &Context, secret: &Secret, trigger: &mpsc::UnboundedSender<()>) {
+    let Ok(state) = CaState::from_secret(secret) else {
+        return;
+    };
+    if ctx.set_ca(state) {
+        info!(fingerprint = %ctx.ca().fingerprint(), rotating = ctx.ca().started().is_some(), "the CA changed; reconciling every tenant");
+        let _ = trigger.send(());
     }
 }
 
@@ -308,12 +383,19 @@ async fn reconcile_while(
     let ctx = Arc::new(Context::new(
         client.clone(),
         settings.clone(),
-        ca,
+        Arc::new(ca),
         caches.clone(),
         token_key,
         metrics.clone(),
     ));
     let (all_tx, all_rx) = mpsc::unbounded_channel();
+    tasks.spawn(follow_ca(
+        token_api.clone(),
+        settings.ca_secret.clone(),
+        ctx.clone(),
+        all_tx.clone(),
+        halt.clone(),
+    ));
     tasks.spawn(follow_token_key(
         token_api,
         settings.token_public_key_secret.clone(),

@@ -177,8 +177,14 @@ impl CertificateAuthority {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(cert_err("generate the CA key"))?;
         let mut params = CertificateParams::default();
+        let serial = random_serial()?;
         let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, common_name);
+        // Each CA gets its own subject: during a rotation clients trust the old and the new
+        // CA at once, and verifiers (webpki among them) pick the trust anchor by the
+        // leaf's issuer name, so two CAs with one name would make leaves of one of them
+        // fail to verify.
+        let id = hex::encode(serial.to_bytes().get(..4).unwrap_or_default());
+        dn.push(DnType::CommonName, format!("{common_name} {id}"));
         dn.push(DnType::OrganizationName, "Tenantry");
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -187,7 +193,7 @@ impl CertificateAuthority {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        params.serial_number = Some(random_serial()?);
+        params.serial_number = Some(serial);
         let now = whole_seconds(now)?;
         set_validity(&mut params, now, add(now, CA_VALIDITY)?)?;
         let cert = params
@@ -281,17 +287,101 @@ impl CertificateAuthority {
 
     /// True when `cert_pem` was signed by this CA's key.
     pub fn signed(&self, cert_pem: &str) -> bool {
-        let (Ok(ca_der), Ok(leaf_der)) = (pem_der(&self.cert_pem), pem_der(cert_pem)) else {
-            return false;
-        };
-        let (Ok((_, ca)), Ok((_, leaf))) = (
-            X509Certificate::from_der(&ca_der),
-            X509Certificate::from_der(&leaf_der),
-        ) else {
-            return false;
-        };
-        leaf.verify_signature(Some(ca.public_key())).is_ok()
+        signed_by(&self.cert_pem, cert_pem)
     }
+
+    /// SHA-256 fingerprint of the CA certificate (see [`fingerprint`]).
+    pub fn fingerprint(&self) -> Result<String> {
+        fingerprint(&self.cert_pem)
+    }
+}
+
+/// True when `cert_pem` was signed by the key of the CA certificate `ca_pem`.
+pub fn signed_by(ca_pem: &str, cert_pem: &str) -> bool {
+    let (Ok(ca_der), Ok(leaf_der)) = (pem_der(ca_pem), pem_der(cert_pem)) else {
+        return false;
+    };
+    let (Ok((_, ca)), Ok((_, leaf))) = (
+        X509Certificate::from_der(&ca_der),
+        X509Certificate::from_der(&leaf_der),
+    ) else {
+        return false;
+    };
+    leaf.verify_signature(Some(ca.public_key())).is_ok()
+}
+
+/// Which of the CA certificates `cas` signed `cert_pem`: the index of the first that did.
+pub fn signed_by_any<S: AsRef<str>>(cas: &[S], cert_pem: &str) -> Option<usize> {
+    cas.iter().position(|ca| signed_by(ca.as_ref(), cert_pem))
+}
+
+/// The SHA-256 fingerprint of a PEM certificate: lowercase hex of the digest of its DER,
+/// as `openssl x509 -noout -fingerprint -sha256` prints it without the colons.
+pub fn fingerprint(cert_pem: &str) -> Result<String> {
+    use sha2::Digest as _;
+    let der = pem_der(cert_pem)?;
+    Ok(hex::encode(sha2::Sha256::digest(&der)))
+}
+
+/// The CERTIFICATE blocks of a trust bundle (one or more PEM certificates, in order), each
+/// as its own PEM text. Fails on anything that is not a certificate, and on an empty
+/// bundle.
+pub fn split_bundle(bundle: &str) -> Result<Vec<String>> {
+    const END: &str = "-----END ";
+    let mut out = vec![];
+    let mut rest = bundle;
+    while let Some(begin) = rest.find("-----BEGIN ") {
+        let after = &rest[begin..];
+        // The end line: `-----END <label>-----`.
+        let Some(end) = after.find(END).and_then(|e| {
+            after[e + END.len()..]
+                .find("-----")
+                .map(|t| e + END.len() + t + 5)
+        }) else {
+            return Err(Error::NotACertificate("an unterminated PEM block".into()));
+        };
+        let block = format!("{}\n", &after[..end]);
+        let der = pem_der(&block)?;
+        X509Certificate::from_der(&der).map_err(Error::X509)?;
+        out.push(block);
+        rest = &after[end..];
+    }
+    if out.is_empty() {
+        return Err(Error::NotACertificate("nothing".into()));
+    }
+    Ok(out)
+}
+
+/// A trust bundle of `certs` (PEM certificates, in order): the texts joined, each ending
+/// with a newline. The first is the issuing CA by Tenantry's convention.
+pub fn bundle<S: AsRef<str>>(certs: &[S]) -> String {
+    let mut out = String::new();
+    for cert in certs {
+        let cert = cert.as_ref().trim_end();
+        out.push_str(cert);
+        out.push('\n');
+    }
+    out
+}
+
+/// When a CA rotation started at `start` re-issues the leaf of `name`: `start` plus a
+/// stable hash of `name` modulo `window` (whole seconds), so that the leaves of many
+/// tenants are spread over the window instead of all re-issued at once, and every
+/// replica (and every restart) computes the same time.
+pub fn reissue_time(start: Timestamp, window: Duration, name: &str) -> Timestamp {
+    use sha2::Digest as _;
+    let secs = window.as_secs();
+    if secs == 0 {
+        return start;
+    }
+    let digest = sha2::Sha256::digest(name.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    let offset = u64::from_be_bytes(first) % secs;
+    let offset = i64::try_from(offset).unwrap_or(0);
+    start
+        .checked_add(SignedDuration::from_secs(offset))
+        .unwrap_or(start)
 }
 
 fn pem_der(pem: &str) -> Result<Vec<u8>> {
@@ -486,5 +576,108 @@ mod tests {
         assert_eq!(renewal_time(nb, na, Some(week)), at("2026-03-25T00:00:00Z"));
         let year = Duration::from_secs(365 * 24 * 3600);
         assert_eq!(renewal_time(nb, na, Some(year)), nb);
+    }
+
+    #[test]
+    fn a_bundle_splits_back_into_its_certificates_in_order() {
+        let a = CertificateAuthority::generate("a", Timestamp::now()).unwrap();
+        let b = CertificateAuthority::generate("b", Timestamp::now()).unwrap();
+        let both = bundle(&[a.cert_pem(), b.cert_pem()]);
+        assert_eq!(both.matches("BEGIN CERTIFICATE").count(), 2);
+        let parts = split_bundle(&both).unwrap();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(fingerprint(&parts[0]).unwrap(), a.fingerprint().unwrap());
+        assert_eq!(fingerprint(&parts[1]).unwrap(), b.fingerprint().unwrap());
+        // A single certificate is a bundle of one, and round-trips exactly.
+        assert_eq!(
+            split_bundle(a.cert_pem()).unwrap(),
+            [bundle(&[a.cert_pem()])]
+        );
+        assert!(split_bundle("").is_err());
+        assert!(split_bundle("junk").is_err());
+        let key = a.key_pem().expose_secret().to_owned();
+        assert!(split_bundle(&format!("{}{key}", a.cert_pem())).is_err());
+        assert!(
+            split_bundle(&format!(
+                "{}-----BEGIN CERTIFICATE-----\nAAAA",
+                a.cert_pem()
+            ))
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn every_ca_has_its_own_subject_and_leaves_name_it() {
+        let subject = |pem: &str| {
+            let der = pem_der(pem).unwrap();
+            let (_, c) = X509Certificate::from_der(&der).unwrap();
+            (c.subject().to_string(), c.issuer().to_string())
+        };
+        let a = CertificateAuthority::generate("Tenantry CA", Timestamp::now()).unwrap();
+        let b = CertificateAuthority::generate("Tenantry CA", Timestamp::now()).unwrap();
+        let (sa, _) = subject(a.cert_pem());
+        assert!(sa.contains("Tenantry CA "), "{sa}");
+        assert_ne!(sa, subject(b.cert_pem()).0);
+        let (_, issuer) = subject(&leaf(&a, Timestamp::now()).cert_pem);
+        assert_eq!(issuer, sa);
+    }
+
+    #[test]
+    fn the_fingerprint_is_the_sha256_of_the_der_and_differs_between_cas() {
+        let a = CertificateAuthority::generate("a", Timestamp::now()).unwrap();
+        let b = CertificateAuthority::generate("a", Timestamp::now()).unwrap();
+        let fa = a.fingerprint().unwrap();
+        assert_eq!(fa.len(), 64);
+        assert!(
+            fa.bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
+        assert_ne!(fa, b.fingerprint().unwrap());
+        use sha2::Digest as _;
+        let der = pem_der(a.cert_pem()).unwrap();
+        assert_eq!(fa, hex::encode(sha2::Sha256::digest(&der)));
+        assert!(fingerprint("junk").is_err());
+    }
+
+    #[test]
+    fn signed_by_any_names_the_ca_that_signed() {
+        let old = CertificateAuthority::generate("old", Timestamp::now()).unwrap();
+        let new = CertificateAuthority::generate("new", Timestamp::now()).unwrap();
+        let stranger = CertificateAuthority::generate("x", Timestamp::now()).unwrap();
+        let from_old = leaf(&old, Timestamp::now());
+        let from_new = leaf(&new, Timestamp::now());
+        let cas = [new.cert_pem(), old.cert_pem()];
+        assert_eq!(signed_by_any(&cas, &from_new.cert_pem), Some(0));
+        assert_eq!(signed_by_any(&cas, &from_old.cert_pem), Some(1));
+        let from_stranger = leaf(&stranger, Timestamp::now());
+        assert_eq!(signed_by_any(&cas, &from_stranger.cert_pem), None);
+        assert_eq!(signed_by_any(&cas, "junk"), None);
+        assert_eq!(signed_by_any::<&str>(&[], &from_new.cert_pem), None);
+    }
+
+    #[test]
+    fn reissue_times_are_stable_spread_and_within_the_window() {
+        let start = at("2026-01-01T00:00:00Z");
+        let hour = Duration::from_secs(3600);
+        let end = at("2026-01-01T01:00:00Z");
+        let times: Vec<Timestamp> = (0..200)
+            .map(|i| reissue_time(start, hour, &format!("tenant-{i}")))
+            .collect();
+        assert!(times.iter().all(|t| *t >= start && *t < end));
+        assert_eq!(times[7], reissue_time(start, hour, "tenant-7"));
+        // Spread: every quarter of the window gets some.
+        for q in 0..4 {
+            let from = start
+                .checked_add(SignedDuration::from_secs(q * 900))
+                .unwrap();
+            let to = start
+                .checked_add(SignedDuration::from_secs((q + 1) * 900))
+                .unwrap();
+            assert!(
+                times.iter().any(|t| *t >= from && *t < to),
+                "quarter {q} is empty"
+            );
+        }
+        assert_eq!(reissue_time(start, Duration::ZERO, "a"), start);
     }
 }

@@ -27,10 +27,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use tenantry_pki::{self as pki, CertificateAuthority, LeafRequest};
+use tenantry_pki::{self as pki, LeafRequest};
 use tokio::sync::{Mutex, watch};
 use tokio::task::JoinHandle;
 
+use super::local_ca::{self, LocalCa};
 use super::probe::Prober;
 use super::{Deletion, Provisioner, TenantSpec};
 use crate::clock::Clock;
@@ -40,9 +41,11 @@ use crate::store::{Store, TenantStatus};
 use tenantry_proto::phase::TenantPhase;
 use tenantry_proto::runtime_config::{OAuth2Config, RuntimeConfig, TlsFiles};
 
-/// The local CA's certificate, for clients to trust (`<data-dir>/ca.crt`).
-pub const CA_CERT_FILE: &str = "ca.crt";
-const CA_KEY_FILE: &str = "ca.key";
+/// The local CA's trust bundle, for clients to trust (`<data-dir>/ca.crt`).
+pub const CA_CERT_FILE: &str = super::local_ca::CA_CERT_FILE;
+/// How often the provisioner looks at the local CA files (a rotation by
+/// `rotate-local-ca`) and whether a rotation can end.
+const CA_CHECK: Duration = Duration::from_secs(1);
 /// The name every local instance certificate carries (with 127.0.0.1).
 pub const INSTANCE_HOST: &str = "localhost";
 
@@ -68,7 +71,7 @@ fn pki_err(what: &'static str) -> impl FnOnce(tenantry_pki::Error) -> Error {
 
 /// Writes `contents` to `path` through a temporary file and a rename, so a reader (the
 /// runtime watching its files) never sees half a file.
-fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+pub(super) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let tmp = path.with_extension(format!("tmp-{}", hex::encode(random_bytes::<4>()?)));
@@ -94,28 +97,6 @@ fn write_token_keys(path: &Path, pem: &str) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
     }
     write_atomic(path, pem.as_bytes(), 0o644)
-}
-
-/// Loads the local CA from `dir`, creating it on first start.
-pub fn load_or_create_ca(dir: &Path) -> Result<CertificateAuthority> {
-    let cert_path = dir.join(CA_CERT_FILE);
-    let key_path = dir.join(CA_KEY_FILE);
-    if cert_path.exists() && key_path.exists() {
-        crate::files::check_key_file(&key_path)?;
-        let cert = std::fs::read_to_string(&cert_path)
-            .map_err(io_err(format!("reading {}", cert_path.display())))?;
-        let key = std::fs::read_to_string(&key_path)
-            .map_err(io_err(format!("reading {}", key_path.display())))?;
-        return CertificateAuthority::from_pem(&cert, &SecretString::from(key))
-            .map_err(pki_err("loading the CA"));
-    }
-    std::fs::create_dir_all(dir).map_err(io_err(format!("creating {}", dir.display())))?;
-    let ca = CertificateAuthority::generate("Tenantry local CA", jiff::Timestamp::now())
-        .map_err(pki_err("making the CA"))?;
-    write_atomic(&key_path, ca.key_pem().expose_secret().as_bytes(), 0o600)?;
-    write_atomic(&cert_path, ca.cert_pem().as_bytes(), 0o644)?;
-    tracing::info!(path = %cert_path.display(), "created the local CA; trust this certificate to reach instances");
-    Ok(ca)
 }
 
 /// The runtime configuration of one tenant's instance on loopback `port`, its files in
@@ -197,10 +178,23 @@ pub struct LocalSettings {
     pub backup: Option<crate::backup::BackupSettings>,
 }
 
+/// The local CA and a prober that trusts its bundle; replaced whole when the CA files
+/// change.
+struct Trust {
+    ca: LocalCa,
+    prober: Prober,
+}
+
+impl Trust {
+    fn of(ca: LocalCa) -> Result<Trust> {
+        let prober = Prober::new(ca.bundle()).map_err(Error::Provisioner)?;
+        Ok(Trust { ca, prober })
+    }
+}
+
 struct Shared {
     settings: LocalSettings,
-    ca: CertificateAuthority,
-    prober: Prober,
+    trust: std::sync::RwLock<Arc<Trust>>,
     store: Store,
     clock: Arc<dyn Clock>,
     shutdown: watch::Sender<bool>,
@@ -249,18 +243,18 @@ impl LocalProvisioner {
         }
         // Every tenant's key, certificate key and data live below it.
         crate::files::private_dir(&settings.data_dir)?;
-        let ca = load_or_create_ca(&settings.data_dir)?;
-        let prober = Prober::new(ca.cert_pem()).map_err(Error::Provisioner)?;
+        let trust = Trust::of(local_ca::load_or_create(&settings.data_dir)?)?;
         let (shutdown, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            settings,
+            trust: std::sync::RwLock::new(Arc::new(trust)),
+            store,
+            clock,
+            shutdown,
+        });
+        tokio::spawn(follow_ca(Arc::clone(&shared)));
         Ok(LocalProvisioner {
-            shared: Arc::new(Shared {
-                settings,
-                ca,
-                prober,
-                store,
-                clock,
-                shutdown,
-            }),
+            shared,
             supervisors: Mutex::new(HashMap::new()),
         })
     }
@@ -280,24 +274,40 @@ impl Shared {
             .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
     }
 
-    /// Issues a certificate when there is none, it is not ours, or renewal is due; returns
-    /// the one in force.
-    fn ensure_certificate(&self, dir: &Path) -> Result<pki::CertificateInfo> {
+    fn trust(&self) -> Arc<Trust> {
+        self.trust
+            .read()
+            .map(|t| Arc::clone(&t))
+            .unwrap_or_else(|e| Arc::clone(&e.into_inner()))
+    }
+
+    /// Issues a certificate when there is none, it is not ours, renewal is due, or it is
+    /// from the previous CA and its time in a CA rotation's window has come; returns the one
+    /// in force.
+    fn ensure_certificate(&self, dir: &Path, tenant_id: &str) -> Result<pki::CertificateInfo> {
+        let trust = self.trust();
+        let ca = &trust.ca;
         let cert_path = dir.join("tls.crt");
         let key_path = dir.join("tls.key");
         let existing = std::fs::read_to_string(&cert_path).ok().and_then(|pem| {
             let key = std::fs::read_to_string(&key_path).ok()?;
             let info = pki::parse_certificate(&pem).ok()?;
-            let ours = self.ca.signed(&pem) && pki::key_matches(&info, &SecretString::from(key));
-            ours.then_some(info)
+            if !pki::key_matches(&info, &SecretString::from(key)) {
+                return None;
+            }
+            let renewal = pki::renewal_time(info.not_before, info.not_after, None);
+            match ca.signer(&pem)? {
+                local_ca::Signer::Current => Some((info, renewal)),
+                local_ca::Signer::Previous => Some((info, renewal.min(ca.reissue_at(tenant_id)))),
+            }
         });
-        if let Some(info) = existing
-            && self.now() < pki::renewal_time(info.not_before, info.not_after, None)
+        if let Some((info, renewal)) = existing
+            && self.now() < renewal
         {
             return Ok(info);
         }
-        let issued = self
-            .ca
+        let issued = ca
+            .issuing()
             .issue_leaf(&LeafRequest {
                 dns_names: vec![INSTANCE_HOST.to_owned()],
                 ip_addresses: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
@@ -308,8 +318,74 @@ impl Shared {
         // Key first: the runtime only switches once the pair matches.
         write_atomic(&key_path, issued.key_pem.expose_secret().as_bytes(), 0o600)?;
         write_atomic(&cert_path, issued.cert_pem.as_bytes(), 0o644)?;
-        tracing::info!(tenant_dir = %dir.display(), serial = %issued.serial_hex, not_after = %issued.not_after, "issued instance certificate");
+        tracing::info!(tenant_dir = %dir.display(), serial = %issued.serial_hex, not_after = %issued.not_after, ca = %ca.fingerprint(), "issued instance certificate");
         pki::parse_certificate(&issued.cert_pem).map_err(pki_err("reading the issued certificate"))
+    }
+
+    /// Takes up the CA files when they changed (a rotation), and ends a rotation whose
+    /// window has passed once every instance's certificate is from the new CA; the end is
+    /// audited.
+    async fn check_ca(&self) -> Result<()> {
+        let dir = self.settings.data_dir.clone();
+        let current = self.trust();
+        let changed = std::fs::read_to_string(dir.join(CA_CERT_FILE))
+            .ok()
+            .is_some_and(|raw| raw != current.ca.bundle());
+        if changed {
+            // A rotation half written (the key before ca.crt) does not load: look again.
+            let Ok(Some(ca)) = local_ca::load(&dir) else {
+                return Ok(());
+            };
+            tracing::info!(ca = %ca.fingerprint(), rotating = ca.rotation().is_some(), "the local CA changed; instance certificates follow it");
+            *self.trust.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(Trust::of(ca)?);
+            return Ok(());
+        }
+        let Some(rotation) = current.ca.rotation() else {
+            return Ok(());
+        };
+        let tenants: Vec<PathBuf> = std::fs::read_dir(dir.join("tenants"))
+            .map(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        let mut certs: Vec<String> = tenants
+            .iter()
+            .filter_map(|d| std::fs::read_to_string(d.join("tls.crt")).ok())
+            .collect();
+        if !local_ca::due_for_retirement(&current.ca, &certs, self.now()) {
+            return Ok(());
+        }
+        // The files are new, but a runtime reads them only on its next reload poll: what
+        // each running instance serves decides (one that does not listen serves nothing).
+        for port in tenants.iter().filter_map(|d| {
+            std::fs::read_to_string(d.join("port"))
+                .ok()
+                .and_then(|p| p.trim().parse::<u16>().ok())
+        }) {
+            if let Ok(der) = current.prober.served_certificate(port, INSTANCE_HOST).await {
+                certs.push(pem_of(&der));
+            }
+        }
+        if !local_ca::due_for_retirement(&current.ca, &certs, self.now()) {
+            return Ok(());
+        }
+        local_ca::retire(&dir, &current.ca)?;
+        tracing::info!(previous = %rotation.previous_fingerprint, ca = %rotation.fingerprint, "retired the previous local CA: every instance certificate is from the new one");
+        self.store
+            .audit(
+                &crate::store::AuditRecord {
+                    action: local_ca::actions::RETIRE,
+                    actor_user_id: String::new(),
+                    target: rotation.previous_fingerprint.clone(),
+                    success: true,
+                    source: "server".into(),
+                    detail_json: crate::service::detail(&[(
+                        "ca",
+                        rotation.fingerprint.clone().into(),
+                    )]),
+                },
+                self.clock.now_ms(),
+            )
+            .await?;
+        Ok(())
     }
 
     /// Lays out the tenant directory: data key (once), port, certificate, config.
@@ -337,7 +413,7 @@ impl Shared {
                 port
             }
         };
-        let cert = self.ensure_certificate(dir)?;
+        let cert = self.ensure_certificate(dir, &spec.id)?;
         self.write_config(dir, spec, port)?;
         Ok((port, cert))
     }
@@ -365,6 +441,33 @@ impl Shared {
             .await
         {
             tracing::warn!(%tenant_id, error = %e, "could not record tenant status");
+        }
+    }
+}
+
+/// A DER certificate as PEM.
+fn pem_of(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
+}
+
+/// Follows the local CA files until shutdown (see [`Shared::check_ca`]).
+async fn follow_ca(shared: Arc<Shared>) {
+    let mut shutdown = shared.shutdown.subscribe();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            () = tokio::time::sleep(CA_CHECK) => {}
+        }
+        if let Err(e) = shared.check_ca().await {
+            tracing::warn!(error = %e, "checking the local CA failed; will retry");
         }
     }
 }
@@ -776,11 +879,12 @@ async fn watch_running(
             _ = shutdown.changed() => return Watch::Shutdown,
             () = tokio::time::sleep(every) => {
                 // Renewal: same rule as in the cluster; the runtime reloads the files.
-                match shared.ensure_certificate(dir) {
+                match shared.ensure_certificate(dir, id) {
                     Ok(info) => cert = Some(info),
                     Err(e) => tracing::warn!(tenant_id = %id, error = %e, "certificate renewal failed; will retry"),
                 }
-                let probe = shared.prober.ready(port, INSTANCE_HOST).await;
+                let prober = shared.trust().prober.clone();
+                let probe = prober.ready(port, INSTANCE_HOST).await;
                 let next = match &probe {
                     Ok(()) => status(TenantPhase::Ready, endpoint.clone(), cert.as_ref(), String::new()),
                     Err(why) if ready => status(TenantPhase::Degraded, String::new(), cert.as_ref(), format!("readiness probe failed: {why}")),
@@ -1026,11 +1130,11 @@ mod tests {
     #[test]
     fn the_local_ca_is_made_once_and_reloaded() {
         let dir = tempfile::tempdir().unwrap();
-        let a = load_or_create_ca(dir.path()).unwrap();
-        let b = load_or_create_ca(dir.path()).unwrap();
-        assert_eq!(a.cert_pem(), b.cert_pem());
+        let a = local_ca::load_or_create(dir.path()).unwrap();
+        let b = local_ca::load_or_create(dir.path()).unwrap();
+        assert_eq!(a.bundle(), b.bundle());
         use std::os::unix::fs::PermissionsExt as _;
-        let mode = std::fs::metadata(dir.path().join(CA_KEY_FILE))
+        let mode = std::fs::metadata(dir.path().join(local_ca::CA_KEY_FILE))
             .unwrap()
             .permissions()
             .mode();

@@ -5,6 +5,7 @@
 
 pub mod kubernetes;
 pub mod local;
+pub mod local_ca;
 pub mod probe;
 
 use std::sync::Arc;

@@ -47,6 +47,31 @@ impl Prober {
         })
     }
 
+    /// The leaf certificate (DER) the server on loopback `port` presents for `name`, when
+    /// it verifies against the CA(s); `Err(why)` otherwise (not listening, or another CA).
+    pub async fn served_certificate(&self, port: u16, name: &str) -> Result<Vec<u8>, String> {
+        let attempt = async {
+            let tcp = TcpStream::connect(("127.0.0.1", port))
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let server_name = ServerName::try_from(name.to_owned()).map_err(|e| e.to_string())?;
+            let tls = self
+                .connector
+                .connect(server_name, tcp)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            tls.get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .map(|c| c.to_vec())
+                .ok_or_else(|| "no certificate".to_owned())
+        };
+        tokio::time::timeout(Duration::from_secs(5), attempt)
+            .await
+            .map_err(|_| "timed out".to_owned())?
+    }
+
     /// `Ok(())` when `https://<name>:<port>/readyz` on 127.0.0.1 answers 200 with a
     /// certificate for `name` from the CA; `Err(why)` otherwise.
     pub async fn ready(&self, port: u16, name: &str) -> Result<(), String> {

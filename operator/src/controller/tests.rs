@@ -9,6 +9,7 @@ use k8s_openapi::api::core::v1::PersistentVolumeClaim;
 use k8s_openapi::api::storage::v1::StorageClass;
 use secrecy::ExposeSecret;
 use serde_json::{Value, json};
+use tenantry_pki::CertificateAuthority;
 
 const TENANT: &str = "/apis/tenantry.dev/v1alpha1/tenants/acme";
 const STATUS: &str = "/apis/tenantry.dev/v1alpha1/tenants/acme/status";
@@ -37,12 +38,12 @@ impl Harness {
         fake.sync_caches(&caches);
         let start: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
         let clock = Arc::new(Mutex::new(start));
-        let ca = CertificateAuthority::generate("test CA", start).unwrap();
+        let ca = CaState::new(CertificateAuthority::generate("test CA", start).unwrap()).unwrap();
         let c = clock.clone();
         let ctx = Context::new(
             fake.client(),
             settings,
-            ca,
+            Arc::new(ca),
             caches,
             token.map(String::from),
             Arc::new(Metrics::new()),
@@ -64,8 +65,7 @@ impl Harness {
         let ctx = Context::new(
             other.fake.client(),
             other.ctx.settings.clone(),
-            CertificateAuthority::from_pem(other.ctx.ca.cert_pem(), other.ctx.ca.key_pem())
-                .unwrap(),
+            other.ctx.ca(),
             caches,
             other.ctx.token_public_key.read().unwrap().clone(),
             Arc::new(Metrics::new()),
@@ -235,8 +235,12 @@ async fn create_from_nothing_applies_every_child_once() {
         info.dns_names
             .contains(&"tenant-runtime.tenant-acme.svc".to_owned())
     );
-    assert!(h.ctx.ca.signed(&cert));
+    assert!(h.ctx.ca().issuing().signed(&cert));
     let cs = status.certificate.unwrap();
+    assert_eq!(
+        cs.issuer_fingerprint.as_deref(),
+        Some(h.ctx.ca().fingerprint())
+    );
     assert_eq!(cs.serial, info.serial_hex);
     assert_eq!(
         cs.not_after.0,
@@ -248,7 +252,7 @@ async fn create_from_nothing_applies_every_child_once() {
     );
     assert_eq!(
         String::from_utf8(h.secret_data("tenant-tls", "ca.crt")).unwrap(),
-        h.ctx.ca.cert_pem()
+        h.ctx.ca().bundle()
     );
     assert_eq!(
         h.secret_data("tenant-data-key", names::DATA_KEY_KEY).len(),
@@ -771,7 +775,7 @@ async fn ca_is_made_once_then_loaded() {
     let settings = Settings::default();
     let first = load_or_create_ca(&client, &settings).await.unwrap();
     let second = load_or_create_ca(&client, &settings).await.unwrap();
-    assert_eq!(first.cert_pem(), second.cert_pem());
+    assert_eq!(first.bundle(), second.bundle());
     assert_eq!(
         fake.log(),
         [
@@ -984,4 +988,323 @@ async fn a_tenant_without_backup_gets_no_backup_objects_or_condition() {
     let status = h.tenant().status.unwrap();
     assert!(status.conditions.iter().all(|c| c.type_ != "BackupStale"));
     assert!(status.last_backup.is_none());
+}
+
+const CA_SECRET: &str = "/api/v1/namespaces/tenantry-system/secrets/tenantry-ca";
+const CA_EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/tenantry-system/events";
+
+/// Stores the Harness's CA as the CA Secret, as `load_or_create_ca` makes it.
+fn store_ca_secret(h: &Harness) {
+    let ca = h.ctx.ca();
+    let b64 = |s: &str| serde_json::to_value(k8s_openapi::ByteString(s.into())).unwrap();
+    h.fake.put(
+        CA_SECRET,
+        json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+               "metadata": {"name": "tenantry-ca", "namespace": "tenantry-system", "uid": "uid-ca",
+                            "labels": {names::LABEL_MANAGED_BY: names::MANAGED_BY}},
+               "data": {"tls.crt": b64(ca.issuing().cert_pem()),
+                        "tls.key": b64(ca.issuing().key_pem().expose_secret())}}),
+    );
+}
+
+fn ca_secret(h: &Harness) -> Secret {
+    serde_json::from_value(h.fake.get(CA_SECRET).unwrap()).unwrap()
+}
+
+/// One step of the leader's CA manager over the stored CA Secret; adopts what it wrote.
+async fn ca_step(h: &Harness) -> Option<Duration> {
+    let api: Api<Secret> = Api::namespaced(h.ctx.client.clone(), "tenantry-system");
+    let (written, wake) = crate::ca::step(&h.ctx, &api, &ca_secret(h)).await.unwrap();
+    if let Some(w) = written {
+        assert!(h.ctx.set_ca(CaState::from_secret(&w).unwrap()));
+    }
+    wake
+}
+
+fn tls_text(h: &Harness, key: &str) -> String {
+    String::from_utf8(h.secret_data("tenant-tls", key)).unwrap()
+}
+
+fn events_with_reason(h: &Harness, reason: &str) -> Vec<Value> {
+    h.fake
+        .objects_of_kind("Event")
+        .into_iter()
+        .filter(|e| e["reason"] == reason)
+        .collect()
+}
+
+#[tokio::test]
+async fn ca_rotation_bundles_reissues_within_the_window_then_retires_the_old_ca() {
+    let mut h = Harness::standard();
+    h.converge().await;
+    store_ca_secret(&h);
+    let old = h.ctx.ca();
+    let old_fp = old.fingerprint().to_owned();
+    let old_key = old.issuing().key_pem().expose_secret().to_owned();
+    let old_leaf = tls_text(&h, "tls.crt");
+    // Nothing asked: nothing happens.
+    h.fake.clear_log();
+    assert_eq!(ca_step(&h).await, None);
+    assert_eq!(h.fake.writes(), 0);
+
+    // kubectl annotate secret tenantry-ca tenantry.dev/rotate=2026-q1
+    h.fake.edit(CA_SECRET, |s| {
+        s["metadata"]["annotations"] = json!({names::ROTATE_CA_ANNOTATION: "2026-q1"});
+    });
+    let start = h.ctx.now();
+    let window = h.ctx.settings.ca_rotation_window;
+    assert_eq!(ca_step(&h).await, Some(window));
+    let new = h.ctx.ca();
+    let new_fp = new.fingerprint().to_owned();
+    assert_ne!(new_fp, old_fp);
+    // The Secret: the new CA issues, the old certificate stays as previous.crt, the old
+    // key is gone from it.
+    let stored = ca_secret(&h);
+    let data = stored.data.clone().unwrap();
+    assert_eq!(data["tls.crt"].0, new.issuing().cert_pem().as_bytes());
+    assert_eq!(
+        data[names::CA_PREVIOUS_KEY].0,
+        old.issuing().cert_pem().as_bytes()
+    );
+    assert!(data.values().all(|v| v.0 != old_key.as_bytes()));
+    let annotations = stored.metadata.annotations.unwrap();
+    assert_eq!(
+        annotations[names::CA_ROTATION_HANDLED_ANNOTATION],
+        "2026-q1"
+    );
+    assert_eq!(
+        annotations[names::CA_ROTATION_STARTED_ANNOTATION],
+        start.to_string()
+    );
+    let started = events_with_reason(&h, "CARotationStarted");
+    assert_eq!(started.len(), 1);
+    let note = started[0]["note"].as_str().unwrap();
+    assert!(note.contains(&old_fp) && note.contains(&new_fp), "{note}");
+    assert!(!note.contains("PRIVATE KEY"));
+    assert_eq!(started[0]["regarding"]["kind"], "Secret");
+    // The same value again does nothing.
+    assert_eq!(ca_step(&h).await, Some(window));
+
+    // The tenant's first reconcile only writes the bundle: its leaf stays until its time.
+    let reissue_at = new.reissue_at("acme", window);
+    assert!(reissue_at >= start);
+    if reissue_at == start {
+        // The hash put acme at the very start: still never in the bundle's own write.
+        h.advance(Duration::ZERO);
+    }
+    let tls = format!("{CORE}/secrets/tenant-tls");
+    h.expect(&[p("GET", &tls), p("PATCH", &tls), p("PATCH", STATUS)])
+        .await;
+    h.sync();
+    assert_eq!(tls_text(&h, "tls.crt"), old_leaf);
+    assert_eq!(
+        pki::split_bundle(&tls_text(&h, "ca.crt")).unwrap(),
+        [
+            pki::bundle(&[new.issuing().cert_pem()]),
+            pki::bundle(&[old.issuing().cert_pem()])
+        ]
+    );
+    let cs = h.tenant().status.unwrap().certificate.unwrap();
+    assert_eq!(cs.issuer_fingerprint.as_deref(), Some(old_fp.as_str()));
+    assert_eq!(cs.renewal_time.0, reissue_at);
+
+    // At its time in the window the leaf is re-issued by the new CA, with an Event.
+    let until = Duration::try_from(reissue_at.duration_since(h.ctx.now())).unwrap();
+    h.advance(until);
+    h.expect(&[
+        p("GET", &tls),
+        p("PATCH", &tls),
+        p("POST", EVENTS),
+        p("PATCH", STATUS),
+    ])
+    .await;
+    h.sync();
+    let leaf = tls_text(&h, "tls.crt");
+    assert!(new.issuing().signed(&leaf));
+    assert!(!old.issuing().signed(&leaf));
+    let cs = h.tenant().status.unwrap().certificate.unwrap();
+    assert_eq!(cs.issuer_fingerprint.as_deref(), Some(new_fp.as_str()));
+    assert_eq!(events_with_reason(&h, "CertificateReissued").len(), 1);
+    // Converged: an idle resync writes nothing.
+    h.expect(&[]).await;
+
+    // Before the window ends the old CA stays; after it, it is retired.
+    let end = start
+        .checked_add(jiff::SignedDuration::try_from(window).unwrap())
+        .unwrap();
+    let left = Duration::try_from(end.duration_since(h.ctx.now())).unwrap();
+    if left > Duration::ZERO {
+        assert!(ca_step(&h).await.is_some());
+        assert!(
+            ca_secret(&h)
+                .data
+                .unwrap()
+                .contains_key(names::CA_PREVIOUS_KEY)
+        );
+    }
+    h.advance(left);
+    // Not while the re-issued leaf may not be served yet.
+    let leaf_age = Duration::try_from(h.ctx.now().duration_since(reissue_at)).unwrap();
+    if leaf_age < crate::ca::SERVE_GRACE {
+        assert_eq!(ca_step(&h).await, Some(crate::ca::RECHECK));
+        h.advance(crate::ca::SERVE_GRACE - leaf_age);
+    }
+    ca_step(&h).await;
+    let stored = ca_secret(&h);
+    assert!(!stored.data.unwrap().contains_key(names::CA_PREVIOUS_KEY));
+    assert!(
+        !stored
+            .metadata
+            .annotations
+            .unwrap()
+            .contains_key(names::CA_ROTATION_STARTED_ANNOTATION)
+    );
+    let retired = events_with_reason(&h, "CARetired");
+    assert_eq!(retired.len(), 1);
+    assert!(retired[0]["note"].as_str().unwrap().contains(&old_fp));
+    assert!(
+        h.fake
+            .log()
+            .iter()
+            .any(|l| l.starts_with(&format!("POST {CA_EVENTS}")))
+    );
+    // The bundle goes back to the new CA alone; the leaf (and so the status) is kept.
+    h.expect(&[p("GET", &tls), p("PATCH", &tls)]).await;
+    assert_eq!(tls_text(&h, "ca.crt"), h.ctx.ca().bundle());
+    assert_eq!(pki::split_bundle(&tls_text(&h, "ca.crt")).unwrap().len(), 1);
+    assert_eq!(tls_text(&h, "tls.crt"), leaf);
+}
+
+#[tokio::test]
+async fn the_old_ca_is_not_retired_while_a_leaf_from_it_remains() {
+    let mut h = Harness::standard();
+    h.converge().await;
+    store_ca_secret(&h);
+    h.fake.edit(CA_SECRET, |s| {
+        s["metadata"]["annotations"] = json!({names::ROTATE_CA_ANNOTATION: "x"});
+    });
+    ca_step(&h).await;
+    // The whole window passes without a reconcile of the tenant (a stuck operator).
+    h.advance(h.ctx.settings.ca_rotation_window);
+    assert_eq!(ca_step(&h).await, Some(crate::ca::RECHECK));
+    assert!(
+        ca_secret(&h)
+            .data
+            .unwrap()
+            .contains_key(names::CA_PREVIOUS_KEY)
+    );
+    // A leaf whose time has passed is re-issued at once, once its Secret has the bundle.
+    let tls = format!("{CORE}/secrets/tenant-tls");
+    h.expect(&[p("GET", &tls), p("PATCH", &tls), p("PATCH", STATUS)])
+        .await;
+    h.sync();
+    h.expect(&[
+        p("GET", &tls),
+        p("PATCH", &tls),
+        p("POST", EVENTS),
+        p("PATCH", STATUS),
+    ])
+    .await;
+    h.sync();
+    // Re-issued just now: retired once it has surely reached the runtime.
+    assert_eq!(ca_step(&h).await, Some(crate::ca::RECHECK));
+    h.advance(crate::ca::SERVE_GRACE);
+    ca_step(&h).await;
+    assert!(
+        !ca_secret(&h)
+            .data
+            .unwrap()
+            .contains_key(names::CA_PREVIOUS_KEY)
+    );
+}
+
+#[tokio::test]
+async fn a_new_operator_during_the_overlap_carries_the_rotation_on() {
+    let mut h = Harness::standard();
+    h.converge().await;
+    store_ca_secret(&h);
+    h.fake.edit(CA_SECRET, |s| {
+        s["metadata"]["annotations"] = json!({names::ROTATE_CA_ANNOTATION: "x"});
+    });
+    ca_step(&h).await;
+    let rotated = h.ctx.ca();
+    // Another replica takes over: it loads the CA Secret as it finds it.
+    let settings = h.ctx.settings.clone();
+    let mut next = Harness::over(&h);
+    let loaded = load_or_create_ca(&next.ctx.client, &settings)
+        .await
+        .unwrap();
+    assert!(loaded.same(&rotated));
+    assert_eq!(
+        loaded.previous_fingerprint(),
+        rotated.previous_fingerprint()
+    );
+    next.ctx.set_ca(loaded);
+    // The same annotation does not rotate again.
+    assert_eq!(ca_step(&next).await, Some(settings.ca_rotation_window));
+    assert_eq!(next.ctx.ca().fingerprint(), rotated.fingerprint());
+    // It re-issues and retires like the first would have.
+    next.advance(settings.ca_rotation_window);
+    next.sync();
+    next.reconcile().await.unwrap();
+    next.sync();
+    next.reconcile().await.unwrap();
+    next.sync();
+    assert!(rotated.issuing().signed(&tls_text(&next, "tls.crt")));
+    next.advance(crate::ca::SERVE_GRACE);
+    ca_step(&next).await;
+    assert!(
+        !ca_secret(&next)
+            .data
+            .unwrap()
+            .contains_key(names::CA_PREVIOUS_KEY)
+    );
+    assert_eq!(
+        next.tenant()
+            .status
+            .unwrap()
+            .certificate
+            .unwrap()
+            .issuer_fingerprint
+            .as_deref(),
+        Some(rotated.fingerprint())
+    );
+    drop(h);
+}
+
+#[tokio::test]
+async fn the_rotate_ca_flag_rotates_once_per_value() {
+    let mut h = Harness::standard();
+    h.converge().await;
+    store_ca_secret(&h);
+    let mut settings = h.ctx.settings.clone();
+    settings.rotate_ca = Some("v1".into());
+    let mut flagged = Harness::over(&h);
+    Arc::get_mut(&mut flagged.ctx).unwrap().settings = settings;
+    let before = flagged.ctx.ca().fingerprint().to_owned();
+    ca_step(&flagged).await;
+    assert_ne!(flagged.ctx.ca().fingerprint(), before);
+    let annotations = ca_secret(&flagged).metadata.annotations.unwrap();
+    assert_eq!(
+        annotations[names::CA_ROTATION_FLAG_HANDLED_ANNOTATION],
+        "v1"
+    );
+    // After the rotation ends, the same flag value does nothing more.
+    flagged.advance(flagged.ctx.settings.ca_rotation_window);
+    flagged.sync();
+    flagged.reconcile().await.unwrap();
+    flagged.sync();
+    flagged.reconcile().await.unwrap();
+    flagged.sync();
+    flagged.advance(crate::ca::SERVE_GRACE);
+    ca_step(&flagged).await;
+    assert!(
+        !ca_secret(&flagged)
+            .data
+            .unwrap()
+            .contains_key(names::CA_PREVIOUS_KEY)
+    );
+    let after = flagged.ctx.ca().fingerprint().to_owned();
+    assert_eq!(ca_step(&flagged).await, None);
+    assert_eq!(flagged.ctx.ca().fingerprint(), after);
 }

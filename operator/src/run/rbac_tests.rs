@@ -78,6 +78,21 @@ async fn chart_rbac_covers_every_call_of_the_operator_and_grants_nothing_unused(
     })
     .await;
 
+    // A CA rotation: the leader patches the CA Secret in its own namespace (and, after the
+    // window, again to retire the old CA: the same verb).
+    let ca = format!(
+        "/api/v1/namespaces/{OPERATOR_NS}/secrets/{}",
+        names::DEFAULT_CA_SECRET
+    );
+    fake.edit(&ca, |s| {
+        s["metadata"]["annotations"] = json!({names::ROTATE_CA_ANNOTATION: "rbac"});
+    });
+    eventually("the CA is rotated", || {
+        fake.get(&ca)
+            .is_some_and(|s| s["data"][names::CA_PREVIOUS_KEY].is_string())
+    })
+    .await;
+
     // Suspension is a change like any other.
     fake.edit(TENANT, |t| {
         t["spec"]["suspended"] = json!(true);

@@ -352,3 +352,108 @@ async fn after_a_restart_changes_and_deletions_are_acted_on_and_nothing_is_rewri
     assert!(certified(&fake, "beta"));
     within(Duration::from_secs(5), "stopping", op.stop()).await;
 }
+
+fn secret_text(fake: &FakeApi, path: &str, key: &str) -> Option<String> {
+    let v = fake.get(path)?;
+    let b64 = v["data"][key].as_str()?;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    String::from_utf8(bytes).ok()
+}
+
+fn tls_path(name: &str) -> String {
+    format!("/api/v1/namespaces/tenant-{name}/secrets/tenant-tls")
+}
+
+/// Polls `check` every 20 ms for up to `limit`.
+async fn eventually_within(limit: Duration, what: &str, check: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < limit, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_annotated_ca_rotation_runs_to_the_end_across_a_change_of_leader() {
+    let fake = FakeApi::new();
+    seed_cluster(&fake);
+    let names: Vec<String> = (0..6).map(|i| format!("r{i}")).collect();
+    for name in &names {
+        add_tenant(&fake, name, json!({}));
+    }
+    let settings = Settings {
+        ca_rotation_window: Duration::from_secs(4),
+        ..settings()
+    };
+    let ca_path = format!(
+        "/api/v1/namespaces/{OPERATOR_NS}/secrets/{}",
+        names::DEFAULT_CA_SECRET
+    );
+    let op = Running::start_with(&fake, settings.clone(), "op-a", Duration::from_secs(15)).await;
+    eventually("every Tenant has its certificate", || {
+        names.iter().all(|n| certified(&fake, n))
+    })
+    .await;
+    let old_ca = secret_text(&fake, &ca_path, "tls.crt").unwrap();
+    let old_fp = tenantry_pki::fingerprint(&old_ca).unwrap();
+
+    fake.edit(&ca_path, |s| {
+        s["metadata"]["annotations"] = json!({names::ROTATE_CA_ANNOTATION: "now"});
+    });
+    eventually("the CA is rotated", || {
+        secret_text(&fake, &ca_path, names::CA_PREVIOUS_KEY).is_some()
+    })
+    .await;
+    let new_ca = secret_text(&fake, &ca_path, "tls.crt").unwrap();
+    let new_fp = tenantry_pki::fingerprint(&new_ca).unwrap();
+    assert_ne!(new_fp, old_fp);
+    // Every tenant gets the bundle of both without a restart.
+    eventually("every ca.crt holds both CAs", || {
+        names.iter().all(|n| {
+            secret_text(&fake, &tls_path(n), "ca.crt")
+                .is_some_and(|b| b.contains(old_ca.trim()) && b.contains(new_ca.trim()))
+        })
+    })
+    .await;
+    // The leader stops mid-rotation; another replica carries on.
+    assert!(op.stop().await < Duration::from_secs(5));
+    let op = Running::start_with(&fake, settings, "op-b", Duration::from_secs(15)).await;
+    let leaf_from_new = |n: &String| {
+        secret_text(&fake, &tls_path(n), "tls.crt")
+            .is_some_and(|c| tenantry_pki::signed_by(&new_ca, &c))
+    };
+    eventually_within(
+        Duration::from_secs(30),
+        "every leaf is from the new CA",
+        || names.iter().all(leaf_from_new),
+    )
+    .await;
+    eventually("every status shows the new CA's fingerprint", || {
+        names.iter().all(|n| {
+            fake.get(&tenant_path(n))
+                .is_some_and(|t| t["status"]["certificate"]["issuerFingerprint"] == json!(new_fp))
+        })
+    })
+    .await;
+    eventually_within(Duration::from_secs(30), "the old CA is retired", || {
+        secret_text(&fake, &ca_path, names::CA_PREVIOUS_KEY).is_none()
+    })
+    .await;
+    eventually("every ca.crt holds the new CA alone", || {
+        names.iter().all(|n| {
+            secret_text(&fake, &tls_path(n), "ca.crt").is_some_and(|b| b.trim() == new_ca.trim())
+        })
+    })
+    .await;
+    let reasons: Vec<String> = fake
+        .objects_of_kind("Event")
+        .iter()
+        .filter_map(|e| e["reason"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r == "CARotationStarted"),
+        "{reasons:?}"
+    );
+    assert!(reasons.iter().any(|r| r == "CARetired"), "{reasons:?}");
+    assert!(op.stop().await < Duration::from_secs(5));
+}

@@ -202,6 +202,9 @@ async fn setup(cluster: Cluster) -> Result<Env> {
             "10".into(),
             "--backup-recipients-file".into(),
             recipients.display().to_string(),
+            // A CA rotation runs in well under a minute here (the default is 1h).
+            "--ca-rotation-window".into(),
+            "20s".into(),
         ],
         log_dir: dir.path().to_owned(),
     };
@@ -234,6 +237,7 @@ async fn operator_on_a_real_api_server() -> Result<()> {
         step("two Tenants' lifecycle", lifecycle(&env)).await?;
         step("a Tenant with backups", backups(&env)).await?;
         step("a data key rotation", data_key_rotation(&env)).await?;
+        step("a CA rotation", ca_rotation(&env)).await?;
         step("unreadable and invalid Tenants", unreadable(&env)).await?;
         step("two replicas", two_replicas(&env, operator)).await
     }
@@ -853,9 +857,11 @@ async fn data_key_rotation(env: &Env) -> Result<()> {
                 .await?
                 .items
                 .into_iter()
+                // Events outlive Tenants: one of an earlier run names another key.
                 .find(|e| {
                     e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
                         && e.reason.as_deref() == Some("DataKeyRotated")
+                        && e.note.as_deref().is_some_and(|n| n.contains(&new_id))
                 }))
         },
     )
@@ -888,6 +894,160 @@ async fn data_key_rotation(env: &Env) -> Result<()> {
     env.tenants().delete(name, &DeleteParams::default()).await?;
     env.cluster
         .delete_tenants("e2e-rekey", Duration::from_secs(180))
+        .await
+}
+
+/// The Event with `reason` about the CA Secret whose note names the CA `fingerprint`.
+async fn ca_event(events: &Api<Event>, reason: &str, fingerprint: &str) -> Result<Option<Event>> {
+    Ok(events
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(names::DEFAULT_CA_SECRET)
+                && e.reason.as_deref() == Some(reason)
+        })
+        .find(|e| e.note.as_deref().is_some_and(|n| n.contains(fingerprint))))
+}
+
+fn secret_text(s: &Secret, key: &str) -> Option<String> {
+    s.data
+        .as_ref()?
+        .get(key)
+        .and_then(|b| String::from_utf8(b.0.clone()).ok())
+}
+
+/// `kubectl annotate secret -n NS tenantry-ca tenantry.dev/rotate=…` with the operator
+/// running (`--ca-rotation-window 20s`): a new CA issues, every tenant's `ca.crt` holds
+/// both CAs, every leaf is re-issued by the new CA and the status shows its fingerprint,
+/// an Event says the rotation started; after the window the old CA is retired (an Event),
+/// and `ca.crt` holds the new CA alone.
+async fn ca_rotation(env: &Env) -> Result<()> {
+    let tenants = ["e2e-ca-a", "e2e-ca-b"];
+    for name in tenants {
+        env.cluster.create_tenant(name, tenant_spec(true)).await?;
+    }
+    let expected: Vec<(String, bool)> = tenants.iter().map(|n| ((*n).to_owned(), true)).collect();
+    env.converged(&expected, Duration::from_secs(120)).await?;
+    let cas: Api<Secret> = Api::namespaced(env.cluster.client.clone(), NS);
+    let before = cas.get(names::DEFAULT_CA_SECRET).await?;
+    let old_ca = secret_text(&before, "tls.crt").context("tls.crt")?;
+    let old_fp = tenantry_pki::fingerprint(&old_ca)?;
+    // The CA Secret outlives test runs: a value of its own each time.
+    let value = format!("e2e-{}", jiff::Timestamp::now().as_second());
+    let started = Instant::now();
+    cas.patch(
+        names::DEFAULT_CA_SECRET,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"annotations": {names::ROTATE_CA_ANNOTATION: &value}}})),
+    )
+    .await?;
+    let rotated = eventually("the rotated CA Secret", Duration::from_secs(60), || async {
+        let s = cas.get(names::DEFAULT_CA_SECRET).await?;
+        let handled = s
+            .annotations()
+            .get(names::CA_ROTATION_HANDLED_ANNOTATION)
+            .cloned();
+        Ok((handled.as_deref() == Some(value.as_str())).then_some(s))
+    })
+    .await?;
+    eprintln!("    rotated after {:?}", started.elapsed());
+    let new_ca = secret_text(&rotated, "tls.crt").context("tls.crt")?;
+    let new_fp = tenantry_pki::fingerprint(&new_ca)?;
+    ensure!(new_fp != old_fp, "a new CA");
+    ensure!(
+        secret_text(&rotated, names::CA_PREVIOUS_KEY).as_deref() == Some(old_ca.as_str()),
+        "the old certificate stays as previous.crt"
+    );
+    let bundle_of = |s: &Secret| -> Vec<String> {
+        secret_text(s, "ca.crt")
+            .and_then(|b| tenantry_pki::split_bundle(&b).ok())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|c| tenantry_pki::fingerprint(c).ok())
+            .collect()
+    };
+    // The overlap: both CAs in every bundle (seen before the window ends).
+    eventually(
+        "every ca.crt holds both CAs",
+        Duration::from_secs(60),
+        || async {
+            for name in tenants {
+                let tls = env.in_tenant::<Secret>(name).get(names::TLS_SECRET).await?;
+                let fps = bundle_of(&tls);
+                if fps != [new_fp.clone(), old_fp.clone()] {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+    .await?;
+    eprintln!("    bundles after {:?}", started.elapsed());
+    let events: Api<Event> = Api::namespaced(env.cluster.client.clone(), NS);
+    let event = eventually(
+        "the CARotationStarted Event",
+        Duration::from_secs(30),
+        || ca_event(&events, "CARotationStarted", &new_fp),
+    )
+    .await?;
+    let note = event.note.unwrap_or_default();
+    ensure!(note.contains(&old_fp), "the Event names both CAs: {note}");
+    ensure!(!note.contains("PRIVATE KEY"));
+    // Every leaf re-issued by the new CA within the window, shown in the status.
+    eventually(
+        "every leaf from the new CA",
+        Duration::from_secs(90),
+        || async {
+            for name in tenants {
+                let tls = env.in_tenant::<Secret>(name).get(names::TLS_SECRET).await?;
+                let leaf = secret_text(&tls, "tls.crt").unwrap_or_default();
+                let status = env.tenants().get(name).await?.status;
+                let shown = status
+                    .and_then(|s| s.certificate)
+                    .and_then(|c| c.issuer_fingerprint);
+                if !tenantry_pki::signed_by(&new_ca, &leaf) || shown.as_deref() != Some(&new_fp) {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+    .await?;
+    eprintln!("    leaves re-issued after {:?}", started.elapsed());
+    // After the window: the old CA leaves the Secret and every bundle.
+    eventually("the old CA retired", Duration::from_secs(120), || async {
+        let s = cas.get(names::DEFAULT_CA_SECRET).await?;
+        Ok(secret_text(&s, names::CA_PREVIOUS_KEY)
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
+    eprintln!("    retired after {:?}", started.elapsed());
+    eventually("the CARetired Event", Duration::from_secs(30), || {
+        ca_event(&events, "CARetired", &new_fp)
+    })
+    .await?;
+    eventually(
+        "every ca.crt holds the new CA alone",
+        Duration::from_secs(60),
+        || async {
+            for name in tenants {
+                let tls = env.in_tenant::<Secret>(name).get(names::TLS_SECRET).await?;
+                if bundle_of(&tls) != [new_fp.clone()] {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+    .await?;
+    for name in tenants {
+        env.tenants().delete(name, &DeleteParams::default()).await?;
+    }
+    env.cluster
+        .delete_tenants("e2e-ca-", Duration::from_secs(180))
         .await
 }
 

@@ -1078,3 +1078,194 @@ async fn local_mode_rotates_the_master_key_while_it_serves() {
     );
     dev.interrupt().await;
 }
+
+/// The certificate a server presented, as PEM.
+fn peer_pem(der: &[u8]) -> String {
+    format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        data_encoding::BASE64.encode(der)
+    )
+}
+
+/// `rotate-local-ca` while `dev` runs and HTTPS clients call an instance throughout, each
+/// new connection trusting `ca.crt` as it reads it then (a client that follows the
+/// bundle): no request fails; `ca.crt` holds both CAs during the window; the instance
+/// serves a certificate from the new CA without a restart; then the old CA leaves
+/// `ca.crt` and a client that trusts only it is refused. Both steps are audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_ca_rotation_with_traffic_fails_no_request() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = tmp.path().join("data");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let port = free_port();
+    let mut dev = Dev::start(&data_dir, port).await;
+    let channel = dev.channel().await;
+    let (a, owner) = signup_and_login(&channel, "rota@example.com", "rotaco").await;
+    verify_from_outbox(
+        &channel,
+        &owner,
+        &data_dir.join("outbox"),
+        "rota@example.com",
+    )
+    .await;
+    let ready = wait_for_phase(
+        &channel,
+        &owner,
+        &a.tenant_id,
+        TenantPhase::Ready,
+        Duration::from_secs(60),
+    )
+    .await;
+    let endpoint = ready.endpoint.clone();
+    let ca_file = data_dir.join("ca.crt");
+    let old_ca = std::fs::read_to_string(&ca_file).unwrap();
+    let old_fp = tenantry_pki::fingerprint(&old_ca).unwrap();
+    let pid = runtime_pid(&data_dir, &a.tenant_id).unwrap();
+
+    // Two clients, each request on a new connection that trusts ca.crt as read now.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let (stop, ca_file, endpoint) = (stop.clone(), ca_file.clone(), endpoint.clone());
+        clients.push(tokio::spawn(async move {
+            let (mut ok, mut failed, mut leaves) = (0u32, Vec::new(), Vec::<String>::new());
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let bundle = std::fs::read_to_string(&ca_file).unwrap_or_default();
+                match Https::new(&bundle).connect(&endpoint, "localhost").await {
+                    Ok(mut conn) => match conn.send("GET", "/readyz", None, None, vec![]).await {
+                        Ok(r) if r.status == 200 => {
+                            ok += 1;
+                            let leaf = peer_pem(&conn.peer_cert);
+                            if !leaves.contains(&leaf) {
+                                leaves.push(leaf);
+                            }
+                        }
+                        Ok(r) => failed.push(format!("status {}", r.status)),
+                        Err(e) => failed.push(format!("request: {e}")),
+                    },
+                    Err(e) => failed.push(format!("connect: {e}")),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (ok, failed, leaves)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let out = std::process::Command::new(bin("tenantry-api"))
+        .args(["rotate-local-ca", "--json", "--ca-rotation-window", "6s"])
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let new_fp = report["fingerprint"].as_str().unwrap().to_owned();
+    assert_eq!(report["previous_fingerprint"], old_fp.as_str());
+    assert_ne!(new_fp, old_fp);
+    // The overlap: ca.crt holds the new CA and the old one.
+    let bundle = tenantry_pki::split_bundle(&std::fs::read_to_string(&ca_file).unwrap()).unwrap();
+    let fps: Vec<String> = bundle
+        .iter()
+        .map(|c| tenantry_pki::fingerprint(c).unwrap())
+        .collect();
+    assert_eq!(fps, [new_fp.clone(), old_fp.clone()]);
+    let new_ca = bundle[0].clone();
+    // A second rotation waits for this one.
+    let again = std::process::Command::new(bin("tenantry-api"))
+        .args(["rotate-local-ca", "--data-dir"])
+        .arg(&data_dir)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+
+    // The instance serves a certificate from the new CA (re-issued within the window, read
+    // by the runtime without a restart)...
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let served = Https::new(&std::fs::read_to_string(&ca_file).unwrap())
+            .connect(&endpoint, "localhost")
+            .await
+            .map(|c| peer_pem(&c.peer_cert));
+        if served.is_ok_and(|leaf| tenantry_pki::signed_by(&new_ca, &leaf)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never served a leaf from the new CA\n{}",
+            dev.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // ...then the old CA leaves ca.crt.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while tenantry_pki::split_bundle(&std::fs::read_to_string(&ca_file).unwrap())
+        .unwrap()
+        .len()
+        > 1
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the old CA was never retired\n{}",
+            dev.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        tenantry_pki::fingerprint(&std::fs::read_to_string(&ca_file).unwrap()).unwrap(),
+        new_fp
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut total = 0;
+    let mut leaves = Vec::new();
+    for client in clients {
+        let (ok, failed, seen) = client.await.unwrap();
+        assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+        total += ok;
+        leaves.extend(seen);
+    }
+    assert!(total > 20, "only {total} requests");
+    assert!(leaves.iter().any(|l| tenantry_pki::signed_by(&old_ca, l)));
+    assert!(leaves.iter().any(|l| tenantry_pki::signed_by(&new_ca, l)));
+    // A client that trusts only the retired CA is refused now.
+    assert!(
+        Https::new(&old_ca)
+            .connect(&endpoint, "localhost")
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        runtime_pid(&data_dir, &a.tenant_id),
+        Some(pid),
+        "the rotation must not restart the runtime"
+    );
+    assert!(
+        !std::fs::read_to_string(data_dir.join("ca.key"))
+            .unwrap()
+            .is_empty()
+    );
+    assert!(!dev.log().contains("PRIVATE KEY"));
+    dev.interrupt().await;
+
+    // Both steps are in the audit log.
+    let store = tenantry_api::store::Store::connect(
+        &format!("sqlite://{}", data_dir.join("tenantry.db").display()),
+        1,
+    )
+    .await
+    .unwrap();
+    let rows = store.list_audit(0, 10_000).await.unwrap();
+    let rotate = rows
+        .iter()
+        .find(|r| r.entry.action == "local_ca.rotate")
+        .expect("the rotation is audited");
+    assert_eq!(rotate.entry.target, new_fp);
+    let retire = rows
+        .iter()
+        .find(|r| r.entry.action == "local_ca.retire")
+        .expect("the retirement is audited");
+    assert_eq!(retire.entry.target, old_fp);
+    assert!(rotate.entry.sequence < retire.entry.sequence);
+    store.close().await;
+}
