@@ -154,6 +154,18 @@ fn public_key_of(secret: &Secret) -> Option<String> {
         .filter(|pem| pem.contains("PUBLIC KEY"))
 }
 
+/// The events of the one Secret `name` that `api` sees, until `stop`.
+fn watch_named(
+    api: Api<Secret>,
+    name: &str,
+    stop: CancellationToken,
+) -> impl futures::Stream<Item = Result<watcher::Event<Secret>, watcher::Error>> {
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    watcher(api, config)
+        .default_backoff()
+        .take_until(stop.cancelled_owned())
+}
+
 /// Follows the token public key Secret; on each change updates `ctx` and asks for a
 /// reconcile of every Tenant.
 async fn follow_token_key(
@@ -163,12 +175,7 @@ async fn follow_token_key(
     trigger: mpsc::UnboundedSender<()>,
     stop: CancellationToken,
 ) {
-    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let mut events = std::pin::pin!(
-        watcher(api, config)
-            .default_backoff()
-            .take_until(stop.cancelled_owned())
-    );
+    let mut events = std::pin::pin!(watch_named(api, &name, stop));
     let mut seen = false;
     while let Some(event) = events.next().await {
         let new = match event {
@@ -211,12 +218,7 @@ async fn follow_ca(
     trigger: mpsc::UnboundedSender<()>,
     stop: CancellationToken,
 ) {
-    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let mut events = std::pin::pin!(
-        watcher(api.clone(), config)
-            .default_backoff()
-            .take_until(stop.cancelled_owned())
-    );
+    let mut events = std::pin::pin!(watch_named(api.clone(), &name, stop));
     let mut latest: Option<Secret> = None;
     let mut wake: Option<Duration> = None;
     loop {
@@ -266,8 +268,12 @@ async fn follow_ca(
 /// Makes `secret` the controller's CA; asks for a reconcile of every Tenant when that
 /// changes what tenants get.
 fn adopt_ca(ctx: &Context, secret: &Secret, trigger: &mpsc::UnboundedSender<()>) {
-    let Ok(state) = CaState::from_secret(secret) else {
-        return;
+    let state = match CaState::from_secret(secret) {
+        Ok(state) => state,
+        Err(e) => {
+            warn!(error = %e, "the CA Secret cannot be read; the CA in memory is kept");
+            return;
+        }
     };
     if ctx.set_ca(state) {
         info!(fingerprint = %ctx.ca().fingerprint(), rotating = ctx.ca().started().is_some(), "the CA changed; reconciling every tenant");
