@@ -76,6 +76,13 @@ pub enum Command {
     RotateLocalCa(RotateLocalCaArgs),
 }
 
+/// What `dev` does instead of running the control plane.
+#[derive(Debug, Clone, Subcommand)]
+pub enum DevAction {
+    /// Rotate the local CA (see `tenantry-api rotate-local-ca`).
+    RotateCa(RotateLocalCaArgs),
+}
+
 /// `rotate-local-ca`.
 #[derive(Debug, Clone, Args)]
 pub struct RotateLocalCaArgs {
@@ -618,9 +625,14 @@ fn parse_public_url(text: &str) -> Result<String, String> {
     Ok(t.to_owned())
 }
 
-/// `dev`: the flags of `serve`, and the signup portal's.
+/// `dev`: the flags of `serve`, and the signup portal's; or `dev rotate-ca`.
 #[derive(Debug, Clone, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct DevArgs {
+    /// Instead of running the control plane: `rotate-ca` rotates the local CA of a
+    /// running (or stopped) `dev`, the same as `tenantry-api rotate-local-ca`.
+    #[command(subcommand)]
+    pub action: Option<DevAction>,
     /// The API's flags.
     #[command(flatten)]
     pub serve: ServeArgs,
@@ -1044,5 +1056,34 @@ mod tests {
         for bad in ["", "-a.example.com", "a..b", "a_b.example.com", "a b.com"] {
             assert!(parse(bad).is_err(), "{bad:?} was accepted");
         }
+    }
+
+    #[test]
+    fn dev_runs_the_control_plane_or_rotates_its_ca() {
+        let cli = Cli::try_parse_from(["tenantry-api", "dev", "--data-dir", "d"]).unwrap();
+        let Command::Dev(dev) = cli.command else {
+            unreachable!("not dev")
+        };
+        assert!(dev.action.is_none());
+        assert_eq!(dev.serve.db.data_dir, PathBuf::from("d"));
+        let cli = Cli::try_parse_from([
+            "tenantry-api",
+            "dev",
+            "rotate-ca",
+            "--data-dir",
+            "d",
+            "--ca-rotation-window",
+            "10m",
+        ])
+        .unwrap();
+        let Command::Dev(DevArgs {
+            action: Some(DevAction::RotateCa(args)),
+            ..
+        }) = cli.command
+        else {
+            unreachable!("not dev rotate-ca")
+        };
+        assert_eq!(args.db.data_dir, PathBuf::from("d"));
+        assert_eq!(args.ca_rotation_window, Duration::from_secs(600));
     }
 }

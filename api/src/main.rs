@@ -26,6 +26,11 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("cannot listen on {}", args.listen))?;
             server::run(args, listener, tenantry_process::shutdown_signal()).await?;
         }
+        Command::Dev(tenantry_api::config::DevArgs {
+            action: Some(tenantry_api::config::DevAction::RotateCa(args)),
+            ..
+        })
+        | Command::RotateLocalCa(args) => rotate_local_ca(&args).await?,
         Command::Dev(dev) => {
             let mut args = dev.serve.clone();
             args.provisioner = tenantry_api::config::ProvisionerKind::Local;
@@ -319,25 +324,6 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
         }
-        Command::RotateLocalCa(args) => {
-            let clock = tenantry_api::clock::SystemClock;
-            let report = tenantry_api::provision::local_ca::rotate_command(&args, &clock).await?;
-            if args.json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                println!(
-                    "new local CA {} (was {}); {} holds both until every instance certificate is from the new CA, by {} at the latest",
-                    report.fingerprint,
-                    report.previous_fingerprint,
-                    report.ca_file.display(),
-                    report.ends
-                );
-                eprintln!(
-                    "the running `tenantry-api dev` re-issues the certificates and then drops the previous CA; clients must trust the new {} before then",
-                    report.ca_file.display()
-                );
-            }
-        }
         Command::TokenKeys(args) => {
             let clock = tenantry_api::clock::SystemClock;
             match args.view {
@@ -401,6 +387,28 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// `rotate-local-ca` and `dev rotate-ca`.
+async fn rotate_local_ca(args: &tenantry_api::config::RotateLocalCaArgs) -> anyhow::Result<()> {
+    let clock = tenantry_api::clock::SystemClock;
+    let report = tenantry_api::provision::local_ca::rotate_command(args, &clock).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "new local CA {} (was {}); {} holds both until every instance certificate is from the new CA, by {} at the latest",
+            report.fingerprint,
+            report.previous_fingerprint,
+            report.ca_file.display(),
+            report.ends
+        );
+        eprintln!(
+            "the running `tenantry-api dev` re-issues the certificates and then drops the previous CA; clients must trust the new {} before then",
+            report.ca_file.display()
+        );
     }
     Ok(())
 }

@@ -1087,7 +1087,7 @@ fn peer_pem(der: &[u8]) -> String {
     )
 }
 
-/// `rotate-local-ca` while `dev` runs and HTTPS clients call an instance throughout, each
+/// `dev rotate-ca` (and `rotate-local-ca`) while `dev` runs and HTTPS clients call an instance throughout, each
 /// new connection trusting `ca.crt` as it reads it then (a client that follows the
 /// bundle): no request fails; `ca.crt` holds both CAs during the window; the instance
 /// serves a certificate from the new CA without a restart; then the old CA leaves
@@ -1153,7 +1153,8 @@ async fn local_ca_rotation_with_traffic_fails_no_request() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let out = std::process::Command::new(bin("tenantry-api"))
-        .args(["rotate-local-ca", "--json", "--ca-rotation-window", "6s"])
+        // The spelling; `rotate-local-ca` (below) is the same command.
+        .args(["dev", "rotate-ca", "--json", "--ca-rotation-window", "6s"])
         .arg("--data-dir")
         .arg(&data_dir)
         .output()
