@@ -262,27 +262,34 @@ impl Store {
             .collect()
     }
 
-    /// Replaces sealed values in one transaction, each only if it is still what was read
-    /// (a concurrent change wins); returns how many were replaced.
+    /// Replaces sealed values in one statement, each only if it is still what was read (a
+    /// concurrent change wins); returns how many were replaced.
     pub async fn reseal(
         &self,
         column: SealedColumn,
         changes: &[(SealedRow, String)],
     ) -> Result<u64> {
+        if changes.is_empty() {
+            return Ok(0);
+        }
         let (table, key, value, _) = column.parts();
-        let sql = format!("UPDATE {table} SET {value} = $1 WHERE {key} = $2 AND {value} = $3");
-        let mut tx = self.begin_write().await?;
-        let mut replaced = 0;
+        // `UPDATE … FROM (VALUES …)`: SQLite (3.33+) and PostgreSQL both name the columns
+        // of a VALUES list column1, column2, …
+        let rows: Vec<String> = (0..changes.len())
+            .map(|i| format!("(${}, ${}, ${})", 3 * i + 1, 3 * i + 2, 3 * i + 3))
+            .collect();
+        let sql = format!(
+            "UPDATE {table} SET {value} = c.column3 FROM (VALUES {}) AS c \
+             WHERE {table}.{key} = c.column1 AND {table}.{value} = c.column2",
+            rows.join(", ")
+        );
+        let mut query = sqlx::query(super::dyn_sql(sql));
         for (old, new) in changes {
-            replaced += sqlx::query(super::dyn_sql(sql.clone()))
-                .bind(new.clone())
+            query = query
                 .bind(old.id.clone())
                 .bind(old.stored.clone())
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+                .bind(new.clone());
         }
-        tx.commit().await?;
-        Ok(replaced)
+        Ok(query.execute(&self.pool).await?.rows_affected())
     }
 }
