@@ -7,8 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// The metric the runtime sets after each backup (Unix seconds; 0 before the first).
@@ -75,20 +74,7 @@ pub fn rotation_complete(exposition: &str, kek_id: &str) -> bool {
 }
 
 async fn get_metrics(host: &str, port: u16, ca_pem: &str) -> Result<String, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        let cert = cert.map_err(|e| format!("the operator CA does not parse: {e}"))?;
-        roots
-            .add(cert)
-            .map_err(|e| format!("the operator CA is unusable: {e}"))?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config = tenantry_pki::client_config(ca_pem).map_err(|e| e.to_string())?;
     let name = ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
     let tcp = tokio::net::TcpStream::connect((host, port))
         .await

@@ -52,6 +52,9 @@ pub enum Error {
     /// The operating system's random number generator failed.
     #[error("could not read random bytes")]
     Random(#[source] getrandom::Error),
+    /// A trusted certificate, or the TLS settings made from it, are unusable.
+    #[error("TLS trust: {0}")]
+    Trust(String),
 }
 
 /// Lifetime of the CA certificate.
@@ -323,6 +326,32 @@ pub fn fingerprint(cert_pem: &str) -> Result<String> {
     Ok(hex::encode(sha2::Sha256::digest(&der)))
 }
 
+/// TLS client settings that trust exactly the CA certificate(s) of `trust_pem` (a bundle
+/// during a CA rotation), with the ring provider and the safe default protocol versions:
+/// what every Tenantry client of a tenant runtime (the API's prober, the operator's
+/// metrics scrape) connects with.
+pub fn client_config(trust_pem: &str) -> Result<rustls::ClientConfig> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(trust_pem.as_bytes()) {
+        let cert =
+            cert.map_err(|e| Error::Trust(format!("the CA certificate does not parse: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| Error::Trust(format!("the CA certificate is unusable: {e}")))?;
+    }
+    Ok(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Trust(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
+}
+
 /// The CERTIFICATE blocks of a trust bundle (one or more PEM certificates, in order), each
 /// as its own PEM text. Fails on anything that is not a certificate, and on an empty
 /// bundle.
@@ -576,6 +605,16 @@ mod tests {
         assert_eq!(renewal_time(nb, na, Some(week)), at("2026-03-25T00:00:00Z"));
         let year = Duration::from_secs(365 * 24 * 3600);
         assert_eq!(renewal_time(nb, na, Some(year)), nb);
+    }
+
+    #[test]
+    fn client_settings_trust_every_certificate_of_a_bundle_and_refuse_junk() {
+        let a = CertificateAuthority::generate("a", Timestamp::now()).unwrap();
+        let b = CertificateAuthority::generate("b", Timestamp::now()).unwrap();
+        assert!(client_config(&bundle(&[a.cert_pem(), b.cert_pem()])).is_ok());
+        let bad = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n";
+        let err = client_config(bad).unwrap_err().to_string();
+        assert!(err.starts_with("TLS trust:"), "{err}");
     }
 
     #[test]

@@ -5,8 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -26,22 +25,7 @@ impl std::fmt::Debug for Prober {
 impl Prober {
     /// A prober trusting the CA certificate(s) in `ca_pem`.
     pub fn new(ca_pem: &str) -> Result<Self, String> {
-        let mut roots = rustls::RootCertStore::empty();
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(ca_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("CA certificate: {e}"))?;
-        for cert in certs {
-            roots
-                .add(cert)
-                .map_err(|e| format!("CA certificate: {e}"))?;
-        }
-        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let config = tenantry_pki::client_config(ca_pem).map_err(|e| e.to_string())?;
         Ok(Prober {
             connector: TlsConnector::from(Arc::new(config)),
         })
