@@ -9,24 +9,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::json;
+use sqlx::Connection as _;
 use sqlx::Row as _;
-use sqlx::sqlite::SqliteConnectOptions;
-use sqlx::{ConnectOptions as _, Connection as _};
 use tenant_runtime::crypto::{DataKey, Purpose, unwrap_key};
 use tenant_runtime::keystore::{KEYS_FILE, Keyring};
 use tenant_runtime::store::Store;
 use tenantry_test_support::eventually;
 
-use crate::common::{Instance, POLL, contains, metric, write_atomically};
+use crate::common::{Instance, POLL, contains, metric, open_read_only, write_atomically};
 
 /// Every key-store entry: id, purpose, KEK id, wrapped bytes.
 async fn entries(data: &std::path::Path) -> Vec<(u32, Purpose, String, Vec<u8>)> {
-    let mut conn = SqliteConnectOptions::new()
-        .filename(data.join(KEYS_FILE))
-        .read_only(true)
-        .connect()
-        .await
-        .unwrap();
+    let mut conn = open_read_only(&data.join(KEYS_FILE)).await;
     let rows = sqlx::query("SELECT id, purpose, kek_id, wrapped FROM data_keys ORDER BY id")
         .fetch_all(&mut conn)
         .await

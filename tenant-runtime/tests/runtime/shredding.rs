@@ -8,9 +8,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
+use sqlx::Connection as _;
 use sqlx::Row as _;
-use sqlx::sqlite::SqliteConnectOptions;
-use sqlx::{ConnectOptions as _, Connection as _};
 use tenant_runtime::clock::Clock;
 use tenant_runtime::crypto::{DataKey, RecordKey, SealedWith, Sealer, Table, sealed_with};
 use tenant_runtime::keystore::{KEYS_FILE, Keyring};
@@ -19,7 +18,7 @@ use tenant_runtime::retention;
 use tenant_runtime::store::{DB_FILE, NewExecution, Store};
 use tenantry_proto::retention::RetentionPolicy;
 
-use crate::common::{contains, metric};
+use crate::common::{contains, metric, open_read_only};
 
 const DAY: Duration = Duration::from_secs(86_400);
 
@@ -32,12 +31,7 @@ fn raw_key_store(data: &std::path::Path) -> Vec<u8> {
 }
 
 async fn wrapped_entry(data: &std::path::Path, id: u32) -> Vec<u8> {
-    let mut conn = SqliteConnectOptions::new()
-        .filename(data.join(KEYS_FILE))
-        .read_only(true)
-        .connect()
-        .await
-        .unwrap();
+    let mut conn = open_read_only(&data.join(KEYS_FILE)).await;
     let wrapped: Vec<u8> = sqlx::query_scalar("SELECT wrapped FROM data_keys WHERE id = ?")
         .bind(i64::from(id))
         .fetch_one(&mut conn)
@@ -143,12 +137,7 @@ async fn retention_shreds_the_oldest_day_so_an_earlier_copy_of_its_rows_cannot_b
     let held = store.keys().every_key_for_tests();
     assert!(held.len() >= 4, "day 1, day 2, credentials, the KEK");
     assert!(held.iter().any(|k| k.same_as(&kek())));
-    let mut conn = SqliteConnectOptions::new()
-        .filename(&copy)
-        .read_only(true)
-        .connect()
-        .await
-        .unwrap();
+    let mut conn = open_read_only(&copy).await;
     let rows = sqlx::query("SELECT id, payload FROM executions")
         .fetch_all(&mut conn)
         .await
