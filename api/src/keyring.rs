@@ -148,22 +148,24 @@ impl ServerKeyRing {
     /// running ring kept.
     pub async fn refresh(&self, store: &Store, now_ms: i64, interval: Duration) -> Result<()> {
         let current = self.ring.current();
-        let mut next: Option<MasterKeyRing> = None;
+        // The file as it is now, and whether it changed since it was last taken up.
+        let mut fresh: Option<(MasterKeyRing, bool)> = None;
         match read_ring(&self.path) {
             Ok((ring, digest)) => {
                 let mut loaded = self
                     .loaded
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if *loaded != digest {
+                let changed = *loaded != digest;
+                if changed {
                     tracing::info!(
                         path = %self.path.display(),
                         keys = %ring.ids().join(","),
                         "master key file changed"
                     );
                     *loaded = digest;
-                    next = Some(ring);
                 }
+                fresh = Some((ring, changed));
             }
             Err(e) => {
                 tracing::error!(error = %e, "master key file unusable; keeping the keys in use")
@@ -171,13 +173,10 @@ impl ServerKeyRing {
         }
         let primary = store.master_key_primary().await?;
         let wanted = primary.as_deref().unwrap_or(current.primary_id());
-        let mut ring = match next {
-            Some(ring) => ring,
-            None if wanted == current.primary_id() => {
-                return self.report(store, &current, now_ms, interval).await;
-            }
-            // Only the primary changed: the same keys again.
-            None => read_ring(&self.path)?.0,
+        let mut ring = match fresh {
+            // A new file, or the same keys with another primary.
+            Some((ring, changed)) if changed || wanted != current.primary_id() => ring,
+            _ => return self.report(store, &current, now_ms, interval).await,
         };
         if !ring.set_primary(wanted) && !ring.set_primary(current.primary_id()) {
             tracing::error!(
