@@ -245,9 +245,7 @@ pub async fn open_database(db: &crate::config::DatabaseArgs) -> Result<(PathBuf,
             path.display()
         )));
     }
-    let url = db.url();
-    let store = Store::connect(url.expose_secret(), 2).await?;
-    Ok((path, store))
+    Ok((path, crate::server::command_store(db).await?))
 }
 
 /// The serving API's refresh loop (see [`ServerKeyRing::refresh`]); runs until dropped.

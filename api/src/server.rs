@@ -664,6 +664,16 @@ pub async fn serve(
     result
 }
 
+/// The database of a one-off command (`rotate-token-key`, `rotate-master-key`,
+/// `rotate-local-ca`, …): the URL checked, a SQLite file's directory made, a small pool.
+pub(crate) async fn command_store(db: &DatabaseArgs) -> Result<Store> {
+    let url = db.url();
+    let url = url.expose_secret();
+    crate::store::Backend::of_url(url)?;
+    ensure_sqlite_dir(url)?;
+    Store::connect(url, 2).await
+}
+
 /// What `bootstrap-admin` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Bootstrap {

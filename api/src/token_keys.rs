@@ -470,17 +470,9 @@ pub fn statuses(keys: &[TokenKeyRow], now_ms: i64) -> Vec<KeyStatus> {
 }
 
 /// The store of a command's database (migrated).
-async fn command_store(db: &DatabaseArgs) -> Result<Store> {
-    let url = db.url();
-    let url = url.expose_secret();
-    crate::store::Backend::of_url(url)?;
-    crate::server::ensure_sqlite_dir(url)?;
-    Store::connect(url, 2).await
-}
-
 /// `tenantry-api token-keys`: the ring's keys at `clock`'s now.
 pub async fn status_command(db: &DatabaseArgs, clock: &dyn Clock) -> Result<Vec<KeyStatus>> {
-    let store = command_store(db).await?;
+    let store = crate::server::command_store(db).await?;
     let keys = store.token_keys().await;
     store.close().await;
     Ok(statuses(&keys?, clock.now_ms()))
@@ -488,7 +480,7 @@ pub async fn status_command(db: &DatabaseArgs, clock: &dyn Clock) -> Result<Vec<
 
 /// `tenantry-api token-keys public`: the public key set instances must accept now.
 pub async fn public_command(db: &DatabaseArgs, clock: &dyn Clock) -> Result<String> {
-    let store = command_store(db).await?;
+    let store = crate::server::command_store(db).await?;
     let keys = store.token_keys().await;
     store.close().await;
     published_pem(&keys?, clock.now_ms())
@@ -508,7 +500,7 @@ pub async fn rotate_command(args: &RotateTokenKeyArgs, clock: &dyn Clock) -> Res
     };
     // Refused before anything is opened or written.
     check_overlap(args.token_key_overlap, minimum)?;
-    let store = command_store(&args.db).await?;
+    let store = crate::server::command_store(&args.db).await?;
     let master_key = match crate::keyring::command_ring(&args.db, &store).await {
         Ok(ring) => ring,
         Err(e) => {

@@ -295,11 +295,7 @@ pub async fn rotate_command(
     let report = tokio::task::spawn_blocking(move || rotate(&dir, window, now))
         .await
         .map_err(Error::Task)??;
-    let url = args.db.url();
-    let url = url.expose_secret();
-    crate::store::Backend::of_url(url)?;
-    crate::server::ensure_sqlite_dir(url)?;
-    let store = crate::store::Store::connect(url, 2).await?;
+    let store = crate::server::command_store(&args.db).await?;
     let audited = store
         .audit(
             &crate::store::AuditRecord {
