@@ -130,7 +130,7 @@ impl Store {
         .bind(id)
         .bind(now_ms)
         .bind(until_ms)
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -144,7 +144,7 @@ impl Store {
         .bind(id)
         .bind(now_ms)
         .bind(reason)
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(())
     }
@@ -157,7 +157,7 @@ impl Store {
         )
         .bind(id)
         .bind(now_ms)
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(())
     }
@@ -171,7 +171,7 @@ impl Store {
         .bind(id)
         .bind(next_attempt_at_ms)
         .bind(error)
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(())
     }
@@ -181,7 +181,7 @@ impl Store {
         let done =
             sqlx::query("DELETE FROM mail_outbox WHERE sent_at_ms IS NOT NULL AND sent_at_ms < $1")
                 .bind(before_ms)
-                .execute(&self.pool)
+                .execute(&mut *self.writer().await?)
                 .await?;
         Ok(done.rows_affected())
     }
@@ -360,7 +360,7 @@ impl Store {
         )
         .bind(tenant_id)
         .bind(now_ms)
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(())
     }

@@ -103,7 +103,7 @@ impl Store {
         )
         .bind(id)
         .bind(now_ms)
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(())
     }
@@ -118,7 +118,7 @@ impl Store {
         )
         .bind(now_ms)
         .bind(id)
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(self
             .master_key_primary()
@@ -175,12 +175,12 @@ impl Store {
         .bind(&holder.primary_key_id)
         .bind(holder.seen_at_ms)
         .bind(expires_at_ms)
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         // Reports of servers that stopped long ago.
         sqlx::query("DELETE FROM master_key_holders WHERE expires_at_ms < $1")
             .bind(holder.seen_at_ms - 86_400_000)
-            .execute(&self.pool)
+            .execute(&mut *self.writer().await?)
             .await?;
         Ok(())
     }
@@ -189,7 +189,7 @@ impl Store {
     pub async fn drop_key_holder(&self, server_id: &str) -> Result<()> {
         sqlx::query("DELETE FROM master_key_holders WHERE server_id = $1")
             .bind(server_id)
-            .execute(&self.pool)
+            .execute(&mut *self.writer().await?)
             .await?;
         Ok(())
     }
@@ -290,6 +290,9 @@ impl Store {
                 .bind(old.stored.clone())
                 .bind(new.clone());
         }
-        Ok(query.execute(&self.pool).await?.rows_affected())
+        Ok(query
+            .execute(&mut *self.writer().await?)
+            .await?
+            .rows_affected())
     }
 }

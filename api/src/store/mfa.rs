@@ -15,7 +15,7 @@ impl Store {
         sqlx::query("UPDATE users SET totp_pending_sealed = $1 WHERE id = $2")
             .bind(sealed)
             .bind(user_id)
-            .execute(&self.pool)
+            .execute(&mut *self.writer().await?)
             .await?;
         Ok(())
     }

@@ -2,8 +2,11 @@
 //! with portable SQL. Every query lives in this module and its children, one per aggregate;
 //! services never write SQL.
 //!
-//! Write transactions on SQLite start with `BEGIN IMMEDIATE` so that concurrent writers
-//! queue on the busy timeout instead of failing when a read lock cannot be upgraded.
+//! SQLite has one writer at a time. Within a process, writers queue on an async gate
+//! ([`Store::write_turn`]) and so never meet SQLite's lock: its busy handler sleeps 1, 2, 5,
+//! 10… ms between tries, and those sleeps were most of what a signup cost beyond its
+//! password hash. Write transactions still start with `BEGIN IMMEDIATE`, and the busy
+//! timeout still covers writers in other processes (the one-off commands).
 
 mod access;
 mod audit;
@@ -75,6 +78,56 @@ pub struct Store {
     url: Arc<SecretString>,
     /// The last `auth_changes` row this replica has applied (SQLite).
     auth_seq: Arc<tokio::sync::Mutex<i64>>,
+    /// The in-process writer queue (SQLite); see the module's documentation.
+    write_gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A write transaction, holding this process's writer turn on SQLite until it ends.
+pub(crate) struct WriteTx {
+    tx: Transaction<'static, sqlx::Any>,
+    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+/// A pooled connection for one write statement; see [`Store::writer`].
+pub(crate) struct WriteConn {
+    conn: sqlx::pool::PoolConnection<sqlx::Any>,
+    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl std::ops::Deref for WriteConn {
+    type Target = AnyConnection;
+    fn deref(&self) -> &Self::Target {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for WriteConn {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.conn
+    }
+}
+
+impl WriteTx {
+    async fn commit(self) -> Result<()> {
+        Ok(self.tx.commit().await?)
+    }
+
+    async fn rollback(self) -> Result<()> {
+        Ok(self.tx.rollback().await?)
+    }
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = AnyConnection;
+    fn deref(&self) -> &Self::Target {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.tx
+    }
 }
 
 /// What the change run by [`Store::commit_audited`] decided.
@@ -164,6 +217,7 @@ impl Store {
             )),
             url: Arc::new(SecretString::from(url)),
             auth_seq: Arc::new(tokio::sync::Mutex::new(0)),
+            write_gate: Arc::new(tokio::sync::Mutex::new(())),
         };
         store.migrate().await?;
         Ok(store)
@@ -184,12 +238,30 @@ impl Store {
         self.pool.close().await;
     }
 
-    async fn begin_write(&self) -> Result<Transaction<'static, sqlx::Any>> {
+    /// This process's turn to write: on SQLite, writers wait here, in order, rather than
+    /// on the database's lock; on PostgreSQL there is no turn to take.
+    async fn write_turn(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        match self.backend {
+            Backend::Sqlite => Some(Arc::clone(&self.write_gate).lock_owned().await),
+            Backend::Postgres => None,
+        }
+    }
+
+    async fn begin_write(&self) -> Result<WriteTx> {
+        let turn = self.write_turn().await;
         let tx = match self.backend {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
             Backend::Postgres => self.pool.begin().await?,
         };
-        Ok(tx)
+        Ok(WriteTx { tx, _turn: turn })
+    }
+
+    /// A connection for one write statement outside a transaction, holding this process's
+    /// writer turn on SQLite until it is dropped (at the end of the statement that uses it).
+    async fn writer(&self) -> Result<WriteConn> {
+        let turn = self.write_turn().await;
+        let conn = self.pool.acquire().await?;
+        Ok(WriteConn { conn, _turn: turn })
     }
 
     /// Every audited write: runs `change` in a write transaction, then appends `audits` to
@@ -234,7 +306,7 @@ impl Store {
 
     /// Commits a write transaction; the sessions it changed leave this replica's cache
     /// before this returns (other replicas hear of them through the database).
-    async fn commit(&self, mut tx: Transaction<'static, sqlx::Any>) -> Result<()> {
+    async fn commit(&self, mut tx: WriteTx) -> Result<()> {
         if !self.cache.enabled() {
             tx.commit().await?;
             return Ok(());
@@ -301,7 +373,7 @@ impl Store {
 
 /// Rolls `tx` back now and returns `error` (what the caller answers); a failed rollback is
 /// logged, and the connection is then closed by the pool rather than reused.
-async fn rolled_back(tx: Transaction<'static, sqlx::Any>, error: Error) -> Error {
+async fn rolled_back(tx: WriteTx, error: Error) -> Error {
     if let Err(e) = tx.rollback().await {
         tracing::warn!(error = %e, "could not roll back a failed write");
     }

@@ -155,7 +155,7 @@ impl Store {
         )
         .bind(now_ms)
         .bind(token_hash)
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(())
     }
@@ -207,7 +207,7 @@ impl Store {
             sqlx::query("DELETE FROM sessions WHERE expires_at_ms <= $1 OR last_seen_ms < $2")
                 .bind(now_ms)
                 .bind(idle_before_ms)
-                .execute(&self.pool)
+                .execute(&mut *self.writer().await?)
                 .await?;
         Ok(done.rows_affected())
     }
@@ -269,7 +269,10 @@ impl Store {
                 args.push(Arg::Text(hash.clone()));
             }
             sql.push(')');
-            if let Err(e) = bind_all(sql, args).execute(&self.pool).await {
+            if let Err(e) = bind_all(sql, args)
+                .execute(&mut *self.writer().await?)
+                .await
+            {
                 // Tried again with the next batch.
                 for (hash, used) in chunk {
                     self.cache.keep_unwritten(hash, *used);
@@ -331,12 +334,15 @@ impl Store {
             if pruned.elapsed() >= Duration::from_secs(60) {
                 pruned = std::time::Instant::now();
                 // Every replica has long read rows this old (they poll four times a second).
-                let done = sqlx::query(
-                    "DELETE FROM auth_changes WHERE at_ms < CAST((julianday('now') - 2440587.5) * 86400000 AS BIGINT) - 600000",
-                )
-                .execute(&self.pool)
-                .await;
-                if let Err(e) = done {
+                let prune = async {
+                    sqlx::query(
+                        "DELETE FROM auth_changes WHERE at_ms < CAST((julianday('now') - 2440587.5) * 86400000 AS BIGINT) - 600000",
+                    )
+                    .execute(&mut *self.writer().await?)
+                    .await?;
+                    Ok::<_, Error>(())
+                };
+                if let Err(e) = prune.await {
                     tracing::warn!(error = %e, "could not prune auth_changes");
                 }
             }

@@ -283,7 +283,7 @@ impl Store {
         .bind(tenant_id)
         .bind(TenantPhase::Terminating.as_str())
         .bind(TenantPhase::AwaitingVerification.as_str())
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(done.rows_affected() > 0)
     }
@@ -301,7 +301,7 @@ impl Store {
         .bind(now_ms)
         .bind(TenantPhase::Ready.as_str())
         .bind(TenantPhase::Degraded.as_str())
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(done.rows_affected())
     }

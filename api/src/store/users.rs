@@ -353,7 +353,7 @@ impl Store {
         )
         .bind(before_ms)
         .bind(now_ms)
-        .execute(&self.pool)
+        .execute(&mut *self.writer().await?)
         .await?;
         Ok(done.rows_affected())
     }
