@@ -3,9 +3,16 @@
 //! Hashes are PHC strings, so each records its own parameters: verification uses the
 //! stored parameters, and [`PasswordHasher::needs_rehash`] tells the login path to store a
 //! new hash when the configured parameters have risen since.
+//!
+//! Argon2's working memory (19 MiB by default) is kept between hashes in a small pool
+//! rather than allocated for each: a fresh allocation of that size is a new mapping whose
+//! every page the kernel faults in and clears, which cost the server about a third more
+//! time per hash than the hash itself (measured with `perf`; see docs/operations.md).
 
-use argon2::password_hash::{CustomizedPasswordHasher, PasswordHasher as _};
-use argon2::{Algorithm, Argon2, Params, PasswordHash, Version};
+use std::sync::{Arc, Mutex};
+
+use argon2::password_hash::phc::{Output, ParamsString, Salt};
+use argon2::{Algorithm, Argon2, Block, Params, PasswordHash, Version};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::crypto::{ct_eq, random_bytes};
@@ -44,6 +51,46 @@ pub struct PasswordHasher {
     /// A hash of a random password, verified against when an email is unknown so that
     /// unknown emails cost the same time as wrong passwords.
     dummy_hash: String,
+    /// Working memory of `params`' size, reused by later hashes.
+    memory: Arc<MemoryPool>,
+}
+
+/// Argon2 working memory of one size, kept for reuse: at most one buffer per core (the
+/// server runs at most that many hashes at once), so it holds what the busiest moment
+/// needed and no more. A buffer holds the intermediate state of the last hash made in it;
+/// it stays in this pool, never handed to other code, and the next hash overwrites it.
+struct MemoryPool {
+    blocks: usize,
+    keep: usize,
+    free: Mutex<Vec<Box<[Block]>>>,
+}
+
+impl MemoryPool {
+    fn new(blocks: usize) -> Self {
+        MemoryPool {
+            blocks,
+            keep: std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
+            free: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Runs `f` with `blocks` blocks of memory: a pooled buffer when the size is this
+    /// pool's, otherwise (a stored hash of other parameters) a buffer of its own.
+    fn with<T>(&self, blocks: usize, f: impl FnOnce(&mut [Block]) -> T) -> T {
+        let fresh = || vec![Block::default(); blocks].into_boxed_slice();
+        if blocks != self.blocks {
+            return f(&mut fresh());
+        }
+        let pooled = self.free.lock().ok().and_then(|mut free| free.pop());
+        let mut memory = pooled.unwrap_or_else(fresh);
+        let out = f(&mut memory);
+        if let Ok(mut free) = self.free.lock()
+            && free.len() < self.keep
+        {
+            free.push(memory);
+        }
+        out
+    }
 }
 
 impl std::fmt::Debug for PasswordHasher {
@@ -59,26 +106,65 @@ impl PasswordHasher {
     pub fn new(p: HashParams) -> Result<Self, Error> {
         let params = Params::new(p.memory_kib, p.iterations, p.parallelism, None)
             .map_err(|e| Error::Config(format!("invalid argon2 parameters: {e}")))?;
+        let memory = Arc::new(MemoryPool::new(params.block_count()));
         let mut hasher = PasswordHasher {
             params,
             dummy_hash: String::new(),
+            memory,
         };
         let random = hex::encode(random_bytes::<16>()?);
         hasher.dummy_hash = hasher.hash(&SecretString::from(random))?;
         Ok(hasher)
     }
 
-    fn argon2(&self) -> Argon2<'static> {
-        Argon2::new(Algorithm::Argon2id, Version::V0x13, self.params.clone())
+    /// The raw argon2 output of `password` with `salt` and `params`, in pooled memory.
+    fn compute(
+        &self,
+        password: &SecretString,
+        salt: &[u8],
+        algorithm: Algorithm,
+        version: Version,
+        params: Params,
+    ) -> Result<Output, Error> {
+        let len = params.output_len().unwrap_or(Params::DEFAULT_OUTPUT_LEN);
+        let blocks = params.block_count();
+        let argon2 = Argon2::new(algorithm, version, params);
+        let mut buffer = [0u8; Output::MAX_LENGTH];
+        let out = buffer
+            .get_mut(..len)
+            .ok_or_else(|| Error::Hashing("output length".into()))?;
+        self.memory
+            .with(blocks, |memory| {
+                argon2.hash_password_into_with_memory(
+                    password.expose_secret().as_bytes(),
+                    salt,
+                    out,
+                    memory,
+                )
+            })
+            .map_err(|e| Error::Hashing(e.to_string()))?;
+        Output::new(out).map_err(|e| Error::Hashing(e.to_string()))
     }
 
     /// A PHC string (`$argon2id$v=19$m=...`) with a fresh 128-bit salt.
     pub fn hash(&self, password: &SecretString) -> Result<String, Error> {
-        let hash = self
-            .argon2()
-            .hash_password(password.expose_secret().as_bytes())
-            .map_err(|e| Error::Hashing(e.to_string()))?;
-        Ok(hash.to_string())
+        let salt = random_bytes::<16>()?;
+        let hash = self.compute(
+            password,
+            &salt,
+            Algorithm::Argon2id,
+            Version::V0x13,
+            self.params.clone(),
+        )?;
+        let phc = PasswordHash {
+            algorithm: argon2::ARGON2ID_IDENT,
+            version: Some(Version::V0x13.into()),
+            params: ParamsString::try_from(&self.params)
+                .map_err(|e| Error::Hashing(e.to_string()))?,
+            salt: Some(Salt::new(&salt).map_err(|e| Error::Hashing(e.to_string()))?),
+            hash: Some(hash),
+        };
+        Ok(phc.to_string())
     }
 
     /// True when `password` matches `stored`. The comparison is constant-time; a malformed
@@ -86,25 +172,21 @@ impl PasswordHasher {
     pub fn verify(&self, password: &SecretString, stored: &str) -> Result<bool, Error> {
         let parsed =
             PasswordHash::new(stored).map_err(|e| Error::Hashing(format!("stored hash: {e}")))?;
+        let algorithm = Algorithm::try_from(parsed.algorithm.as_str())
+            .map_err(|e| Error::Hashing(format!("stored hash: {e}")))?;
         let params =
             Params::try_from(&parsed).map_err(|e| Error::Hashing(format!("stored hash: {e}")))?;
+        let version = parsed
+            .version
+            .map(Version::try_from)
+            .transpose()
+            .map_err(|e| Error::Hashing(format!("stored hash: {e}")))?
+            .unwrap_or_default();
         let (Some(salt), Some(expected)) = (&parsed.salt, &parsed.hash) else {
             return Err(Error::Hashing("stored hash has no salt or output".into()));
         };
-        let computed = self
-            .argon2()
-            .hash_password_customized(
-                password.expose_secret().as_bytes(),
-                salt.as_ref(),
-                Some(parsed.algorithm.as_str()),
-                parsed.version,
-                params,
-            )
-            .map_err(|e| Error::Hashing(e.to_string()))?;
-        let Some(output) = computed.hash else {
-            return Ok(false);
-        };
-        Ok(ct_eq(output.as_ref(), expected.as_ref()))
+        let computed = self.compute(password, salt.as_ref(), algorithm, version, params)?;
+        Ok(ct_eq(computed.as_ref(), expected.as_ref()))
     }
 
     /// Burns the same time as [`PasswordHasher::verify`] for an unknown account.
@@ -311,6 +393,42 @@ mod tests {
         assert!(!h.verify(&s("correct horse batterz"), &stored).unwrap());
         assert!(h.verify(&s("x"), "not a phc string").is_err());
         h.verify_dummy(&s("anything at all")).unwrap();
+    }
+
+    #[test]
+    fn pooled_memory_gives_argon2s_own_hashes() {
+        use argon2::{PasswordHasher as _, PasswordVerifier as _};
+        let h = cheap();
+        // Leave the pool's memory dirty with other hashes first.
+        for i in 0..3 {
+            h.hash(&s(&format!("a warm-up password {i}"))).unwrap();
+        }
+        let params = Params::new(1024, 1, 1, None).unwrap();
+        for algorithm in [Algorithm::Argon2id, Algorithm::Argon2i, Algorithm::Argon2d] {
+            for version in [Version::V0x13, Version::V0x10] {
+                let reference = Argon2::new(algorithm, version, params.clone())
+                    .hash_password_with_salt(b"correct horse battery", b"sixteen byte slt")
+                    .unwrap()
+                    .to_string();
+                assert!(h.verify(&s("correct horse battery"), &reference).unwrap());
+                assert!(!h.verify(&s("correct horse batterz"), &reference).unwrap());
+            }
+        }
+        // Other parameters than the pool's (an older, weaker hash) use memory of their own.
+        let older = Argon2::new(
+            Algorithm::Argon2id,
+            Version::V0x13,
+            Params::new(512, 2, 1, None).unwrap(),
+        )
+        .hash_password_with_salt(b"correct horse battery", b"sixteen byte slt")
+        .unwrap()
+        .to_string();
+        assert!(h.verify(&s("correct horse battery"), &older).unwrap());
+        // And argon2's own verifier accepts what the pool made.
+        let ours = h.hash(&s("correct horse battery")).unwrap();
+        Argon2::default()
+            .verify_password(b"correct horse battery", ours.as_str())
+            .unwrap();
     }
 
     #[test]
