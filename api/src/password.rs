@@ -6,8 +6,8 @@
 //!
 //! Argon2's working memory (19 MiB by default) is kept between hashes in a small pool
 //! rather than allocated for each: a fresh allocation of that size is a new mapping whose
-//! every page the kernel faults in and clears, which cost the server about a third more
-//! time per hash than the hash itself (measured with `perf`; see docs/operations.md).
+//! every page the kernel faults in and clears, which cost the server a quarter or more of
+//! the hash's own time (measured with `perf`; see docs/operations.md).
 
 use std::sync::{Arc, Mutex};
 
@@ -22,6 +22,61 @@ use crate::error::Error;
 pub const MIN_LEN: usize = 12;
 /// Longest accepted password, in characters (bounds the hashing cost of a request).
 pub const MAX_LEN: usize = 256;
+
+/// Runs password hashes on threads of its own, one per core, in the order they were asked
+/// for. A thread that finishes a hash takes the next waiting one at once. Before, hashes ran
+/// on tokio's blocking pool behind a semaphore, and the next hash waited for a chain of
+/// wake-ups (the semaphore's waiter on a runtime worker, then a blocking thread) that a busy
+/// server's cores stretched; the bound in `benches/throughput.rs` uses this same pool.
+#[derive(Debug)]
+pub struct HashingPool {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+impl HashingPool {
+    /// A pool of `threads` threads (named `argon2-N`); they end when the pool is dropped.
+    pub fn new(threads: usize) -> Result<Self, Error> {
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let queue = Arc::new(Mutex::new(queue));
+        for i in 0..threads.max(1) {
+            let queue = Arc::clone(&queue);
+            std::thread::Builder::new()
+                .name(format!("argon2-{i}"))
+                .spawn(move || {
+                    loop {
+                        let next = match queue.lock() {
+                            Ok(queue) => queue.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok(job) = next else { return };
+                        // A panicking job loses its own answer (its caller hears that the
+                        // pool closed), not the thread.
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                    }
+                })
+                .map_err(|e| Error::Config(format!("cannot start a hashing thread: {e}")))?;
+        }
+        Ok(HashingPool { jobs })
+    }
+
+    /// Runs `f` on the pool and waits for it.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Error> {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = done.send(f());
+            }))
+            .map_err(|_| Error::Crypto("hashing pool closed"))?;
+        answer
+            .await
+            .map_err(|_| Error::Crypto("a password hash failed"))
+    }
+}
 
 /// Argon2id cost parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -429,6 +484,37 @@ mod tests {
         Argon2::default()
             .verify_password(b"correct horse battery", ours.as_str())
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_hashing_pool_answers_every_job_and_survives_a_panic() {
+        let pool = Arc::new(HashingPool::new(2).unwrap());
+        let h = Arc::new(cheap());
+        let mut jobs = Vec::new();
+        for i in 0..16 {
+            let (pool, h) = (Arc::clone(&pool), Arc::clone(&h));
+            jobs.push(tokio::spawn(async move {
+                let pw = s(&format!("password number {i}"));
+                let stored = pool.run({
+                    let (h, pw) = (Arc::clone(&h), pw.clone());
+                    move || h.hash(&pw)
+                });
+                let stored = stored.await.unwrap().unwrap();
+                pool.run(move || h.verify(&pw, &stored))
+                    .await
+                    .unwrap()
+                    .unwrap()
+            }));
+        }
+        for job in jobs {
+            assert!(job.await.unwrap());
+        }
+        #[allow(clippy::panic)]
+        let failed = pool.run(|| -> u8 { panic!("a job that panics") }).await;
+        assert!(matches!(failed, Err(Error::Crypto(_))), "{failed:?}");
+        // Both threads are still there.
+        let (a, b) = tokio::join!(pool.run(|| 1), pool.run(|| 2));
+        assert_eq!((a.unwrap(), b.unwrap()), (1, 2));
     }
 
     #[test]

@@ -329,7 +329,7 @@ pub async fn build_state_with(
         notify_degraded_after: args.mail.notify_degraded_after,
         metrics_listen: args.metrics_listen,
         backup: backup_settings(args)?,
-    })))
+    })?))
 }
 
 fn backup_settings(args: &ServeArgs) -> Result<Option<crate::backup::BackupSettings>> {

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use secrecy::SecretString;
 use tenantry_proto::phase::TenantPhase;
-use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 use crate::access::AccessPolicy;
@@ -95,8 +94,8 @@ pub struct AppState {
     /// Password verifications run (real or dummy), for tests that check a failure path
     /// did the same work as another.
     password_checks: AtomicU64,
-    /// Bounds concurrent argon2 runs to the cores (each holds 19 MiB or more).
-    hashing_slots: Semaphore,
+    /// Runs argon2 on one thread per core (each hash holds 19 MiB or more).
+    hashing: crate::password::HashingPool,
     /// Every background task a request started (provisioning), so that shutdown waits
     /// for them instead of leaving them running.
     pub tasks: TaskTracker,
@@ -153,10 +152,10 @@ pub struct StateParts {
 }
 
 impl AppState {
-    /// Builds the state; hashing runs on at most as many threads as there are cores.
-    pub fn new(p: StateParts) -> Self {
+    /// Builds the state; hashing runs on as many threads as there are cores.
+    pub fn new(p: StateParts) -> Result<Self> {
         let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
-        AppState {
+        Ok(AppState {
             store: p.store,
             hasher: p.hasher,
             master_key: p.master_key,
@@ -178,9 +177,9 @@ impl AppState {
             backup: p.backup,
             metrics_addr: std::sync::OnceLock::new(),
             password_checks: AtomicU64::new(0),
-            hashing_slots: Semaphore::new(cores),
+            hashing: crate::password::HashingPool::new(cores)?,
             tasks: TaskTracker::new(),
-        }
+        })
     }
 
     /// Now, in Unix milliseconds.
@@ -188,21 +187,16 @@ impl AppState {
         self.clock.now_ms()
     }
 
-    /// Runs a password hash or verification on the blocking pool, bounded by the cores.
+    /// Runs a password hash or verification on the hashing threads.
     pub async fn hashing<T, F>(self: &Arc<Self>, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&PasswordHasher) -> Result<T> + Send + 'static,
     {
-        let _slot = self
-            .hashing_slots
-            .acquire()
-            .await
-            .map_err(|_| Error::Crypto("hashing pool closed"))?;
-        let me = Arc::clone(self);
-        tokio::task::spawn_blocking(move || f(&me.hasher))
-            .await
-            .map_err(Error::Task)?
+        // The job holds a copy of the hasher, not the state: the state's last reference
+        // must never be dropped on a hashing thread, outside the runtime.
+        let hasher = self.hasher.clone();
+        self.hashing.run(move || f(&hasher)).await?
     }
 
     /// Verifies a password (or burns the same time when there is no stored hash).
