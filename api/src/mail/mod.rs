@@ -360,19 +360,31 @@ fn describe_smtp_error(e: &lettre::transport::smtp::Error) -> String {
     }
 }
 
+/// Writes the message as `<dir>/<id>.eml` (0600, in a 0700 directory), synced before it is
+/// renamed into place. One blocking task for the whole: as separate `tokio::fs` calls it
+/// was six hand-offs to the blocking pool per mail.
 async fn write_eml(dir: &Path, id: &str, message: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt as _;
-    tokio::fs::create_dir_all(dir).await?;
-    tokio::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).await?;
-    let tmp = dir.join(format!(".{id}.tmp"));
-    let path = dir.join(format!("{id}.eml"));
-    let mut options = tokio::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true).mode(0o600);
-    let mut file = options.open(&tmp).await?;
-    tokio::io::AsyncWriteExt::write_all(&mut file, message).await?;
-    file.sync_all().await?;
-    drop(file);
-    tokio::fs::rename(&tmp, &path).await
+    let (dir, id, message) = (dir.to_owned(), id.to_owned(), message.to_vec());
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write as _;
+        use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        let tmp = dir.join(format!(".{id}.tmp"));
+        let path = dir.join(format!("{id}.eml"));
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(&message)?;
+        file.sync_all()?;
+        drop(file);
+        std::fs::rename(&tmp, &path)
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 fn smtp_transport(
