@@ -2,11 +2,11 @@
 //! with portable SQL. Every query lives in this module and its children, one per aggregate;
 //! services never write SQL.
 //!
-//! SQLite has one writer at a time. Within a process, writers queue on an async gate
-//! ([`Store::write_turn`]) and so never meet SQLite's lock: its busy handler sleeps 1, 2, 5,
-//! 10… ms between tries, and those sleeps were most of what a signup cost beyond its
-//! password hash. Write transactions still start with `BEGIN IMMEDIATE`, and the busy
-//! timeout still covers writers in other processes (the one-off commands).
+//! SQLite has one writer at a time. Within a process, writers queue in order on an async
+//! gate ([`Store::write_turn`]) and so never meet SQLite's lock, whose busy handler sleeps
+//! 1, 2, 5, 10… ms between tries (a writer could sleep past the moment the lock came
+//! free). Write transactions still start with `BEGIN IMMEDIATE`, and the busy timeout
+//! still covers writers in other processes (the one-off commands).
 
 mod access;
 mod audit;
@@ -88,25 +88,6 @@ pub(crate) struct WriteTx {
     _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
-/// A pooled connection for one write statement; see [`Store::writer`].
-pub(crate) struct WriteConn {
-    conn: sqlx::pool::PoolConnection<sqlx::Any>,
-    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
-}
-
-impl std::ops::Deref for WriteConn {
-    type Target = AnyConnection;
-    fn deref(&self) -> &Self::Target {
-        &self.conn
-    }
-}
-
-impl std::ops::DerefMut for WriteConn {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.conn
-    }
-}
-
 impl WriteTx {
     async fn commit(self) -> Result<()> {
         Ok(self.tx.commit().await?)
@@ -127,6 +108,25 @@ impl std::ops::Deref for WriteTx {
 impl std::ops::DerefMut for WriteTx {
     fn deref_mut(&mut self) -> &mut Self::Target {
         &mut self.tx
+    }
+}
+
+/// A pooled connection for one write statement; see [`Store::writer`].
+pub(crate) struct WriteConn {
+    conn: sqlx::pool::PoolConnection<sqlx::Any>,
+    _turn: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl std::ops::Deref for WriteConn {
+    type Target = AnyConnection;
+    fn deref(&self) -> &Self::Target {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for WriteConn {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.conn
     }
 }
 
