@@ -102,6 +102,8 @@ async fn start_server(url: &str, dir: &std::path::Path, extra: &[&str]) -> Serve
     let port = common::free_port();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_tenantry-api"))
         .args(["serve", "--database-url", url])
+        .arg("--data-dir")
+        .arg(dir)
         .args(extra)
         .arg("--master-key-file")
         .arg(dir.join("master.key"))

@@ -105,17 +105,12 @@ mod tests {
     use super::*;
 
     #[test]
-    #[cfg(feature = "grpc")]
-    fn names_and_wire_values_round_trip() {
+    fn names_round_trip() {
         for phase in TenantPhase::ALL
             .into_iter()
             .chain([TenantPhase::AwaitingVerification])
         {
             assert_eq!(TenantPhase::parse(phase.as_str()), Some(phase));
-            assert_eq!(
-                TenantPhase::from_proto(phase.to_proto() as i32),
-                Some(phase)
-            );
             // The CRD's status.phase and the database hold the same names as serde.
             assert_eq!(
                 serde_json::to_value(phase).unwrap(),
@@ -123,6 +118,20 @@ mod tests {
             );
         }
         assert_eq!(TenantPhase::parse("ready"), None);
+    }
+
+    #[test]
+    #[cfg(feature = "grpc")]
+    fn wire_values_round_trip() {
+        for phase in TenantPhase::ALL
+            .into_iter()
+            .chain([TenantPhase::AwaitingVerification])
+        {
+            assert_eq!(
+                TenantPhase::from_proto(phase.to_proto() as i32),
+                Some(phase)
+            );
+        }
         assert_eq!(
             TenantPhase::from_proto(v1::TenantPhase::Unspecified as i32),
             None
