@@ -24,10 +24,9 @@ pub const MIN_LEN: usize = 12;
 pub const MAX_LEN: usize = 256;
 
 /// Runs password hashes on threads of its own, one per core, in the order they were asked
-/// for. A thread that finishes a hash takes the next waiting one at once. Before, hashes ran
-/// on tokio's blocking pool behind a semaphore, and the next hash waited for a chain of
-/// wake-ups (the semaphore's waiter on a runtime worker, then a blocking thread) that a busy
-/// server's cores stretched; the bound in `benches/throughput.rs` uses this same pool.
+/// for: a thread that finishes a hash takes the next waiting one itself, with no hand-off
+/// through the async runtime. The argon2 bound of `benches/throughput.rs` runs on this same
+/// pool, so the server is compared with its own hashing code.
 #[derive(Debug)]
 pub struct HashingPool {
     jobs: std::sync::mpsc::Sender<Job>,
