@@ -200,14 +200,7 @@ async fn read_every_row(url: &str) {
     let mut tx = conn.begin().await.unwrap();
     let mut values = 0u64;
     for table in TABLES {
-        let names: Vec<&str> = table.columns.iter().map(|(n, _)| *n).collect();
-        let sql = format!(
-            "SELECT {} FROM {} ORDER BY {}",
-            names.join(", "),
-            table.name,
-            names[0]
-        );
-        let mut rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch(&mut *tx);
+        let mut rows = sqlx::query(sqlx::AssertSqlSafe(table.select_all())).fetch(&mut *tx);
         while let Some(row) = rows.try_next().await.unwrap() {
             for (i, (_, ty)) in table.columns.iter().enumerate() {
                 let present = match ty {

@@ -57,6 +57,19 @@ pub struct Table {
     pub columns: &'static [(&'static str, ColumnType)],
 }
 
+impl Table {
+    /// The query a dump reads the table with: every column, in dump order, by the first.
+    pub fn select_all(&self) -> String {
+        let names: Vec<&str> = self.columns.iter().map(|(n, _)| *n).collect();
+        format!(
+            "SELECT {} FROM {} ORDER BY {}",
+            names.join(", "),
+            self.name,
+            names[0]
+        )
+    }
+}
+
 use ColumnType::{Int, Text};
 
 /// Every table a backup holds, parents before children (the order a restore inserts in),
@@ -407,15 +420,8 @@ impl<'c> Snapshot<'c> {
                 &serde_json::json!({"table": table.name, "columns": columns}),
             )?)
             .await?;
-            let names: Vec<&str> = table.columns.iter().map(|(n, _)| *n).collect();
-            let sql = format!(
-                "SELECT {} FROM {} ORDER BY {}",
-                names.join(", "),
-                table.name,
-                names[0]
-            );
             let mut rows = 0u64;
-            let mut stream = sqlx::query(super::dyn_sql(sql)).fetch(&mut *self.tx);
+            let mut stream = sqlx::query(super::dyn_sql(table.select_all())).fetch(&mut *self.tx);
             while let Some(row) = stream.try_next().await? {
                 let mut values = Vec::with_capacity(table.columns.len());
                 for (i, (_, ty)) in table.columns.iter().enumerate() {
