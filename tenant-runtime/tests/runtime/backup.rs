@@ -11,13 +11,6 @@ use tenant_runtime::store::Store;
 
 use crate::common::*;
 
-fn runtime() -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tenant-runtime"));
-    cmd.env_remove("TENANTRY_RUNTIME_CONFIG")
-        .env("RUST_LOG", "warn");
-    cmd
-}
-
 struct Keys {
     dir: tempfile::TempDir,
 }
@@ -58,24 +51,16 @@ fn config_beside(files: &Path, root: &Path, tenant: &str, data_key: &Path) -> Pa
 }
 
 async fn backup(config: &Path, keys: &Keys, out: &Path) -> serde_json::Value {
-    let out = runtime()
-        .arg("backup")
+    let mut cmd = runtime();
+    cmd.arg("backup")
         .arg("--config")
         .arg(config)
         .arg("--out")
         .arg(out)
         .arg("--recipient-file")
         .arg(keys.recipient())
-        .arg("--json")
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "backup: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+        .arg("--json");
+    json_output(&mut cmd, "backup").await
 }
 
 async fn restore(config: &Path, identity: &Path, file: &Path) -> std::process::Output {

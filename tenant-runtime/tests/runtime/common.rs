@@ -399,3 +399,23 @@ pub async fn open_read_only(path: &Path) -> sqlx::SqliteConnection {
         .await
         .unwrap()
 }
+
+/// The `tenant-runtime` binary as a command, without the environment's config path.
+pub fn runtime() -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tenant-runtime"));
+    cmd.env_remove("TENANTRY_RUNTIME_CONFIG")
+        .env("RUST_LOG", "warn");
+    cmd
+}
+
+/// Runs a `--json` command, asserts that it succeeded (showing `what` and its stderr if
+/// not) and parses what it printed.
+pub async fn json_output(cmd: &mut tokio::process::Command, what: &str) -> serde_json::Value {
+    let out = cmd.output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}

@@ -16,7 +16,9 @@ use tenant_runtime::keystore::{KEYS_FILE, Keyring};
 use tenant_runtime::store::Store;
 use tenantry_test_support::eventually;
 
-use crate::common::{Instance, POLL, contains, metric, open_read_only, write_atomically};
+use crate::common::{
+    Instance, POLL, contains, json_output, metric, open_read_only, runtime, write_atomically,
+};
 
 /// Every key-store entry: id, purpose, KEK id, wrapped bytes.
 async fn entries(data: &std::path::Path) -> Vec<(u32, Purpose, String, Vec<u8>)> {
@@ -222,36 +224,21 @@ async fn a_live_kek_rotation_under_traffic_fails_no_request_and_retires_the_old_
     store.keys().close().await;
 }
 
-fn runtime() -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tenant-runtime"));
-    cmd.env_remove("TENANTRY_RUNTIME_CONFIG")
-        .env("RUST_LOG", "warn");
-    cmd
-}
-
 async fn rotate(
     config: &std::path::Path,
     old: &std::path::Path,
     new: &std::path::Path,
 ) -> serde_json::Value {
-    let out = runtime()
-        .arg("rotate-data-key")
+    let mut cmd = runtime();
+    cmd.arg("rotate-data-key")
         .arg("--config")
         .arg(config)
         .arg("--old")
         .arg(old)
         .arg("--new")
         .arg(new)
-        .arg("--json")
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "rotate-data-key: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+        .arg("--json");
+    json_output(&mut cmd, "rotate-data-key").await
 }
 
 #[tokio::test]
