@@ -124,3 +124,17 @@ pub fn verification_link(mails: &[String], to: &str) -> Option<String> {
             Some(m[start..end].to_owned())
         })
 }
+
+/// The `kid` in an instance token's header (read without verifying anything: for tests
+/// that check which key signed a token).
+pub fn token_kid(token: &str) -> String {
+    use base64::Engine as _;
+    let head = token.split('.').next().unwrap();
+    let header: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(head)
+            .unwrap(),
+    )
+    .unwrap();
+    header["kid"].as_str().unwrap().to_owned()
+}

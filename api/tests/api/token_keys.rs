@@ -5,26 +5,15 @@
 
 use std::time::Duration;
 
-use base64::Engine as _;
 use clap::Parser as _;
 use tenantry_api::config::{Cli, Command, RotateTokenKeyArgs};
 use tenantry_api::token_keys::{self, actions, min_overlap};
 use tenantry_proto::token::TokenVerifier;
 use tenantry_proto::v1::IssueInstanceTokenRequest;
 
-use crate::common::*;
+use tenantry_test_support::token_kid;
 
-/// The `kid` in a token's header.
-fn kid_of(token: &str) -> String {
-    let head = token.split('.').next().unwrap();
-    let header: serde_json::Value = serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(head)
-            .unwrap(),
-    )
-    .unwrap();
-    header["kid"].as_str().unwrap().to_owned()
-}
+use crate::common::*;
 
 async fn issue(s: &TestServer, session: &str, tenant_id: &str) -> String {
     s.tenants()
@@ -82,7 +71,7 @@ async fn a_rotation_switches_keys_at_signs_from_and_retires_the_old_one_after_th
     // The key file became the ring's first key: tokens name it, the file's public half
     // verifies them.
     let first = issue(&s, &session, &tenant_id).await;
-    let old_kid = kid_of(&first);
+    let old_kid = token_kid(&first);
     assert_eq!(token_verifier(&db).kids(), [old_kid.as_str()]);
     assert_eq!(runtime_set(&s).kids(), [old_kid.as_str()]);
 
@@ -120,12 +109,12 @@ async fn a_rotation_switches_keys_at_signs_from_and_retires_the_old_one_after_th
         u64::try_from(overlap_ms).unwrap() - 1000,
     ));
     let before_switch = issue(&s, &session, &tenant_id).await;
-    assert_eq!(kid_of(&before_switch), old_kid);
+    assert_eq!(token_kid(&before_switch), old_kid);
 
     // From signs_from on, the new key signs; the old key's tokens still verify.
     s.advance(Duration::from_secs(1));
     let after_switch = issue(&s, &session, &tenant_id).await;
-    assert_eq!(kid_of(&after_switch), new_kid);
+    assert_eq!(token_kid(&after_switch), new_kid);
     let set = runtime_set(&s);
     for token in [&before_switch, &after_switch] {
         assert!(set.verify(token, &tenant_id, at(s.now_ms())).is_ok());
@@ -173,7 +162,7 @@ async fn a_rotation_switches_keys_at_signs_from_and_retires_the_old_one_after_th
         set.verify(&before_switch, &tenant_id, at(s.now_ms() - 20 * 60 * 1000)),
         Err(tenantry_proto::token::TokenError::UnknownKey)
     );
-    assert_eq!(kid_of(&issue(&s, &session, &tenant_id).await), new_kid);
+    assert_eq!(token_kid(&issue(&s, &session, &tenant_id).await), new_kid);
     assert_eq!(
         states(&s),
         [(old_kid.clone(), "retired"), (new_kid.clone(), "signing")]
@@ -219,7 +208,7 @@ async fn a_rotation_switches_keys_at_signs_from_and_retires_the_old_one_after_th
     let s =
         TestServer::start_with(&db, Options::default(), s_clock_at(rotation.retires_at_ms)).await;
     let session = s.login("rota@example.com").await;
-    assert_eq!(kid_of(&issue(&s, &session, &tenant_id).await), new_kid);
+    assert_eq!(token_kid(&issue(&s, &session, &tenant_id).await), new_kid);
     s.stop().await;
 }
 

@@ -15,28 +15,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use base64::Engine as _;
 use tenantry_proto::token::TokenVerifier;
 use tenantry_proto::v1::tenant_service_client::TenantServiceClient;
 use tenantry_proto::v1::*;
-use tenantry_test_support::{Https, free_port};
+use tenantry_test_support::{Https, free_port, token_kid};
 use tenantry_tests::{authed, bin, connect, signup_and_login, wait_for_phase};
 use tonic::transport::Channel;
 
 /// The rotation's overlap: longer than a token lives (3 s) plus the time the new set takes
 /// to reach the runtime (a 1 s refresh, then a 1 s reload).
 const OVERLAP: &str = "8s";
-
-fn kid_of(token: &str) -> String {
-    let head = token.split('.').next().unwrap();
-    let header: serde_json::Value = serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(head)
-            .unwrap(),
-    )
-    .unwrap();
-    header["kid"].as_str().unwrap().to_owned()
-}
 
 async fn mint(channel: &Channel, session: &str, tenant_id: &str) -> Result<String, tonic::Status> {
     TenantServiceClient::new(channel.clone())
@@ -79,7 +67,7 @@ async fn client(
                 continue;
             }
         };
-        seen.tokens.push((Instant::now(), kid_of(&token)));
+        seen.tokens.push((Instant::now(), token_kid(&token)));
         let until = Instant::now() + Duration::from_secs(1);
         while Instant::now() < until && !stop.load(Ordering::Relaxed) {
             seen.requests += 1;
@@ -191,7 +179,7 @@ async fn a_token_key_rotation_under_traffic_refuses_no_token() {
     let https = Https::new(&std::fs::read_to_string(data_dir.join("ca.crt")).unwrap());
     let key_file = data_dir.join("token-public.pem");
     let first = mint(&channel, &session, &ids.tenant_id).await.unwrap();
-    let old_kid = kid_of(&first);
+    let old_kid = token_kid(&first);
     assert_eq!(key_file_kids(&key_file), [old_kid.as_str()]);
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -244,7 +232,7 @@ async fn a_token_key_rotation_under_traffic_refuses_no_token() {
     )
     .await;
     let last_old = mint(&channel, &session, &ids.tenant_id).await.unwrap();
-    assert_eq!(kid_of(&last_old), old_kid, "switched before signs_from");
+    assert_eq!(token_kid(&last_old), old_kid, "switched before signs_from");
 
     // Past the switch, the whole overlap after it, and the old key's retirement.
     tokio::time::sleep(retires_in.saturating_sub(rotated_at.elapsed()) + Duration::from_secs(1))
