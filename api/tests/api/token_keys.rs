@@ -57,6 +57,18 @@ fn at(ms: i64) -> jiff::Timestamp {
 }
 
 /// The set as a runtime would hold it now.
+/// The database's row of the key `kid`.
+async fn stored_key(s: &TestServer, kid: &str) -> tenantry_api::store::TokenKeyRow {
+    s.state
+        .store
+        .token_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|k| k.kid == kid)
+        .unwrap()
+}
+
 fn runtime_set(s: &TestServer) -> TokenVerifier {
     TokenVerifier::from_public_key_pem(&s.state.token_keys.public_set(s.now_ms()).unwrap()).unwrap()
 }
@@ -125,17 +137,7 @@ async fn a_rotation_switches_keys_at_signs_from_and_retires_the_old_one_after_th
         [(old_kid.clone(), "verifying"), (new_kid.clone(), "signing")]
     );
     // The last token of the old key lives until then, plus the skew: the old key stays.
-    let sealed_old = s
-        .state
-        .store
-        .token_keys()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|k| k.kid == old_kid)
-        .unwrap()
-        .private_sealed
-        .unwrap();
+    let sealed_old = stored_key(&s, &old_kid).await.private_sealed.unwrap();
     s.advance(Duration::from_millis(
         u64::try_from(overlap_ms).unwrap() - 1000,
     ));
@@ -147,15 +149,7 @@ async fn a_rotation_switches_keys_at_signs_from_and_retires_the_old_one_after_th
     tenantry_api::server::refresh_token_keys(&s.state).await;
     let set = runtime_set(&s);
     assert_eq!(set.kids(), [new_kid.as_str()]);
-    let old_key_token = s
-        .state
-        .store
-        .token_keys()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|k| k.kid == old_kid)
-        .unwrap();
+    let old_key_token = stored_key(&s, &old_kid).await;
     assert_eq!(old_key_token.private_sealed, None);
     assert!(old_key_token.retires_at_ms.is_some());
     assert_eq!(
