@@ -321,6 +321,18 @@ async fn overhead(dir: &std::path::Path, real_hash: bool) {
                 (after.1 - before.1) as f64 / calls as f64,
                 (pg_after - pg_before) / calls as f64,
             );
+            let by_thread: Vec<String> = after
+                .2
+                .iter()
+                .map(|(name, ms)| (name, ms - before.2.get(name).copied().unwrap_or(0.0)))
+                .filter(|(_, ms)| *ms > 0.0)
+                .map(|(name, ms)| format!("{name} {:.3}", ms / calls as f64))
+                .collect();
+            println!(
+                "{:<22} server CPU ms by thread: {}",
+                "",
+                by_thread.join(", ")
+            );
         }
     }
     if let Some(base) = &pg {
@@ -349,9 +361,11 @@ fn postgres_cpu_ms() -> f64 {
     total
 }
 
-/// A process's CPU time so far (ms, user and system, every thread) and context switches
-/// (voluntary and not, summed over its threads).
-fn process_cost(pid: u32) -> (f64, u64) {
+/// A process's CPU time so far (ms, user and system, every thread), context switches
+/// (voluntary and not, summed over its threads), and the CPU time of its live threads by
+/// name, numbers dropped (`argon2-0` and `argon2-1` are `argon2`; a thread that ended is
+/// counted in the total only).
+fn process_cost(pid: u32) -> (f64, u64, std::collections::BTreeMap<String, f64>) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let fields: Vec<&str> = stat
         .rsplit_once(')')
@@ -363,10 +377,25 @@ fn process_cost(pid: u32) -> (f64, u64) {
     // USER_HZ is 100 on Linux.
     let cpu_ms = ticks * 10.0;
     let mut switches = 0;
+    let mut by_thread = std::collections::BTreeMap::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))
         .unwrap()
         .flatten()
     {
+        if let Ok(stat) = std::fs::read_to_string(task.path().join("stat"))
+            && let Some((head, tail)) = stat.rsplit_once(')')
+            && let Some((_, name)) = head.split_once('(')
+        {
+            let fields: Vec<&str> = tail.split_whitespace().collect();
+            let ms = (fields[11].parse::<f64>().unwrap_or(0.0)
+                + fields[12].parse::<f64>().unwrap_or(0.0))
+                * 10.0;
+            let name = match name.rsplit_once('-') {
+                Some((stem, n)) if n.chars().all(|c| c.is_ascii_digit()) => stem,
+                _ => name,
+            };
+            *by_thread.entry(name.to_owned()).or_insert(0.0) += ms;
+        }
         let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
         for line in status.lines() {
             if let Some(n) = line
@@ -377,7 +406,7 @@ fn process_cost(pid: u32) -> (f64, u64) {
             }
         }
     }
-    (cpu_ms, switches)
+    (cpu_ms, switches, by_thread)
 }
 
 fn psql(url: &str, sql: &str) {
