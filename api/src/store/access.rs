@@ -378,7 +378,8 @@ async fn close_review(
         ),
         now_ms,
     )
-    .await
+    .await?;
+    Ok(())
 }
 
 pub(super) const NO_AUDITS: [&AuditRecord; 0] = [];

@@ -192,6 +192,21 @@ pub(super) async fn append_audit(
     record: &AuditRecord,
     now_ms: i64,
 ) -> Result<()> {
+    append_audit_reading_changes(conn, record, now_ms, i64::MAX).await?;
+    Ok(())
+}
+
+/// [`append_audit`], which also reads, in its last statement (no round trip of its own),
+/// what the transaction has changed so far of sessions and access, for
+/// [`Store::commit`](super::Store): on PostgreSQL the transaction's `tenantry.auth_changed`
+/// list; on SQLite `<newest seq> <user id>,<user id>…` of the `auth_changes` rows after
+/// `since` (`0 ` when there are none).
+pub(super) async fn append_audit_reading_changes(
+    conn: &mut AnyConnection,
+    record: &AuditRecord,
+    now_ms: i64,
+    since: i64,
+) -> Result<String> {
     let head = sqlx::query(
         "UPDATE audit_head SET sequence = sequence + 1 WHERE id = 1 RETURNING sequence, hash",
     )
@@ -218,31 +233,52 @@ pub(super) async fn append_audit(
             record.detail_json.clone()
         },
     };
-    let hash = audit::chain_hash(&prev_hash, &entry);
-    sqlx::query(
-        "INSERT INTO audit_events (sequence, at_ms, action, actor_user_id, target, outcome, source, detail_json, prev_hash, hash) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-    )
-    .bind(entry.sequence)
-    .bind(entry.at_ms)
-    .bind(&entry.action)
-    .bind(&entry.actor_user_id)
-    .bind(&entry.target)
-    .bind(&entry.outcome)
-    .bind(&entry.source)
-    .bind(&entry.detail_json)
-    .bind(&prev_hash)
-    .bind(&hash)
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query("UPDATE audit_head SET hash = $1 WHERE id = 1")
-        .bind(&hash)
-        .execute(&mut *conn)
-        .await?;
     // The notice an event causes is queued with the event, in its transaction: recorded
     // and notified together, or neither.
     if let Some((user_id, notice)) = crate::mail::notice::notice_for(record) {
         super::mail::enqueue(conn, &user_id, &notice, now_ms).await?;
     }
-    Ok(())
+    let hash = audit::chain_hash(&prev_hash, &entry);
+    let event = |sql| {
+        sqlx::query(sql)
+            .bind(entry.sequence)
+            .bind(entry.at_ms)
+            .bind(&entry.action)
+            .bind(&entry.actor_user_id)
+            .bind(&entry.target)
+            .bind(&entry.outcome)
+            .bind(&entry.source)
+            .bind(&entry.detail_json)
+            .bind(&prev_hash)
+            .bind(&hash)
+    };
+    let changed: String = if conn.backend_name() == "PostgreSQL" {
+        // The event and the head's new hash in one statement.
+        event(
+            "WITH event AS (INSERT INTO audit_events (sequence, at_ms, action, actor_user_id, target, outcome, source, detail_json, prev_hash, hash) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)) \
+             UPDATE audit_head SET hash = $10 WHERE id = 1 \
+             RETURNING COALESCE(current_setting('tenantry.auth_changed', true), '')",
+        )
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get(0)?
+    } else {
+        event(
+            "INSERT INTO audit_events (sequence, at_ms, action, actor_user_id, target, outcome, source, detail_json, prev_hash, hash) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query_scalar(
+            "UPDATE audit_head SET hash = $1 WHERE id = 1 \
+             RETURNING (SELECT COALESCE(MAX(seq), 0) || ' ' || COALESCE(group_concat(user_id, ','), '') \
+             FROM auth_changes WHERE seq > $2)",
+        )
+        .bind(&hash)
+        .bind(since)
+        .fetch_one(&mut *conn)
+        .await?
+    };
+    Ok(changed)
 }

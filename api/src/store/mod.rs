@@ -278,6 +278,11 @@ impl Store {
         now_ms: i64,
         change: impl AsyncFnOnce(&mut AnyConnection) -> Result<Write<T>>,
     ) -> Result<T> {
+        // Read before the transaction holds a connection (the lock's holder may need one).
+        let since = match self.backend {
+            Backend::Sqlite => *self.auth_seq.lock().await,
+            Backend::Postgres => 0,
+        };
         let mut tx = self.begin_write().await?;
         // On an error the transaction is rolled back here, before the connection goes back
         // to the pool: a dropped transaction only queues its ROLLBACK for the connection's
@@ -289,12 +294,15 @@ impl Store {
         };
         match written {
             Write::Commit(value) => {
+                let mut changed = None;
                 for record in audits {
-                    if let Err(e) = audit::append_audit(&mut tx, record, now_ms).await {
-                        return Err(rolled_back(tx, e).await);
+                    match audit::append_audit_reading_changes(&mut tx, record, now_ms, since).await
+                    {
+                        Ok(c) => changed = Some(c),
+                        Err(e) => return Err(rolled_back(tx, e).await),
                     }
                 }
-                self.commit(tx).await?;
+                self.commit(tx, changed).await?;
                 Ok(value)
             }
             Write::Rollback(value) => {
@@ -306,24 +314,43 @@ impl Store {
 
     /// Commits a write transaction; the sessions it changed leave this replica's cache
     /// before this returns (other replicas hear of them through the database).
-    async fn commit(&self, mut tx: WriteTx) -> Result<()> {
+    ///
+    /// `changed` is what the transaction's last audit append read of those changes (see
+    /// [`audit::append_audit`]); without it, they are read here.
+    async fn commit(&self, mut tx: WriteTx, changed: Option<String>) -> Result<()> {
         if !self.cache.enabled() {
             tx.commit().await?;
             return Ok(());
         }
         match self.backend {
             Backend::Postgres => {
-                let changed: Option<String> =
-                    sqlx::query_scalar("SELECT current_setting('tenantry.auth_changed', true)")
+                let changed =
+                    match changed {
+                        Some(changed) => changed,
+                        None => sqlx::query_scalar(
+                            "SELECT COALESCE(current_setting('tenantry.auth_changed', true), '')",
+                        )
                         .fetch_one(&mut *tx)
-                        .await?;
+                        .await?,
+                    };
                 tx.commit().await?;
-                if let Some(list) = changed.filter(|l| !l.is_empty()) {
-                    self.cache.forget_listed(&list);
+                if !changed.is_empty() {
+                    self.cache.forget_listed(&changed);
                 }
             }
             Backend::Sqlite => {
                 tx.commit().await?;
+                // The changes the transaction saw after those this replica had applied.
+                if let Some((newest, users)) = changed.as_deref().and_then(|c| c.split_once(' '))
+                    && let Ok(newest) = newest.parse::<i64>()
+                {
+                    let mut last = self.auth_seq.lock().await;
+                    if newest > *last {
+                        self.cache.forget_users(users.split(','));
+                        *last = newest;
+                    }
+                    return Ok(());
+                }
                 if let Err(e) = self.apply_auth_changes().await {
                     tracing::warn!(error = %e, "could not read session changes; emptying the session cache");
                     self.cache.forget_all();

@@ -343,7 +343,7 @@ impl Store {
             .bind(tenant_id)
             .execute(&mut *tx)
             .await?;
-        self.commit(tx).await?;
+        self.commit(tx, None).await?;
         Ok(())
     }
 
