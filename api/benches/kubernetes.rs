@@ -41,6 +41,8 @@ async fn seed(store: &Store, n: usize) {
                 notice: tenantry_api::mail::notice::Notice::VerifyEmail {
                     token_sealed: "not-sealed".into(),
                 },
+                mail_id: uuid::Uuid::new_v4().to_string(),
+                claimed_until_ms: 0,
             },
             message: String::new(),
             now_ms: 1_767_225_600_000,

@@ -198,8 +198,27 @@ pub struct Mailer {
     transport: Transport,
     /// What the worker did.
     pub stats: MailStats,
-    /// Wakes the worker when a request queued mail someone waits for.
-    pub wakeup: tokio::sync::Notify,
+    /// Wakes the worker: mail was handed over, or the outbox is to be read now.
+    wakeup: tokio::sync::Notify,
+    /// Mail this replica queued claimed, waiting for its worker; see [`Mailer::hand_over`].
+    handed: std::sync::Mutex<Vec<Handed>>,
+    /// Set by [`Mailer::poll_soon`]: the worker reads the outbox at its next turn.
+    poll_requested: std::sync::atomic::AtomicBool,
+}
+
+/// A message queued in the transaction of the action that caused it, its outbox row
+/// claimed by this replica (see [`crate::store::NewVerification::claimed_until_ms`]), and
+/// handed straight to this replica's worker, which sends it without reading the outbox.
+/// Should this replica stop first, the claim runs out and another worker sends it.
+pub struct Handed {
+    /// The outbox row's id.
+    pub id: String,
+    /// The recipient's address.
+    pub email: String,
+    /// What to send.
+    pub notice: notice::Notice,
+    /// When it was queued (the Date header).
+    pub created_at_ms: i64,
 }
 
 impl std::fmt::Debug for Mailer {
@@ -270,7 +289,36 @@ impl Mailer {
             transport,
             stats: MailStats::default(),
             wakeup: tokio::sync::Notify::new(),
+            handed: std::sync::Mutex::new(Vec::new()),
+            poll_requested: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Gives the worker a message whose row the caller's transaction wrote claimed (and
+    /// committed): it is sent next, without a read of the outbox.
+    pub fn hand_over(&self, mail: Handed) {
+        match self.handed.lock() {
+            Ok(mut handed) => handed.push(mail),
+            // Not lost: the row's claim runs out and a poll sends it.
+            Err(_) => {
+                tracing::error!(mail_id = %mail.id, "mail hand-over failed; it is sent when its claim runs out")
+            }
+        }
+        self.wakeup.notify_one();
+    }
+
+    /// Asks the worker to read the outbox now: a request queued mail someone waits for.
+    pub fn poll_soon(&self) {
+        self.poll_requested.store(true, Ordering::SeqCst);
+        self.wakeup.notify_one();
+    }
+
+    /// What was handed over since the last call.
+    fn take_handed(&self) -> Vec<Handed> {
+        self.handed
+            .lock()
+            .map(|mut handed| std::mem::take(&mut *handed))
+            .unwrap_or_default()
     }
 
     /// The portal's base URL, without a final slash.

@@ -8,13 +8,14 @@
 //! the recipient.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use secrecy::ExposeSecret as _;
 use tenantry_proto::phase::TenantPhase;
 
 use super::notice::{Notice, VERIFY_TOKEN_CONTEXT, render};
-use super::{Delivery, DeliveryError, Mailer};
+use super::{Delivery, DeliveryError, Handed, Mailer};
 use crate::clock::duration_ms;
 use crate::error::Result;
 use crate::state::AppState;
@@ -43,18 +44,44 @@ pub fn backoff(attempts: i64) -> Duration {
         .min(MAX_BACKOFF)
 }
 
-/// Sends what is due, then waits for a wake-up or [`POLL`]; forever.
+/// Sends what was handed over, and what is due in the outbox at least every [`POLL`] (at
+/// once after [`Mailer::poll_soon`]); forever.
 pub async fn run(state: Arc<AppState>, mailer: Arc<Mailer>) {
+    let mut next_poll = tokio::time::Instant::now();
     loop {
-        match send_due(&state, &mailer).await {
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "could not read the mail outbox; retrying"),
+        for mail in mailer.take_handed() {
+            if let Err(e) = send_handed(&state, &mailer, mail).await {
+                tracing::warn!(error = %e, "could not record a mail's delivery; it is sent again when its claim runs out");
+            }
+        }
+        if mailer.poll_requested.swap(false, Ordering::SeqCst)
+            || tokio::time::Instant::now() >= next_poll
+        {
+            next_poll = tokio::time::Instant::now() + POLL;
+            if let Err(e) = send_due(&state, &mailer).await {
+                tracing::warn!(error = %e, "could not read the mail outbox; retrying");
+            }
         }
         tokio::select! {
             () = mailer.wakeup.notified() => {}
-            () = tokio::time::sleep(POLL) => {}
+            () = tokio::time::sleep_until(next_poll) => {}
         }
     }
+}
+
+/// Sends one handed-over message and records the outcome.
+async fn send_handed(state: &AppState, mailer: &Mailer, mail: Handed) -> Result<()> {
+    let outcome = attempt(
+        state,
+        mailer,
+        &mail.id,
+        &mail.email,
+        &mail.notice,
+        mail.created_at_ms,
+    )
+    .await;
+    settle(state, mailer, &mail.id, mail.notice.kind(), 0, outcome).await?;
+    Ok(())
 }
 
 /// One pass over the due rows; returns how many were delivered.
@@ -77,40 +104,9 @@ pub async fn send_due(state: &AppState, mailer: &Mailer) -> Result<usize> {
                 continue;
             }
             progressed = true;
-            match attempt(state, mailer, &row).await {
-                Ok(()) => {
-                    state.store.mail_sent(&row.id, state.now_ms()).await?;
-                    mailer.stats.record(Delivery::Sent, &row.kind);
-                    delivered += 1;
-                    tracing::info!(mail_id = %row.id, kind = %row.kind, "mail sent");
-                }
-                Err(DeliveryError::Undeliverable(why)) => {
-                    state
-                        .store
-                        .mail_dropped(&row.id, state.now_ms(), why)
-                        .await?;
-                    mailer.stats.record(Delivery::Dropped, &row.kind);
-                    tracing::warn!(mail_id = %row.id, kind = %row.kind, reason = why, "mail dropped");
-                }
-                Err(DeliveryError::Failed(why)) => {
-                    mailer.stats.record(Delivery::FailedAttempt, &row.kind);
-                    let attempts = row.attempts + 1;
-                    if attempts >= MAX_ATTEMPTS {
-                        state
-                            .store
-                            .mail_dropped(&row.id, state.now_ms(), &why)
-                            .await?;
-                        mailer.stats.record(Delivery::Dropped, &row.kind);
-                        tracing::error!(mail_id = %row.id, kind = %row.kind, attempts, error = %why, "mail given up after the last retry");
-                    } else {
-                        let wait = backoff(attempts);
-                        state
-                            .store
-                            .mail_failed(&row.id, state.now_ms() + duration_ms(wait), &why)
-                            .await?;
-                        tracing::warn!(mail_id = %row.id, kind = %row.kind, attempts, retry_in = ?wait, error = %why, "mail not sent; will retry");
-                    }
-                }
+            let outcome = attempt_row(state, mailer, &row).await;
+            if settle(state, mailer, &row.id, &row.kind, row.attempts, outcome).await? {
+                delivered += 1;
             }
         }
         if !progressed {
@@ -119,22 +115,84 @@ pub async fn send_due(state: &AppState, mailer: &Mailer) -> Result<usize> {
     }
 }
 
-/// Renders, signs and delivers one row.
-async fn attempt(
+/// Records how an attempt at message `id` (which had failed `attempts` times before)
+/// went: sent, dropped, or to be retried after a backoff. True when it was sent.
+async fn settle(
+    state: &AppState,
+    mailer: &Mailer,
+    id: &str,
+    kind: &str,
+    attempts: i64,
+    outcome: std::result::Result<(), DeliveryError>,
+) -> Result<bool> {
+    match outcome {
+        Ok(()) => {
+            state.store.mail_sent(id, state.now_ms()).await?;
+            mailer.stats.record(Delivery::Sent, kind);
+            tracing::info!(mail_id = %id, kind = %kind, "mail sent");
+            Ok(true)
+        }
+        Err(DeliveryError::Undeliverable(why)) => {
+            state.store.mail_dropped(id, state.now_ms(), why).await?;
+            mailer.stats.record(Delivery::Dropped, kind);
+            tracing::warn!(mail_id = %id, kind = %kind, reason = why, "mail dropped");
+            Ok(false)
+        }
+        Err(DeliveryError::Failed(why)) => {
+            mailer.stats.record(Delivery::FailedAttempt, kind);
+            let attempts = attempts + 1;
+            if attempts >= MAX_ATTEMPTS {
+                state.store.mail_dropped(id, state.now_ms(), &why).await?;
+                mailer.stats.record(Delivery::Dropped, kind);
+                tracing::error!(mail_id = %id, kind = %kind, attempts, error = %why, "mail given up after the last retry");
+            } else {
+                let wait = backoff(attempts);
+                state
+                    .store
+                    .mail_failed(id, state.now_ms() + duration_ms(wait), &why)
+                    .await?;
+                tracing::warn!(mail_id = %id, kind = %kind, attempts, retry_in = ?wait, error = %why, "mail not sent; will retry");
+            }
+            Ok(false)
+        }
+    }
+}
+
+/// Reads a row's notice and recipient, then [`attempt`]s it.
+async fn attempt_row(
     state: &AppState,
     mailer: &Mailer,
     row: &OutboxRow,
 ) -> std::result::Result<(), DeliveryError> {
-    let failed = |what: &str| DeliveryError::Failed(what.to_owned());
     let notice: Notice = serde_json::from_str(&row.notice_json)
         .map_err(|_| DeliveryError::Undeliverable("the notice cannot be read"))?;
     let user = state
         .store
         .user_by_id(&row.user_id)
         .await
-        .map_err(|_| failed("database unavailable"))?
+        .map_err(|_| DeliveryError::Failed("database unavailable".to_owned()))?
         .ok_or(DeliveryError::Undeliverable("the user is gone"))?;
-    let link = match &notice {
+    attempt(
+        state,
+        mailer,
+        &row.id,
+        &user.email,
+        &notice,
+        row.created_at_ms,
+    )
+    .await
+}
+
+/// Renders, signs and delivers message `id` to `email`.
+async fn attempt(
+    state: &AppState,
+    mailer: &Mailer,
+    id: &str,
+    email: &str,
+    notice: &Notice,
+    created_at_ms: i64,
+) -> std::result::Result<(), DeliveryError> {
+    let link = match notice {
         Notice::VerifyEmail { token_sealed } => {
             let token = state
                 .master_key
@@ -149,15 +207,10 @@ async fn attempt(
         }
         _ => None,
     };
-    let rendered = render(&notice, mailer.public_url(), link.as_deref());
-    let (envelope, message) = mailer.compose(
-        &row.id,
-        &user.email,
-        &rendered,
-        row.created_at_ms,
-        state.now_ms(),
-    )?;
-    mailer.deliver(&row.id, &envelope, &message).await
+    let rendered = render(notice, mailer.public_url(), link.as_deref());
+    let (envelope, message) =
+        mailer.compose(id, email, &rendered, created_at_ms, state.now_ms())?;
+    mailer.deliver(id, &envelope, &message).await
 }
 
 /// Watches instance health for the Degraded notices; forever.

@@ -69,7 +69,19 @@ fn new_verification(st: &AppState, now_ms: i64) -> Result<crate::store::NewVerif
         notice: crate::mail::notice::Notice::VerifyEmail {
             token_sealed: sealed,
         },
+        mail_id: uuid::Uuid::new_v4().to_string(),
+        claimed_until_ms: now_ms.saturating_add(duration_ms(crate::mail::worker::CLAIM)),
     })
+}
+
+/// Hands the committed verification mail of `v` to this replica's mail worker.
+fn hand_over(st: &AppState, v: crate::store::NewVerification, email: String, now_ms: i64) {
+    st.mailer.hand_over(crate::mail::Handed {
+        id: v.mail_id,
+        email,
+        notice: v.notice,
+        created_at_ms: now_ms,
+    });
 }
 
 /// The service.
@@ -96,28 +108,8 @@ impl Accounts {
         check_policy(&password, &[&local, &req.tenant_name])
             .map_err(|e| Error::invalid("password", e.to_string()))?;
 
-        // A retried signup (same email, password and tenant name) answers with the same ids.
-        if let Some(user) = st.store.user_by_email(&email).await? {
-            let matches = st
-                .verify_password(password, Some(user.password_hash.clone()))
-                .await?;
-            if matches
-                && let Some(t) = st
-                    .store
-                    .owned_tenant_by_name(&user.id, &req.tenant_name)
-                    .await?
-            {
-                return Ok(SignupResponse {
-                    user_id: user.id,
-                    tenant_id: t.id,
-                });
-            }
-            return Err(Error::AlreadyExists {
-                field: "email",
-                message: "an account with this email already exists",
-            });
-        }
-
+        // No look for the email first: the insert finds a taken one (and then the retry
+        // below), so the common case is one round trip less.
         let to_hash = password.clone();
         let password_hash = st.hashing(move |h| h.hash(&to_hash)).await?;
         let retention = RetentionPolicy::default();
@@ -158,7 +150,7 @@ impl Accounts {
         };
         match st.store.create_signup(&signup, &audit).await? {
             SignupOutcome::Created => {
-                st.mailer.wakeup.notify_one();
+                hand_over(st, signup.verification, signup.email, now);
                 if !st.require_email_verification {
                     st.provision_spec(TenantSpec {
                         id: signup.tenant_id.clone(),
@@ -174,15 +166,41 @@ impl Accounts {
                     tenant_id: signup.tenant_id,
                 })
             }
-            SignupOutcome::EmailTaken => Err(Error::AlreadyExists {
-                field: "email",
-                message: "an account with this email already exists",
-            }),
+            SignupOutcome::EmailTaken => {
+                self.retried_signup(&signup.email, password, &signup.tenant_name)
+                    .await
+            }
             SignupOutcome::TenantNameTaken => Err(Error::AlreadyExists {
                 field: "tenant_name",
                 message: "this tenant name is taken",
             }),
         }
+    }
+
+    /// A signup whose email is taken: when it is a retry (same email, password and tenant
+    /// name), the answer is the same ids as the first time; otherwise `ALREADY_EXISTS`.
+    async fn retried_signup(
+        &self,
+        email: &str,
+        password: SecretString,
+        tenant_name: &str,
+    ) -> Result<SignupResponse> {
+        let st = &self.state;
+        if let Some(user) = st.store.user_by_email(email).await?
+            && st
+                .verify_password(password, Some(user.password_hash.clone()))
+                .await?
+            && let Some(t) = st.store.owned_tenant_by_name(&user.id, tenant_name).await?
+        {
+            return Ok(SignupResponse {
+                user_id: user.id,
+                tenant_id: t.id,
+            });
+        }
+        Err(Error::AlreadyExists {
+            field: "email",
+            message: "an account with this email already exists",
+        })
     }
 
     async fn login(&self, source: String, req: LoginRequest) -> Result<LoginResponse> {
@@ -540,7 +558,7 @@ impl AccountService for Accounts {
         st.store
             .resend_verification(&who.user_id, &v, &audit, now)
             .await?;
-        st.mailer.wakeup.notify_one();
+        hand_over(st, v, who.email.clone(), now);
         Ok(Response::new(ResendVerificationEmailResponse {}))
     }
 

@@ -330,7 +330,7 @@ impl Mfa {
         {
             return Err(Error::FailedPrecondition("no second factor is enrolled"));
         }
-        st.mailer.wakeup.notify_one();
+        st.mailer.poll_soon();
         Ok(())
     }
 }

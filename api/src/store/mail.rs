@@ -36,6 +36,12 @@ pub struct NewVerification {
     pub expires_at_ms: i64,
     /// The [`Notice::VerifyEmail`] with the token sealed.
     pub notice: Notice,
+    /// Id of the outbox row of its mail.
+    pub mail_id: String,
+    /// The mail's row is written claimed until then, for the writer to send it itself
+    /// (handed to its own mail worker: no other replica takes it meanwhile, and no poll of
+    /// the outbox is needed); 0 leaves it to whichever worker polls first.
+    pub claimed_until_ms: i64,
 }
 
 /// Queues `notice` for `user_id` on `conn` (inside the caller's transaction). Returns the
@@ -47,19 +53,33 @@ pub(super) async fn enqueue(
     now_ms: i64,
 ) -> Result<String> {
     let id = uuid::Uuid::new_v4().to_string();
+    insert_mail(conn, &id, user_id, notice, now_ms, 0).await?;
+    Ok(id)
+}
+
+/// Writes outbox row `id`, claimed until `claimed_until_ms` (0: not claimed).
+async fn insert_mail(
+    conn: &mut AnyConnection,
+    id: &str,
+    user_id: &str,
+    notice: &Notice,
+    now_ms: i64,
+    claimed_until_ms: i64,
+) -> Result<()> {
     let json = serde_json::to_string(notice).map_err(|_| Error::Crypto("notice encoding"))?;
     sqlx::query(
-        "INSERT INTO mail_outbox (id, user_id, kind, notice_json, created_at_ms, next_attempt_at_ms) \
-         VALUES ($1, $2, $3, $4, $5, $5)",
+        "INSERT INTO mail_outbox (id, user_id, kind, notice_json, created_at_ms, next_attempt_at_ms, claimed_until_ms) \
+         VALUES ($1, $2, $3, $4, $5, $5, $6)",
     )
-    .bind(&id)
+    .bind(id)
     .bind(user_id)
     .bind(notice.kind())
     .bind(json)
     .bind(now_ms)
+    .bind(claimed_until_ms)
     .execute(&mut *conn)
     .await?;
-    Ok(id)
+    Ok(())
 }
 
 /// Writes a verification token and its mail.
@@ -79,8 +99,15 @@ pub(super) async fn insert_verification(
     .bind(v.expires_at_ms)
     .execute(&mut *conn)
     .await?;
-    enqueue(conn, user_id, &v.notice, now_ms).await?;
-    Ok(())
+    insert_mail(
+        conn,
+        &v.mail_id,
+        user_id,
+        &v.notice,
+        now_ms,
+        v.claimed_until_ms,
+    )
+    .await
 }
 
 impl Store {

@@ -43,6 +43,8 @@ fn new_signup(n: u32) -> NewSignup {
             notice: tenantry_api::mail::notice::Notice::VerifyEmail {
                 token_sealed: "not-sealed".into(),
             },
+            mail_id: uuid::Uuid::new_v4().to_string(),
+            claimed_until_ms: 0,
         },
         message: String::new(),
         now_ms: T0_MS,
@@ -401,5 +403,47 @@ async fn a_stored_value_this_version_cannot_read_is_a_clear_error() {
     assert_eq!(
         err.to_string(),
         "tenants row t-2: retention_max_count -1 is not a value this version can read"
+    );
+}
+
+/// A signup's verification mail written claimed (to be sent by the replica that wrote it)
+/// is no poll's to take until the claim runs out; one written unclaimed is due at once.
+#[tokio::test]
+async fn claimed_verification_mail_waits_for_its_claim_to_run_out() {
+    let db = Database::new().await;
+    let store = open(&db).await;
+    let claim_ms = 120_000;
+    let mut claimed = new_signup(1);
+    claimed.verification.claimed_until_ms = T0_MS + claim_ms;
+    let claimed_id = claimed.verification.mail_id.clone();
+    let outcome = store
+        .create_signup(&claimed, &record("account.signup", "t-1"))
+        .await
+        .unwrap();
+    assert_eq!(outcome, SignupOutcome::Created);
+    signup(&store, 2).await;
+
+    let due: Vec<String> = store
+        .due_mail(T0_MS, 50)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|row| row.id)
+        .collect();
+    assert_eq!(due.len(), 1, "only the unclaimed mail is due: {due:?}");
+    assert!(!due.contains(&claimed_id));
+    assert!(
+        !store
+            .claim_mail(&claimed_id, T0_MS + 1, T0_MS + claim_ms)
+            .await
+            .unwrap(),
+        "another worker cannot claim it meanwhile"
+    );
+
+    let later = T0_MS + claim_ms;
+    let due = store.due_mail(later, 50).await.unwrap();
+    assert!(
+        due.iter().any(|row| row.id == claimed_id),
+        "once the claim ran out (its writer died before sending), any worker sends it"
     );
 }
