@@ -3,7 +3,10 @@
 //! * signup and login throughput at 2, 8 and 32 concurrent gRPC clients, next to the
 //!   argon2-only bound (the same hashes or verifications with the same parallelism and no
 //!   server at all) — goal: at least 0.85 of the bound; three rounds of 96 or more calls,
-//!   each the bound then the operation, compared by their medians;
+//!   each the bound then the operation, compared by their medians; with the calls' p50
+//!   and p99 latency, the bound's p50 (one hash, with its wait for the pool), and how busy
+//!   the machine's CPUs were during the calls (below 100 %, the calls wait on something
+//!   other than CPU: a round trip, a commit, a hand-off between threads);
 //! * WhoAmI throughput and p99 latency next to the gRPC health check of the same server at
 //!   the same concurrency — goal: at least 0.5 of the health check's throughput.
 //!
@@ -125,21 +128,66 @@ async fn start_server(url: &str, dir: &std::path::Path, extra: &[&str]) -> Serve
 /// Rounds of the argon2-only bound and of the operation, one after the other.
 const ROUNDS: usize = 3;
 
+/// What [`interleaved`] measured.
+struct Comparison {
+    /// Median rate of the operation's rounds.
+    rate: f64,
+    /// Median rate of the bound's rounds.
+    bound: f64,
+    /// The operation's latencies, every round.
+    latencies: Vec<Duration>,
+    /// The bound's latencies (queueing for the pool and the hash), every round.
+    bound_latencies: Vec<Duration>,
+    /// Share of the machine's CPU time busy during the operation's rounds.
+    busy: f64,
+}
+
 /// [`ROUNDS`] rounds, each the argon2-only bound then the operation (`op(total)` runs
-/// `total` of them), so that both see the same moments of a shared machine; returns the
-/// medians of the operation's and the bound's rates.
-async fn interleaved<F, Fut>(clients: usize, verify: bool, mut op: F) -> (f64, f64)
+/// `total` of them), so that both see the same moments of a shared machine.
+async fn interleaved<F, Fut>(clients: usize, verify: bool, mut op: F) -> Comparison
 where
     F: FnMut(usize) -> Fut,
     Fut: std::future::Future<Output = (f64, Vec<Duration>)>,
 {
     let total = (clients * 4).max(96);
     let (mut rates, mut bounds) = (Vec::new(), Vec::new());
+    let (mut latencies, mut bound_latencies) = (Vec::new(), Vec::new());
+    let (mut busy, mut all) = (0, 0);
     for _ in 0..ROUNDS {
-        bounds.push(argon2_bound(clients, total, verify).await);
-        rates.push(op(total).await.0);
+        let (rate, lat) = argon2_bound(clients, total, verify).await;
+        bounds.push(rate);
+        bound_latencies.extend(lat);
+        let before = cpu_ticks();
+        let (rate, lat) = op(total).await;
+        let after = cpu_ticks();
+        busy += after.0 - before.0;
+        all += after.1 - before.1;
+        rates.push(rate);
+        latencies.extend(lat);
     }
-    (median(&mut rates), median(&mut bounds))
+    Comparison {
+        rate: median(&mut rates),
+        bound: median(&mut bounds),
+        latencies,
+        bound_latencies,
+        busy: busy as f64 / all.max(1) as f64,
+    }
+}
+
+/// The machine's CPU ticks so far: (busy, all), from the `cpu` line of /proc/stat.
+fn cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .map(|t| t.parse().unwrap())
+        .collect();
+    let all: u64 = ticks.iter().take(8).sum();
+    // idle and iowait
+    (all - ticks[3] - ticks[4], all)
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -147,23 +195,29 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
-fn print_ratio(what: &str, rate: f64, bound: f64) {
+fn print_ratio(what: &str, mut c: Comparison) {
     println!(
-        "{what:<28} {rate:>10.1} {bound:>14.1} {:>8.2}",
-        rate / bound
+        "{what:<16} {:>8.1} {:>8.1} {:>6.2} {:>8.1} {:>8.1} {:>9.1} {:>6.0}%",
+        c.rate,
+        c.bound,
+        c.rate / c.bound,
+        quantile_ms(&mut c.latencies, 0.5),
+        quantile_ms(&mut c.latencies, 0.99),
+        quantile_ms(&mut c.bound_latencies, 0.5),
+        c.busy * 100.0
     );
 }
 
 /// The argon2-only bound: `total` hashes (or verifications) with `clients` in flight, on
 /// the server's own hashing pool (one thread per core), with nothing else to do.
-async fn argon2_bound(clients: usize, total: usize, verify: bool) -> f64 {
+async fn argon2_bound(clients: usize, total: usize, verify: bool) -> (f64, Vec<Duration>) {
     let hasher = Arc::new(PasswordHasher::new(HashParams::default()).unwrap());
     let stored = hasher
         .hash(&SecretString::from(PASSWORD.to_owned()))
         .unwrap();
     let cores = std::thread::available_parallelism().map_or(2, std::num::NonZero::get);
     let pool = Arc::new(HashingPool::new(cores).unwrap());
-    let (rate, _) = drive(clients, total, move |_| {
+    drive(clients, total, move |_| {
         let (hasher, pool, stored) = (Arc::clone(&hasher), Arc::clone(&pool), stored.clone());
         async move {
             pool.run(move || {
@@ -178,8 +232,7 @@ async fn argon2_bound(clients: usize, total: usize, verify: bool) -> f64 {
             .unwrap();
         }
     })
-    .await;
-    rate
+    .await
 }
 
 #[tokio::main]
@@ -263,7 +316,7 @@ async fn overhead(dir: &std::path::Path, real_hash: bool) {
         for verify in [false, true] {
             let me = std::process::id();
             let before = process_cost(me);
-            let rate = argon2_bound(CLIENTS, calls, verify).await;
+            let (rate, _) = argon2_bound(CLIENTS, calls, verify).await;
             let after = process_cost(me);
             println!(
                 "bound ({}): {rate:.1}/s, {:.3} CPU ms each",
@@ -285,6 +338,7 @@ async fn overhead(dir: &std::path::Path, real_hash: bool) {
         for op in ["signup", "login"] {
             let before = process_cost(pid);
             let pg_before = postgres_cpu_ms();
+            let client_before = process_cost(std::process::id()).0;
             let chs = Arc::clone(&chs);
             let (rate, _) = drive(CLIENTS, calls, move |i| {
                 let mut c = AccountServiceClient::new(chs[i % chs.len()].clone());
@@ -313,6 +367,7 @@ async fn overhead(dir: &std::path::Path, real_hash: bool) {
             tokio::time::sleep(Duration::from_millis(500)).await;
             let after = process_cost(pid);
             let pg_after = postgres_cpu_ms();
+            let client = (process_cost(std::process::id()).0 - client_before) / calls as f64;
             println!(
                 "{:<22} {:>10.0} {:>16.3} {:>18.1} {:>16.3}",
                 format!("{backend} {op}"),
@@ -329,7 +384,7 @@ async fn overhead(dir: &std::path::Path, real_hash: bool) {
                 .map(|(name, ms)| format!("{name} {:.3}", ms / calls as f64))
                 .collect();
             println!(
-                "{:<22} server CPU ms by thread: {}",
+                "{:<22} server CPU ms by thread: {}; the clients' (this process): {client:.3}",
                 "",
                 by_thread.join(", ")
             );
@@ -433,13 +488,13 @@ async fn run(url: &str, dir: &std::path::Path) -> Vec<(f64, f64)> {
     println!();
     println!("== {backend}");
     println!(
-        "{:<28} {:>10} {:>14} {:>8}",
-        "operation", "ops/s", "argon2 bound/s", "ratio"
+        "{:<16} {:>8} {:>8} {:>6} {:>8} {:>8} {:>9} {:>7}",
+        "operation", "ops/s", "bound/s", "ratio", "p50 ms", "p99 ms", "hash p50", "CPU"
     );
     let mut user_counter = 0usize;
     for &clients in &CONCURRENCY {
         let chs = Arc::new(channels(&server.addr, clients).await);
-        let (rate, bound) = interleaved(clients, false, |total| {
+        let comparison = interleaved(clients, false, |total| {
             let chs = Arc::clone(&chs);
             let base = user_counter;
             user_counter += total;
@@ -458,12 +513,12 @@ async fn run(url: &str, dir: &std::path::Path) -> Vec<(f64, f64)> {
             })
         })
         .await;
-        print_ratio(&format!("signup x{clients}"), rate, bound);
+        print_ratio(&format!("signup x{clients}"), comparison);
     }
     for &clients in &CONCURRENCY {
         let chs = Arc::new(channels(&server.addr, clients).await);
         let users = user_counter;
-        let (rate, bound) = interleaved(clients, true, |total| {
+        let comparison = interleaved(clients, true, |total| {
             let chs = Arc::clone(&chs);
             drive(clients, total, move |i| {
                 let mut c = AccountServiceClient::new(chs[i % chs.len()].clone());
@@ -478,7 +533,7 @@ async fn run(url: &str, dir: &std::path::Path) -> Vec<(f64, f64)> {
             })
         })
         .await;
-        print_ratio(&format!("login x{clients}"), rate, bound);
+        print_ratio(&format!("login x{clients}"), comparison);
     }
 
     let channel = tenantry_client::connect(&server.addr, Trust::default())
