@@ -170,6 +170,13 @@ impl Accounts {
                 self.retried_signup(&signup.email, password, &signup.tenant_name)
                     .await
             }
+            // Both names may be taken (a retry) with only the tenant's reported.
+            SignupOutcome::TenantNameTaken
+                if st.store.user_by_email(&signup.email).await?.is_some() =>
+            {
+                self.retried_signup(&signup.email, password, &signup.tenant_name)
+                    .await
+            }
             SignupOutcome::TenantNameTaken => Err(Error::AlreadyExists {
                 field: "tenant_name",
                 message: "this tenant name is taken",

@@ -148,6 +148,15 @@ async fn a_write_the_change_declines_is_neither_kept_nor_audited() {
         .unwrap();
     assert_eq!(outcome, SignupOutcome::TenantNameTaken);
     assert!(store.user_by_id("u-2").await.unwrap().is_none());
+    // The email is taken: the tenant must not stay behind.
+    let mut again = new_signup(3);
+    again.email = "owner1@example.com".into();
+    let outcome = store
+        .create_signup(&again, &record("account.signup", "t-3"))
+        .await
+        .unwrap();
+    assert_eq!(outcome, SignupOutcome::EmailTaken);
+    assert!(store.tenant("t-3").await.unwrap().is_none());
 
     let kept = store
         .commit_audited([&record("custom", "t-1")], T0_MS, async |tx| {
