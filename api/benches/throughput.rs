@@ -16,7 +16,8 @@
 //! SQLite in a temporary directory, then, when `TENANTRY_BENCH_DATABASE_URL` names a
 //! PostgreSQL server, on a fresh database there (dropped at the end).
 //! `cargo bench -p tenantry-api --bench throughput`; add `-- --overhead` for what a signup
-//! and a login cost the server beyond the hash (CPU time and context switches per call).
+//! and a login cost the server beyond the hash (CPU time and context switches per call),
+//! and `--compare-with PATH` to measure another build's `tenantry-api` beside this one.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -102,8 +103,24 @@ impl Drop for Server {
 }
 
 async fn start_server(url: &str, dir: &std::path::Path, extra: &[&str]) -> Server {
+    start_server_bin(
+        std::path::Path::new(env!("CARGO_BIN_EXE_tenantry-api")),
+        url,
+        dir,
+        extra,
+    )
+    .await
+}
+
+/// [`start_server`] with another `tenantry-api` binary (`--compare-with`).
+async fn start_server_bin(
+    bin: &std::path::Path,
+    url: &str,
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> Server {
     let port = common::free_port();
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_tenantry-api"))
+    let child = std::process::Command::new(bin)
         .args(["serve", "--database-url", url])
         .arg("--data-dir")
         .arg(dir)
@@ -287,25 +304,35 @@ async fn main() {
 /// `-- --overhead`: what a signup and a login cost the server beyond the password hash.
 /// The server runs with the cheapest argon2id (8 KiB, one pass), so its CPU time per call
 /// (user and system, all threads, from /proc) and its context switches are the call's own
-/// work: gRPC, database, audit, the verification mail. Not a comparison; a profile to
-/// read side by side across changes (and to run `perf record -p` against).
+/// work: gRPC, database, audit, the verification mail. A profile to read side by side
+/// across changes (and to run `perf record -p` against).
 ///
 /// With `--real-hash` the server keeps the default argon2id, and the bound's own CPU time
 /// per hash is printed beside it: the server's CPU per call less the bound's is then what
 /// the call costs beyond the hash at full size.
+///
+/// With `--compare-with PATH` (another build's `tenantry-api`, e.g. of an earlier commit)
+/// both binaries are measured in turn, twice each, on fresh databases of their own: a
+/// before-and-after in one run, on the same moments of a shared machine.
 async fn overhead(dir: &std::path::Path, real_hash: bool) {
     let calls: usize = if real_hash { 400 } else { 2_000 };
     const CLIENTS: usize = 8;
-    let mut urls = vec![("SQLite", format!("sqlite://{}/overhead.db", dir.display()))];
+    let args: Vec<String> = std::env::args().collect();
+    let mut bins = vec![(
+        "this build",
+        std::path::PathBuf::from(env!("CARGO_BIN_EXE_tenantry-api")),
+    )];
+    if let Some(other) = args
+        .iter()
+        .position(|a| a == "--compare-with")
+        .and_then(|i| args.get(i + 1))
+    {
+        bins.push(("compared", std::path::PathBuf::from(other)));
+    }
+    let rounds = if bins.len() > 1 { 2 } else { 1 };
     let pg = std::env::var("TENANTRY_BENCH_DATABASE_URL")
         .ok()
         .filter(|u| !u.is_empty());
-    let name = format!("bench_overhead_{}", std::process::id());
-    if let Some(base) = &pg {
-        psql(base, &format!("CREATE DATABASE {name}"));
-        let (head, _) = base.rsplit_once('/').unwrap();
-        urls.push(("PostgreSQL", format!("{head}/{name}")));
-    }
     let argon2 = if real_hash {
         "the default argon2id"
     } else {
@@ -326,72 +353,107 @@ async fn overhead(dir: &std::path::Path, real_hash: bool) {
         }
     }
     println!(
-        "{:<22} {:>10} {:>16} {:>18} {:>16}",
+        "{:<34} {:>8} {:>14} {:>17} {:>18}",
         "operation", "calls/s", "server CPU ms", "context switches", "PostgreSQL CPU ms"
     );
-    for (backend, url) in urls {
-        let cheap = ["--argon2-memory-kib", "8", "--argon2-iterations", "1"];
-        let server = start_server(&url, dir, if real_hash { &[] } else { &cheap }).await;
-        let pid = server.child.id();
-        let chs = Arc::new(channels(&server.addr, CLIENTS).await);
-        let run_id = std::process::id();
-        for op in ["signup", "login"] {
-            let before = process_cost(pid);
-            let pg_before = postgres_cpu_ms();
-            let client_before = process_cost(std::process::id()).0;
-            let chs = Arc::clone(&chs);
-            let (rate, _) = drive(CLIENTS, calls, move |i| {
-                let mut c = AccountServiceClient::new(chs[i % chs.len()].clone());
-                async move {
-                    if op == "signup" {
-                        c.signup(SignupRequest {
-                            email: format!("overhead{run_id}-{i}@example.com"),
-                            password: PASSWORD.into(),
-                            tenant_name: format!("o{run_id}-{i}"),
-                            plan: 0,
-                        })
-                        .await
-                        .unwrap();
-                    } else {
-                        c.login(LoginRequest {
-                            email: format!("overhead{run_id}-{i}@example.com"),
-                            password: PASSWORD.into(),
-                        })
-                        .await
-                        .unwrap();
+    let mut backends = vec!["SQLite"];
+    if pg.is_some() {
+        backends.push("PostgreSQL");
+    }
+    for backend in backends {
+        for round in 0..rounds {
+            for (k, (label, bin)) in bins.iter().enumerate() {
+                let name = format!("bench_overhead_{}_{round}_{k}", std::process::id());
+                let url = match &pg {
+                    Some(base) if backend == "PostgreSQL" => {
+                        psql(base, &format!("CREATE DATABASE {name}"));
+                        let (head, _) = base.rsplit_once('/').unwrap();
+                        format!("{head}/{name}")
                     }
+                    _ => format!("sqlite://{}/{name}.db", dir.display()),
+                };
+                let label = if rounds > 1 {
+                    format!("{backend} ({label})")
+                } else {
+                    backend.to_owned()
+                };
+                overhead_of(bin, &url, dir, real_hash, calls, CLIENTS, &label).await;
+                if let Some(base) = pg.as_ref().filter(|_| backend == "PostgreSQL") {
+                    psql(base, &format!("DROP DATABASE {name} WITH (FORCE)"));
                 }
-            })
-            .await;
-            // Let the mail sent for the last signups be counted with them.
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let after = process_cost(pid);
-            let pg_after = postgres_cpu_ms();
-            let client = (process_cost(std::process::id()).0 - client_before) / calls as f64;
-            println!(
-                "{:<22} {:>10.0} {:>16.3} {:>18.1} {:>16.3}",
-                format!("{backend} {op}"),
-                rate,
-                (after.0 - before.0) / calls as f64,
-                (after.1 - before.1) as f64 / calls as f64,
-                (pg_after - pg_before) / calls as f64,
-            );
-            let by_thread: Vec<String> = after
-                .2
-                .iter()
-                .map(|(name, ms)| (name, ms - before.2.get(name).copied().unwrap_or(0.0)))
-                .filter(|(_, ms)| *ms > 0.0)
-                .map(|(name, ms)| format!("{name} {:.3}", ms / calls as f64))
-                .collect();
-            println!(
-                "{:<22} server CPU ms by thread: {}; the clients' (this process): {client:.3}",
-                "",
-                by_thread.join(", ")
-            );
+            }
         }
     }
-    if let Some(base) = &pg {
-        psql(base, &format!("DROP DATABASE {name} WITH (FORCE)"));
+}
+
+/// One server (`bin` on `url`): signups then logins, and what they cost.
+async fn overhead_of(
+    bin: &std::path::Path,
+    url: &str,
+    dir: &std::path::Path,
+    real_hash: bool,
+    calls: usize,
+    clients: usize,
+    label: &str,
+) {
+    let cheap = ["--argon2-memory-kib", "8", "--argon2-iterations", "1"];
+    let server = start_server_bin(bin, url, dir, if real_hash { &[] } else { &cheap }).await;
+    let pid = server.child.id();
+    let chs = Arc::new(channels(&server.addr, clients).await);
+    let run_id = std::process::id();
+    for op in ["signup", "login"] {
+        let before = process_cost(pid);
+        let pg_before = postgres_cpu_ms();
+        let client_before = process_cost(std::process::id()).0;
+        let chs = Arc::clone(&chs);
+        let (rate, _) = drive(clients, calls, move |i| {
+            let mut c = AccountServiceClient::new(chs[i % chs.len()].clone());
+            async move {
+                if op == "signup" {
+                    c.signup(SignupRequest {
+                        email: format!("overhead{run_id}-{i}@example.com"),
+                        password: PASSWORD.into(),
+                        tenant_name: format!("o{run_id}-{i}"),
+                        plan: 0,
+                    })
+                    .await
+                    .unwrap();
+                } else {
+                    c.login(LoginRequest {
+                        email: format!("overhead{run_id}-{i}@example.com"),
+                        password: PASSWORD.into(),
+                    })
+                    .await
+                    .unwrap();
+                }
+            }
+        })
+        .await;
+        // Let the mail sent for the last signups be counted with them.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = process_cost(pid);
+        let pg_after = postgres_cpu_ms();
+        let client = (process_cost(std::process::id()).0 - client_before) / calls as f64;
+        println!(
+            "{:<34} {:>8.0} {:>14.3} {:>17.1} {:>18.3}",
+            format!("{label} {op}"),
+            rate,
+            (after.0 - before.0) / calls as f64,
+            (after.1 - before.1) as f64 / calls as f64,
+            (pg_after - pg_before) / calls as f64,
+        );
+        let by_thread: Vec<String> = after
+            .2
+            .iter()
+            .map(|(name, ms)| (name, ms - before.2.get(name).copied().unwrap_or(0.0)))
+            .filter(|(_, ms)| *ms > 0.0)
+            .map(|(name, ms)| format!("{name} {:.3}", ms / calls as f64))
+            .collect();
+        println!(
+            "{:<34} server CPU ms by thread: {}; the clients' (this process): {client:.3}",
+            "",
+            by_thread.join(", ")
+        );
     }
 }
 
