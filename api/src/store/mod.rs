@@ -316,7 +316,7 @@ impl Store {
     /// before this returns (other replicas hear of them through the database).
     ///
     /// `changed` is what the transaction's last audit append read of those changes (see
-    /// [`audit::append_audit`]); without it, they are read here.
+    /// [`audit::append_audit_reading_changes`]); without it, they are read here.
     async fn commit(&self, mut tx: WriteTx, changed: Option<String>) -> Result<()> {
         if !self.cache.enabled() {
             tx.commit().await?;

@@ -88,18 +88,19 @@ impl Store {
         audit: &AuditRecord,
         now_ms: i64,
     ) -> Result<()> {
+        // PostgreSQL: both in one statement, one round trip.
+        const BOTH: &str = "WITH new_session AS (INSERT INTO sessions (token_hash, user_id, \
+             created_at_ms, last_seen_ms, expires_at_ms, source) VALUES ($4, $2, $3, $3, $5, $6)) \
+             UPDATE users SET login_failures = 0, login_lockouts = 0, login_locked_until_ms = 0, \
+             password_hash = COALESCE($1, password_hash), last_login_at_ms = $3 WHERE id = $2";
         const USER: &str = "UPDATE users SET login_failures = 0, login_lockouts = 0, login_locked_until_ms = 0, \
              password_hash = COALESCE($1, password_hash), last_login_at_ms = $3 WHERE id = $2";
+        const SESSION: &str = "INSERT INTO sessions (token_hash, user_id, created_at_ms, last_seen_ms, \
+             expires_at_ms, source) VALUES ($1, $2, $3, $3, $4, $5)";
         let postgres = self.backend == Backend::Postgres;
         self.commit_audited([audit], now_ms, async |tx| {
             if postgres {
-                // Both in one statement: one round trip.
-                sqlx::query(
-                    "WITH new_session AS (INSERT INTO sessions (token_hash, user_id, created_at_ms, \
-                       last_seen_ms, expires_at_ms, source) VALUES ($4, $2, $3, $3, $5, $6)) \
-                     UPDATE users SET login_failures = 0, login_lockouts = 0, login_locked_until_ms = 0, \
-                     password_hash = COALESCE($1, password_hash), last_login_at_ms = $3 WHERE id = $2",
-                )
+                sqlx::query(BOTH)
                     .bind(new_hash)
                     .bind(user_id)
                     .bind(now_ms)
@@ -115,17 +116,14 @@ impl Store {
                     .bind(now_ms)
                     .execute(&mut *tx)
                     .await?;
-                sqlx::query(
-                    "INSERT INTO sessions (token_hash, user_id, created_at_ms, last_seen_ms, expires_at_ms, source) \
-                     VALUES ($1, $2, $3, $3, $4, $5)",
-                )
-                .bind(token_hash)
-                .bind(user_id)
-                .bind(now_ms)
-                .bind(expires_at_ms)
-                .bind(source)
-                .execute(&mut *tx)
-                .await?;
+                sqlx::query(SESSION)
+                    .bind(token_hash)
+                    .bind(user_id)
+                    .bind(now_ms)
+                    .bind(expires_at_ms)
+                    .bind(source)
+                    .execute(&mut *tx)
+                    .await?;
             }
             Ok(Write::Commit(()))
         })
