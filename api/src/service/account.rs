@@ -166,37 +166,42 @@ impl Accounts {
                     tenant_id: signup.tenant_id,
                 })
             }
-            SignupOutcome::EmailTaken => {
-                self.retried_signup(&signup.email, password, &signup.tenant_name)
+            taken => {
+                self.taken_signup(taken, &signup.email, password, &signup.tenant_name)
                     .await
             }
-            // Both names may be taken (a retry) with only the tenant's reported.
-            SignupOutcome::TenantNameTaken
-                if st.store.user_by_email(&signup.email).await?.is_some() =>
-            {
-                self.retried_signup(&signup.email, password, &signup.tenant_name)
-                    .await
-            }
-            SignupOutcome::TenantNameTaken => Err(Error::AlreadyExists {
-                field: "tenant_name",
-                message: "this tenant name is taken",
-            }),
         }
     }
 
-    /// A signup whose email is taken: when it is a retry (same email, password and tenant
-    /// name), the answer is the same ids as the first time; otherwise `ALREADY_EXISTS`.
-    async fn retried_signup(
+    /// A signup that found a name taken. When the email has an account, the email is what
+    /// is taken, whichever conflict the insert reported (on PostgreSQL the rows are one
+    /// statement, which does not promise its order); a retry (same email, password and
+    /// tenant name) then answers with the same ids as the first time. One look-up, only
+    /// on this path.
+    async fn taken_signup(
         &self,
+        taken: SignupOutcome,
         email: &str,
         password: SecretString,
         tenant_name: &str,
     ) -> Result<SignupResponse> {
         let st = &self.state;
-        if let Some(user) = st.store.user_by_email(email).await?
-            && st
-                .verify_password(password, Some(user.password_hash.clone()))
-                .await?
+        let email_taken = Error::AlreadyExists {
+            field: "email",
+            message: "an account with this email already exists",
+        };
+        let Some(user) = st.store.user_by_email(email).await? else {
+            return Err(match taken {
+                SignupOutcome::TenantNameTaken => Error::AlreadyExists {
+                    field: "tenant_name",
+                    message: "this tenant name is taken",
+                },
+                _ => email_taken,
+            });
+        };
+        if st
+            .verify_password(password, Some(user.password_hash.clone()))
+            .await?
             && let Some(t) = st.store.owned_tenant_by_name(&user.id, tenant_name).await?
         {
             return Ok(SignupResponse {
@@ -204,10 +209,7 @@ impl Accounts {
                 tenant_id: t.id,
             });
         }
-        Err(Error::AlreadyExists {
-            field: "email",
-            message: "an account with this email already exists",
-        })
+        Err(email_taken)
     }
 
     async fn login(&self, source: String, req: LoginRequest) -> Result<LoginResponse> {
