@@ -294,7 +294,7 @@ async fn healthz() -> Json<serde_json::Value> {
 
 async fn readyz(State(state): State<AppState>) -> Response {
     let store = state.store.ping().await;
-    let certs = state.certs.check_files();
+    let certs = state.certs.check_files_settled().await;
     match (store, certs) {
         (Ok(()), Ok(())) => Json(json!({"status": "ready"})).into_response(),
         (store, certs) => {

@@ -5,7 +5,8 @@
 //! A rotation replaces two files that cannot be swapped atomically together, so a poll
 //! may see a new certificate with the old key (or a half-written file). Such a pair is
 //! refused — the old one keeps serving and the problem is logged once — and picked up
-//! on a later poll once both files agree. Each TLS handshake takes the key current at that
+//! on a later poll once both files agree; `/readyz` re-reads such a pair for a moment
+//! before it reports it. Each TLS handshake takes the key current at that
 //! moment, so connections (and requests) already open are never affected by a reload.
 
 use std::fmt;
@@ -22,6 +23,11 @@ use secrecy::zeroize::Zeroizing;
 
 use crate::config::TlsFiles;
 use crate::error::{Error, Result};
+
+/// How long `/readyz` keeps re-reading certificate files that fail before it reports them.
+pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(250);
+/// How often it re-reads them meanwhile.
+pub const SETTLE_POLL: std::time::Duration = std::time::Duration::from_millis(25);
 
 /// The rustls provider used everywhere in the runtime (ring; no aws-lc).
 pub fn provider() -> Arc<CryptoProvider> {
@@ -150,8 +156,23 @@ impl CertResolver {
         outcome
     }
 
-    /// Whether the files on disk can be read and form a usable pair now (for `/readyz`).
-    pub fn check_files(&self) -> Result<()> {
+    /// Whether the files on disk can be read and form a usable pair (for `/readyz`). A
+    /// pair caught mid-replacement (the writer renames one file, then the other) is not a
+    /// failure: the files are read again every [`SETTLE_POLL`] for up to [`SETTLE`], and
+    /// only a problem that outlasts that is reported.
+    pub async fn check_files_settled(&self) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        loop {
+            let checked = self.check_files();
+            if checked.is_ok() || tokio::time::Instant::now() >= deadline {
+                return checked;
+            }
+            tokio::time::sleep(SETTLE_POLL).await;
+        }
+    }
+
+    /// Whether the files on disk can be read and form a usable pair now.
+    fn check_files(&self) -> Result<()> {
         let cert = read("certificate file", &self.files.cert_file)?;
         let key = Zeroizing::new(read("key file", &self.files.key_file)?);
         certified_key(&cert, &key, &self.provider)

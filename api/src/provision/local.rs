@@ -72,6 +72,52 @@ fn pki_err(what: &'static str) -> impl FnOnce(tenantry_pki::Error) -> Error {
 /// Writes `contents` to `path` through a temporary file and a rename, so a reader (the
 /// runtime watching its files) never sees half a file.
 pub(super) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
+    stage(path, contents, mode)?.replace()
+}
+
+/// Writes several files so that a reader sees them change together, as near as separate
+/// files allow: every file is written and flushed first, then the renames follow back to
+/// back (microseconds apart, where one `fsync` between them would leave a reader a window
+/// of milliseconds with one old and one new file). Renamed in the order given.
+pub(super) fn write_atomic_together(files: &[(&Path, &[u8], u32)]) -> Result<()> {
+    let mut staged = Vec::with_capacity(files.len());
+    for &(path, contents, mode) in files {
+        match stage(path, contents, mode) {
+            Ok(file) => staged.push(file),
+            Err(e) => {
+                staged.iter().for_each(Staged::discard);
+                return Err(e);
+            }
+        }
+    }
+    let mut staged = staged.into_iter();
+    for file in staged.by_ref() {
+        if let Err(e) = file.replace() {
+            staged.for_each(|f| f.discard());
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// A file written and flushed beside its final path, not yet renamed over it.
+struct Staged<'a> {
+    tmp: PathBuf,
+    path: &'a Path,
+}
+
+impl Staged<'_> {
+    fn replace(self) -> Result<()> {
+        std::fs::rename(&self.tmp, self.path)
+            .map_err(io_err(format!("replacing {}", self.path.display())))
+    }
+
+    fn discard(&self) {
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+fn stage<'a>(path: &'a Path, contents: &[u8], mode: u32) -> Result<Staged<'a>> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let tmp = path.with_extension(format!("tmp-{}", hex::encode(random_bytes::<4>()?)));
@@ -81,10 +127,12 @@ pub(super) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()
         .mode(mode)
         .open(&tmp)
         .map_err(io_err(format!("creating {}", tmp.display())))?;
-    file.write_all(contents)
-        .and_then(|()| file.sync_all())
-        .map_err(io_err(format!("writing {}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(io_err(format!("replacing {}", path.display())))
+    let staged = Staged { tmp, path };
+    if let Err(e) = file.write_all(contents).and_then(|()| file.sync_all()) {
+        staged.discard();
+        return Err(io_err(format!("writing {}", staged.tmp.display()))(e));
+    }
+    Ok(staged)
 }
 
 /// Writes the token public key set every local runtime reads, unless it holds it already;
@@ -315,9 +363,13 @@ impl Shared {
                 now: self.now(),
             })
             .map_err(pki_err("issuing a certificate"))?;
-        // Key first: the runtime only switches once the pair matches.
-        write_atomic(&key_path, issued.key_pem.expose_secret().as_bytes(), 0o600)?;
-        write_atomic(&cert_path, issued.cert_pem.as_bytes(), 0o644)?;
+        // Both written before either is renamed, key first: the runtime only switches once
+        // the pair matches, and `/readyz` never sees a mismatched pair for longer than the
+        // two renames take.
+        write_atomic_together(&[
+            (&key_path, issued.key_pem.expose_secret().as_bytes(), 0o600),
+            (&cert_path, issued.cert_pem.as_bytes(), 0o644),
+        ])?;
         tracing::info!(tenant_dir = %dir.display(), serial = %issued.serial_hex, not_after = %issued.not_after, ca = %ca.fingerprint(), "issued instance certificate");
         pki::parse_certificate(&issued.cert_pem).map_err(pki_err("reading the issued certificate"))
     }
@@ -1103,6 +1155,32 @@ mod tests {
             1,
             "no temporary file left"
         );
+    }
+
+    #[test]
+    fn files_written_together_are_all_replaced_or_none() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let (key, cert) = (dir.path().join("tls.key"), dir.path().join("tls.crt"));
+        write_atomic_together(&[(&key, b"k1", 0o600), (&cert, b"c1", 0o644)]).unwrap();
+        assert_eq!(std::fs::read(&key).unwrap(), b"k1");
+        assert_eq!(std::fs::read(&cert).unwrap(), b"c1");
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(
+            std::fs::metadata(&cert).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        // The second file cannot be written: the first is not replaced either, and no
+        // temporary file is left.
+        let missing = dir.path().join("no-such-dir/tls.crt");
+        let err =
+            write_atomic_together(&[(&key, b"k2", 0o600), (&missing, b"c2", 0o644)]).unwrap_err();
+        assert!(err.to_string().contains("no-such-dir"), "{err}");
+        assert_eq!(std::fs::read(&key).unwrap(), b"k1");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 
     #[test]

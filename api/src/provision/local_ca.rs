@@ -189,12 +189,14 @@ pub fn load_or_create(dir: &Path) -> Result<LocalCa> {
     let ca = CertificateAuthority::generate("Tenantry local CA", Timestamp::now())
         .map_err(pki_err("making the CA"))?;
     let cert_path = dir.join(CA_CERT_FILE);
-    super::local::write_atomic(
-        &dir.join(CA_KEY_FILE),
-        ca.key_pem().expose_secret().as_bytes(),
-        0o600,
-    )?;
-    super::local::write_atomic(&cert_path, ca.cert_pem().as_bytes(), 0o644)?;
+    super::local::write_atomic_together(&[
+        (
+            &dir.join(CA_KEY_FILE),
+            ca.key_pem().expose_secret().as_bytes(),
+            0o600,
+        ),
+        (&cert_path, ca.cert_pem().as_bytes(), 0o644),
+    ])?;
     tracing::info!(path = %cert_path.display(), "created the local CA; trust this certificate to reach instances");
     load(dir)?.ok_or_else(|| Error::Config(format!("{} vanished", cert_path.display())))
 }
@@ -240,16 +242,18 @@ pub fn rotate(dir: &Path, window: Duration, now: Timestamp) -> Result<RotationRe
         previous_fingerprint: current.fingerprint.clone(),
     };
     let json = serde_json::to_string_pretty(&rotation).unwrap_or_default();
-    // In this order: a reader sees the new CA only once the key and ca.crt agree, and by
-    // then the rotation file is there.
-    super::local::write_atomic(&dir.join(ROTATION_FILE), json.as_bytes(), 0o644)?;
-    super::local::write_atomic(
-        &dir.join(CA_KEY_FILE),
-        new.key_pem().expose_secret().as_bytes(),
-        0o600,
-    )?;
+    // Renamed in this order, all three written first: a reader sees the new CA only once
+    // the key and ca.crt agree, and by then the rotation file is there.
     let bundle = pki::bundle(&[new.cert_pem(), current.issuing.cert_pem()]);
-    super::local::write_atomic(&dir.join(CA_CERT_FILE), bundle.as_bytes(), 0o644)?;
+    super::local::write_atomic_together(&[
+        (&dir.join(ROTATION_FILE), json.as_bytes(), 0o644),
+        (
+            &dir.join(CA_KEY_FILE),
+            new.key_pem().expose_secret().as_bytes(),
+            0o600,
+        ),
+        (&dir.join(CA_CERT_FILE), bundle.as_bytes(), 0o644),
+    ])?;
     Ok(RotationReport {
         fingerprint: rotation.fingerprint.clone(),
         previous_fingerprint: rotation.previous_fingerprint.clone(),

@@ -1,7 +1,7 @@
 //! HTTPS with the managed certificate: only TLS is served; a rotated certificate reaches
 //! new connections without a restart while open connections keep working; a mismatched
 //! or half-written pair is refused (the old one keeps serving); `/readyz` fails while
-//! the certificate files cannot be read.
+//! the certificate files cannot be read, but not for a pair caught mid-replacement.
 
 use std::time::Duration;
 
@@ -72,6 +72,30 @@ async fn mismatched_pair_keeps_the_old_certificate_until_fixed() {
         .await
     );
     assert_eq!(app.call_as("GET", "/readyz", None, None).await.status, 200);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn readyz_waits_out_a_pair_caught_mid_replacement() {
+    let app = Instance::start().await;
+    let (cert, key, der) = common::new_leaf(&app.ca);
+    // The writer renames the certificate, then the key 100 ms later: a probe that
+    // arrives in between sees a mismatched pair, and answers once the key is there.
+    common::write_atomically(&app.root().join("tls/tls.crt"), cert.as_bytes());
+    let key_path = app.root().join("tls/tls.key");
+    let writer = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        common::write_atomically(&key_path, key.as_bytes());
+    });
+    let ready = app.call_as("GET", "/readyz", None, None).await;
+    assert_eq!(ready.status, 200, "{}", ready.text);
+    writer.await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), POLL, || async {
+            app.connect().await.peer_cert == der
+        })
+        .await
+    );
     app.stop().await.unwrap();
 }
 

@@ -1140,7 +1140,7 @@ async fn local_ca_rotation_with_traffic_fails_no_request() {
                                 leaves.push(leaf);
                             }
                         }
-                        Ok(r) => failed.push(format!("status {}", r.status)),
+                        Ok(r) => failed.push(format!("status {}: {}", r.status, r.text)),
                         Err(e) => failed.push(format!("request: {e}")),
                     },
                     Err(e) => failed.push(format!("connect: {e}")),
