@@ -4,7 +4,7 @@
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 
-use super::{Arg, Store, Write, bind_all};
+use super::{AnyQuery, Arg, Store, Write, bind_all};
 use crate::audit::{self, AuditEntry, ChainVerifier};
 use crate::error::Result;
 
@@ -185,6 +185,87 @@ impl Store {
     }
 }
 
+/// The row `record` becomes at `sequence`.
+fn entry_of(record: &AuditRecord, now_ms: i64, sequence: i64) -> AuditEntry {
+    AuditEntry {
+        sequence,
+        at_ms: now_ms,
+        action: record.action.to_owned(),
+        actor_user_id: record.actor_user_id.clone(),
+        target: record.target.clone(),
+        outcome: if record.success {
+            audit::SUCCESS
+        } else {
+            audit::FAILURE
+        }
+        .to_owned(),
+        source: record.source.clone(),
+        detail_json: if record.detail_json.is_empty() {
+            "{}".to_owned()
+        } else {
+            record.detail_json.clone()
+        },
+    }
+}
+
+/// PostgreSQL: one data-modifying statement that makes a change (`change_ctes`, the
+/// `name AS (…)` parts of a `WITH`, using the parameters before `first`) and appends its
+/// audit row, run on its own: one round trip and PostgreSQL's own commit, where a
+/// transaction takes five (`BEGIN`, the change, two for the append, `COMMIT`). Bind the
+/// append's parameters with [`bind_postgres_append`] after the change's.
+///
+/// The append locks the head row (`FOR UPDATE`, which under read committed waits for a
+/// concurrent append and then reads the row it committed), chains the event after it, and
+/// hashes in SQL what [`audit::chain_hash`] hashes: the previous hash and the sequence,
+/// each length-prefixed, then [`audit::chain_tail`] of the other fields, computed here.
+/// The head's lock is held only until that statement's own commit.
+///
+/// Only for changes that alter no cached session (the triggers that list such changes run
+/// at the end of the statement, after anything it could return) and audit records that
+/// queue no notice (checked in debug builds by [`bind_postgres_append`]).
+pub(super) fn postgres_statement(change_ctes: &str, first: usize) -> String {
+    let p = |i: usize| first + i;
+    format!(
+        "WITH {change_ctes}, \
+         audit_prev AS (SELECT sequence + 1 AS sequence, hash FROM audit_head WHERE id = 1 FOR UPDATE), \
+         audit_event AS (INSERT INTO audit_events (sequence, at_ms, action, actor_user_id, target, outcome, source, detail_json, prev_hash, hash) \
+           SELECT sequence, ${}::bigint, ${}::text, ${}::text, ${}::text, ${}::text, ${}::text, ${}::text, hash, \
+             encode(sha256(int8send(octet_length(hash)::bigint) || convert_to(hash, 'UTF8') \
+               || int8send(8::bigint) || int8send(sequence) || ${}::bytea), 'hex') \
+           FROM audit_prev RETURNING sequence, hash) \
+         UPDATE audit_head SET sequence = audit_event.sequence, hash = audit_event.hash \
+         FROM audit_event WHERE audit_head.id = 1",
+        p(0),
+        p(1),
+        p(2),
+        p(3),
+        p(4),
+        p(5),
+        p(6),
+        p(7),
+    )
+}
+
+/// Binds the append's eight parameters of [`postgres_statement`] for `record` at `now_ms`.
+pub(super) fn bind_postgres_append(query: AnyQuery, record: &AuditRecord, now_ms: i64) -> AnyQuery {
+    debug_assert!(
+        crate::mail::notice::notice_for(record).is_none(),
+        "{} queues a notice: append it in a transaction",
+        record.action
+    );
+    let entry = entry_of(record, now_ms, 0);
+    let tail = audit::chain_tail(&entry);
+    query
+        .bind(entry.at_ms)
+        .bind(entry.action)
+        .bind(entry.actor_user_id)
+        .bind(entry.target)
+        .bind(entry.outcome)
+        .bind(entry.source)
+        .bind(entry.detail_json)
+        .bind(tail)
+}
+
 /// Appends `record` to the chain inside the caller's transaction. Bumping the head row
 /// first takes its write lock, so concurrent appends (across API replicas too) serialize.
 pub(super) async fn append_audit(
@@ -212,27 +293,8 @@ pub(super) async fn append_audit_reading_changes(
     )
     .fetch_one(&mut *conn)
     .await?;
-    let sequence: i64 = head.try_get("sequence")?;
     let prev_hash: String = head.try_get("hash")?;
-    let entry = AuditEntry {
-        sequence,
-        at_ms: now_ms,
-        action: record.action.to_owned(),
-        actor_user_id: record.actor_user_id.clone(),
-        target: record.target.clone(),
-        outcome: if record.success {
-            audit::SUCCESS
-        } else {
-            audit::FAILURE
-        }
-        .to_owned(),
-        source: record.source.clone(),
-        detail_json: if record.detail_json.is_empty() {
-            "{}".to_owned()
-        } else {
-            record.detail_json.clone()
-        },
-    };
+    let entry = entry_of(record, now_ms, head.try_get("sequence")?);
     // The notice an event causes is queued with the event, in its transaction: recorded
     // and notified together, or neither.
     if let Some((user_id, notice)) = crate::mail::notice::notice_for(record) {
@@ -264,21 +326,23 @@ pub(super) async fn append_audit_reading_changes(
         .await?
         .try_get(0)?
     } else {
-        event(
+        // The event and the head's new hash in one call of two statements (run together on
+        // SQLite's worker thread; the parameters are numbered across both). `fetch_all`, as
+        // sqlx's one-row fetch answers from the first statement's result alone.
+        let rows = event(
             "INSERT INTO audit_events (sequence, at_ms, action, actor_user_id, target, outcome, source, detail_json, prev_hash, hash) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-        )
-        .execute(&mut *conn)
-        .await?;
-        sqlx::query_scalar(
-            "UPDATE audit_head SET hash = $1 WHERE id = 1 \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10); \
+             UPDATE audit_head SET hash = $10 WHERE id = 1 \
              RETURNING (SELECT COALESCE(MAX(seq), 0) || ' ' || COALESCE(group_concat(user_id, ','), '') \
-             FROM auth_changes WHERE seq > $2)",
+             FROM auth_changes WHERE seq > $11)",
         )
-        .bind(&hash)
         .bind(since)
-        .fetch_one(&mut *conn)
-        .await?
+        .fetch_all(&mut *conn)
+        .await?;
+        match rows.as_slice() {
+            [row] => row.try_get(0)?,
+            _ => return Err(sqlx::Error::RowNotFound.into()),
+        }
     };
     Ok(changed)
 }

@@ -139,6 +139,23 @@ pub(super) fn user_from_row(row: &AnyRow) -> Result<UserRow> {
     })
 }
 
+/// The outcome of a signup whose rows were refused: which name a unique violation was of
+/// (PostgreSQL names the constraint; SQLite's message names the column), or the error.
+fn signup_refused(e: sqlx::Error) -> Result<SignupOutcome> {
+    match e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            match (db.constraint(), db.message()) {
+                (Some("users_email_key"), _) => Ok(SignupOutcome::EmailTaken),
+                (Some("tenants_name_key"), _) => Ok(SignupOutcome::TenantNameTaken),
+                (None, m) if m.ends_with("users.email") => Ok(SignupOutcome::EmailTaken),
+                (None, m) if m.ends_with("tenants.name") => Ok(SignupOutcome::TenantNameTaken),
+                _ => Err(sqlx::Error::Database(db).into()),
+            }
+        }
+        other => Err(other.into()),
+    }
+}
+
 impl Store {
     /// Writes a user, their tenant, the owner membership and the audit row in one
     /// transaction.
@@ -146,106 +163,71 @@ impl Store {
     /// Which name was taken, when both were, is not told: on PostgreSQL the rows are
     /// written by one statement, in an order it does not promise.
     pub async fn create_signup(&self, s: &NewSignup, audit: &AuditRecord) -> Result<SignupOutcome> {
-        if self.backend == Backend::Postgres {
-            return self.create_signup_postgres(s, audit).await;
-        }
-        self.commit_audited([audit], s.now_ms, async |tx| {
-            let user = sqlx::query(
-                "INSERT INTO users (id, email, password_hash, created_at_ms) VALUES ($1, $2, $3, $4)",
-            )
-            .bind(&s.user_id)
-            .bind(&s.email)
-            .bind(&s.password_hash)
-            .bind(s.now_ms)
-            .execute(&mut *tx)
-            .await;
-            if let Err(e) = user {
-                return rollback_if_taken(e, SignupOutcome::EmailTaken);
-            }
-            let tenant = sqlx::query(
-                "INSERT INTO tenants (id, name, owner_user_id, plan, phase, retention_max_age_hours, \
-                 retention_max_count, created_at_ms, updated_at_ms, message) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9)",
-            )
-            .bind(&s.tenant_id)
-            .bind(&s.tenant_name)
-            .bind(&s.user_id)
-            .bind(s.plan.as_str())
-            .bind(s.phase.as_str())
-            .bind(i64::from(s.retention.max_age_hours))
-            .bind(i64::from(s.retention.max_count))
-            .bind(s.now_ms)
-            .bind(&s.message)
-            .execute(&mut *tx)
-            .await;
-            if let Err(e) = tenant {
-                return rollback_if_taken(e, SignupOutcome::TenantNameTaken);
-            }
-            sqlx::query(
-                "INSERT INTO memberships (user_id, tenant_id, role) VALUES ($1, $2, 'owner')",
-            )
-            .bind(&s.user_id)
-            .bind(&s.tenant_id)
-            .execute(&mut *tx)
-            .await?;
-            super::mail::insert_verification(tx, &s.user_id, &s.verification, s.now_ms).await?;
-            Ok(Write::Commit(SignupOutcome::Created))
-        })
-        .await
-    }
-
-    /// [`Store::create_signup`] on PostgreSQL: the five rows in one statement (a round trip
-    /// instead of five; the foreign keys are checked at its end, when all are written).
-    async fn create_signup_postgres(
-        &self,
-        s: &NewSignup,
-        audit: &AuditRecord,
-    ) -> Result<SignupOutcome> {
-        let notice = serde_json::to_string(&s.verification.notice)
-            .map_err(|_| crate::error::Error::Crypto("notice encoding"))?;
-        self.commit_audited([audit], s.now_ms, async |tx| {
-            let written = sqlx::query(
-                "WITH new_user AS (INSERT INTO users (id, email, password_hash, created_at_ms) \
+        // The five rows, with the same parameters on both backends: on PostgreSQL one
+        // statement that also appends the audit row; on SQLite five statements in one call
+        // (run together on its worker thread; parameters are numbered across them).
+        const ROWS_SQLITE: &str = "INSERT INTO users (id, email, password_hash, created_at_ms) \
+               VALUES ($1, $2, $3, $4); \
+             INSERT INTO tenants (id, name, owner_user_id, plan, phase, retention_max_age_hours, \
+               retention_max_count, created_at_ms, updated_at_ms, message) \
+               VALUES ($5, $6, $1, $7, $8, $9, $10, $4, $4, $11); \
+             INSERT INTO memberships (user_id, tenant_id, role) VALUES ($1, $5, 'owner'); \
+             INSERT INTO email_verifications (token_hash, user_id, created_at_ms, expires_at_ms) \
+               VALUES ($12, $1, $4, $13); \
+             INSERT INTO mail_outbox (id, user_id, kind, notice_json, created_at_ms, \
+               next_attempt_at_ms, claimed_until_ms) VALUES ($14, $1, $15, $16, $4, $4, $17)";
+        // PostgreSQL: the foreign keys are checked at the statement's end, when all are
+        // written. It changes no cached session: the user is new.
+        static ROWS_POSTGRES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            super::audit::postgres_statement(
+                "new_user AS (INSERT INTO users (id, email, password_hash, created_at_ms) \
                    VALUES ($1, $2, $3, $4)), \
                  new_tenant AS (INSERT INTO tenants (id, name, owner_user_id, plan, phase, \
                    retention_max_age_hours, retention_max_count, created_at_ms, updated_at_ms, message) \
                    VALUES ($5, $6, $1, $7, $8, $9, $10, $4, $4, $11)), \
                  owner AS (INSERT INTO memberships (user_id, tenant_id, role) VALUES ($1, $5, 'owner')), \
                  verification AS (INSERT INTO email_verifications (token_hash, user_id, created_at_ms, expires_at_ms) \
-                   VALUES ($12, $1, $4, $13)) \
-                 INSERT INTO mail_outbox (id, user_id, kind, notice_json, created_at_ms, next_attempt_at_ms, claimed_until_ms) \
-                   VALUES ($14, $1, $15, $16, $4, $4, $17)",
+                   VALUES ($12, $1, $4, $13)), \
+                 mail AS (INSERT INTO mail_outbox (id, user_id, kind, notice_json, created_at_ms, next_attempt_at_ms, claimed_until_ms) \
+                   VALUES ($14, $1, $15, $16, $4, $4, $17))",
+                18,
             )
-            .bind(&s.user_id)
-            .bind(&s.email)
-            .bind(&s.password_hash)
-            .bind(s.now_ms)
-            .bind(&s.tenant_id)
-            .bind(&s.tenant_name)
-            .bind(s.plan.as_str())
-            .bind(s.phase.as_str())
-            .bind(i64::from(s.retention.max_age_hours))
-            .bind(i64::from(s.retention.max_count))
-            .bind(&s.message)
-            .bind(&s.verification.token_hash)
-            .bind(s.verification.expires_at_ms)
-            .bind(&s.verification.mail_id)
-            .bind(s.verification.notice.kind())
-            .bind(&notice)
-            .bind(s.verification.claimed_until_ms)
-            .execute(&mut *tx)
-            .await;
-            match written {
+        });
+        let notice = serde_json::to_string(&s.verification.notice)
+            .map_err(|_| crate::error::Error::Crypto("notice encoding"))?;
+        let rows = |sql: &'static str| {
+            sqlx::query(sql)
+                .bind(s.user_id.clone())
+                .bind(s.email.clone())
+                .bind(s.password_hash.clone())
+                .bind(s.now_ms)
+                .bind(s.tenant_id.clone())
+                .bind(s.tenant_name.clone())
+                .bind(s.plan.as_str())
+                .bind(s.phase.as_str())
+                .bind(i64::from(s.retention.max_age_hours))
+                .bind(i64::from(s.retention.max_count))
+                .bind(s.message.clone())
+                .bind(s.verification.token_hash.clone())
+                .bind(s.verification.expires_at_ms)
+                .bind(s.verification.mail_id.clone())
+                .bind(s.verification.notice.kind())
+                .bind(notice.clone())
+                .bind(s.verification.claimed_until_ms)
+        };
+        if self.backend == Backend::Postgres {
+            let written = super::audit::bind_postgres_append(rows(&ROWS_POSTGRES), audit, s.now_ms)
+                .execute(&self.pool)
+                .await;
+            return match written {
+                Ok(_) => Ok(SignupOutcome::Created),
+                Err(e) => signup_refused(e),
+            };
+        }
+        self.commit_audited([audit], s.now_ms, async |tx| {
+            match rows(ROWS_SQLITE).execute(&mut *tx).await {
                 Ok(_) => Ok(Write::Commit(SignupOutcome::Created)),
-                Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
-                    match db.constraint() {
-                        Some("users_email_key") => Ok(Write::Rollback(SignupOutcome::EmailTaken)),
-                        Some("tenants_name_key") => {
-                            Ok(Write::Rollback(SignupOutcome::TenantNameTaken))
-                        }
-                        _ => Err(sqlx::Error::Database(db).into()),
-                    }
-                }
-                Err(e) => Err(e.into()),
+                Err(e) => signup_refused(e).map(Write::Rollback),
             }
         })
         .await

@@ -456,3 +456,48 @@ async fn claimed_verification_mail_waits_for_its_claim_to_run_out() {
         "once the claim ran out (its writer died before sending), any worker sends it"
     );
 }
+
+/// Appends race from many connections, through both ways of appending (on PostgreSQL,
+/// signup and login append in the same statement as their change; other writes in a
+/// transaction): every row lands once, in one unbroken chain.
+#[tokio::test]
+async fn concurrent_appends_by_every_path_keep_one_chain() {
+    let db = Database::new().await;
+    let store = Store::connect(&db.url, 8).await.unwrap();
+    let mut tasks = Vec::new();
+    for worker in 0..8u32 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..6u32 {
+                let n = worker * 100 + i;
+                signup(&store, n).await;
+                store
+                    .record_login_success(
+                        &format!("u-{n}"),
+                        None,
+                        &format!("session-{n}"),
+                        i64::MAX,
+                        "127.0.0.1",
+                        &record("account.login", &format!("u-{n}")),
+                        T0_MS + 1,
+                    )
+                    .await
+                    .unwrap();
+                store
+                    .audit(&record("custom", &format!("t-{n}")), T0_MS + 2)
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let rows = audit_rows(&store).await;
+    assert_eq!(rows.len(), 8 * 6 * 3);
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row.entry.sequence, i as i64 + 1);
+    }
+    assert_eq!(store.verify_audit().await.unwrap(), Ok(8 * 6 * 3));
+    assert_eq!(store.audit_head_sequence().await.unwrap(), 8 * 6 * 3);
+}
