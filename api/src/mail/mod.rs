@@ -417,7 +417,11 @@ async fn write_eml(dir: &Path, id: &str, message: &[u8]) -> std::io::Result<()> 
         use std::io::Write as _;
         use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
         std::fs::create_dir_all(&dir)?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        // Narrowed only when it is wider: a chmod on every mail wrote the directory's inode
+        // (a journal entry) each time for nothing.
+        if std::fs::metadata(&dir)?.permissions().mode() & 0o777 != 0o700 {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        }
         let tmp = dir.join(format!(".{id}.tmp"));
         let path = dir.join(format!("{id}.eml"));
         let mut file = std::fs::OpenOptions::new()

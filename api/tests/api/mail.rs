@@ -868,6 +868,26 @@ async fn connect(port: u16) -> tenantry_client::Client {
     }
 }
 
+/// The outbox holds mail with its links: a directory left wider than 0700 is narrowed
+/// when mail is written to it, and every file is 0600.
+#[tokio::test]
+async fn the_outbox_is_private_even_when_created_wider() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let db = Database::new().await;
+    let outbox = db.dir.path().join("outbox");
+    std::fs::create_dir_all(&outbox).unwrap();
+    std::fs::set_permissions(&outbox, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let s = TestServer::start(&db).await;
+    s.signup("alice@example.org", "acme").await;
+    wait_until(|| !outbox_of(&db).is_empty(), "the verification mail").await;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&outbox), 0o700);
+    for entry in std::fs::read_dir(&outbox).unwrap() {
+        assert_eq!(mode(&entry.unwrap().path()), 0o600);
+    }
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn security_events_notify_the_user_by_mail_in_the_outbox() {
     let db = Database::new().await;
