@@ -99,11 +99,32 @@ impl Store {
              last_login_at_ms = $3 WHERE id = $2; \
              INSERT INTO sessions (token_hash, user_id, created_at_ms, last_seen_ms, expires_at_ms, \
              source) VALUES ($4, $2, $3, $3, $5, $6)";
+        // PostgreSQL without a rehash: the two and the audit row in one statement, run on
+        // its own (a round trip instead of five). It changes no cached session: the new one
+        // is not cached yet, and it sets none of the user's columns whose change revokes one.
+        // A rehash changes the password hash, which the triggers report as such a change,
+        // so it takes the transaction below, which reads that report before it commits.
+        static WITH_AUDIT_POSTGRES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+            super::audit::postgres_statement(
+                "new_session AS (INSERT INTO sessions (token_hash, user_id, created_at_ms, \
+                   last_seen_ms, expires_at_ms, source) VALUES ($3, $1, $2, $2, $4, $5)), \
+                 login AS (UPDATE users SET login_failures = 0, login_lockouts = 0, \
+                   login_locked_until_ms = 0, last_login_at_ms = $2 WHERE id = $1)",
+                6,
+            )
+        });
         let both = match self.backend {
             Backend::Postgres if new_hash.is_none() => {
-                return self
-                    .login_postgres(user_id, token_hash, expires_at_ms, source, audit, now_ms)
-                    .await;
+                let query = sqlx::query(WITH_AUDIT_POSTGRES.as_str())
+                    .bind(user_id.to_owned())
+                    .bind(now_ms)
+                    .bind(token_hash.to_owned())
+                    .bind(expires_at_ms)
+                    .bind(source.to_owned());
+                super::audit::bind_postgres_append(query, audit, now_ms)
+                    .execute(&self.pool)
+                    .await?;
+                return Ok(());
             }
             Backend::Postgres => BOTH_POSTGRES,
             Backend::Sqlite => BOTH_SQLITE,
@@ -121,40 +142,6 @@ impl Store {
             Ok(Write::Commit(()))
         })
         .await
-    }
-
-    /// [`Store::record_login_success`] on PostgreSQL without a rehash: the session, the
-    /// user's counters and the audit row in one statement, run on its own (a round trip
-    /// instead of five). It changes no cached session: the new one is not cached yet, and
-    /// the user's columns it sets are none whose change revokes one.
-    async fn login_postgres(
-        &self,
-        user_id: &str,
-        token_hash: &str,
-        expires_at_ms: i64,
-        source: &str,
-        audit: &AuditRecord,
-        now_ms: i64,
-    ) -> Result<()> {
-        static LOGIN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-            super::audit::postgres_statement(
-                "new_session AS (INSERT INTO sessions (token_hash, user_id, created_at_ms, \
-                   last_seen_ms, expires_at_ms, source) VALUES ($3, $1, $2, $2, $4, $5)), \
-                 login AS (UPDATE users SET login_failures = 0, login_lockouts = 0, \
-                   login_locked_until_ms = 0, last_login_at_ms = $2 WHERE id = $1)",
-                6,
-            )
-        });
-        let query = sqlx::query(LOGIN.as_str())
-            .bind(user_id.to_owned())
-            .bind(now_ms)
-            .bind(token_hash.to_owned())
-            .bind(expires_at_ms)
-            .bind(source.to_owned());
-        super::audit::bind_postgres_append(query, audit, now_ms)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
     }
 
     /// The session with this token hash, joined with its user.
