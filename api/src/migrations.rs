@@ -369,6 +369,42 @@ CREATE TABLE token_keys (
 );
 "#;
 
+/// PostgreSQL: a user's first membership, written by the signup statement that creates the
+/// user, is published no more. No replica can hold a session of a user who did not exist
+/// before the transaction, so the `NOTIFY` (a wake-up of every replica's listener, per
+/// signup) told nobody anything. The signup says which user it creates in the
+/// transaction-local setting `tenantry.new_user`; any other membership is published as
+/// before. SQLite's trigger only appends a row to `auth_changes`, in the signup's own
+/// transaction, and stays.
+const V10_POSTGRES_NEW_USER_QUIET: &str = r#"
+CREATE OR REPLACE FUNCTION tenantry_auth_changed() RETURNS trigger LANGUAGE plpgsql AS $fn$
+DECLARE
+    uid TEXT;
+    seen TEXT;
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        uid := to_jsonb(OLD) ->> TG_ARGV[0];
+    ELSE
+        uid := to_jsonb(NEW) ->> TG_ARGV[0];
+    END IF;
+    IF TG_OP = 'INSERT' AND uid = current_setting('tenantry.new_user', true) THEN
+        RETURN NULL;
+    END IF;
+    PERFORM pg_notify('tenantry_auth', 'u:' || uid);
+    seen := COALESCE(current_setting('tenantry.auth_changed', true), '');
+    IF seen <> '*' THEN
+        IF length(seen) > 65536 THEN
+            seen := '*';
+        ELSE
+            seen := seen || uid || ',';
+        END IF;
+        PERFORM set_config('tenantry.auth_changed', seen, true);
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+"#;
+
 /// Every migration, in order.
 pub const MIGRATIONS: &[Migration] = &[
     Migration {
@@ -436,6 +472,12 @@ BEGIN INSERT INTO auth_changes (user_id, at_ms) VALUES (OLD.id, CAST((julianday(
         description: "the instance-token signing key ring",
         sqlite: V9_TOKEN_KEYS,
         postgres: V9_TOKEN_KEYS,
+    },
+    Migration {
+        version: 10,
+        description: "a new user's first membership is not published to the session caches (PostgreSQL)",
+        sqlite: "-- PostgreSQL only",
+        postgres: V10_POSTGRES_NEW_USER_QUIET,
     },
 ];
 

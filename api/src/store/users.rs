@@ -177,11 +177,13 @@ impl Store {
              INSERT INTO mail_outbox (id, user_id, kind, notice_json, created_at_ms, \
                next_attempt_at_ms, claimed_until_ms) VALUES ($14, $1, $15, $16, $4, $4, $17)";
         // PostgreSQL: the foreign keys are checked at the statement's end, when all are
-        // written. It changes no cached session: the user is new.
+        // written. It changes no cached session: the user is new, and says so in
+        // `tenantry.new_user` before it is written, so that the owner membership is not
+        // published to the replicas' session caches (migration 10).
         static ROWS_POSTGRES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
             super::audit::postgres_statement(
                 "new_user AS (INSERT INTO users (id, email, password_hash, created_at_ms) \
-                   VALUES ($1, $2, $3, $4)), \
+                   SELECT $1, $2, $3, $4 WHERE set_config('tenantry.new_user', $1, true) IS NOT NULL), \
                  new_tenant AS (INSERT INTO tenants (id, name, owner_user_id, plan, phase, \
                    retention_max_age_hours, retention_max_count, created_at_ms, updated_at_ms, message) \
                    VALUES ($5, $6, $1, $7, $8, $9, $10, $4, $4, $11)), \

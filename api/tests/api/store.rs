@@ -501,3 +501,42 @@ async fn concurrent_appends_by_every_path_keep_one_chain() {
     assert_eq!(store.verify_audit().await.unwrap(), Ok(8 * 6 * 3));
     assert_eq!(store.audit_head_sequence().await.unwrap(), 8 * 6 * 3);
 }
+
+/// PostgreSQL: a signup publishes nothing to the replicas' session caches (its user is
+/// new, so no replica holds a session of theirs), while a membership added to a user who
+/// existed before is published as it always was.
+#[tokio::test]
+async fn a_signup_is_not_published_to_the_session_caches_but_a_new_membership_is() {
+    let Some(db) = Database::postgres().await else {
+        eprintln!("skipped: PostgreSQL only (TENANTRY_TEST_DATABASE_URL is unset)");
+        return;
+    };
+    let store = open(&db).await;
+    let mut listener = sqlx::postgres::PgListener::connect(&db.url).await.unwrap();
+    listener.listen("tenantry_auth").await.unwrap();
+    // The channel is the database's, shared by the tests running beside this one in
+    // schemas of their own: this test's user ids are its own.
+    let (first, second) = (917_301, 917_302);
+    signup(&store, first).await;
+    signup(&store, second).await;
+    store
+        .execute_raw_for_tests(&format!(
+            "INSERT INTO memberships (user_id, tenant_id, role) VALUES ('u-{second}', 't-{first}', 'member')"
+        ))
+        .await
+        .unwrap();
+
+    // Notifications arrive in commit order: one sent by a signup would come first.
+    let mine = [format!("u:u-{first}"), format!("u:u-{second}")];
+    let first_of_mine = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            let n = listener.recv().await.unwrap();
+            if mine.iter().any(|m| m == n.payload()) {
+                return n.payload().to_owned();
+            }
+        }
+    })
+    .await
+    .expect("the new membership was not published");
+    assert_eq!(first_of_mine, format!("u:u-{second}"));
+}
