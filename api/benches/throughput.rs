@@ -2,8 +2,9 @@
 //!
 //! * signup and login throughput at 2, 8 and 32 concurrent gRPC clients, next to the
 //!   argon2-only bound (the same hashes or verifications with the same parallelism and no
-//!   server at all) — goal: at least 0.85 of the bound; three rounds of 96 or more calls,
-//!   each the bound then the operation, compared by their medians; with the calls' p50
+//!   server at all) — goal: at least 0.85 of the bound; five rounds of 96 or more calls,
+//!   each between two rounds of the bound and compared with their mean, the median of the
+//!   five ratios printed with their range; with the calls' p50
 //!   and p99 latency, the bound's p50 (one hash, with its wait for the pool), and how busy
 //!   the machine's CPUs were during the calls (below 100 %, the calls wait on something
 //!   other than CPU: a round trip, a commit, a hand-off between threads);
@@ -142,8 +143,8 @@ async fn start_server_bin(
     Server { child, addr }
 }
 
-/// Rounds of the argon2-only bound and of the operation, one after the other.
-const ROUNDS: usize = 3;
+/// Rounds of the operation; the argon2-only bound runs before the first and after each.
+const ROUNDS: usize = 5;
 
 /// What [`interleaved`] measured.
 struct Comparison {
@@ -151,6 +152,8 @@ struct Comparison {
     rate: f64,
     /// Median rate of the bound's rounds.
     bound: f64,
+    /// Each operation round's rate over the mean of the two bound rounds around it.
+    ratios: Vec<f64>,
     /// The operation's latencies, every round.
     latencies: Vec<Duration>,
     /// The bound's latencies (queueing for the pool and the hash), every round.
@@ -159,8 +162,10 @@ struct Comparison {
     busy: f64,
 }
 
-/// [`ROUNDS`] rounds, each the argon2-only bound then the operation (`op(total)` runs
-/// `total` of them), so that both see the same moments of a shared machine.
+/// [`ROUNDS`] rounds of the operation (`op(total)` runs `total` of them), each between two
+/// rounds of the argon2-only bound, so that each is compared with the bound of the same
+/// moments of a shared machine: this machine's speed drifts by 10 % and more over tens of
+/// seconds, more than the differences measured here.
 async fn interleaved<F, Fut>(clients: usize, verify: bool, mut op: F) -> Comparison
 where
     F: FnMut(usize) -> Fut,
@@ -170,10 +175,10 @@ where
     let (mut rates, mut bounds) = (Vec::new(), Vec::new());
     let (mut latencies, mut bound_latencies) = (Vec::new(), Vec::new());
     let (mut busy, mut all) = (0, 0);
+    let (first, lat) = argon2_bound(clients, total, verify).await;
+    bounds.push(first);
+    bound_latencies.extend(lat);
     for _ in 0..ROUNDS {
-        let (rate, lat) = argon2_bound(clients, total, verify).await;
-        bounds.push(rate);
-        bound_latencies.extend(lat);
         let before = cpu_ticks();
         let (rate, lat) = op(total).await;
         let after = cpu_ticks();
@@ -181,10 +186,19 @@ where
         all += after.1 - before.1;
         rates.push(rate);
         latencies.extend(lat);
+        let (bound, lat) = argon2_bound(clients, total, verify).await;
+        bounds.push(bound);
+        bound_latencies.extend(lat);
     }
+    let ratios = rates
+        .iter()
+        .zip(bounds.windows(2))
+        .map(|(rate, around)| rate / ((around[0] + around[1]) / 2.0))
+        .collect();
     Comparison {
         rate: median(&mut rates),
         bound: median(&mut bounds),
+        ratios,
         latencies,
         bound_latencies,
         busy: busy as f64 / all.max(1) as f64,
@@ -212,12 +226,17 @@ fn median(values: &mut [f64]) -> f64 {
     values[values.len() / 2]
 }
 
+/// One line of the table; the ratio is the median of the rounds' own ratios, with their
+/// range after it.
 fn print_ratio(what: &str, mut c: Comparison) {
+    // Sorted by `median`: the first and last are the lowest and highest.
+    let ratio = median(&mut c.ratios);
     println!(
-        "{what:<16} {:>8.1} {:>8.1} {:>6.2} {:>8.1} {:>8.1} {:>9.1} {:>6.0}%",
+        "{what:<16} {:>8.1} {:>8.1} {:>6.2} {:>11} {:>8.1} {:>8.1} {:>9.1} {:>6.0}%",
         c.rate,
         c.bound,
-        c.rate / c.bound,
+        ratio,
+        format!("{:.2}-{:.2}", c.ratios[0], c.ratios[c.ratios.len() - 1]),
         quantile_ms(&mut c.latencies, 0.5),
         quantile_ms(&mut c.latencies, 0.99),
         quantile_ms(&mut c.bound_latencies, 0.5),
@@ -353,8 +372,13 @@ async fn overhead(dir: &std::path::Path, real_hash: bool) {
         }
     }
     println!(
-        "{:<34} {:>8} {:>14} {:>17} {:>18}",
-        "operation", "calls/s", "server CPU ms", "context switches", "PostgreSQL CPU ms"
+        "{:<34} {:>8} {:>14} {:>17} {:>18} {:>15}",
+        "operation",
+        "calls/s",
+        "server CPU ms",
+        "context switches",
+        "PostgreSQL CPU ms",
+        "machine CPU ms"
     );
     let mut backends = vec!["SQLite"];
     if pg.is_some() {
@@ -405,6 +429,7 @@ async fn overhead_of(
         let before = process_cost(pid);
         let pg_before = postgres_cpu_ms();
         let client_before = process_cost(std::process::id()).0;
+        let machine_before = cpu_ticks().0;
         let chs = Arc::clone(&chs);
         let (rate, _) = drive(clients, calls, move |i| {
             let mut c = AccountServiceClient::new(chs[i % chs.len()].clone());
@@ -433,14 +458,18 @@ async fn overhead_of(
         tokio::time::sleep(Duration::from_millis(500)).await;
         let after = process_cost(pid);
         let pg_after = postgres_cpu_ms();
+        // Everything the machine did meanwhile (USER_HZ ticks of 10 ms): the server,
+        // PostgreSQL, the clients, and the kernel's own threads (journal commits, I/O).
+        let machine = (cpu_ticks().0 - machine_before) as f64 * 10.0 / calls as f64;
         let client = (process_cost(std::process::id()).0 - client_before) / calls as f64;
         println!(
-            "{:<34} {:>8.0} {:>14.3} {:>17.1} {:>18.3}",
+            "{:<34} {:>8.0} {:>14.3} {:>17.1} {:>18.3} {:>15.3}",
             format!("{label} {op}"),
             rate,
             (after.0 - before.0) / calls as f64,
             (after.1 - before.1) as f64 / calls as f64,
             (pg_after - pg_before) / calls as f64,
+            machine,
         );
         let by_thread: Vec<String> = after
             .2
@@ -550,8 +579,8 @@ async fn run(url: &str, dir: &std::path::Path) -> Vec<(f64, f64)> {
     println!();
     println!("== {backend}");
     println!(
-        "{:<16} {:>8} {:>8} {:>6} {:>8} {:>8} {:>9} {:>7}",
-        "operation", "ops/s", "bound/s", "ratio", "p50 ms", "p99 ms", "hash p50", "CPU"
+        "{:<16} {:>8} {:>8} {:>6} {:>11} {:>8} {:>8} {:>9} {:>7}",
+        "operation", "ops/s", "bound/s", "ratio", "rounds", "p50 ms", "p99 ms", "hash p50", "CPU"
     );
     let mut user_counter = 0usize;
     for &clients in &CONCURRENCY {
