@@ -220,13 +220,15 @@ CREATE TRIGGER auth_changes_grant_delete AFTER DELETE ON role_grants
 BEGIN INSERT INTO auth_changes (user_id, at_ms) VALUES (OLD.user_id, CAST((julianday('now') - 2440587.5) * 86400000 AS BIGINT)); END;
 "#;
 
-/// PostgreSQL: the same changes as [`V5_SQLITE_AUTH_CHANGES`] are sent on the
-/// `tenantry_auth` channel (`u:<user id>`, delivered at commit to every replica's listener)
-/// and collected in the transaction-local setting `tenantry.auth_changed`, which the writing
-/// replica reads before it commits so its own cache forgets them at once. Past 64 KiB the
-/// setting becomes `*` (forget everything) rather than growing without bound.
-const V5_POSTGRES_AUTH_CHANGES: &str = r#"
-CREATE FUNCTION tenantry_auth_changed() RETURNS trigger LANGUAGE plpgsql AS $fn$
+/// The PostgreSQL trigger function that publishes a change (migration 5), made by `$create`
+/// (`CREATE` or `CREATE OR REPLACE`), with `$skip` run first (migration 10: what is not
+/// published).
+macro_rules! postgres_auth_changed_fn {
+    ($create:literal, $skip:literal) => {
+        concat!(
+            "\n",
+            $create,
+            r#" FUNCTION tenantry_auth_changed() RETURNS trigger LANGUAGE plpgsql AS $fn$
 DECLARE
     uid TEXT;
     seen TEXT;
@@ -236,7 +238,9 @@ BEGIN
     ELSE
         uid := to_jsonb(NEW) ->> TG_ARGV[0];
     END IF;
-    PERFORM pg_notify('tenantry_auth', 'u:' || uid);
+"#,
+            $skip,
+            r#"    PERFORM pg_notify('tenantry_auth', 'u:' || uid);
     seen := COALESCE(current_setting('tenantry.auth_changed', true), '');
     IF seen <> '*' THEN
         IF length(seen) > 65536 THEN
@@ -249,7 +253,19 @@ BEGIN
     RETURN NULL;
 END
 $fn$;
-CREATE TRIGGER auth_changes_session_delete AFTER DELETE ON sessions
+"#
+        )
+    };
+}
+
+/// PostgreSQL: the same changes as [`V5_SQLITE_AUTH_CHANGES`] are sent on the
+/// `tenantry_auth` channel (`u:<user id>`, delivered at commit to every replica's listener)
+/// and collected in the transaction-local setting `tenantry.auth_changed`, which the writing
+/// replica reads before it commits so its own cache forgets them at once. Past 64 KiB the
+/// setting becomes `*` (forget everything) rather than growing without bound.
+const V5_POSTGRES_AUTH_CHANGES: &str = concat!(
+    postgres_auth_changed_fn!("CREATE", ""),
+    r#"CREATE TRIGGER auth_changes_session_delete AFTER DELETE ON sessions
     FOR EACH ROW EXECUTE FUNCTION tenantry_auth_changed('user_id');
 CREATE TRIGGER auth_changes_session_update AFTER UPDATE OF user_id, expires_at_ms, mfa_verified_at_ms ON sessions
     FOR EACH ROW WHEN (OLD.user_id IS DISTINCT FROM NEW.user_id OR OLD.expires_at_ms IS DISTINCT FROM NEW.expires_at_ms OR OLD.mfa_verified_at_ms IS DISTINCT FROM NEW.mfa_verified_at_ms)
@@ -263,7 +279,8 @@ CREATE TRIGGER auth_changes_membership AFTER INSERT OR UPDATE OR DELETE ON membe
     FOR EACH ROW EXECUTE FUNCTION tenantry_auth_changed('user_id');
 CREATE TRIGGER auth_changes_grant AFTER INSERT OR UPDATE OR DELETE ON role_grants
     FOR EACH ROW EXECUTE FUNCTION tenantry_auth_changed('user_id');
-"#;
+"#
+);
 
 /// Email: verification of the address (tokens stored as SHA-256 only), the transactional
 /// outbox of mail, and the Degraded-instance notices. Users who signed up before
@@ -376,34 +393,13 @@ CREATE TABLE token_keys (
 /// transaction-local setting `tenantry.new_user`; any other membership is published as
 /// before. SQLite's trigger only appends a row to `auth_changes`, in the signup's own
 /// transaction, and stays.
-const V10_POSTGRES_NEW_USER_QUIET: &str = r#"
-CREATE OR REPLACE FUNCTION tenantry_auth_changed() RETURNS trigger LANGUAGE plpgsql AS $fn$
-DECLARE
-    uid TEXT;
-    seen TEXT;
-BEGIN
-    IF TG_OP = 'DELETE' THEN
-        uid := to_jsonb(OLD) ->> TG_ARGV[0];
-    ELSE
-        uid := to_jsonb(NEW) ->> TG_ARGV[0];
-    END IF;
-    IF TG_OP = 'INSERT' AND uid = current_setting('tenantry.new_user', true) THEN
+const V10_POSTGRES_NEW_USER_QUIET: &str = postgres_auth_changed_fn!(
+    "CREATE OR REPLACE",
+    "    IF TG_OP = 'INSERT' AND uid = current_setting('tenantry.new_user', true) THEN
         RETURN NULL;
     END IF;
-    PERFORM pg_notify('tenantry_auth', 'u:' || uid);
-    seen := COALESCE(current_setting('tenantry.auth_changed', true), '');
-    IF seen <> '*' THEN
-        IF length(seen) > 65536 THEN
-            seen := '*';
-        ELSE
-            seen := seen || uid || ',';
-        END IF;
-        PERFORM set_config('tenantry.auth_changed', seen, true);
-    END IF;
-    RETURN NULL;
-END
-$fn$;
-"#;
+"
+);
 
 /// Every migration, in order.
 pub const MIGRATIONS: &[Migration] = &[
@@ -484,6 +480,23 @@ BEGIN INSERT INTO auth_changes (user_id, at_ms) VALUES (OLD.id, CAST((julianday(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Migration 5 keeps the function it has always made; only 10 skips a new user.
+    #[test]
+    fn the_publishing_function_changes_only_in_migration_10() {
+        assert!(V5_POSTGRES_AUTH_CHANGES.starts_with(
+            "\nCREATE FUNCTION tenantry_auth_changed() RETURNS trigger LANGUAGE plpgsql AS $fn$\n"
+        ));
+        assert!(
+            V5_POSTGRES_AUTH_CHANGES
+                .contains("END IF;\n    PERFORM pg_notify('tenantry_auth', 'u:' || uid);")
+        );
+        assert!(!V5_POSTGRES_AUTH_CHANGES.contains("tenantry.new_user"));
+        assert!(V10_POSTGRES_NEW_USER_QUIET.starts_with("\nCREATE OR REPLACE FUNCTION"));
+        assert!(V10_POSTGRES_NEW_USER_QUIET.contains(
+            "current_setting('tenantry.new_user', true) THEN\n        RETURN NULL;\n    END IF;\n    PERFORM pg_notify"
+        ));
+    }
 
     #[test]
     fn versions_ascend_without_gaps() {
