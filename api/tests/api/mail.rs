@@ -114,6 +114,33 @@ impl Drop for SmtpServer {
     }
 }
 
+/// An SMTP relay that is down: its port, held, answers each connection by closing it.
+/// Held rather than left free, so that no other test's server takes the port meanwhile (one
+/// that accepted and never spoke SMTP would hold each attempt for the 30 s SMTP timeout).
+struct RelayDown {
+    port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RelayDown {
+    async fn start() -> RelayDown {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            loop {
+                let _ = listener.accept().await;
+            }
+        });
+        RelayDown { port, task }
+    }
+
+    /// Frees the port for the relay that comes back.
+    async fn end(self) {
+        self.task.abort();
+        let _ = self.task.await;
+    }
+}
+
 async fn wait_until(mut done: impl FnMut() -> bool, what: &str) {
     let start = Instant::now();
     while !done() {
@@ -635,7 +662,8 @@ fn metric(exposition: &str, name: &str) -> f64 {
 async fn an_smtp_outage_delays_mail_and_each_is_sent_exactly_once_after() {
     let db = Database::new().await;
     let dir = db.dir.path().to_path_buf();
-    let port = free_port();
+    let outage = RelayDown::start().await;
+    let port = outage.port;
     // Certificates and password first; the server itself starts later.
     smtp_certificates(&dir);
     let key = dkim_key(&dir, false);
@@ -709,6 +737,7 @@ async fn an_smtp_outage_delays_mail_and_each_is_sent_exactly_once_after() {
     );
 
     // SMTP is back; once the backoff has passed, every mail goes, once.
+    outage.end().await;
     let smtp = SmtpServer::start(&dir, port);
     s.advance(Duration::from_secs(60));
     smtp.wait_for(3).await;
@@ -777,7 +806,8 @@ async fn mail_committed_before_the_api_was_killed_is_sent_after_the_restart() {
     let db = Database::new().await;
     ensure_master_key(&db);
     let dir = db.dir.path().to_path_buf();
-    let port = free_port();
+    let outage = RelayDown::start().await;
+    let port = outage.port;
     smtp_certificates(&dir);
     let key = dkim_key(&dir, false);
     let api_port = free_port();
@@ -809,6 +839,7 @@ async fn mail_committed_before_the_api_was_killed_is_sent_after_the_restart() {
     api.kill().unwrap();
     api.wait().unwrap();
 
+    outage.end().await;
     let smtp = SmtpServer::start(&dir, port);
     let mut api = start();
     let files = smtp.wait_for(1).await;
