@@ -4,8 +4,8 @@
 //!   argon2-only bound (the same hashes or verifications with the same parallelism and no
 //!   server at all) — goal: at least 0.85 of the bound; five rounds of 96 or more calls,
 //!   each between two rounds of the bound and compared with their mean, the median of the
-//!   five ratios printed with their range; with the calls' p50
-//!   and p99 latency, the bound's p50 (one hash, with its wait for the pool), and how busy
+//!   five ratios printed with their range; with the calls' p50 and p99 latency, the
+//!   bound's p50 (one hash, with its wait for the pool), and how busy
 //!   the machine's CPUs were during the calls (below 100 %, the calls wait on something
 //!   other than CPU: a round trip, a commit, a hand-off between threads);
 //! * WhoAmI throughput and p99 latency next to the gRPC health check of the same server at
