@@ -19,6 +19,9 @@
 //! `cargo bench -p tenantry-api --bench throughput`; add `-- --overhead` for what a signup
 //! and a login cost the server beyond the hash (CPU time and context switches per call),
 //! and `--compare-with PATH` to measure another build's `tenantry-api` beside this one.
+//! `--clients 2,8` runs those client counts only (with `--overhead`, the first of them
+//! instead of 8), `--only signup,login,whoami` those comparisons only, and `--backend
+//! sqlite` or `--backend postgres` that database only.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -36,6 +39,27 @@ use tonic_health::pb::health_client::HealthClient;
 
 const PASSWORD: &str = "violet-Harbor-93-lantern";
 const CONCURRENCY: [usize; 3] = [2, 8, 32];
+
+/// The value after `--name` on the command line.
+fn arg_value(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    let i = args.iter().position(|a| a == name)?;
+    args.get(i + 1).cloned()
+}
+
+/// The client counts to run: [`CONCURRENCY`], or those of `--clients 2,8`.
+fn concurrency() -> Vec<usize> {
+    arg_value("--clients").map_or(CONCURRENCY.to_vec(), |list| {
+        list.split(',')
+            .map(|n| n.trim().parse().expect("--clients takes numbers: 2,8,32"))
+            .collect()
+    })
+}
+
+/// Whether to measure `what` (signup, login, whoami): all unless `--only` names others.
+fn measures(what: &str) -> bool {
+    arg_value("--only").is_none_or(|only| only.split(',').any(|w| w.trim() == what))
+}
 
 /// Runs `total` operations spread over `clients` tasks; returns ops/s and latencies.
 async fn drive<F, Fut>(clients: usize, total: usize, op: F) -> (f64, Vec<Duration>)
@@ -288,11 +312,15 @@ async fn main() {
         "tenantry-api throughput ({} cores, argon2id m=19456 KiB t=2 p=1, release server in its own process)",
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
     );
-    let sqlite = format!("sqlite://{}/bench.db", dir.path().display());
-    let mut ratios = vec![("SQLite", run(&sqlite, dir.path()).await)];
+    let backend = arg_value("--backend");
+    let mut ratios = Vec::new();
+    if backend.as_deref().is_none_or(|b| b == "sqlite") {
+        let sqlite = format!("sqlite://{}/bench.db", dir.path().display());
+        ratios.push(("SQLite", run(&sqlite, dir.path()).await));
+    }
     if let Some(base) = std::env::var("TENANTRY_BENCH_DATABASE_URL")
         .ok()
-        .filter(|u| !u.is_empty())
+        .filter(|u| !u.is_empty() && backend.as_deref().is_none_or(|b| b == "postgres"))
     {
         let name = format!("bench_{}", std::process::id());
         psql(&base, &format!("CREATE DATABASE {name}"));
@@ -300,6 +328,9 @@ async fn main() {
         let url = format!("{head}/{name}");
         ratios.push(("PostgreSQL", run(&url, dir.path()).await));
         psql(&base, &format!("DROP DATABASE {name} WITH (FORCE)"));
+    }
+    if ratios.iter().any(|(_, r)| r.is_empty()) {
+        return;
     }
     println!();
     println!(
@@ -311,7 +342,7 @@ async fn main() {
             .join(" | ")
     );
     println!("|---|{}", "---|".repeat(ratios.len()));
-    for (i, clients) in CONCURRENCY.iter().enumerate() {
+    for (i, clients) in concurrency().iter().enumerate() {
         let cells: Vec<String> = ratios
             .iter()
             .map(|(_, r)| format!("{:.0} ÷ {:.0} = {:.2}", r[i].0, r[i].1, r[i].0 / r[i].1))
@@ -335,17 +366,12 @@ async fn main() {
 /// before-and-after in one run, on the same moments of a shared machine.
 async fn overhead(dir: &std::path::Path, real_hash: bool) {
     let calls: usize = if real_hash { 400 } else { 2_000 };
-    const CLIENTS: usize = 8;
-    let args: Vec<String> = std::env::args().collect();
+    let clients = arg_value("--clients").map_or(8, |_| concurrency()[0]);
     let mut bins = vec![(
         "this build",
         std::path::PathBuf::from(env!("CARGO_BIN_EXE_tenantry-api")),
     )];
-    if let Some(other) = args
-        .iter()
-        .position(|a| a == "--compare-with")
-        .and_then(|i| args.get(i + 1))
-    {
+    if let Some(other) = arg_value("--compare-with") {
         bins.push(("compared", std::path::PathBuf::from(other)));
     }
     let rounds = if bins.len() > 1 { 2 } else { 1 };
@@ -357,12 +383,12 @@ async fn overhead(dir: &std::path::Path, real_hash: bool) {
     } else {
         "argon2id 8 KiB, 1 pass"
     };
-    println!("server cost per call ({argon2}; {calls} calls, {CLIENTS} clients)");
+    println!("server cost per call ({argon2}; {calls} calls, {clients} clients)");
     if real_hash {
         for verify in [false, true] {
             let me = std::process::id();
             let before = process_cost(me);
-            let (rate, _) = argon2_bound(CLIENTS, calls, verify).await;
+            let (rate, _) = argon2_bound(clients, calls, verify).await;
             let after = process_cost(me);
             println!(
                 "bound ({}): {rate:.1}/s, {:.3} CPU ms each",
@@ -401,7 +427,7 @@ async fn overhead(dir: &std::path::Path, real_hash: bool) {
                 } else {
                     backend.to_owned()
                 };
-                overhead_of(bin, &url, dir, real_hash, calls, CLIENTS, &label).await;
+                overhead_of(bin, &url, dir, real_hash, calls, clients, &label).await;
                 if let Some(base) = pg.as_ref().filter(|_| backend == "PostgreSQL") {
                     psql(base, &format!("DROP DATABASE {name} WITH (FORCE)"));
                 }
@@ -583,7 +609,7 @@ async fn run(url: &str, dir: &std::path::Path) -> Vec<(f64, f64)> {
         "operation", "ops/s", "bound/s", "ratio", "rounds", "p50 ms", "p99 ms", "hash p50", "CPU"
     );
     let mut user_counter = 0usize;
-    for &clients in &CONCURRENCY {
+    for clients in concurrency().into_iter().filter(|_| measures("signup")) {
         let chs = Arc::new(channels(&server.addr, clients).await);
         let comparison = interleaved(clients, false, |total| {
             let chs = Arc::clone(&chs);
@@ -606,7 +632,11 @@ async fn run(url: &str, dir: &std::path::Path) -> Vec<(f64, f64)> {
         .await;
         print_ratio(&format!("signup x{clients}"), comparison);
     }
-    for &clients in &CONCURRENCY {
+    if user_counter == 0 {
+        // Logins need accounts: one signup per login client, unmeasured.
+        user_counter = signup_accounts(&server.addr, run_id).await;
+    }
+    for clients in concurrency().into_iter().filter(|_| measures("login")) {
         let chs = Arc::new(channels(&server.addr, clients).await);
         let users = user_counter;
         let comparison = interleaved(clients, true, |total| {
@@ -647,7 +677,7 @@ async fn run(url: &str, dir: &std::path::Path) -> Vec<(f64, f64)> {
         "operation", "ops/s", "p50 ms", "p99 ms", "ratio"
     );
     let mut out = Vec::new();
-    for &clients in &CONCURRENCY {
+    for clients in concurrency().into_iter().filter(|_| measures("whoami")) {
         let total = 20_000;
         // One connection per client; each client task owns one and waits for each answer.
         let chs = Arc::new(channels(&server.addr, clients).await);
@@ -692,6 +722,28 @@ async fn run(url: &str, dir: &std::path::Path) -> Vec<(f64, f64)> {
     }
     drop(server);
     out
+}
+
+/// Signs up the accounts that logins use when no signup was measured: `bench{run_id}-N`
+/// for N below the returned count.
+async fn signup_accounts(addr: &str, run_id: u32) -> usize {
+    const ACCOUNTS: usize = 32;
+    let chs = Arc::new(channels(addr, 4).await);
+    drive(4, ACCOUNTS, move |i| {
+        let mut c = AccountServiceClient::new(chs[i % chs.len()].clone());
+        async move {
+            c.signup(SignupRequest {
+                email: format!("bench{run_id}-{i}@example.com"),
+                password: PASSWORD.into(),
+                tenant_name: format!("b{run_id}-{i}"),
+                plan: 0,
+            })
+            .await
+            .unwrap();
+        }
+    })
+    .await;
+    ACCOUNTS
 }
 
 /// Like [`drive`], but the operation is told which client (0..clients) runs it, so that
