@@ -148,6 +148,10 @@ fn rollback_if_taken<T>(e: sqlx::Error, taken: T) -> Result<Write<T>> {
     }
 }
 
+/// How long a pooled connection may sit idle and still be handed out without a ping (it
+/// was pinged when it went back to the pool).
+const RECHECK_IDLE: Duration = Duration::from_secs(1);
+
 /// A query with its SQL text owned, so it can be handed around before it runs.
 type AnyQuery = sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments>;
 
@@ -191,7 +195,21 @@ impl Store {
             .map_err(|e| Error::Config(format!("invalid database URL: {e}")))?;
         let mut pool_options = AnyPoolOptions::new()
             .max_connections(max_connections.max(1))
-            .acquire_timeout(Duration::from_secs(5));
+            .acquire_timeout(Duration::from_secs(5))
+            // sqlx pings every connection as it goes back to the pool, and by default once
+            // more as it is taken out: a round trip to the database (and, on PostgreSQL, a
+            // wake-up of its backend) before each call's first statement. Only a connection
+            // that sat idle for a while is pinged again before use, as connection pools
+            // commonly do (HikariCP skips the check within 500 ms of the last use).
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= RECHECK_IDLE {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            });
         if backend == Backend::Sqlite {
             pool_options = pool_options.after_connect(|conn, _meta| {
                 Box::pin(async move {

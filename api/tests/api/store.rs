@@ -540,3 +540,44 @@ async fn a_signup_is_not_published_to_the_session_caches_but_a_new_membership_is
     .expect("the new membership was not published");
     assert_eq!(first_of_mine, format!("u:u-{second}"));
 }
+
+/// PostgreSQL: a pooled connection whose backend the database ended (a restart, an
+/// operator's `pg_terminate_backend`, an idle timeout) is never handed to a call once it
+/// has sat idle for a second: the pool pings it first and opens a new one. (A connection
+/// back in the pool for less than that is not pinged again: it was pinged as it went back.)
+#[tokio::test]
+async fn connections_the_database_ended_are_replaced_before_use() {
+    use sqlx::Connection as _;
+    let Some(db) = Database::postgres().await else {
+        eprintln!("skipped: PostgreSQL only (TENANTRY_TEST_DATABASE_URL is unset)");
+        return;
+    };
+    // The database is shared with the tests running beside this one: this store's
+    // connections are the ones with this name.
+    let app = format!("tenantry-pool-{}", uuid::Uuid::new_v4().simple());
+    let store = Store::connect(&format!("{}&application_name={app}", db.url), 4)
+        .await
+        .unwrap();
+    let (a, b, c) = tokio::join!(store.ping(), store.ping(), store.ping());
+    assert!(a && b && c);
+
+    sqlx::any::install_default_drivers();
+    let mut admin = sqlx::AnyConnection::connect(&db.url).await.unwrap();
+    let ended: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = $1) AS ended",
+    )
+    .bind(&app)
+    .fetch_one(&mut admin)
+    .await
+    .unwrap();
+    assert!(ended >= 1, "no connection of the store's pool was found");
+
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    for call in 0..8 {
+        assert!(
+            store.ping().await,
+            "call {call} was handed a connection the database had ended"
+        );
+    }
+}
