@@ -461,14 +461,9 @@ async fn overhead_of(
             let mut c = AccountServiceClient::new(chs[i % chs.len()].clone());
             async move {
                 if op == "signup" {
-                    c.signup(SignupRequest {
-                        email: format!("overhead{run_id}-{i}@example.com"),
-                        password: PASSWORD.into(),
-                        tenant_name: format!("o{run_id}-{i}"),
-                        plan: 0,
-                    })
-                    .await
-                    .unwrap();
+                    c.signup(signup_request("overhead", run_id, i))
+                        .await
+                        .unwrap();
                 } else {
                     c.login(LoginRequest {
                         email: format!("overhead{run_id}-{i}@example.com"),
@@ -618,14 +613,9 @@ async fn run(url: &str, dir: &std::path::Path) -> Vec<(f64, f64)> {
             drive(clients, total, move |i| {
                 let mut c = AccountServiceClient::new(chs[i % chs.len()].clone());
                 async move {
-                    c.signup(SignupRequest {
-                        email: format!("bench{run_id}-{}@example.com", base + i),
-                        password: PASSWORD.into(),
-                        tenant_name: format!("b{run_id}-{}", base + i),
-                        plan: 0,
-                    })
-                    .await
-                    .unwrap();
+                    c.signup(signup_request("bench", run_id, base + i))
+                        .await
+                        .unwrap();
                 }
             })
         })
@@ -724,6 +714,17 @@ async fn run(url: &str, dir: &std::path::Path) -> Vec<(f64, f64)> {
     out
 }
 
+/// The signup of account `n` of this run: email `{tag}{run_id}-{n}@example.com`, tenant
+/// named after the tag's first letter.
+fn signup_request(tag: &str, run_id: u32, n: usize) -> SignupRequest {
+    SignupRequest {
+        email: format!("{tag}{run_id}-{n}@example.com"),
+        password: PASSWORD.into(),
+        tenant_name: format!("{}{run_id}-{n}", &tag[..1]),
+        plan: 0,
+    }
+}
+
 /// Signs up the accounts that logins use when no signup was measured: `bench{run_id}-N`
 /// for N below the returned count.
 async fn signup_accounts(addr: &str, run_id: u32) -> usize {
@@ -732,14 +733,7 @@ async fn signup_accounts(addr: &str, run_id: u32) -> usize {
     drive(4, ACCOUNTS, move |i| {
         let mut c = AccountServiceClient::new(chs[i % chs.len()].clone());
         async move {
-            c.signup(SignupRequest {
-                email: format!("bench{run_id}-{i}@example.com"),
-                password: PASSWORD.into(),
-                tenant_name: format!("b{run_id}-{i}"),
-                plan: 0,
-            })
-            .await
-            .unwrap();
+            c.signup(signup_request("bench", run_id, i)).await.unwrap();
         }
     })
     .await;
