@@ -20,8 +20,8 @@
 //! and a login cost the server beyond the hash (CPU time and context switches per call),
 //! and `--compare-with PATH` to measure another build's `tenantry-api` beside this one.
 //! `--clients 2,8` runs those client counts only (with `--overhead`, the first of them
-//! instead of 8), `--only signup,login,whoami` those comparisons only, and `--backend
-//! sqlite` or `--backend postgres` that database only.
+//! instead of 8), `--only signup,login,whoami` those comparisons only (not with
+//! `--overhead`), and `--backend sqlite` or `--backend postgres` that database only.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -53,6 +53,14 @@ fn concurrency() -> Vec<usize> {
         list.split(',')
             .map(|n| n.trim().parse().expect("--clients takes numbers: 2,8,32"))
             .collect()
+    })
+}
+
+/// Whether to run on `backend` (`sqlite` or `postgres`): both unless `--backend` names one.
+fn on_backend(backend: &str) -> bool {
+    arg_value("--backend").is_none_or(|only| match only.as_str() {
+        "sqlite" | "postgres" => only == backend,
+        other => panic!("--backend takes sqlite or postgres, not {other:?}"),
     })
 }
 
@@ -312,15 +320,14 @@ async fn main() {
         "tenantry-api throughput ({} cores, argon2id m=19456 KiB t=2 p=1, release server in its own process)",
         std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
     );
-    let backend = arg_value("--backend");
     let mut ratios = Vec::new();
-    if backend.as_deref().is_none_or(|b| b == "sqlite") {
+    if on_backend("sqlite") {
         let sqlite = format!("sqlite://{}/bench.db", dir.path().display());
         ratios.push(("SQLite", run(&sqlite, dir.path()).await));
     }
     if let Some(base) = std::env::var("TENANTRY_BENCH_DATABASE_URL")
         .ok()
-        .filter(|u| !u.is_empty() && backend.as_deref().is_none_or(|b| b == "postgres"))
+        .filter(|u| !u.is_empty() && on_backend("postgres"))
     {
         let name = format!("bench_{}", std::process::id());
         psql(&base, &format!("CREATE DATABASE {name}"));
@@ -329,7 +336,10 @@ async fn main() {
         ratios.push(("PostgreSQL", run(&url, dir.path()).await));
         psql(&base, &format!("DROP DATABASE {name} WITH (FORCE)"));
     }
-    if ratios.iter().any(|(_, r)| r.is_empty()) {
+    if ratios.is_empty() {
+        println!("nothing measured: --backend postgres needs TENANTRY_BENCH_DATABASE_URL");
+    }
+    if ratios.is_empty() || ratios.iter().any(|(_, r)| r.is_empty()) {
         return;
     }
     println!();
@@ -406,8 +416,11 @@ async fn overhead(dir: &std::path::Path, real_hash: bool) {
         "PostgreSQL CPU ms",
         "machine CPU ms"
     );
-    let mut backends = vec!["SQLite"];
-    if pg.is_some() {
+    let mut backends = Vec::new();
+    if on_backend("sqlite") {
+        backends.push("SQLite");
+    }
+    if pg.is_some() && on_backend("postgres") {
         backends.push("PostgreSQL");
     }
     for backend in backends {
